@@ -1,0 +1,28 @@
+"""rkfast: Runge-Kutta meta-updates (RK-MAML) for PyTorch, every task of a meta-batch at once.
+
+Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"rk4"``, ... on
+:class:`MetaOptimizer` and train as with any ``torch.optim`` optimizer.
+"""
+
+from . import functional, models, tasks
+from .batch import TaskBatch
+from .optim import MetaOptimizer, NonFiniteLossError
+from .tableau import InconsistentTableauWarning, Tableau, get_tableau, maml, maml_msl, named_tableaus, rk2
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MetaOptimizer",
+    "NonFiniteLossError",
+    "TaskBatch",
+    "Tableau",
+    "InconsistentTableauWarning",
+    "get_tableau",
+    "named_tableaus",
+    "rk2",
+    "maml",
+    "maml_msl",
+    "functional",
+    "models",
+    "tasks",
+]

@@ -1,0 +1,246 @@
+"""``MetaOptimizer``: a ``torch.optim.Optimizer`` whose ``step(batch)`` is one Runge-Kutta meta-step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as RF
+from .batch import TaskBatch, check_task_batch
+from .tableau import Tableau, get_tableau
+
+__all__ = ["MetaOptimizer", "NonFiniteLossError"]
+
+_OUTER: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The meta-loss or the meta-direction of a step is NaN or infinite; nothing was updated."""
+
+
+def _outer_class(outer: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    if isinstance(outer, str):
+        try:
+            return _OUTER[outer.lower()]
+        except KeyError:
+            raise ValueError(
+                f"unknown outer optimizer {outer!r}; use one of {', '.join(_OUTER)} "
+                "or a torch.optim.Optimizer subclass"
+            ) from None
+    if isinstance(outer, type) and issubclass(outer, torch.optim.Optimizer):
+        return outer
+    raise TypeError(f"outer must be a name or a torch.optim.Optimizer subclass, got {outer!r}")
+
+
+class MetaOptimizer(torch.optim.Optimizer):
+    """Runge-Kutta meta-learning as a drop-in ``torch.optim`` optimizer.
+
+    Each :meth:`step` takes a meta-batch of tasks, computes the RK meta-direction of the chosen tableau
+    for all tasks at once (:func:`rkfast.functional.rk_meta_step`), writes it to the parameters'
+    ``.grad`` and lets the outer optimizer update them::
+
+        opt = rkfast.MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.01, outer="adam", lr=1e-3)
+        for batch in task_loader:              # rkfast.TaskBatch(support_x, support_y, query_x, query_y)
+            result = opt.step(batch)           # result.loss, result.stage_losses
+        scores = opt.evaluate(test_batch, steps=(1, 5, 10))
+
+    ``param_groups`` and ``state`` are the outer optimizer's own (shared, not copied), so learning-rate
+    schedulers, ``zero_grad`` and ``state_dict``/``load_state_dict`` behave as on any torch optimizer;
+    the state dict also carries the tableau, ``inner_lr`` and ``first_order``.
+
+    Args:
+        model: the model; its parameters (or ``params``) are the meta-parameters.
+        loss_fn: ``loss_fn(output, target) -> scalar`` for one task (e.g. ``F.mse_loss``,
+            ``F.cross_entropy``); integer targets also report accuracy.
+        tableau: a :class:`~rkfast.tableau.Tableau` or a name: ``"maml"``, ``"heun"``, ``"rk4"``, ``"maml(3)"``...
+        inner_lr: the RK step ``h`` of the stages (MAML's inner learning rate for ``"maml"``).
+        outer: ``"sgd"`` (the plain step ``theta <- theta - lr * d``), ``"adam"``, ``"adamw"`` or any
+            ``torch.optim.Optimizer`` subclass; ``outer_kwargs`` go to its constructor.
+        lr: the outer learning rate.
+        first_order: ignore second derivatives (first-order MAML and its RK analogues).
+        params: parameters or param groups to meta-learn (default: every parameter of ``model`` that
+            requires grad); the others stay fixed and are not adapted either.
+        vectorize: run the tasks together under ``vmap``; ``False`` runs them one by one (same math).
+        check_finite: raise :class:`NonFiniteLossError` on a NaN/inf meta-loss or meta-direction before
+            updating (costs one host synchronization per step).
+        batch_statistics: switch the model's normalization layers to per-task batch statistics with no
+            running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        tableau: Tableau | str = "maml",
+        inner_lr: float = 0.01,
+        outer: str | type[torch.optim.Optimizer] = "adam",
+        lr: float = 1e-3,
+        *,
+        first_order: bool = False,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        vectorize: bool = True,
+        check_finite: bool = True,
+        batch_statistics: bool = True,
+        **outer_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.tableau = get_tableau(tableau)
+        self.inner_lr = RF._check_step("inner_lr", inner_lr)
+        self.first_order = bool(first_order)
+        self.vectorize = bool(vectorize)
+        self.check_finite = bool(check_finite)
+        self.model = model
+        self.loss_fn = loss_fn
+        if batch_statistics:
+            RF.use_batch_statistics(model)
+
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        self._outer = _outer_class(outer)(params, lr=lr, **outer_kwargs)
+        # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
+        # object then acts on the optimizer that really updates the parameters
+        super().__init__(self._outer.param_groups, self._outer.defaults)
+        self.param_groups = self._outer.param_groups
+        self.state = self._outer.state
+
+        meta_params = [p for group in self.param_groups for p in group["params"]]
+        names = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(meta_params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"params {missing} are not parameters of the model")
+        if not meta_params:
+            raise ValueError("no parameters to meta-learn (none requires grad)")
+        kinds = {(p.dtype, p.device) for p in meta_params}
+        if len(kinds) > 1:
+            raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
+        self._params = meta_params
+        self.layout = RF.ParamLayout.from_named((names[id(p)], p) for p in meta_params)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
+        if hasattr(self, "_params"):
+            raise RuntimeError(
+                "MetaOptimizer cannot take new parameter groups after construction; "
+                "pass every group through `params` when creating it"
+            )
+        super().add_param_group(param_group)
+
+    # -- the meta-step --------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._params[0].device
+
+    def meta_parameters(self) -> Tensor:
+        """The meta-parameters as a new flat vector ``[N]`` (detached)."""
+        return self.layout.flatten([p.detach() for p in self._params])
+
+    def compute(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:
+        """The meta-direction and losses of ``batch`` at the current parameters, without updating."""
+        batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
+        return RF.meta_step(
+            self.model, self.loss_fn, self.meta_parameters(), batch, self.tableau, self.inner_lr,
+            first_order=self.first_order, vectorize=self.vectorize, layout=self.layout,
+        )
+
+    def step(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:  # type: ignore[override]
+        """One meta-step on ``batch``: meta-direction into ``.grad``, then the outer update.
+
+        ``.grad`` of the meta-parameters is overwritten with the meta-direction (not accumulated).
+        Returns the :class:`~rkfast.functional.MetaStepOutput` (``loss``, ``stage_losses``, ...).
+
+        Raises:
+            TypeError, ValueError, RuntimeError: a malformed batch (see :func:`~rkfast.batch.check_task_batch`).
+            NonFiniteLossError: NaN/inf meta-loss or meta-direction.
+            In every case before any parameter, gradient or optimizer state changes.
+        """
+        out = self.compute(batch)
+        if self.check_finite:
+            self._check_finite(out)
+        for p, g in zip(self._params, self.layout.unflatten(out.direction).values()):
+            p.grad = g
+        self._outer.step()
+        return out
+
+    def _check_finite(self, out: RF.MetaStepOutput) -> None:
+        if bool(torch.isfinite(out.loss)) and bool(torch.isfinite(out.direction).all()):
+            return
+        stages = {j: float(v) for j, v in out.stage_losses.items()}
+        raise NonFiniteLossError(
+            f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction; "
+            "parameters and optimizer state were left unchanged. Lower inner_lr or lr, or check the batch."
+        )
+
+    def evaluate(
+        self,
+        batch: TaskBatch | Sequence[Tensor],
+        steps: Sequence[int] = (1, 5, 10),
+        step_size: float | None = None,
+        *,
+        keep_params: bool = False,
+    ) -> RF.AdaptationOutput:
+        """Meta-test: adapt the current parameters to each task of ``batch`` with plain gradient steps.
+
+        ``step_size`` defaults to ``tableau.test_step(inner_lr)`` = ``h * c_s`` (the step the tableau
+        trains the model to adapt with). Parameters are not modified. Returns per-task query losses (and
+        accuracies) before adaptation and after each count in ``steps``; ``.summary()`` gives means and
+        95% confidence intervals. ``keep_params`` also returns the adapted flat parameters
+        (``[len(steps), T, N]``; :attr:`layout` unflattens them).
+        """
+        batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
+        alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
+        return RF.evaluate(
+            self.model, self.loss_fn, self.meta_parameters(), batch, alpha, steps,
+            vectorize=self.vectorize, layout=self.layout, keep_params=keep_params,
+        )
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def _meta_state(self) -> dict[str, Any]:
+        return {
+            "tableau": self.tableau.to_dict(),
+            "inner_lr": self.inner_lr,
+            "first_order": self.first_order,
+            "outer": type(self._outer).__name__,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outer optimizer's state dict plus ``"rkfast"``: tableau, ``inner_lr``, ``first_order``."""
+        sd = self._outer.state_dict()
+        sd["rkfast"] = self._meta_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: outer optimizer state, param groups, tableau and inner step."""
+        meta = state_dict.get("rkfast")
+        if not isinstance(meta, dict):
+            raise ValueError("not a MetaOptimizer state dict: the 'rkfast' entry is missing")
+        if meta.get("outer") != type(self._outer).__name__:
+            raise ValueError(
+                f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {type(self._outer).__name__!r}"
+            )
+        tableau = Tableau.from_dict(meta["tableau"])
+        inner_lr = RF._check_step("inner_lr", meta["inner_lr"])
+        self._outer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
+        self.param_groups = self._outer.param_groups
+        self.state = self._outer.state
+        self.tableau, self.inner_lr, self.first_order = tableau, inner_lr, bool(meta["first_order"])
+
+    def __repr__(self) -> str:
+        return (
+            f"MetaOptimizer(tableau={self.tableau.name}, inner_lr={self.inner_lr:g}, "
+            f"first_order={self.first_order}, outer={self._outer!r})"
+        )

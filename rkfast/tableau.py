@@ -1,0 +1,350 @@
+"""Butcher tableaus for Runge-Kutta meta-updates.
+
+A tableau ``(A, b)`` is data: the generic RK meta-step in :mod:`rkfast.functional` reads it and
+nothing else, so MAML, Heun, RK4 and any user-defined explicit scheme run through the same code.
+
+Stage ``j`` of a task evaluates the support gradient at ``theta - h * sum_{l<j} A[j][l] * k_l`` and the
+meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see DESIGN.md, section 1).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = [
+    "Tableau",
+    "InconsistentTableauWarning",
+    "get_tableau",
+    "named_tableaus",
+    "rk2",
+    "maml",
+    "maml_msl",
+]
+
+# Tolerance of the order conditions: named tableaus are exact rationals, so anything looser than
+# float rounding would only admit user tableaus that are "almost" of an order.
+_ORDER_TOL = 1e-10
+
+
+class InconsistentTableauWarning(UserWarning):
+    """The weights ``b`` do not sum to 1: the scheme does not integrate the gradient flow."""
+
+
+def _as_float_matrix(A: Any) -> tuple[tuple[float, ...], ...]:
+    if hasattr(A, "tolist"):  # torch tensors and numpy arrays
+        A = A.tolist()
+    try:
+        rows = [list(row) for row in A]
+    except TypeError as err:
+        raise ValueError(f"tableau A must be a square matrix (a sequence of rows), got {A!r}") from err
+    try:
+        return tuple(tuple(float(x) for x in row) for row in rows)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"tableau A must contain numbers, got {A!r}") from err
+
+
+def _as_float_vector(b: Any) -> tuple[float, ...]:
+    if hasattr(b, "tolist"):
+        b = b.tolist()
+    try:
+        return tuple(float(x) for x in b)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"tableau b must be a sequence of numbers, got {b!r}") from err
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside this module (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _close(x: float, target: float) -> bool:
+    return abs(x - target) <= _ORDER_TOL * max(1.0, abs(target))
+
+
+@dataclass(frozen=True)
+class Tableau:
+    """An explicit Runge-Kutta tableau, validated on construction.
+
+    Attributes:
+        A: the ``s x s`` strictly lower triangular stage matrix, as a tuple of rows.
+        b: the ``s`` stage weights of the meta-loss.
+        name: a label used in logs, results and ``state_dict``.
+
+    Derived (not stored by hand): ``c`` (row sums of ``A``, the stage nodes), ``order`` (1 to 4 from the
+    order conditions, 0 for an inconsistent scheme whose weights do not sum to 1), ``stages``.
+
+    Raises:
+        ValueError: empty tableau, non-square ``A``, ``A`` not strictly lower triangular (implicit
+            methods are not supported), ``len(b) != s`` or non-finite entries.
+
+    Warns:
+        InconsistentTableauWarning: when ``sum(b) != 1``.
+    """
+
+    A: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    name: str = "custom"
+    c: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    order: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        A = _as_float_matrix(self.A)
+        b = _as_float_vector(self.b)
+        s = len(A)
+        if s == 0:
+            raise ValueError("tableau is empty: A must have at least one row (one stage)")
+        for j, row in enumerate(A):
+            if len(row) != s:
+                raise ValueError(
+                    f"tableau A must be square: it has {s} rows but row {j} has {len(row)} entries"
+                )
+        if len(b) != s:
+            raise ValueError(f"tableau b has {len(b)} entries but A has {s} stages: len(b) must equal s")
+        bad = [f"A[{j}][{l}]" for j in range(s) for l in range(s) if not math.isfinite(A[j][l])]
+        bad += [f"b[{j}]" for j in range(s) if not math.isfinite(b[j])]
+        if bad:
+            raise ValueError(f"tableau entries must be finite; non-finite: {', '.join(bad)}")
+        upper = [f"A[{j}][{l}]={A[j][l]:g}" for j in range(s) for l in range(j, s) if A[j][l] != 0.0]
+        if upper:
+            raise ValueError(
+                "tableau A must be strictly lower triangular (explicit RK); non-zero entries on or above "
+                f"the diagonal: {', '.join(upper)}. Implicit methods are not supported."
+            )
+        if not _close(math.fsum(b), 1.0):
+            warnings.warn(
+                f"tableau {self.name!r}: sum(b) = {math.fsum(b):g} != 1, so the scheme is inconsistent "
+                "(it does not follow the gradient flow); its order is reported as 0",
+                InconsistentTableauWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        object.__setattr__(self, "A", A)
+        object.__setattr__(self, "b", b)
+        object.__setattr__(self, "name", str(self.name))
+        object.__setattr__(self, "c", tuple(math.fsum(row) for row in A))
+        object.__setattr__(self, "order", _order(A, b))
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(cls, A: Any, b: Any, name: str = "custom") -> Tableau:
+        """Build a tableau from any nested sequence, numpy array or tensor ``A`` and vector ``b``."""
+        return cls(_as_float_matrix(A), _as_float_vector(b), name)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Tableau:
+        """Inverse of :meth:`to_dict` (used by ``MetaOptimizer.load_state_dict``)."""
+        try:
+            return cls.from_arrays(d["A"], d["b"], d.get("name", "custom"))
+        except KeyError as err:
+            raise ValueError(f"tableau dict needs keys 'A' and 'b', got {sorted(d)}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-Python description (JSON- and ``torch.save``-friendly)."""
+        return {"name": self.name, "A": [list(r) for r in self.A], "b": list(self.b)}
+
+    # -- structure the meta-step reads ---------------------------------------------------------------
+
+    @property
+    def stages(self) -> int:
+        """Number of stages ``s``."""
+        return len(self.b)
+
+    def coefficients(self, j: int) -> list[tuple[int, float]]:
+        """The non-zero ``(l, A[j][l])`` of stage ``j`` (0-based): the earlier slopes its point uses."""
+        return [(l, a) for l, a in enumerate(self.A[j][:j]) if a != 0.0]
+
+    @property
+    def needs_support_grad(self) -> tuple[bool, ...]:
+        """Per stage: is its support gradient ``k_j`` used by a later stage (a non-zero ``A[l][j]``)?"""
+        s = self.stages
+        return tuple(any(self.A[l][j] != 0.0 for l in range(j + 1, s)) for j in range(s))
+
+    @property
+    def needs_query_loss(self) -> tuple[bool, ...]:
+        """Per stage: does the meta-loss weigh its query loss (``b[j] != 0``)?"""
+        return tuple(w != 0.0 for w in self.b)
+
+    @property
+    def last_node(self) -> float:
+        """``c_s``, the node of the last stage: the step the tableau adapts a task with."""
+        return self.c[-1]
+
+    def test_step(self, inner_lr: float) -> float:
+        """Default meta-test adaptation step ``h * c_s``.
+
+        That is the step the tableau trained the model to adapt with: ``h`` for maml/heun/rk4, ``h/2``
+        for midpoint, ``2h/3`` for ralston. A tableau whose last node is 0 (``euler``: joint training,
+        no adaptation inside the meta-step) falls back to ``h`` so that evaluation still fine-tunes.
+        """
+        return inner_lr * self.last_node if self.last_node != 0.0 else float(inner_lr)
+
+    def describe(self) -> str:
+        """One line: name, stages, order, non-zero ``A`` entries and ``b``."""
+        entries = [f"A{j + 1}{l + 1}={_fmt(a)}" for j in range(self.stages) for l, a in self.coefficients(j)]
+        return (
+            f"{self.name}: s={self.stages}, order={self.order}, "
+            f"A: {', '.join(entries) or '-'}; b=({', '.join(_fmt(x) for x in self.b)})"
+        )
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def _fmt(x: float) -> str:
+    frac = Fraction(x).limit_denominator(48)
+    return str(frac) if abs(float(frac) - x) < 1e-12 else f"{x:.6g}"
+
+
+def _order(A: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> int:
+    """Classical order (0-4) of an explicit tableau from the order conditions up to order 4."""
+    s = len(b)
+    c = [math.fsum(row) for row in A]
+
+    def dot(u: Sequence[float], v: Sequence[float]) -> float:
+        return math.fsum(x * y for x, y in zip(u, v))
+
+    def matvec(v: Sequence[float]) -> list[float]:
+        return [dot(A[j], v) for j in range(s)]
+
+    c2 = [x * x for x in c]
+    c3 = [x * x * x for x in c]
+    Ac = matvec(c)
+    conditions: list[list[tuple[float, float]]] = [
+        [(math.fsum(b), 1.0)],
+        [(dot(b, c), 1 / 2)],
+        [(dot(b, c2), 1 / 3), (dot(b, Ac), 1 / 6)],
+        [
+            (dot(b, c3), 1 / 4),
+            (dot(b, [ci * aci for ci, aci in zip(c, Ac)]), 1 / 8),
+            (dot(b, matvec(c2)), 1 / 12),
+            (dot(b, matvec(Ac)), 1 / 24),
+        ],
+    ]
+    order = 0
+    for conds in conditions:
+        if not all(_close(value, target) for value, target in conds):
+            break
+        order += 1
+    return order
+
+
+# -- factories ---------------------------------------------------------------------------------------
+
+
+def rk2(c: float) -> Tableau:
+    """The second-order two-stage family: ``A21 = c``, ``b = (1 - 1/(2c), 1/(2c))`` for ``c > 0``.
+
+    ``rk2(1/2)`` is midpoint, ``rk2(1)`` is Heun, ``rk2(2/3)`` is Ralston.
+    """
+    c = float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"rk2(c) needs a finite c > 0, got {c}")
+    return Tableau(((0.0, 0.0), (c, 0.0)), (1.0 - 1.0 / (2.0 * c), 1.0 / (2.0 * c)), f"rk2({c:g})")
+
+
+def _maml_matrix(steps: int) -> tuple[tuple[float, ...], ...]:
+    s = steps + 1
+    return tuple(tuple(1.0 if l < j else 0.0 for l in range(s)) for j in range(s))
+
+
+def maml(steps: int = 1) -> Tableau:
+    """MAML with ``steps`` inner gradient steps of size ``h``: ``A[j][l] = 1`` for ``l < j``, ``b = e_s``."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"maml(steps) needs an integer steps >= 1, got {steps!r}")
+    steps = int(steps)
+    b = tuple(1.0 if j == steps else 0.0 for j in range(steps + 1))
+    return Tableau(_maml_matrix(steps), b, "maml" if steps == 1 else f"maml({steps})")
+
+
+def maml_msl(weights: Sequence[float]) -> Tableau:
+    """MAML++ multi-step loss: ``len(weights) - 1`` inner steps, query loss after step ``j`` weighted by
+    ``weights[j]`` (``weights[0]`` weighs the loss before adaptation)."""
+    w = _as_float_vector(weights)
+    if len(w) < 2:
+        raise ValueError(f"maml_msl(weights) needs at least 2 weights (one inner step), got {len(w)}")
+    return Tableau(_maml_matrix(len(w) - 1), w, f"maml_msl({', '.join(f'{x:g}' for x in w)})")
+
+
+_NAMED: dict[str, Callable[[], Tableau]] = {
+    "euler": lambda: Tableau(((0.0,),), (1.0,), "euler"),
+    "maml": lambda: maml(1),
+    "midpoint": lambda: Tableau(((0.0, 0.0), (0.5, 0.0)), (0.0, 1.0), "midpoint"),
+    "heun": lambda: Tableau(((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), "heun"),
+    "ralston": lambda: Tableau(((0.0, 0.0), (2 / 3, 0.0)), (0.25, 0.75), "ralston"),
+    "kutta3": lambda: Tableau(
+        ((0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (-1.0, 2.0, 0.0)), (1 / 6, 2 / 3, 1 / 6), "kutta3"
+    ),
+    "rk4": lambda: Tableau(
+        ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0)),
+        (1 / 6, 1 / 3, 1 / 3, 1 / 6),
+        "rk4",
+    ),
+    "rk38": lambda: Tableau(
+        ((0.0, 0.0, 0.0, 0.0), (1 / 3, 0.0, 0.0, 0.0), (-1 / 3, 1.0, 0.0, 0.0), (1.0, -1.0, 1.0, 0.0)),
+        (1 / 8, 3 / 8, 3 / 8, 1 / 8),
+        "rk38",
+    ),
+}
+
+_FACTORIES: dict[str, Callable[..., Tableau]] = {
+    "maml": lambda *a: maml(_whole(a[0])) if len(a) == 1 else _bad_args("maml", "maml(3)"),
+    "rk2": lambda *a: rk2(a[0]) if len(a) == 1 else _bad_args("rk2", "rk2(0.75)"),
+    "maml_msl": lambda *a: maml_msl(a),
+}
+
+
+def _whole(x: float) -> int:
+    if not float(x).is_integer():
+        raise ValueError(f"maml(steps) needs a whole number of steps, got {x:g}")
+    return int(x)
+
+
+def _bad_args(name: str, example: str) -> Tableau:
+    raise ValueError(f"{name}(...) takes one argument, e.g. {example!r}")
+
+
+def named_tableaus() -> dict[str, Tableau]:
+    """Every named tableau, in the order of DESIGN.md's table."""
+    return {name: make() for name, make in _NAMED.items()}
+
+
+_CALL = re.compile(r"^\s*([a-z_0-9]+)\s*\((.*)\)\s*$")
+
+
+def get_tableau(spec: str | Tableau) -> Tableau:
+    """Look a tableau up by name.
+
+    Accepts a :class:`Tableau` (returned as is), a name (``"rk4"``) or a factory call
+    (``"maml(3)"``, ``"rk2(0.75)"``, ``"maml_msl(0.2, 0.3, 0.5)"``).
+
+    Raises:
+        ValueError: an unknown name, listing the valid ones.
+    """
+    if isinstance(spec, Tableau):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"tableau must be a name or a Tableau, got {type(spec).__name__}")
+    key = spec.strip().lower()
+    if key in _NAMED:
+        return _NAMED[key]()
+    match = _CALL.match(key)
+    if match and match.group(1) in _FACTORIES:
+        try:
+            args = [float(x) for x in match.group(2).split(",") if x.strip()]
+        except ValueError as err:
+            raise ValueError(f"could not parse the arguments of tableau {spec!r}: {err}") from err
+        return _FACTORIES[match.group(1)](*args)
+    raise ValueError(
+        f"unknown tableau {spec!r}; valid names: {', '.join(_NAMED)}; "
+        "factories: maml(steps), rk2(c), maml_msl(w1, ..., ws)"
+    )

@@ -1,0 +1,5 @@
+"""Built-in task distributions."""
+
+from .sinusoid import SinusoidTasks
+
+__all__ = ["SinusoidTasks"]

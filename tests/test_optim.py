@@ -1,0 +1,256 @@
+"""MetaOptimizer: the torch.optim contract (groups, state, schedulers), failure atomicity, training."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import classification_batch, regression_batch, smooth_mlp
+from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch, get_tableau, models, tasks
+from rkfast.functional import ParamLayout, meta_step
+
+
+def snapshot(model: nn.Module, opt: MetaOptimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    return params, grads, buf.getvalue()
+
+
+def assert_unchanged(model, opt, snap):
+    params, grads, state = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    assert buf.getvalue() == state
+
+
+def expected_direction(model, batch, tableau, h, first_order=False):
+    layout = ParamLayout.from_module(model)
+    theta = layout.flatten(list(model.parameters())).detach()
+    return meta_step(model, F.mse_loss, theta, batch, tableau, h, first_order=first_order).direction
+
+
+@pytest.mark.parametrize("tableau", ["maml", "rk4"])
+def test_sgd_outer_is_plain_rk_step(tableau):
+    model, batch = smooth_mlp(), regression_batch()
+    before = ParamLayout.from_module(model).flatten(list(model.parameters())).detach().clone()
+    d = expected_direction(model, batch, tableau, 0.1)
+    opt = MetaOptimizer(model, F.mse_loss, tableau=tableau, inner_lr=0.1, outer="sgd", lr=0.5)
+    out = opt.step(batch)
+    torch.testing.assert_close(out.direction, d, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(opt.meta_parameters(), before - 0.5 * d, rtol=1e-12, atol=1e-14)
+    # .grad holds the meta-direction, split per parameter
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(grads, d, rtol=1e-12, atol=1e-14)
+
+
+def test_adam_outer_matches_torch_adam_on_the_direction():
+    model, batch = smooth_mlp(), regression_batch()
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    opt = MetaOptimizer(model, F.mse_loss, tableau="heun", inner_lr=0.1, outer="adam", lr=1e-2)
+    for _ in range(3):
+        d = expected_direction(reference, batch, "heun", 0.1)
+        for p, g in zip(reference.parameters(), ParamLayout.from_module(reference).unflatten(d).values()):
+            p.grad = g.clone()
+        ref_opt.step()
+        opt.step(batch)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_first_order_flag():
+    model, batch = smooth_mlp(), regression_batch()
+    d1 = expected_direction(model, batch, "maml", 0.3, first_order=True)
+    opt = MetaOptimizer(model, F.mse_loss, tableau="maml", inner_lr=0.3, outer="sgd", lr=0.1, first_order=True)
+    torch.testing.assert_close(opt.step(batch).direction, d1)
+
+
+def test_custom_outer_class_with_kwargs():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, outer=torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.step(batch)
+    assert opt.param_groups[0]["momentum"] == 0.9
+    assert all("momentum_buffer" in s for s in opt.state.values())
+
+
+def test_state_dict_round_trip_resumes_identically():
+    batches = [regression_batch() for _ in range(6)]
+    model = smooth_mlp()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.05, lr=1e-2)
+    for b in batches[:3]:
+        opt.step(b)
+    saved_model = copy.deepcopy(model.state_dict())
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    for b in batches[3:]:
+        opt.step(b)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    resumed = smooth_mlp()
+    resumed.load_state_dict(saved_model)
+    # built with other settings: the state dict restores the tableau and the inner step too
+    opt2 = MetaOptimizer(resumed, F.mse_loss, tableau="maml", inner_lr=0.5, lr=1.0)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=False))
+    assert opt2.tableau == get_tableau("rk4") and opt2.inner_lr == 0.05
+    assert opt2.param_groups[0]["lr"] == 1e-2
+    for b in batches[3:]:
+        opt2.step(b)
+    for p, q in zip(resumed.parameters(), expected):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_rejects_foreign_state():
+    model = smooth_mlp()
+    opt = MetaOptimizer(model, F.mse_loss, outer="adam")
+    plain = torch.optim.Adam(model.parameters()).state_dict()
+    with pytest.raises(ValueError, match="rkfast"):
+        opt.load_state_dict(plain)
+    sgd_state = MetaOptimizer(smooth_mlp(), F.mse_loss, outer="sgd").state_dict()
+    with pytest.raises(ValueError, match="outer optimizer"):
+        opt.load_state_dict(sgd_state)
+
+
+def test_lr_scheduler_changes_the_outer_lr():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="maml", inner_lr=0.1, outer="sgd", lr=0.4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
+    opt.step(batch)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert opt._outer.param_groups[0]["lr"] == pytest.approx(0.1)
+    before = opt.meta_parameters()
+    d = expected_direction(model, batch, "maml", 0.1)
+    opt.step(batch)
+    torch.testing.assert_close(opt.meta_parameters(), before - 0.1 * d, rtol=1e-12, atol=1e-14)
+
+
+def test_scheduler_survives_load_state_dict():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, outer="sgd", lr=0.4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.load_state_dict(opt.state_dict())
+    opt.step(batch)
+    sched.step()
+    assert opt._outer.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_param_groups_and_subset():
+    model, batch = smooth_mlp(), regression_batch()
+    head = list(model[-1].parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("4.")]
+    frozen = [p.detach().clone() for p in body]
+    opt = MetaOptimizer(model, F.mse_loss, outer="sgd", lr=0.1, params=[{"params": head, "lr": 0.3}])
+    assert opt.layout.names == ("4.weight", "4.bias")
+    opt.step(batch)
+    for p, q in zip(body, frozen):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        MetaOptimizer(model, F.mse_loss, params=[torch.zeros(3, requires_grad=True)])
+    with pytest.raises(RuntimeError, match="after construction"):
+        opt.add_param_group({"params": body})
+
+
+def test_zero_grad():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss)
+    opt.step(batch)
+    assert all(p.grad is not None for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- bad input leaves everything untouched --------------------------------------------------------------
+
+
+def _bad_batches(batch: TaskBatch):
+    sx, sy, qx, qy = batch
+    yield "task dimension", TaskBatch(sx, sy, qx[:2], qy[:2]), ValueError
+    yield "examples per task", TaskBatch(sx, sy[:, :2], qx, qy), ValueError
+    yield "dtype", TaskBatch(sx.float(), sy, qx, qy), TypeError
+    yield "on meta", TaskBatch(sx.to("meta"), sy, qx, qy), RuntimeError
+    yield "tensor", (sx, sy, qx, "not a tensor"), TypeError
+    yield "4-tuple", (sx, sy, qx), TypeError
+    nan_y = qy.clone()
+    nan_y[1, 0] = float("nan")
+    yield "non-finite", TaskBatch(sx, sy, qx, nan_y), NonFiniteLossError
+    inf_y = sy.clone()
+    inf_y[0, 1] = float("inf")  # only the support set: the adapted stages become non-finite
+    yield "non-finite", TaskBatch(sx, inf_y, qx, qy), NonFiniteLossError
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_batch_raises_before_anything_changes(case):
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.1, lr=1e-2)
+    opt.step(regression_batch())  # some Adam state and .grad to protect
+    snap = snapshot(model, opt)
+    message, bad, error = list(_bad_batches(batch))[case]
+    with pytest.raises(error, match=message):
+        opt.step(bad)
+    assert_unchanged(model, opt, snap)
+
+
+def test_constructor_errors():
+    model = smooth_mlp()
+    with pytest.raises(ValueError, match="unknown tableau"):
+        MetaOptimizer(model, F.mse_loss, tableau="rk5")
+    with pytest.raises(ValueError, match="unknown outer optimizer"):
+        MetaOptimizer(model, F.mse_loss, outer="lbfgs2")
+    with pytest.raises(ValueError, match="inner_lr"):
+        MetaOptimizer(model, F.mse_loss, inner_lr=float("inf"))
+    with pytest.raises(TypeError, match="nn.Module"):
+        MetaOptimizer(lambda x: x, F.mse_loss)
+    mixed = smooth_mlp()
+    mixed[0].float()
+    with pytest.raises(TypeError, match="one dtype and device"):
+        MetaOptimizer(mixed, F.mse_loss)
+
+
+# -- evaluation, norms, training ------------------------------------------------------------------------
+
+
+def test_evaluate_uses_last_node_step_and_leaves_parameters():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="ralston", inner_lr=0.3)
+    before = opt.meta_parameters()
+    scores = opt.evaluate(batch, steps=(1, 5))
+    assert scores.step_size == pytest.approx(0.2)
+    assert scores.steps == (0, 1, 5) and scores.losses.shape == (3, batch.num_tasks)
+    assert torch.equal(opt.meta_parameters(), before)
+    assert opt.evaluate(batch, steps=(1,), step_size=0.05).step_size == 0.05
+
+
+def test_batchnorm_model_is_switched_to_batch_statistics():
+    model = models.conv4(in_channels=1, num_classes=3, hidden=6, image_size=16).double()
+    model[1] = nn.BatchNorm2d(6).double()  # tracks running statistics
+    opt = MetaOptimizer(model, F.cross_entropy, tableau="heun", inner_lr=0.1)
+    assert model[1].running_mean is None and not model[1].track_running_stats
+    out = opt.step(classification_batch())
+    assert set(out.stage_metrics["accuracy"]) == {1, 2}
+
+
+def test_short_sinusoid_training_learns():
+    """A few hundred meta-steps (seconds) clearly improve the post-adaptation query MSE."""
+    torch.manual_seed(0)
+    model = models.sinusoid_mlp()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="maml", inner_lr=0.01, lr=3e-3)
+    test = tasks.SinusoidTasks(shots=10, query_shots=50).sample(200, torch.Generator().manual_seed(7))
+    before = opt.evaluate(test, steps=(10,)).losses[-1].mean().item()
+    for batch in tasks.SinusoidTasks(shots=10).batches(meta_batch=25, count=400, seed=1):
+        opt.step(batch)
+    after = opt.evaluate(test, steps=(10,)).losses
+    assert after[-1].mean().item() < 0.5 * before
+    # adaptation helps the trained model: 10 test steps beat none
+    assert after[-1].mean().item() < 0.7 * after[0].mean().item()
