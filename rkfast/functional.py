@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -266,38 +266,31 @@ class _TaskMap:
             rows = rows.expand(self.num_tasks, -1)
         return data(stage, rows)
 
-    def grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Tensor:
-        """Per-task gradients ``[T, N]``; differentiable w.r.t. ``params`` when ``create_graph``."""
-        if self.vectorize:
-            return self._vmap(loss, grad(_scalar(loss)), shared)(params, data)
-        rows = []
+    def _loop(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Iterator[tuple]:
+        """Task by task with plain autograd: ``(gradient, loss, metrics)`` of each task."""
         for i in range(self.num_tasks):
             row = params if shared else params[i]
             if not create_graph:
                 row = row.detach().requires_grad_()
             with torch.enable_grad():
-                value = _scalar(loss)(row, _task(data, i))
+                value, metrics = _with_metrics(loss)(row, _task(data, i))
                 (g,) = torch.autograd.grad(value, row, create_graph=create_graph)
-            rows.append(g)
-        return torch.stack(rows)
+            yield g, value, metrics
+
+    def grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Tensor:
+        """Per-task gradients ``[T, N]``; differentiable w.r.t. ``params`` when ``create_graph``."""
+        if self.vectorize:
+            return self._vmap(loss, grad(_scalar(loss)), shared)(params, data)
+        return torch.stack([g for g, _, _ in self._loop(loss, params, data, shared, create_graph)])
 
     def grads_and_values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Tensor, Metrics]:
         """Per-task (non-differentiable) gradients ``[T, N]``, losses ``[T]`` and metrics ``{name: [T]}``."""
         if self.vectorize:
-            g, (value, metrics) = self._vmap(loss, grad_and_value(_with_metrics(loss), has_aux=True), shared)(
-                params, data
-            )
-            return g, value.detach(), tree_map(Tensor.detach, metrics)
-        grads, outs = [], []
-        for i in range(self.num_tasks):
-            row = (params if shared else params[i]).detach().requires_grad_()
-            with torch.enable_grad():
-                value, metrics = _with_metrics(loss)(row, _task(data, i))
-                (g,) = torch.autograd.grad(value, row)
-            grads.append(g)
-            outs.append((value.detach(), tree_map(Tensor.detach, metrics)))
-        value, metrics = _stack(outs)
-        return torch.stack(grads), value, metrics
+            mapped = self._vmap(loss, grad_and_value(_with_metrics(loss), has_aux=True), shared)
+            g, (value, metrics) = mapped(params, data)
+        else:
+            g, value, metrics = _stack(list(self._loop(loss, params, data, shared, create_graph=False)))
+        return g, value.detach(), tree_map(Tensor.detach, metrics)
 
     def values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Metrics]:
         """Per-task losses ``[T]`` and metrics, differentiable w.r.t. ``params``."""
