@@ -71,6 +71,12 @@ class MetaOptimizer(torch.optim.Optimizer):
             updating (costs one host synchronization per step).
         batch_statistics: switch the model's normalization layers to per-task batch statistics with no
             running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
+
+    Attributes:
+        model, loss_fn: as given.
+        tableau: the :class:`~rkfast.tableau.Tableau` in use; ``inner_lr``, ``first_order`` as given.
+        layout: the :class:`~rkfast.functional.ParamLayout` of the meta-parameters inside a flat vector
+            (what :meth:`meta_parameters` returns and ``MetaStepOutput.direction`` is laid out as).
     """
 
     def __init__(
