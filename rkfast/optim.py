@@ -182,7 +182,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         return out
 
     def _check_finite(self, out: RF.MetaStepOutput) -> None:
-        if bool(torch.isfinite(out.loss)) and bool(torch.isfinite(out.direction).all()):
+        if bool(torch.isfinite(out.direction).all() & torch.isfinite(out.loss)):  # one host sync
             return
         stages = {j: float(v) for j, v in out.stage_losses.items()}
         raise NonFiniteLossError(

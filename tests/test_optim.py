@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import classification_batch, regression_batch, smooth_mlp
+from conftest import classification_batch, flat_theta, regression_batch, smooth_mlp
 from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch, get_tableau, models, tasks
 from rkfast.functional import ParamLayout, meta_step
 
@@ -35,15 +35,14 @@ def assert_unchanged(model, opt, snap):
 
 
 def expected_direction(model, batch, tableau, h, first_order=False):
-    layout = ParamLayout.from_module(model)
-    theta = layout.flatten(list(model.parameters())).detach()
+    _, theta = flat_theta(model)
     return meta_step(model, F.mse_loss, theta, batch, tableau, h, first_order=first_order).direction
 
 
 @pytest.mark.parametrize("tableau", ["maml", "rk4"])
 def test_sgd_outer_is_plain_rk_step(tableau):
     model, batch = smooth_mlp(), regression_batch()
-    before = ParamLayout.from_module(model).flatten(list(model.parameters())).detach().clone()
+    before = flat_theta(model)[1].clone()
     d = expected_direction(model, batch, tableau, 0.1)
     opt = MetaOptimizer(model, F.mse_loss, tableau=tableau, inner_lr=0.1, outer="sgd", lr=0.5)
     out = opt.step(batch)
