@@ -4,7 +4,7 @@ Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"
 :class:`MetaOptimizer` and train as with any ``torch.optim`` optimizer.
 """
 
-from . import functional, models, tasks
+from . import functional, kernels, models, tasks
 from .batch import TaskBatch
 from .optim import MetaOptimizer, NonFiniteLossError
 from .tableau import InconsistentTableauWarning, Tableau, get_tableau, maml, maml_msl, named_tableaus, rk2
@@ -23,6 +23,7 @@ __all__ = [
     "maml",
     "maml_msl",
     "functional",
+    "kernels",
     "models",
     "tasks",
 ]

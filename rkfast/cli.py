@@ -63,6 +63,7 @@ class TrainConfig:
     test_seed: int = 0
     test_step: float | None = None
     device: str = "cpu"
+    backend: str = "auto"
 
 
 @dataclass
@@ -89,6 +90,7 @@ class RunResult:
         tab = self.tableau
         return {
             "config": asdict(replace(self.config, tableau=tab.name)),
+            "backend": self.opt.backend,
             "tableau": {**tab.to_dict(), "order": tab.order, "stages": tab.stages, "describe": tab.describe()},
             "training": {
                 "meta_loss": [float(f"{x:.5g}") for x in self.losses],
@@ -153,7 +155,7 @@ def train_sinusoid(
         model = sinusoid_mlp().to(device)
     opt = MetaOptimizer(
         model, F.mse_loss, tableau=tableau, inner_lr=cfg.inner_lr, outer="adam", lr=cfg.lr,
-        first_order=cfg.first_order,
+        first_order=cfg.first_order, backend=cfg.backend,
     )
     train_tasks = SinusoidTasks(shots=cfg.shots, device=device)
     held_out = SinusoidTasks(shots=cfg.shots, query_shots=cfg.test_query_shots, device=device)
@@ -381,6 +383,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help_text = text if default is None else f"{text} (default: %(default)s)"
         p.add_argument(flag, type=kind, default=default, help=help_text)
     p.add_argument("--first-order", action="store_true", help="ignore second derivatives (first-order MAML and kin)")
+    p.add_argument("--backend", choices=("auto", "torch", "cpp", "triton"), default=d.backend,
+                   help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")
 
 

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._norms import elementary_norms
 from .batch import TaskBatch
+from .kernels import Backend, combine, resolve_backend, stage_point
 from .tableau import Tableau, get_tableau
 
 __all__ = [
@@ -172,28 +173,6 @@ class AdaptationOutput:
             {k: torch.cat([p.metrics[k] for p in parts], dim=1) for k in first.metrics},
             torch.cat([p.params for p in parts], dim=1) if keep else None,  # type: ignore[misc]
         )
-
-
-# -- the stage arithmetic (fused kernels replace these two) --------------------------------------------
-
-
-def stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float]) -> Tensor:
-    """``theta - sum_l coefs[l] * slopes[l]``: one stage point of every task, ``[T, N]``.
-
-    ``theta [N]`` broadcasts over the tasks of each ``slopes[l] [T, N]``. Differentiable.
-    """
-    out = torch.add(theta, slopes[0], alpha=-coefs[0])
-    for k, c in zip(slopes[1:], coefs[1:]):
-        out = torch.add(out, k, alpha=-c)
-    return out
-
-
-def combine(grads: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """``sum_l weights[l] * sum_i grads[l][i]``: per-task gradients ``[T, N]`` reduced to ``[N]``."""
-    out = grads[0].sum(0).mul_(weights[0])
-    for g, w in zip(grads[1:], weights[1:]):
-        out.add_(g.sum(0), alpha=w)
-    return out
 
 
 # -- evaluating a per-task function over all tasks ----------------------------------------------------
@@ -344,6 +323,7 @@ def rk_meta_step(
     vectorize: bool = True,
     num_tasks: int | None = None,
     randomness: Randomness = "different",
+    backend: Backend = "auto",
 ) -> MetaStepOutput:
     """One Runge-Kutta meta-step over a batch of tasks (DESIGN.md, sections 1-2).
 
@@ -363,6 +343,8 @@ def rk_meta_step(
         vectorize: all tasks at once under ``vmap``; ``False`` runs them one by one with plain autograd.
         num_tasks: ``T``; needed only when both data are callables.
         randomness: ``vmap`` randomness for stochastic layers (dropout): ``"different"`` per task.
+        backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`):
+            ``"auto"`` (C++ on CPU, Triton on CUDA, where available), ``"torch"``, ``"cpp"``, ``"triton"``.
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
@@ -370,6 +352,7 @@ def rk_meta_step(
     _check_theta(theta)
     tab = get_tableau(tableau)
     h = _check_step("inner_lr", inner_lr)
+    backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
     tasks = _TaskMap(_resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     second_order = not first_order
     # a fresh leaf: the meta-gradient is taken w.r.t. it and the caller's theta is left alone
@@ -389,7 +372,9 @@ def rk_meta_step(
                 continue
             coefs = tab.coefficients(j)
             shared = not coefs  # stage 1 (or an all-zero row) sits at theta itself
-            point = theta if shared else stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs])
+            point = theta if shared else stage_point(
+                theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs], backend=backend
+            )
             if need_slope:
                 data = tasks.data(support_data, j, point, shared)
                 slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
@@ -407,7 +392,7 @@ def rk_meta_step(
                     stage_metrics.setdefault(name, {})[j + 1] = value.detach().float().mean()
 
         if first_order:
-            direction = combine(query_grads, query_weights) if query_grads else torch.zeros_like(theta)
+            direction = combine(query_grads, query_weights, backend=backend) if query_grads else torch.zeros_like(theta)
         elif meta_loss.requires_grad:
             (direction,) = torch.autograd.grad(meta_loss, theta)
         else:  # all b_j == 0: the meta-loss is constant
@@ -509,12 +494,13 @@ def meta_step(
     first_order: bool = False,
     vectorize: bool = True,
     layout: ParamLayout | None = None,
+    backend: Backend = "auto",
 ) -> MetaStepOutput:
     """:func:`rk_meta_step` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`."""
     loss = module_task_loss(module, loss_fn, layout)
     return rk_meta_step(
         theta, loss, loss, batch.support, batch.query, tableau, inner_lr,
-        first_order=first_order, vectorize=vectorize,
+        first_order=first_order, vectorize=vectorize, backend=backend,
     )
 
 

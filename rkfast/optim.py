@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as RF
+from . import kernels
 from .batch import TaskBatch, check_task_batch
 from .tableau import Tableau, get_tableau
 
@@ -36,6 +37,17 @@ def _outer_class(outer: str | type[torch.optim.Optimizer]) -> type[torch.optim.O
     if isinstance(outer, type) and issubclass(outer, torch.optim.Optimizer):
         return outer
     raise TypeError(f"outer must be a name or a torch.optim.Optimizer subclass, got {outer!r}")
+
+
+def _make_outer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose."""
+    if cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+        params = list(params)
+        try:
+            return cls(params, lr=lr, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):  # a device or dtype the fused kernel does not take
+            pass
+    return cls(params, lr=lr, **kwargs)
 
 
 class MetaOptimizer(torch.optim.Optimizer):
@@ -71,12 +83,21 @@ class MetaOptimizer(torch.optim.Optimizer):
             updating (costs one host synchronization per step).
         batch_statistics: switch the model's normalization layers to per-task batch statistics with no
             running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
+        backend: kernels for the stage arithmetic and the plain outer step (:mod:`rkfast.kernels`):
+            ``"auto"`` (C++ on CPU, Triton on CUDA, where available), ``"torch"``, ``"cpp"``, ``"triton"``.
+
+    The meta-parameters are moved into one contiguous flat buffer, and each parameter becomes a view into
+    it (the same ``Parameter`` objects: the model, its ``state_dict`` and user code keep working); their
+    ``.grad`` are views into one flat gradient buffer. Every kernel then runs once over all parameters:
+    ``outer="sgd"`` without momentum or weight decay is one fused ``axpy_``, and Adam/AdamW/SGD use
+    torch's fused implementation unless ``foreach``/``fused`` is given in ``outer_kwargs``.
 
     Attributes:
         model, loss_fn: as given.
         tableau: the :class:`~rkfast.tableau.Tableau` in use; ``inner_lr``, ``first_order`` as given.
         layout: the :class:`~rkfast.functional.ParamLayout` of the meta-parameters inside a flat vector
             (what :meth:`meta_parameters` returns and ``MetaStepOutput.direction`` is laid out as).
+        backend: the kernel backend in use (``"cpp"``, ``"triton"`` or ``"torch"``; ``"auto"`` resolved).
     """
 
     def __init__(
@@ -93,6 +114,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         vectorize: bool = True,
         check_finite: bool = True,
         batch_statistics: bool = True,
+        backend: kernels.Backend = "auto",
         **outer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -111,7 +133,7 @@ class MetaOptimizer(torch.optim.Optimizer):
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        self._outer = _outer_class(outer)(params, lr=lr, **outer_kwargs)
+        self._outer = _make_outer(_outer_class(outer), params, lr, outer_kwargs)
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
         # object then acts on the optimizer that really updates the parameters
         super().__init__(self._outer.param_groups, self._outer.defaults)
@@ -128,8 +150,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         kinds = {(p.dtype, p.device) for p in meta_params}
         if len(kinds) > 1:
             raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
+        self.backend = kernels.resolve_backend(backend, meta_params[0].device, meta_params[0].dtype)
+        self._backend_choice = backend
         self._params = meta_params
         self.layout = RF.ParamLayout.from_named((names[id(p)], p) for p in meta_params)
+        self._bind_flat()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
@@ -150,16 +175,63 @@ class MetaOptimizer(torch.optim.Optimizer):
     def device(self) -> torch.device:
         return self._params[0].device
 
+    # -- the flat buffers -----------------------------------------------------------------------------
+
+    def _bind_flat(self) -> None:
+        """Copy the meta-parameters into one flat buffer and make each parameter a view into it.
+
+        The parameters' ``.grad`` become views into one flat gradient buffer (current values kept).
+        """
+        params, numels = self._params, self.layout.numels
+        first = params[0]
+        flat = torch.empty(self.layout.numel, dtype=first.dtype, device=first.device)
+        flat_grad = torch.zeros_like(flat)
+        values, grad_views = [], []
+        with torch.no_grad():
+            for p, chunk, grad_chunk in zip(params, flat.split(numels), flat_grad.split(numels)):
+                chunk.copy_(p.reshape(-1))
+                values.append(chunk.view_as(p))
+                grad_views.append(grad_chunk.view_as(p))
+                if p.grad is not None:
+                    grad_chunk.copy_(p.grad.reshape(-1))
+            for p, value, grad_view in zip(params, values, grad_views):
+                p.data = value  # same Parameter object, now backed by the flat buffer
+                if p.grad is not None:
+                    p.grad = grad_view
+        self._flat, self._flat_grad, self._grad_views = flat, flat_grad, grad_views
+        self._addresses = [p.data_ptr() for p in params]
+
+    def _ensure_flat(self) -> None:
+        """Re-bind if something replaced a parameter's storage (``model.to(...)``, ``p.data = ...``)."""
+        if any(p.data_ptr() != a for p, a in zip(self._params, self._addresses)) or any(
+            p.dtype != self._flat.dtype or p.device != self._flat.device for p in self._params
+        ):
+            kinds = {(p.dtype, p.device) for p in self._params}
+            if len(kinds) > 1:
+                raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
+            self.backend = kernels.resolve_backend(self._backend_choice, self._params[0].device, self._params[0].dtype)
+            self._bind_flat()
+
+    @property
+    def flat_parameters(self) -> Tensor:
+        """The flat buffer ``[N]`` that holds the meta-parameters (each parameter is a view into it).
+
+        Writing into it changes the model's parameters; :attr:`layout` says where each one lives.
+        """
+        self._ensure_flat()
+        return self._flat
+
     def meta_parameters(self) -> Tensor:
-        """The meta-parameters as a new flat vector ``[N]`` (detached)."""
-        return self.layout.flatten([p.detach() for p in self._params])
+        """The meta-parameters as a new flat vector ``[N]`` (a detached copy)."""
+        return self.flat_parameters.detach().clone()
 
     def compute(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:
         """The meta-direction and losses of ``batch`` at the current parameters, without updating."""
+        theta = self.flat_parameters.detach()
         batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
         return RF.meta_step(
-            self.model, self.loss_fn, self.meta_parameters(), batch, self.tableau, self.inner_lr,
-            first_order=self.first_order, vectorize=self.vectorize, layout=self.layout,
+            self.model, self.loss_fn, theta, batch, self.tableau, self.inner_lr,
+            first_order=self.first_order, vectorize=self.vectorize, layout=self.layout, backend=self.backend,
         )
 
     def step(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:  # type: ignore[override]
@@ -176,10 +248,22 @@ class MetaOptimizer(torch.optim.Optimizer):
         out = self.compute(batch)
         if self.check_finite:
             self._check_finite(out)
-        for p, g in zip(self._params, self.layout.unflatten(out.direction).values()):
+        self._flat_grad.copy_(out.direction)
+        for p, g in zip(self._params, self._grad_views):
             p.grad = g
-        self._outer.step()
+        if self._plain_sgd():
+            kernels.axpy_(self._flat, self._flat_grad, -float(self.param_groups[0]["lr"]), backend=self.backend)
+        else:
+            self._outer.step()
         return out
+
+    def _plain_sgd(self) -> bool:
+        """``theta <- theta - lr * d`` over the whole flat buffer: SGD with one group and no extras."""
+        if type(self._outer) is not torch.optim.SGD or len(self.param_groups) != 1:
+            return False
+        group = self.param_groups[0]
+        return (group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False)
+                and len(group["params"]) == len(self._params))
 
     def _check_finite(self, out: RF.MetaStepOutput) -> None:
         if bool(torch.isfinite(out.direction).all() & torch.isfinite(out.loss)):  # one host sync
@@ -209,7 +293,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
         alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
         return RF.evaluate(
-            self.model, self.loss_fn, self.meta_parameters(), batch, alpha, steps,
+            self.model, self.loss_fn, self.flat_parameters.detach(), batch, alpha, steps,
             vectorize=self.vectorize, layout=self.layout, keep_params=keep_params,
         )
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, the Triton kernels are tested in Triton's CPU interpreter, which must be chosen before
+# Triton compiles anything (i.e. before rkfast.kernels.triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from torch import nn
 
 from rkfast import TaskBatch

@@ -31,6 +31,8 @@ def test_train_writes_results_and_plots(tmp_path: Path, capsys: pytest.CaptureFi
     assert {"config", "tableau", "training", "test", "train_time_s", "wall_time_s", "ms_per_meta_step"} <= set(res)
     assert res["config"]["tableau"] == "rk2(0.75)" and res["config"]["iterations"] == 30
     assert res["tableau"]["order"] == 2
+    assert res["config"]["backend"] == "auto"
+    assert res["backend"] == ("cpp" if rkfast.kernels.available()["cpp"] else "torch")  # what "auto" chose
     assert len(res["training"]["meta_loss"]) == 30
     assert [e["iteration"] for e in res["training"]["eval"]] == [0, 10, 20, 30]
     test = res["test"]

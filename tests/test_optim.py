@@ -253,3 +253,76 @@ def test_short_sinusoid_training_learns():
     assert after[-1].mean().item() < 0.5 * before
     # adaptation helps the trained model: 10 test steps beat none
     assert after[-1].mean().item() < 0.7 * after[0].mean().item()
+
+
+# -- flat buffers and kernel backends ---------------------------------------------------------------------
+
+
+def test_parameters_are_views_into_one_flat_buffer():
+    model = smooth_mlp()
+    values = [p.detach().clone() for p in model.parameters()]
+    ids = [id(p) for p in model.parameters()]
+    opt = MetaOptimizer(model, F.mse_loss, outer="sgd", lr=0.1)
+    flat = opt.flat_parameters
+    assert flat.is_contiguous() and flat.numel() == opt.layout.numel
+    for p, v, i, (name, view) in zip(model.parameters(), values, ids, opt.layout.unflatten(flat).items()):
+        assert id(p) == i  # the same Parameter objects, now backed by the flat buffer
+        assert torch.equal(p, v)
+        assert p.data_ptr() == view.data_ptr()
+    with torch.no_grad():
+        flat.add_(1.0)  # one write reaches every parameter
+    for p, v in zip(model.parameters(), values):
+        torch.testing.assert_close(p.detach(), v + 1.0)
+    # the model's state_dict and a reload still work
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        flat.zero_()
+    model.load_state_dict(state)
+    torch.testing.assert_close(opt.meta_parameters(), torch.cat([v.reshape(-1) + 1.0 for v in values]))
+
+
+def test_grads_are_views_into_one_flat_gradient_buffer():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="heun", inner_lr=0.1, outer="adam", lr=1e-2)
+    out = opt.step(batch)
+    flat_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(flat_grad, out.direction)
+    base = next(model.parameters()).grad.untyped_storage().data_ptr()
+    assert all(p.grad.untyped_storage().data_ptr() == base for p in model.parameters())
+
+
+def test_replaced_parameter_storage_is_rebound():
+    model, batch = smooth_mlp(), regression_batch()
+    opt = MetaOptimizer(model, F.mse_loss, outer="sgd", lr=0.1)
+    first = next(model.parameters())
+    first.data = torch.full_like(first, 0.25)  # e.g. what model.to(...) does
+    d = expected_direction(model, batch, "maml", 0.01)
+    before = flat_theta(model)[1].clone()
+    opt.step(batch)
+    torch.testing.assert_close(opt.meta_parameters(), before - 0.1 * d, rtol=1e-12, atol=1e-14)
+    assert torch.equal(first.detach(), opt.layout.unflatten(opt.flat_parameters)[opt.layout.names[0]])
+
+
+@pytest.mark.parametrize("outer", ["sgd", "adam"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_cpp_backend_trains_like_the_torch_backend(outer, first_order):
+    batches = [regression_batch(tasks=5) for _ in range(4)]
+    results = []
+    for backend in ("torch", "cpp"):
+        torch.manual_seed(0)
+        model = smooth_mlp()
+        opt = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.1, outer=outer, lr=0.05,
+                            first_order=first_order, backend=backend)
+        assert opt.backend == backend
+        losses = [opt.step(b).loss for b in batches]
+        results.append((opt.meta_parameters(), torch.stack(losses)))
+    (p_torch, l_torch), (p_cpp, l_cpp) = results
+    torch.testing.assert_close(p_cpp, p_torch, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(l_cpp, l_torch, rtol=1e-6, atol=1e-10)
+
+
+def test_backend_errors_at_construction():
+    with pytest.raises(ValueError, match="unknown kernel backend 'gpu'"):
+        MetaOptimizer(smooth_mlp(), F.mse_loss, backend="gpu")
+    with pytest.raises(TypeError, match="backend 'cpp' supports float32 and float64"):
+        MetaOptimizer(smooth_mlp(dtype=torch.bfloat16), F.mse_loss, backend="cpp")

@@ -1,0 +1,43 @@
+"""The pure-PyTorch kernels: run on every device and dtype, the fallback and the oracle in tests.
+
+Each op writes into buffers the caller allocated (the shapes are checked in :mod:`rkfast.kernels`), in the
+same order of operations the fused backends use, so float32 results agree to a few ulps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float], out: Tensor) -> None:
+    """``out[t] = theta - sum_l coefs[l] * slopes[l][t]``."""
+    torch.sub(theta, slopes[0], alpha=coefs[0], out=out)
+    for k, c in zip(slopes[1:], coefs[1:]):
+        out.sub_(k, alpha=c)
+
+
+def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
+                          grad_slopes: Sequence[Tensor]) -> None:
+    """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``."""
+    if grad_theta is not None:
+        torch.sum(grad_out, 0, out=grad_theta)
+    for g, c in zip(grad_slopes, coefs):
+        torch.mul(grad_out, -c, out=g)
+
+
+def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
+    """``out = sum_l weights[l] * sum_t grads[l][t]``."""
+    torch.sum(grads[0], 0, out=out)
+    out.mul_(weights[0])
+    if len(grads) > 1:
+        column_sum = torch.empty_like(out)  # one temporary for all streams
+        for g, w in zip(grads[1:], weights[1:]):
+            out.add_(torch.sum(g, 0, out=column_sum), alpha=w)
+
+
+def axpy_(theta: Tensor, d: Tensor, alpha: float) -> None:
+    """``theta += alpha * d`` in place."""
+    theta.add_(d, alpha=alpha)
