@@ -25,7 +25,8 @@ step() {  # step <seconds> <description> <command...>
 step 30 "machine" bash -c 'nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"'
 step 180 "install" env RKFAST_REQUIRE_CPP=1 pip install --no-build-isolation --no-deps -e .
 step 30 "backends" python -c "import rkfast.kernels as k, rkfast._C as c; print(k.available(), 'openmp', c.has_openmp())"
-step 240 "cuda tests" python -m pytest -q -x tests/test_kernels.py tests/test_optim.py
+step 240 "cuda tests" python -m pytest -q -x tests/test_kernels.py tests/test_capture.py tests/test_optim.py
 card=$(python -c "import torch; print(torch.cuda.get_device_name(0).lower().replace(' ', '-'))" 2>/dev/null || echo gpu)
 step 240 "kernel benchmark" python benchmarks/kernels.py --json "$OUT/kernels-$card.json"
+step 300 "end-to-end benchmark" python benchmarks/e2e.py --json "$OUT/e2e-$card.json" --png "$OUT/e2e-$card.png"
 echo "results in $OUT: $(ls "$OUT")"

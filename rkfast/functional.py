@@ -37,6 +37,7 @@ __all__ = [
     "TaskData",
     "MetaStepOutput",
     "AdaptationOutput",
+    "Workspace",
     "rk_meta_step",
     "adapt",
     "stage_point",
@@ -175,6 +176,26 @@ class AdaptationOutput:
         )
 
 
+class Workspace:
+    """Buffers that successive meta-steps of one shape reuse instead of allocating.
+
+    :func:`rk_meta_step` takes one to write the first-order stage points and meta-direction into (the
+    second-order path's buffers belong to autograd). A buffer is re-allocated only when the shape, dtype or
+    device asked for changes, so a result written into one is valid until the next step with this
+    workspace.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[Any, Tensor] = {}
+
+    def get(self, key: Any, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The buffer named ``key`` with ``shape`` and ``like``'s dtype and device (contents undefined)."""
+        buf = self._buffers.get(key)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[key] = like.new_empty(shape)
+        return buf
+
+
 # -- evaluating a per-task function over all tasks ----------------------------------------------------
 
 
@@ -225,13 +246,17 @@ class _TaskMap:
         self.vectorize = vectorize
         self.randomness = randomness
 
-    def _vmap(self, loss: TaskLoss, fn: Callable, shared: bool) -> Callable:
+    def _vmap(self, loss: TaskLoss, fn: Callable, shared: bool, differentiated_twice: bool) -> Callable:
+        """``vmap(fn)``; with ``differentiated_twice`` (a gradient that is itself differentiated, i.e. the
+        second-order support gradients), norm layers run as elementary ops: the fused norms' backward has
+        a wrong batching rule for its own derivative (see rkfast._norms). Their first derivatives are
+        exact under vmap (measured: first-order directions through BatchNorm equal the sequential ones to
+        1e-15), so every other call keeps the fused, faster and leaner, kernels."""
         mapped = vmap(fn, in_dims=(None if shared else 0, 0), randomness=self.randomness)
-        if not getattr(loss, "has_norm_layers", True):
+        if not differentiated_twice or not getattr(loss, "has_norm_layers", True):
             return mapped
 
         def run(params: Tensor, data: Any) -> Any:
-            # the fused norm ops have wrong batching rules for their backward (see rkfast._norms)
             with elementary_norms():
                 return mapped(params, data)
 
@@ -259,13 +284,13 @@ class _TaskMap:
     def grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Tensor:
         """Per-task gradients ``[T, N]``; differentiable w.r.t. ``params`` when ``create_graph``."""
         if self.vectorize:
-            return self._vmap(loss, grad(_scalar(loss)), shared)(params, data)
+            return self._vmap(loss, grad(_scalar(loss)), shared, differentiated_twice=create_graph)(params, data)
         return torch.stack([g for g, _, _ in self._loop(loss, params, data, shared, create_graph)])
 
     def grads_and_values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Tensor, Metrics]:
         """Per-task (non-differentiable) gradients ``[T, N]``, losses ``[T]`` and metrics ``{name: [T]}``."""
         if self.vectorize:
-            mapped = self._vmap(loss, grad_and_value(_with_metrics(loss), has_aux=True), shared)
+            mapped = self._vmap(loss, grad_and_value(_with_metrics(loss), has_aux=True), shared, False)
             g, (value, metrics) = mapped(params, data)
         else:
             g, value, metrics = _stack(list(self._loop(loss, params, data, shared, create_graph=False)))
@@ -274,7 +299,7 @@ class _TaskMap:
     def values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Metrics]:
         """Per-task losses ``[T]`` and metrics, differentiable w.r.t. ``params``."""
         if self.vectorize:
-            return self._vmap(loss, _with_metrics(loss), shared)(params, data)
+            return self._vmap(loss, _with_metrics(loss), shared, False)(params, data)
         return _stack([_with_metrics(loss)(params if shared else params[i], _task(data, i)) for i in range(self.num_tasks)])
 
 
@@ -324,6 +349,7 @@ def rk_meta_step(
     num_tasks: int | None = None,
     randomness: Randomness = "different",
     backend: Backend = "auto",
+    workspace: Workspace | None = None,
 ) -> MetaStepOutput:
     """One Runge-Kutta meta-step over a batch of tasks (DESIGN.md, sections 1-2).
 
@@ -345,6 +371,8 @@ def rk_meta_step(
         randomness: ``vmap`` randomness for stochastic layers (dropout): ``"different"`` per task.
         backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`):
             ``"auto"`` (C++ on CPU, Triton on CUDA, where available), ``"torch"``, ``"cpp"``, ``"triton"``.
+        workspace: reuse its buffers for the first-order stage points and meta-direction (no allocation
+            for them after the first step of a shape); the returned direction is then one of them.
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
@@ -355,6 +383,7 @@ def rk_meta_step(
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
     tasks = _TaskMap(_resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     second_order = not first_order
+    n = theta.shape[0]
     # a fresh leaf: the meta-gradient is taken w.r.t. it and the caller's theta is left alone
     theta = theta.detach().requires_grad_(second_order)
 
@@ -372,9 +401,13 @@ def rk_meta_step(
                 continue
             coefs = tab.coefficients(j)
             shared = not coefs  # stage 1 (or an all-zero row) sits at theta itself
-            point = theta if shared else stage_point(
-                theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs], backend=backend
-            )
+            if shared:
+                point = theta
+            else:
+                # first order: nothing is differentiated through the point, so it can live in a reused buffer
+                out = workspace.get(("point", j), (tasks.num_tasks, n), theta) if first_order and workspace else None
+                point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
+                                    out=out, backend=backend)
             if need_slope:
                 data = tasks.data(support_data, j, point, shared)
                 slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
@@ -392,7 +425,11 @@ def rk_meta_step(
                     stage_metrics.setdefault(name, {})[j + 1] = value.detach().float().mean()
 
         if first_order:
-            direction = combine(query_grads, query_weights, backend=backend) if query_grads else torch.zeros_like(theta)
+            out = workspace.get("direction", (n,), theta) if workspace else None
+            if query_grads:
+                direction = combine(query_grads, query_weights, out=out, backend=backend)
+            else:
+                direction = out.zero_() if out is not None else torch.zeros_like(theta)
         elif meta_loss.requires_grad:
             (direction,) = torch.autograd.grad(meta_loss, theta)
         else:  # all b_j == 0: the meta-loss is constant
@@ -495,12 +532,13 @@ def meta_step(
     vectorize: bool = True,
     layout: ParamLayout | None = None,
     backend: Backend = "auto",
+    workspace: Workspace | None = None,
 ) -> MetaStepOutput:
     """:func:`rk_meta_step` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`."""
     loss = module_task_loss(module, loss_fn, layout)
     return rk_meta_step(
         theta, loss, loss, batch.support, batch.query, tableau, inner_lr,
-        first_order=first_order, vectorize=vectorize, backend=backend,
+        first_order=first_order, vectorize=vectorize, backend=backend, workspace=workspace,
     )
 
 

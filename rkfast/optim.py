@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from . import functional as RF
 from . import kernels
 from .batch import TaskBatch, check_task_batch
+from .capture import CaptureMode, StepCapture, check_capture_mode, guarded_update, state_tensors
 from .tableau import Tableau, get_tableau
 
 __all__ = ["MetaOptimizer", "NonFiniteLossError"]
@@ -39,8 +40,14 @@ def _outer_class(outer: str | type[torch.optim.Optimizer]) -> type[torch.optim.O
     raise TypeError(f"outer must be a name or a torch.optim.Optimizer subclass, got {outer!r}")
 
 
-def _make_outer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose."""
+def _make_outer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
+                capture: CaptureMode = False) -> torch.optim.Optimizer:
+    """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose, and
+    Adam/AdamW with ``capturable=True`` (its step counter on the device) when the step is captured."""
+    if capture and cls in (torch.optim.Adam, torch.optim.AdamW):
+        if kwargs.get("capturable") is False:
+            raise ValueError(f"capture={capture!r} needs a capturable outer optimizer; drop capturable=False")
+        kwargs = {**kwargs, "capturable": True}
     if cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
         params = list(params)
         try:
@@ -85,6 +92,14 @@ class MetaOptimizer(torch.optim.Optimizer):
             running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
         backend: kernels for the stage arithmetic and the plain outer step (:mod:`rkfast.kernels`):
             ``"auto"`` (C++ on CPU, Triton on CUDA, where available), ``"torch"``, ``"cpp"``, ``"triton"``.
+        capture: CUDA only. ``True``: after two eager warm-up steps, capture one whole step (every stage,
+            the outer update) in a CUDA graph and replay it for each later batch, whose shapes must then
+            stay the same (:class:`~rkfast.capture.CaptureShapeError` otherwise); ``"auto"``: re-capture
+            when the shapes change. A replayed step does not synchronize with the host: a non-finite step
+            is skipped on the device (parameters and optimizer state kept, ``.grad`` zero) and counted in
+            :attr:`skipped_steps` instead of raising. The learning rate is part of the captured step:
+            after changing it (e.g. a scheduler), call :meth:`release_capture`. Adam/AdamW are created
+            with ``capturable=True``.
 
     The meta-parameters are moved into one contiguous flat buffer, and each parameter becomes a view into
     it (the same ``Parameter`` objects: the model, its ``state_dict`` and user code keep working); their
@@ -115,6 +130,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         check_finite: bool = True,
         batch_statistics: bool = True,
         backend: kernels.Backend = "auto",
+        capture: CaptureMode = False,
         **outer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -133,7 +149,7 @@ class MetaOptimizer(torch.optim.Optimizer):
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        self._outer = _make_outer(_outer_class(outer), params, lr, outer_kwargs)
+        self._outer = _make_outer(_outer_class(outer), params, lr, outer_kwargs, capture)
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
         # object then acts on the optimizer that really updates the parameters
         super().__init__(self._outer.param_groups, self._outer.defaults)
@@ -154,7 +170,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._backend_choice = backend
         self._params = meta_params
         self.layout = RF.ParamLayout.from_named((names[id(p)], p) for p in meta_params)
+        self.capture = check_capture_mode(capture, meta_params[0].device)
         self._bind_flat()
+        self._task_loss = RF.module_task_loss(model, loss_fn, self.layout)  # built once, not per step
+        self._workspace = RF.Workspace()
+        self._capture = StepCapture(self.capture) if self.capture else None
+        self._skipped = torch.zeros((), dtype=torch.int64, device=meta_params[0].device) if self.capture else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
@@ -227,35 +248,79 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def compute(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:
         """The meta-direction and losses of ``batch`` at the current parameters, without updating."""
-        theta = self.flat_parameters.detach()
-        batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
-        return RF.meta_step(
-            self.model, self.loss_fn, theta, batch, self.tableau, self.inner_lr,
-            first_order=self.first_order, vectorize=self.vectorize, layout=self.layout, backend=self.backend,
+        return self._compute(check_task_batch(batch, dtype=self.dtype, device=self.device), RF.Workspace())
+
+    def _compute(self, batch: TaskBatch, workspace: RF.Workspace) -> RF.MetaStepOutput:
+        loss = self._task_loss
+        return RF.rk_meta_step(
+            self.flat_parameters.detach(), loss, loss, batch.support, batch.query, self.tableau, self.inner_lr,
+            first_order=self.first_order, vectorize=self.vectorize, backend=self.backend, workspace=workspace,
         )
 
     def step(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:  # type: ignore[override]
         """One meta-step on ``batch``: meta-direction into ``.grad``, then the outer update.
 
         ``.grad`` of the meta-parameters is overwritten with the meta-direction (not accumulated).
-        Returns the :class:`~rkfast.functional.MetaStepOutput` (``loss``, ``stage_losses``, ...).
+        Returns the :class:`~rkfast.functional.MetaStepOutput` (``loss``, ``stage_losses``, ...); its
+        tensors may be buffers the next step reuses (clone what you keep).
 
         Raises:
             TypeError, ValueError, RuntimeError: a malformed batch (see :func:`~rkfast.batch.check_task_batch`).
-            NonFiniteLossError: NaN/inf meta-loss or meta-direction.
+            NonFiniteLossError: NaN/inf meta-loss or meta-direction (not raised by a replayed captured
+                step; see ``capture``).
+            CaptureShapeError: with ``capture=True``, a batch whose shapes differ from the captured ones.
             In every case before any parameter, gradient or optimizer state changes.
         """
-        out = self.compute(batch)
+        batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
+        if self._capture is None:
+            return self._eager_step(batch)
+        out = self._capture.run(batch, self._eager_step, self._captured_step)
+        self._expose_grads()
+        return out
+
+    def _eager_step(self, batch: TaskBatch) -> RF.MetaStepOutput:
+        out = self._compute(batch, self._workspace)
         if self.check_finite:
             self._check_finite(out)
         self._flat_grad.copy_(out.direction)
+        self._expose_grads()
+        self._outer_update()
+        return out
+
+    def _captured_step(self, batch: TaskBatch) -> RF.MetaStepOutput:
+        """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""
+        out = self._compute(batch, self._workspace)
+        self._expose_grads()
+        if not self.check_finite:
+            self._flat_grad.copy_(out.direction)
+            self._outer_update()
+            return out
+        ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)
+        self._flat_grad.copy_(torch.where(ok, out.direction, torch.zeros_like(out.direction)))
+        guarded_update(ok, [self._flat, *state_tensors(self._outer, self._params)], self._outer_update)
+        self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]
+        return out
+
+    def _expose_grads(self) -> None:
         for p, g in zip(self._params, self._grad_views):
             p.grad = g
+
+    def _outer_update(self) -> None:
         if self._plain_sgd():
             kernels.axpy_(self._flat, self._flat_grad, -float(self.param_groups[0]["lr"]), backend=self.backend)
         else:
             self._outer.step()
-        return out
+
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """With ``capture``: the number of replayed steps skipped for a non-finite loss or direction (a
+        device tensor: reading its value synchronizes). ``None`` without capture (such steps raise)."""
+        return self._skipped
+
+    def release_capture(self) -> None:
+        """Drop the captured CUDA graph; the next steps warm up and capture again (e.g. after an lr change)."""
+        if self._capture is not None:
+            self._capture.release()
 
     def _plain_sgd(self) -> bool:
         """``theta <- theta - lr * d`` over the whole flat buffer: SGD with one group and no extras."""

@@ -1,0 +1,158 @@
+"""Whole meta-steps replayed from CUDA graphs (``MetaOptimizer(..., capture=True)``).
+
+Small few-shot models are launch-bound on a GPU: a meta-step is hundreds of small kernels (every stage's
+vmapped forward and backward, the stage arithmetic, the outer update). All of them have static shapes, so
+the whole step is captured once in a ``torch.cuda.CUDAGraph`` and replayed for every later batch, which
+is copied into the graph's static input buffers first.
+
+The life of one batch signature (shapes and dtypes of the four batch tensors):
+
+1. the first ``warmup_steps`` calls run eagerly on a side stream (real steps: lazy state such as the outer
+   optimizer's moments, cuBLAS workspaces and autograd caches is created outside the capture);
+2. the next call captures one step into a graph and replays it (a captured region only records, so the
+   replay is what performs this call's update);
+3. every later call copies the batch into the static buffers and replays.
+
+A batch with another signature raises :class:`CaptureShapeError` (``capture=True``), or starts this cycle
+again for the new signature (``capture="auto"``; the old graph is released).
+
+Outputs of a replayed step are the graph's static tensors: valid until the next step, read them (or clone
+them) before that. Nothing here synchronizes with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Union
+
+import torch
+from torch import Tensor
+
+from .batch import TaskBatch
+from .functional import MetaStepOutput
+
+__all__ = ["CaptureMode", "CaptureShapeError", "StepCapture", "check_capture_mode"]
+
+CaptureMode = Union[bool, Literal["auto"]]
+Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+class CaptureShapeError(ValueError):
+    """A batch's shapes differ from the ones the CUDA graph was captured with (``capture=True``)."""
+
+
+def check_capture_mode(capture: object, device: torch.device) -> CaptureMode:
+    """Validate ``capture`` (``False``, ``True`` or ``"auto"``) for parameters on ``device``."""
+    if capture not in (False, True, "auto"):
+        raise ValueError(f"capture must be False, True or 'auto', got {capture!r}")
+    if capture and torch.device(device).type != "cuda":
+        raise RuntimeError(
+            f"capture={capture!r} replays the meta-step as a CUDA graph and needs CUDA parameters; "
+            f"the meta-parameters are on {device}. Move the model to a GPU or use capture=False."
+        )
+    return capture  # type: ignore[return-value]
+
+
+def signature(batch: TaskBatch) -> Signature:
+    return tuple((tuple(t.shape), t.dtype) for t in batch)
+
+
+def _describe(sig: Signature) -> str:
+    return ", ".join(f"{name}{list(shape)}" for name, (shape, _) in zip(TaskBatch._fields, sig))
+
+
+class StepCapture:
+    """Runs a step function eagerly for warm-up, then as one captured CUDA graph per batch signature.
+
+    Args:
+        mode: ``True`` (a new signature raises :class:`CaptureShapeError`) or ``"auto"`` (re-capture).
+        warmup_steps: eager calls per signature before the capture.
+    """
+
+    def __init__(self, mode: CaptureMode, warmup_steps: int = 2) -> None:
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
+        self.mode = mode
+        self.warmup_steps = warmup_steps
+        self.signature: Signature | None = None
+        self.warm = 0  # eager calls made for the current signature
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_batch: TaskBatch | None = None
+        self.static_out: MetaStepOutput | None = None
+        self.captures = 0  # graphs captured so far (a re-capture counts again)
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def run(self, batch: TaskBatch, eager_step: Callable[[TaskBatch], MetaStepOutput],
+            captured_step: Callable[[TaskBatch], MetaStepOutput]) -> MetaStepOutput:
+        """One step on ``batch``: eager warm-up, capture + replay, or copy + replay."""
+        sig = signature(batch)
+        if self.signature is not None and sig != self.signature:
+            if self.mode is True:
+                raise CaptureShapeError(
+                    f"this MetaOptimizer captured its step for batches of {_describe(self.signature)}; "
+                    f"got {_describe(sig)}. Keep batch shapes fixed, or use capture='auto' to re-capture "
+                    "for each new shape."
+                )
+            self.release()
+        self.signature = sig
+        if self.warm < self.warmup_steps:
+            self.warm += 1
+            return self._warm(eager_step, batch)
+        if self.graph is None:
+            self._capture(captured_step, batch)
+        return self._replay(batch)
+
+    def release(self) -> None:
+        """Drop the graph and its static buffers (the next step warms up and captures again)."""
+        self.signature, self.warm = None, 0
+        self.graph = self.static_batch = self.static_out = None
+
+    # -- the CUDA parts (overridden in the CPU tests of the state machine above) ---------------------------
+
+    def _warm(self, step: Callable[[TaskBatch], MetaStepOutput], batch: TaskBatch) -> MetaStepOutput:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = step(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, step: Callable[[TaskBatch], MetaStepOutput], batch: TaskBatch) -> None:
+        self.static_batch = TaskBatch(*(t.clone() for t in batch))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_out = step(self.static_batch)
+        self.graph = graph
+        self.captures += 1
+
+    def _replay(self, batch: TaskBatch) -> MetaStepOutput:
+        assert self.graph is not None and self.static_batch is not None and self.static_out is not None
+        for static, new in zip(self.static_batch, batch):
+            if static.data_ptr() != new.data_ptr():
+                static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+
+def guarded_update(ok: Tensor, tensors: list[Tensor], update: Callable[[], None]) -> None:
+    """Run ``update`` (in-place on ``tensors``), then restore every tensor where ``ok`` is false.
+
+    The device-side form of "a failed step changes nothing": no host synchronization, so it can live
+    inside a CUDA graph. Costs one copy of each tensor.
+    """
+    saved = [t.clone() for t in tensors]
+    update()
+    for t, s in zip(tensors, saved):
+        t.copy_(torch.where(ok, t, s))
+
+
+def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor]:
+    """The tensors of ``optimizer``'s state for ``params`` (moments, step counters...)."""
+    out = []
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, Tensor):
+                out.append(value)
+    return out

@@ -1,0 +1,215 @@
+"""Whole-step CUDA-graph capture (``capture=``) and the eager path's buffer reuse.
+
+The CUDA graph itself needs a GPU (those tests run through benchmarks/gpu_check.sh on a lent machine); on
+CPU the capture's state machine (warm-up, capture, replay, shape changes, the on-device skip of a
+non-finite step) runs with the graph replaced by an eager stand-in that keeps its semantics: a captured
+region records without running, and each replay runs the recorded step on the static input buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import regression_batch, smooth_mlp
+from rkfast import MetaOptimizer, TaskBatch
+from rkfast.capture import CaptureShapeError, StepCapture
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.sh)")
+
+
+class EagerStandIn(StepCapture):
+    """StepCapture with the CUDA parts replaced: capture records the step, replay runs it on the statics."""
+
+    def _warm(self, step, batch):
+        return step(batch)
+
+    def _capture(self, step, batch):
+        self.static_batch = TaskBatch(*(t.clone() for t in batch))
+        self.recorded = step
+        self.graph = object()  # "captured"
+        self.captures += 1
+
+    def _replay(self, batch):
+        for static, new in zip(self.static_batch, batch):
+            static.copy_(new)
+        self.replays = getattr(self, "replays", 0) + 1
+        return self.recorded(self.static_batch)
+
+
+def stand_in_optimizer(mode, **kwargs) -> MetaOptimizer:
+    opt = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, **kwargs)
+    # what capture=True sets up on a GPU, with the stand-in graph
+    opt._capture = EagerStandIn(mode)
+    opt._skipped = torch.zeros((), dtype=torch.int64)
+    return opt
+
+
+@pytest.mark.parametrize("outer", ["adam", "sgd"])
+def test_captured_state_machine_matches_eager_steps(outer):
+    torch.manual_seed(1)
+    batches = [regression_batch() for _ in range(5)]
+    eager = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, outer=outer)
+    captured = stand_in_optimizer(True, outer=outer)
+    captured.load_state_dict(copy.deepcopy(eager.state_dict()))  # (torch aliases uncast state tensors)
+    with torch.no_grad():
+        captured.flat_parameters.copy_(eager.flat_parameters)
+    for b in batches:
+        e, c = eager.step(b), captured.step(b)
+        torch.testing.assert_close(c.loss, e.loss)
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-12, atol=1e-14)
+    assert captured._capture.captures == 1 and captured._capture.replays == 3  # 2 warm-up steps, then replays
+    assert int(captured.skipped_steps) == 0
+    grads = torch.cat([p.grad.reshape(-1) for p in captured.model.parameters()])
+    torch.testing.assert_close(grads, eager._flat_grad)
+
+
+def test_shape_change_raises_with_capture_true_and_recaptures_with_auto():
+    strict, auto = stand_in_optimizer(True), stand_in_optimizer("auto")
+    for _ in range(3):
+        strict.step(regression_batch(tasks=3))
+        auto.step(regression_batch(tasks=3))
+    before = strict.meta_parameters()
+    with pytest.raises(CaptureShapeError, match=r"support_x\[3, 5, 1\].*got support_x\[4, 5, 1\]"):
+        strict.step(regression_batch(tasks=4))
+    assert torch.equal(strict.meta_parameters(), before)  # raised before anything changed
+
+    reference = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2)
+    reference.load_state_dict(copy.deepcopy(auto.state_dict()))  # (torch aliases uncast state tensors)
+    with torch.no_grad():
+        reference.flat_parameters.copy_(auto.flat_parameters)
+    for _ in range(4):
+        b = regression_batch(tasks=4)
+        auto.step(b)
+        reference.step(b)
+    assert auto._capture.captures == 2
+    torch.testing.assert_close(auto.flat_parameters, reference.flat_parameters, rtol=1e-12, atol=1e-14)
+
+
+def test_a_non_finite_replayed_step_is_skipped_on_the_device():
+    opt = stand_in_optimizer(True)
+    for _ in range(3):
+        opt.step(regression_batch())
+    params = opt.meta_parameters()
+    state = {k: v.clone() for k, v in opt.state[next(opt.model.parameters())].items()}
+    bad = regression_batch()
+    bad.query_y[0, 0] = float("nan")
+    out = opt.step(bad)  # a replay: no exception, no host sync
+    assert torch.isnan(out.loss)
+    assert int(opt.skipped_steps) == 1
+    assert torch.equal(opt.meta_parameters(), params)
+    for k, v in opt.state[next(opt.model.parameters())].items():
+        assert torch.equal(v, state[k]), k
+    opt.step(regression_batch())
+    assert int(opt.skipped_steps) == 1 and not torch.equal(opt.meta_parameters(), params)
+
+
+def test_capture_needs_cuda_and_a_valid_mode():
+    with pytest.raises(RuntimeError, match="needs CUDA parameters; the meta-parameters are on cpu"):
+        MetaOptimizer(smooth_mlp(), F.mse_loss, capture=True)
+    with pytest.raises(ValueError, match="capture must be False, True or 'auto'"):
+        MetaOptimizer(smooth_mlp(), F.mse_loss, capture="always")
+    assert MetaOptimizer(smooth_mlp(), F.mse_loss).skipped_steps is None
+
+
+# -- the eager path reuses its buffers -------------------------------------------------------------------
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on some torch objects warns about deprecated aliases
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("tableau", ["maml", "rk4"])
+def test_eager_steps_do_not_accumulate_tensors(tableau, first_order):
+    opt = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau=tableau, inner_lr=0.1, first_order=first_order)
+    batches = [regression_batch() for _ in range(23)]
+    for b in batches[:3]:
+        opt.step(b)
+    before = _live_tensors()
+    for b in batches[3:]:
+        opt.step(b)
+    assert _live_tensors() == before
+
+
+def test_first_order_steps_write_into_the_same_buffers():
+    opt = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="rk4", inner_lr=0.1, first_order=True)
+    first = opt.step(regression_batch()).direction
+    address = first.data_ptr()
+    second = opt.step(regression_batch()).direction
+    assert second.data_ptr() == address  # the meta-direction buffer is allocated once per shape
+    grad_address = next(opt.model.parameters()).grad.data_ptr()
+    opt.step(regression_batch())
+    assert next(opt.model.parameters()).grad.data_ptr() == grad_address
+
+
+# -- on a GPU ----------------------------------------------------------------------------------------------
+
+
+def _cuda_pair(**kwargs):
+    torch.manual_seed(0)
+    model = smooth_mlp(hidden=32, dtype=torch.float32).cuda()
+    twin = smooth_mlp(hidden=32, dtype=torch.float32).cuda()
+    twin.load_state_dict(model.state_dict())
+    captured = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.05, lr=1e-3, capture=True, **kwargs)
+    eager = MetaOptimizer(twin, F.mse_loss, tableau="rk4", inner_lr=0.05, lr=1e-3, capturable=True, **kwargs)
+    return captured, eager
+
+
+def _cuda_batch(tasks=8):
+    return TaskBatch(*(t.float().cuda() for t in regression_batch(tasks=tasks)))
+
+
+@cuda
+@pytest.mark.parametrize("first_order", [False, True])
+def test_captured_steps_equal_eager_steps_on_cuda(first_order):
+    captured, eager = _cuda_pair(first_order=first_order)
+    for _ in range(5):
+        b = _cuda_batch()
+        c, e = captured.step(b), eager.step(b)
+        torch.testing.assert_close(c.loss, e.loss, rtol=1e-5, atol=1e-6)
+    assert captured._capture.captures == 1
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_cuda_shape_change_and_auto_recapture():
+    captured, _ = _cuda_pair()
+    for _ in range(3):
+        captured.step(_cuda_batch())
+    with pytest.raises(CaptureShapeError):
+        captured.step(_cuda_batch(tasks=5))
+    auto, eager = _cuda_pair()
+    auto._capture.mode = auto.capture = "auto"
+    for tasks in (8, 8, 8, 5, 5, 5, 5):
+        b = _cuda_batch(tasks)
+        auto.step(b)
+        eager.step(b)
+    assert auto._capture.captures == 2
+    torch.testing.assert_close(auto.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_cuda_eager_memory_is_stable():
+    _, eager = _cuda_pair()
+    for _ in range(3):
+        eager.step(_cuda_batch())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    allocated = torch.cuda.memory_allocated()
+    for _ in range(20):
+        eager.step(_cuda_batch())
+    torch.cuda.synchronize()
+    peak_first = torch.cuda.max_memory_allocated()
+    assert torch.cuda.memory_allocated() <= allocated + 1024  # nothing accumulates across steps
+    for _ in range(20):
+        eager.step(_cuda_batch())
+    assert torch.cuda.max_memory_allocated() == peak_first
