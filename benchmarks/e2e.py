@@ -85,6 +85,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import rkfast
+
+from _common import device_name  # benchmarks/ is on sys.path when run as a script
 from rkfast._norms import elementary_norms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -662,20 +664,6 @@ def worker_main(spec_json: str) -> None:
 
 
 # -- the driver ------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name
 
 
 def device_slug(device: torch.device) -> str:

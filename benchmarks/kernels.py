@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -54,6 +53,8 @@ import torch
 from torch import Tensor
 
 from rkfast import kernels
+
+from _common import device_name  # benchmarks/ is on sys.path when run as a script
 
 GB = 1e9
 CPU_TARGET = {"op": "combine", "backend": "cpp", "log2n": 23, "tasks": 32, "streams": 4,
@@ -348,19 +349,6 @@ def add_ratios(rows: list[dict], floor_gbps: float, llc_bytes: int | None) -> No
 
 
 # -- the run ----------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def slug(text: str) -> str:

@@ -40,6 +40,12 @@ def _outer_class(outer: str | type[torch.optim.Optimizer]) -> type[torch.optim.O
     raise TypeError(f"outer must be a name or a torch.optim.Optimizer subclass, got {outer!r}")
 
 
+def _check_one_kind(params: Sequence[Tensor]) -> None:
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) > 1:
+        raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
+
+
 def _make_outer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
                 capture: CaptureMode = False) -> torch.optim.Optimizer:
     """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose, and
@@ -163,9 +169,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"params {missing} are not parameters of the model")
         if not meta_params:
             raise ValueError("no parameters to meta-learn (none requires grad)")
-        kinds = {(p.dtype, p.device) for p in meta_params}
-        if len(kinds) > 1:
-            raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
+        _check_one_kind(meta_params)
         self.backend = kernels.resolve_backend(backend, meta_params[0].device, meta_params[0].dtype)
         self._backend_choice = backend
         self._params = meta_params
@@ -227,9 +231,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         if any(p.data_ptr() != a for p, a in zip(self._params, self._addresses)) or any(
             p.dtype != self._flat.dtype or p.device != self._flat.device for p in self._params
         ):
-            kinds = {(p.dtype, p.device) for p in self._params}
-            if len(kinds) > 1:
-                raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
+            _check_one_kind(self._params)
             self.backend = kernels.resolve_backend(self._backend_choice, self._params[0].device, self._params[0].dtype)
             self._bind_flat()
 

@@ -38,6 +38,7 @@ __all__ = ["Backend", "BACKENDS", "available", "resolve_backend", "stage_point",
 Backend = Literal["auto", "torch", "triton", "cpp"]
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cpp")
 
+_TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _triton_status: tuple[bool, str] | None = None
 _warned_no_cpp = False
 
@@ -75,7 +76,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         raise ValueError(f"unknown kernel backend {backend!r}; use one of 'auto', {', '.join(map(repr, BACKENDS))}")
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and dtype in _triton_dtypes() and _triton()[0]:
+        if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton()[0]:
             return "triton"
         if device.type == "cpu" and dtype in cpp.DTYPES:
             if cpp.available():
@@ -99,7 +100,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                                "(set TRITON_INTERPRET=1 before importing rkfast)")
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"backend 'triton' runs on CUDA tensors, got tensors on {device}")
-        if dtype not in _triton_dtypes():
+        if dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend 'triton' supports float32, float64, float16 and bfloat16, got {dtype}")
     return backend
 
@@ -107,10 +108,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 def _compiling() -> bool:
     """Inside ``torch.compile`` tracing: go through the registered ops (they have fake implementations)."""
     return torch.compiler.is_compiling()
-
-
-def _triton_dtypes() -> tuple[torch.dtype, ...]:
-    return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _warn_no_cpp() -> None:
