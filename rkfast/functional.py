@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._norms import elementary_norms
 from .batch import TaskBatch
-from .kernels import Backend, combine, resolve_backend, stage_point
+from .kernels import Backend, axpy_, combine, resolve_backend, stage_point
 from .tableau import Tableau, get_tableau
 
 __all__ = [
@@ -287,15 +287,6 @@ class _TaskMap:
             return self._vmap(loss, grad(_scalar(loss)), shared, differentiated_twice=create_graph)(params, data)
         return torch.stack([g for g, _, _ in self._loop(loss, params, data, shared, create_graph)])
 
-    def grads_and_values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Tensor, Metrics]:
-        """Per-task (non-differentiable) gradients ``[T, N]``, losses ``[T]`` and metrics ``{name: [T]}``."""
-        if self.vectorize:
-            mapped = self._vmap(loss, grad_and_value(_with_metrics(loss), has_aux=True), shared, False)
-            g, (value, metrics) = mapped(params, data)
-        else:
-            g, value, metrics = _stack(list(self._loop(loss, params, data, shared, create_graph=False)))
-        return g, value.detach(), tree_map(Tensor.detach, metrics)
-
     def values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Metrics]:
         """Per-task losses ``[T]`` and metrics, differentiable w.r.t. ``params``."""
         if self.vectorize:
@@ -388,8 +379,11 @@ def rk_meta_step(
     theta = theta.detach().requires_grad_(second_order)
 
     slopes: list[Tensor | None] = [None] * tab.stages
-    query_grads: list[Tensor] = []
+    last_use = [max((m for m in range(tab.stages) if tab.A[m][l] != 0.0), default=-1) for l in range(tab.stages)]
+    query_grads: list[Tensor] = []  # first order: per-task query gradients [T, N] of the stages ...
     query_weights: list[float] = []
+    shared_grads: list[Tensor] = []  # ... and, at a stage that sits at theta, their sum over tasks [N]
+    shared_weights: list[float] = []
     meta_loss = theta.new_zeros(())
     stage_losses: dict[int, Tensor] = {}
     stage_metrics: dict[str, dict[int, Tensor]] = {}
@@ -408,15 +402,25 @@ def rk_meta_step(
                 out = workspace.get(("point", j), (tasks.num_tasks, n), theta) if first_order and workspace else None
                 point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
                                     out=out, backend=backend)
+                for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
+                    if last_use[l] == j:
+                        slopes[l] = None
             if need_slope:
                 data = tasks.data(support_data, j, point, shared)
                 slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
             if need_query:
                 data = tasks.data(query_data, j, point, shared)
                 if first_order:
-                    g, q, metrics = tasks.grads_and_values(query_loss, point, data, shared)
-                    query_grads.append(g)
-                    query_weights.append(tab.b[j] / tasks.num_tasks)
+                    # the query gradients at this stage by one ordinary backward through the vmapped losses
+                    # (cheaper than per-task gradients taken inside vmap); each stage's graph is freed
+                    # before the next stage is built. At a shared point the backward already sums the tasks.
+                    leaf = point.detach().requires_grad_()
+                    with torch.enable_grad():
+                        q, metrics = tasks.values(query_loss, leaf, data, shared)
+                        (g,) = torch.autograd.grad(q.sum(), leaf)
+                    (shared_grads if shared else query_grads).append(g)
+                    (shared_weights if shared else query_weights).append(tab.b[j] / tasks.num_tasks)
+                    q = q.detach()
                 else:
                     q, metrics = tasks.values(query_loss, point, data, shared)
                 meta_loss = meta_loss + tab.b[j] * q.mean()
@@ -430,6 +434,8 @@ def rk_meta_step(
                 direction = combine(query_grads, query_weights, out=out, backend=backend)
             else:
                 direction = out.zero_() if out is not None else torch.zeros_like(theta)
+            for g, w in zip(shared_grads, shared_weights):
+                axpy_(direction, g, w, backend=backend)
         elif meta_loss.requires_grad:
             (direction,) = torch.autograd.grad(meta_loss, theta)
         else:  # all b_j == 0: the meta-loss is constant

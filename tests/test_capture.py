@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from conftest import regression_batch, smooth_mlp
 from rkfast import MetaOptimizer, TaskBatch
-from rkfast.capture import CaptureShapeError, StepCapture
+from rkfast.capture import CaptureShapeError, StepCapture, state_tensors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.sh)")
 
@@ -213,3 +213,39 @@ def test_cuda_eager_memory_is_stable():
     for _ in range(20):
         eager.step(_cuda_batch())
     assert torch.cuda.max_memory_allocated() == peak_first
+
+
+@cuda
+def test_cuda_replayed_non_finite_step_is_skipped_on_the_device():
+    captured, _ = _cuda_pair()
+    for _ in range(4):  # two eager warm-ups, the capture, one replay
+        captured.step(_cuda_batch())
+    before = captured.flat_parameters.clone()
+    state_before = [t.clone() for t in state_tensors(captured._outer, captured._params)]
+    bad = _cuda_batch()
+    bad.query_y[0, 0] = float("nan")
+    captured.step(bad)
+    assert int(captured.skipped_steps) == 1
+    torch.testing.assert_close(captured.flat_parameters, before, rtol=0, atol=0)
+    for t, s in zip(state_tensors(captured._outer, captured._params), state_before):
+        torch.testing.assert_close(t, s, rtol=0, atol=0)
+    captured.step(_cuda_batch())  # and the next good batch updates again
+    assert int(captured.skipped_steps) == 1
+    assert not torch.equal(captured.flat_parameters, before)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_captured_plain_sgd_equals_eager(backend):
+    torch.manual_seed(0)
+    model = smooth_mlp(hidden=16, dtype=torch.float32).cuda()
+    twin = smooth_mlp(hidden=16, dtype=torch.float32).cuda()
+    twin.load_state_dict(model.state_dict())
+    kwargs = dict(tableau="heun", inner_lr=0.05, outer="sgd", lr=1e-2, backend=backend)
+    captured = MetaOptimizer(model, F.mse_loss, capture=True, **kwargs)
+    eager = MetaOptimizer(twin, F.mse_loss, **kwargs)
+    for _ in range(5):
+        b = _cuda_batch()
+        captured.step(b)
+        eager.step(b)
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import rkfast
-from rkfast import kernels
+from rkfast import TaskBatch, kernels
 from rkfast.functional import rk_meta_step
 from rkfast.kernels import cpp, ops
 
@@ -205,7 +205,8 @@ def test_combine_gradcheck(backend, device):
 @pytest.mark.parametrize("tableau", ["maml", "rk4", "ralston", "maml(3)"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_direction_through_fused_kernels_matches_reference(backend, device, tableau, first_order):
-    model, batch = smooth_mlp(), regression_batch(tasks=4)
+    model = smooth_mlp().to(device)
+    batch = TaskBatch(*(t.to(device) for t in regression_batch(tasks=4)))
     layout, theta = flat_theta(model)
     loss = rkfast.functional.module_task_loss(model, F.mse_loss, layout)
     args = (theta, loss, loss, batch.support, batch.query, tableau, 0.2)
