@@ -137,15 +137,23 @@ class StepCapture:
 
 
 def guarded_update(ok: Tensor, tensors: list[Tensor], update: Callable[[], None]) -> None:
-    """Run ``update`` (in-place on ``tensors``), then restore every tensor where ``ok`` is false.
+    """Run ``update`` (in place on ``tensors``), then put back every tensor's old value where ``ok`` is false.
 
     The device-side form of "a failed step changes nothing": no host synchronization, so it can live
-    inside a CUDA graph. Costs one copy of each tensor.
+    inside a CUDA graph. ``t = t_new * ok + t_old * (1 - ok)`` with multi-tensor (foreach) kernels: three
+    launches per dtype however many tensors (parameters, moments, step counters) there are, where a
+    ``clone``/``where``/``copy_`` per tensor made 57 launches for a 3-layer MLP under Adam. Exact: ``x * 1
+    + y * 0 == x`` for finite values, and both sides are finite (the old state was committed as finite,
+    and the caller runs a skipped ``update`` on a zero gradient).
     """
-    saved = [t.clone() for t in tensors]
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    kept = {key: torch._foreach_mul(group, (~ok).to(key[0])) for key, group in groups.items()}  # t_old * (1 - ok)
     update()
-    for t, s in zip(tensors, saved):
-        t.copy_(torch.where(ok, t, s))
+    for key, group in groups.items():
+        torch._foreach_mul_(group, ok.to(key[0]))
+        torch._foreach_add_(group, kept[key])
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor]:

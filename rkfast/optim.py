@@ -298,7 +298,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             self._outer_update()
             return out
         ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)
-        self._flat_grad.copy_(torch.where(ok, out.direction, torch.zeros_like(out.direction)))
+        self._flat_grad.copy_(torch.where(ok, out.direction, 0.0))  # a skipped step updates with a zero gradient
         guarded_update(ok, [self._flat, *state_tensors(self._outer, self._params)], self._outer_update)
         self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]
         return out
