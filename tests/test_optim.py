@@ -326,3 +326,19 @@ def test_backend_errors_at_construction():
         MetaOptimizer(smooth_mlp(), F.mse_loss, backend="gpu")
     with pytest.raises(TypeError, match="backend 'cpp' supports float32 and float64"):
         MetaOptimizer(smooth_mlp(dtype=torch.bfloat16), F.mse_loss, backend="cpp")
+
+
+def test_vectorize_auto_runs_convolutions_task_by_task_on_the_cpu():
+    conv = models.conv4(in_channels=1, num_classes=3, hidden=6, image_size=16).double()
+    assert MetaOptimizer(conv, F.cross_entropy).vectorize is False  # grouped convolutions are slow on CPUs
+    assert MetaOptimizer(smooth_mlp(), F.mse_loss).vectorize is True
+    assert MetaOptimizer(conv, F.cross_entropy, vectorize=True).vectorize is True
+    assert MetaOptimizer(smooth_mlp(), F.mse_loss, vectorize=False).vectorize is False
+    with pytest.raises(ValueError, match="vectorize must be True, False or 'auto'"):
+        MetaOptimizer(smooth_mlp(), F.mse_loss, vectorize="yes")
+    # both choices compute the same step
+    batch = classification_batch()
+    twin = copy.deepcopy(conv)
+    looped, mapped = MetaOptimizer(conv, F.cross_entropy, lr=1e-2), MetaOptimizer(twin, F.cross_entropy, lr=1e-2,
+                                                                                  vectorize=True)
+    torch.testing.assert_close(looped.step(batch).direction, mapped.step(batch).direction, rtol=1e-9, atol=1e-12)
