@@ -35,7 +35,8 @@ in float32 on the full batch that is timed (``--rtol``, 1e-4; this step is also 
 and where that differs by more, in float64 on the first ``--check-tasks`` tasks (``--rtol64``, 1e-6),
 which decides: rounding is ~1e-14 there, while float32 rounding through rk4's second-order stages reaches
 ~2e-3 on conv4 and the fused-norm vmap error is 1e-2 in either precision. A contender that fails is
-reported as wrong and not timed. ms/step is the median of the timed steps (CUDA: synchronized): ``--repeats``
+reported as wrong and not timed. ``rkfast-captured`` warms up at least 4 steps (two eager steps, the
+capture, a replay), so that only replays are timed. ms/step is the median of the timed steps (CUDA: synchronized): ``--repeats``
 of them (sinusoid 100, conv4 3), but no more than fit in ``--cell-budget`` seconds (30) at the warm-up
 step's pace, and at least one (a conv4 rk4 step takes ~30 s on a 2-core CPU; the "n" column says how many).
 
@@ -97,6 +98,7 @@ RESULT_TAG = "E2E-RESULT "
 OUTER_LR = 1e-3
 ORDERS = ("second", "first")
 BUSY_CORES = 0.25  # other processes using more than this many cores make timings suspect
+CAPTURE_WARMUP = 4  # StepCapture's two eager warm-up steps, the capture step, one replay
 MEMORY_NOISE_MB = 1.0  # peak-RSS differences below this are page/allocator noise (memory target tolerance)
 
 # -- workloads ----------------------------------------------------------------------------------------------
@@ -344,7 +346,11 @@ def _rkfast_builder(**kwargs: Any) -> Callable[[Setup], Callable[[], None]]:
             if kwargs and any(k in str(err) for k in kwargs):
                 raise NotAvailable(f"{type(err).__name__}: {err}") from err
             raise
-        return lambda: opt.step(s.batch)
+        def step() -> None:
+            opt.step(s.batch)
+
+        step.optimizer = opt  # type: ignore[attr-defined]
+        return step
 
     return build
 
@@ -357,6 +363,7 @@ class Contender:
     maml_only: bool = False
     first_order: bool = True  # runs first order too (where the tableau is supported)
     cuda_only: bool = False
+    captured: bool = False  # replays a CUDA graph after warm-up steps (at least CAPTURE_WARMUP before timing)
     default: bool = True  # in the default --contenders list
 
 
@@ -370,7 +377,7 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("rkfast", _rkfast_builder()),
     Contender("rkfast-vmap", _rkfast_builder(vectorize=True)),
     Contender("rkfast-loop", _rkfast_builder(vectorize=False)),
-    Contender("rkfast-captured", _rkfast_builder(capture=True), cuda_only=True),
+    Contender("rkfast-captured", _rkfast_builder(capture=True), cuda_only=True, captured=True),
 ]}
 
 
@@ -617,6 +624,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 row["sanity"]["float32"]["ok"] = None  # beyond rtol, but the exact check passed: rounding
         for _ in range(spec["warmup"] - 1):
             step()
+        capture = getattr(getattr(step, "optimizer", None), "_capture", None)
+        if capture is not None and not capture.captured:
+            raise RuntimeError(f"the step is not replayed from a graph after {spec['warmup']} warm-up steps")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak (not the float64 check's)
@@ -1009,6 +1019,9 @@ def main(argv: list[str] | None = None) -> None:
                 "warmup": max(1, wl.warmup if args.warmup is None else args.warmup),
                 "repeats": wl.repeats if args.repeats is None else args.repeats}
         cells = [{**base, "contender": n} for n in sorted(names, key=lambda n: n != "loop")]  # the reference first
+        for cell in cells:
+            if CONTENDERS[cell["contender"]].captured:  # time replays only: after the eager warm-ups and the capture
+                cell["warmup"] = max(cell["warmup"], CAPTURE_WARMUP)
         if "loop" not in names:  # the reference still comes from the per-task loop, untimed
             cells.insert(0, {**base, "contender": "loop", "repeats": 0, "warmup": 1, "reference_only": True})
         for spec in cells:
