@@ -379,7 +379,7 @@ def rk_meta_step(
     theta = theta.detach().requires_grad_(second_order)
 
     slopes: list[Tensor | None] = [None] * tab.stages
-    last_use = [max((m for m in range(tab.stages) if tab.A[m][l] != 0.0), default=-1) for l in range(tab.stages)]
+    last_reader = tab.last_reader
     query_grads: list[Tensor] = []  # first order: per-task query gradients [T, N] of the stages ...
     query_weights: list[float] = []
     shared_grads: list[Tensor] = []  # ... and, at a stage that sits at theta, their sum over tasks [N]
@@ -403,7 +403,7 @@ def rk_meta_step(
                 point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
                                     out=out, backend=backend)
                 for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
-                    if last_use[l] == j:
+                    if last_reader[l] == j:
                         slopes[l] = None
             if need_slope:
                 data = tasks.data(support_data, j, point, shared)

@@ -164,10 +164,15 @@ class Tableau:
         return [(l, a) for l, a in enumerate(self.A[j][:j]) if a != 0.0]
 
     @property
+    def last_reader(self) -> tuple[int, ...]:
+        """Per stage ``j``: the last stage whose point uses the slope ``k_j`` (a non-zero ``A[l][j]``), or -1."""
+        s = self.stages
+        return tuple(max((l for l in range(j + 1, s) if self.A[l][j] != 0.0), default=-1) for j in range(s))
+
+    @property
     def needs_support_grad(self) -> tuple[bool, ...]:
         """Per stage: is its support gradient ``k_j`` used by a later stage (a non-zero ``A[l][j]``)?"""
-        s = self.stages
-        return tuple(any(self.A[l][j] != 0.0 for l in range(j + 1, s)) for j in range(s))
+        return tuple(last >= 0 for last in self.last_reader)
 
     @property
     def needs_query_loss(self) -> tuple[bool, ...]:

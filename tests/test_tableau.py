@@ -638,3 +638,13 @@ def test_describe_mentions_name_and_order(name):
     assert isinstance(text, str) and "\n" not in text
     assert name in text
     assert re.search(rf"order\W*{t.order}\b", text), text
+
+
+@pytest.mark.parametrize(
+    ("name", "last"),
+    [("maml", (1, -1)), ("rk4", (1, 2, 3, -1)), ("euler", (-1,)), ("rk38", (3, 3, 3, -1)), ("heun", (1, -1))],
+)
+def test_last_reader_of_each_slope(name, last):
+    # rk38's A = [[], [1/3], [-1/3, 1], [1, -1, 1]]: every slope is read again by the last stage
+    assert get_tableau(name).last_reader == last
+    assert maml(3).last_reader == (3, 3, 3, -1)  # theta_j = theta - h (k_0 + ... + k_{j-1}): all read by the last
