@@ -102,7 +102,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         vectorize: ``True``: run the tasks together under ``vmap``; ``False``: one by one with plain
             autograd (same math); ``"auto"``: ``vmap``, except for models with convolutions on the CPU.
             Under ``vmap`` per-task convolution weights become grouped convolutions, which are slow on CPUs:
-            a conv4 meta-step on 32 tasks (2 cores) ran 2.5-4x faster task by task, in every tableau and
+            a conv4 meta-step on 32 tasks (2 cores) ran 2.6-4.9x faster task by task, in every tableau and
             order, with less memory; MLPs on the CPU (sinusoid: ~7x) and every model on a GPU are faster
             under ``vmap``. The resolved choice is :attr:`vectorize`.
         check_finite: raise :class:`NonFiniteLossError` on a NaN/inf meta-loss or meta-direction before
