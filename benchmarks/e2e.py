@@ -41,7 +41,7 @@ of them (sinusoid 100, conv4 3), but no more than fit in ``--cell-budget`` secon
 step's pace, and at least one (a conv4 rk4 step takes ~30 s on a 2-core CPU; the "n" column says how many).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps, in one process, above what was
-allocated before the contender was built (untested here: the CPU run was the only one so far). On CPU each (workload, contender, tableau, order) cell runs in its own
+allocated before the contender was built. On CPU each (workload, contender, tableau, order) cell runs in its own
 process (``--worker``): it runs a toy vmap/conv/Adam step first (the runtime's one-time allocations, ~75 MB,
 then fall into the baseline), notes its anonymous RSS after imports, model and batch ("base MB"), resets
 its peak RSS after the warm-up steps (``/proc/self/clear_refs``; the first steps also fault in ~150 MB of
