@@ -154,13 +154,16 @@ def test_first_order_steps_write_into_the_same_buffers():
 # -- on a GPU ----------------------------------------------------------------------------------------------
 
 
-def _cuda_pair(**kwargs):
+def _cuda_pair(tableau="rk4", outer="adam", lr=1e-3, hidden=32, **kwargs):
+    """A captured and an eager MetaOptimizer on twin models (the eager Adam made capturable too, so both
+    run the same Adam implementation)."""
     torch.manual_seed(0)
-    model = smooth_mlp(hidden=32, dtype=torch.float32).cuda()
-    twin = smooth_mlp(hidden=32, dtype=torch.float32).cuda()
+    model = smooth_mlp(hidden=hidden, dtype=torch.float32).cuda()
+    twin = smooth_mlp(hidden=hidden, dtype=torch.float32).cuda()
     twin.load_state_dict(model.state_dict())
-    captured = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.05, lr=1e-3, capture=True, **kwargs)
-    eager = MetaOptimizer(twin, F.mse_loss, tableau="rk4", inner_lr=0.05, lr=1e-3, capturable=True, **kwargs)
+    common = dict(tableau=tableau, inner_lr=0.05, outer=outer, lr=lr, **kwargs)
+    captured = MetaOptimizer(model, F.mse_loss, capture=True, **common)
+    eager = MetaOptimizer(twin, F.mse_loss, **common, **({"capturable": True} if outer == "adam" else {}))
     return captured, eager
 
 
@@ -237,13 +240,7 @@ def test_cuda_replayed_non_finite_step_is_skipped_on_the_device():
 @cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_captured_plain_sgd_equals_eager(backend):
-    torch.manual_seed(0)
-    model = smooth_mlp(hidden=16, dtype=torch.float32).cuda()
-    twin = smooth_mlp(hidden=16, dtype=torch.float32).cuda()
-    twin.load_state_dict(model.state_dict())
-    kwargs = dict(tableau="heun", inner_lr=0.05, outer="sgd", lr=1e-2, backend=backend)
-    captured = MetaOptimizer(model, F.mse_loss, capture=True, **kwargs)
-    eager = MetaOptimizer(twin, F.mse_loss, **kwargs)
+    captured, eager = _cuda_pair(tableau="heun", outer="sgd", lr=1e-2, hidden=16, backend=backend)
     for _ in range(5):
         b = _cuda_batch()
         captured.step(b)
