@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import regression_batch, smooth_mlp
+from helpers import regression_batch, smooth_mlp
 from rkfast import MetaOptimizer, TaskBatch
 from rkfast.capture import CaptureShapeError, StepCapture, state_tensors
 

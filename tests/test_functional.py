@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from conftest import classification_batch, flat_theta, regression_batch, smooth_mlp
+from helpers import classification_batch, flat_theta, regression_batch, smooth_mlp
 from rkfast import Tableau, TaskBatch, get_tableau, maml, maml_msl, models
 from rkfast.functional import (
     AdaptationOutput,

@@ -25,7 +25,7 @@ from rkfast import TaskBatch, kernels
 from rkfast.functional import rk_meta_step
 from rkfast.kernels import cpp, ops
 
-from conftest import flat_theta, regression_batch, smooth_mlp
+from helpers import flat_theta, regression_batch, smooth_mlp
 
 SIZES = (1, 7, 1000, 2**16 + 3)
 TASKS = (1, 5, 9)  # 9: the C++ reduction's four-row passes plus a remainder

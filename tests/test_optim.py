@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import classification_batch, flat_theta, regression_batch, smooth_mlp
+from helpers import classification_batch, flat_theta, regression_batch, smooth_mlp
 from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch, get_tableau, models, tasks
 from rkfast.functional import ParamLayout, meta_step
 
