@@ -91,7 +91,7 @@ import rkfast
 
 from _common import device_name  # benchmarks/ is on sys.path when run as a script
 from rkfast._norms import elementary_norms
-from rkfast.optim import _resolve_vectorize
+from rkfast.optim import resolve_vectorize
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_TAG = "E2E-RESULT "
@@ -337,7 +337,7 @@ def _rkfast_builder(**kwargs: Any) -> Callable[[Setup], Callable[[], None]]:
     def build(s: Setup) -> Callable[[], None]:
         if kwargs.get("capture") and s.device.type != "cuda":
             raise Unsupported("CUDA only")
-        if "vectorize" in kwargs and kwargs["vectorize"] == _resolve_vectorize("auto", s.model, s.device):
+        if "vectorize" in kwargs and kwargs["vectorize"] == resolve_vectorize("auto", s.model, s.device):
             raise Unsupported(f"the same as rkfast here (vectorize='auto' chose {kwargs['vectorize']})")
         try:
             opt = rkfast.MetaOptimizer(s.model, s.workload.loss_fn, tableau=s.tableau, inner_lr=s.workload.inner_lr,

@@ -13,7 +13,7 @@ from .batch import TaskBatch, check_task_batch
 from .capture import CaptureMode, StepCapture, check_capture_mode, guarded_update, state_tensors
 from .tableau import Tableau, get_tableau
 
-__all__ = ["MetaOptimizer", "NonFiniteLossError"]
+__all__ = ["MetaOptimizer", "NonFiniteLossError", "resolve_vectorize"]
 
 _OUTER: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -46,7 +46,7 @@ def _check_one_kind(params: Sequence[Tensor]) -> None:
         raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
 
 
-def _resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
+def resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
     """``vectorize="auto"``: ``vmap`` except for convolutional models on the CPU (see ``MetaOptimizer``)."""
     if choice != "auto":
         return bool(choice)
@@ -188,7 +188,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         _check_one_kind(meta_params)
         self.backend = kernels.resolve_backend(backend, meta_params[0].device, meta_params[0].dtype)
         self._backend_choice = backend
-        self.vectorize = _resolve_vectorize(vectorize, model, meta_params[0].device)
+        self.vectorize = resolve_vectorize(vectorize, model, meta_params[0].device)
         self._params = meta_params
         self.layout = RF.ParamLayout.from_named((names[id(p)], p) for p in meta_params)
         self.capture = check_capture_mode(capture, meta_params[0].device)
@@ -250,7 +250,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         ):
             _check_one_kind(self._params)
             self.backend = kernels.resolve_backend(self._backend_choice, self._params[0].device, self._params[0].dtype)
-            self.vectorize = _resolve_vectorize(self._vectorize_choice, self.model, self._params[0].device)
+            self.vectorize = resolve_vectorize(self._vectorize_choice, self.model, self._params[0].device)
             self._bind_flat()
 
     @property
