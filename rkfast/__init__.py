@@ -5,7 +5,7 @@ Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"
 """
 
 from . import functional, kernels, models, tasks
-from .batch import TaskBatch
+from .batch import TaskBatch, TaskSet
 from .optim import MetaOptimizer, NonFiniteLossError
 from .tableau import InconsistentTableauWarning, Tableau, get_tableau, maml, maml_msl, named_tableaus, rk2
 
@@ -15,6 +15,7 @@ __all__ = [
     "MetaOptimizer",
     "NonFiniteLossError",
     "TaskBatch",
+    "TaskSet",
     "Tableau",
     "InconsistentTableauWarning",
     "get_tableau",

@@ -1,9 +1,9 @@
 """Normalization layers written out in elementary ops, for code that runs under ``vmap``.
 
 PyTorch's batching rules for the fused ``batch_norm``/``layer_norm`` backward give wrong input gradients
-under ``vmap(grad(...))`` (pytorch/functorch#534; measured here: a second-order MAML direction through
-BatchNorm off by ~1e-3 relative against finite differences, InstanceNorm ~2e-4, LayerNorm ~2e-6), so a
-second-order meta-gradient through a normalized model would be silently wrong. Inside
+under ``vmap(grad(...))`` (pytorch/functorch#534): a second-order MAML direction through batch, instance
+or layer norm disagrees with finite differences, so a second-order meta-gradient through a normalized model
+would be silently wrong (``docs/method.md``, "Normalization layers"). Inside
 :func:`elementary_norms`, ``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm`` are computed from
 means, variances and elementwise ops, whose batching rules and derivatives are exact.
 """

@@ -1,13 +1,16 @@
-"""A meta-batch of supervised tasks and its validation."""
+"""What one meta-step learns from: a :class:`TaskBatch` of supervised tasks, or any :class:`TaskSet`, and
+their validation (every problem is reported before a step changes anything)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["TaskBatch", "check_task_batch"]
+__all__ = ["TaskBatch", "TaskSet", "check_task_batch", "check_task_set"]
 
 
 class TaskBatch(NamedTuple):
@@ -101,3 +104,73 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
         if tx.shape[1] == 0:
             raise ValueError(f"batch.{x} has no examples per task")
     return TaskBatch(*parts)
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """``T`` tasks given by their losses over the model and their data: what :class:`TaskBatch` does not cover.
+
+    A loss is ``loss(model, data) -> scalar`` or ``(scalar, {"metric": scalar})`` for ONE task: ``model(*inputs)``
+    runs the module with that task's parameters (at the stage being computed), ``data`` is that task's data.
+    Data is either a pytree whose tensors carry the task dimension first (sliced per task), or a callable
+    ``data(stage, params) -> pytree`` that produces a stage's data from that stage's detached parameters
+    ``params [T, N]`` (the rows of every task: ``MetaOptimizer.layout.unflatten(params)`` gives them per
+    parameter, and :meth:`~rkfast.optim.MetaOptimizer.task_models` a batched model over them): rollouts of
+    each stage's own policy in reinforcement learning. Stages are numbered from 0 (stage 0 is theta); in
+    meta-test adaptation ``stage`` is the number of steps taken so far.
+
+    Attributes:
+        support_loss, query_loss: the per-task losses of the support (inner) and query (meta-loss) sides.
+        support_data, query_data: the task data, pytrees or stage callables.
+        num_tasks: ``T``; required when both data are callables, else read from the data.
+    """
+
+    support_loss: Callable[[Callable[..., Any], Any], Any]
+    query_loss: Callable[[Callable[..., Any], Any], Any]
+    support_data: Any
+    query_data: Any
+    num_tasks: int | None = None
+
+
+def check_task_set(tasks: TaskSet, *, device: torch.device) -> TaskSet:
+    """Validate a :class:`TaskSet` for meta-parameters on ``device``.
+
+    Raises:
+        TypeError: a loss that is not callable, or a ``num_tasks`` that is not a positive integer.
+        ValueError: task dimensions that differ, no tasks, or callable data without ``num_tasks``.
+        RuntimeError: a data tensor on another device than the parameters.
+    """
+    for name in ("support_loss", "query_loss"):
+        if not callable(getattr(tasks, name)):
+            raise TypeError(f"TaskSet.{name} must be callable as loss(model, data), got {type(getattr(tasks, name)).__name__}")
+    if tasks.num_tasks is not None and (isinstance(tasks.num_tasks, bool) or not isinstance(tasks.num_tasks, int)
+                                        or tasks.num_tasks < 1):
+        raise TypeError(f"TaskSet.num_tasks must be a positive integer, got {tasks.num_tasks!r}")
+    found: dict[str, int] = {}
+    for name in ("support_data", "query_data"):
+        data = getattr(tasks, name)
+        if callable(data):
+            continue
+        leaves = [leaf for leaf in tree_flatten(data)[0] if isinstance(leaf, Tensor)]
+        if not leaves:
+            raise ValueError(f"TaskSet.{name} holds no tensors: give a pytree of [T, ...] tensors or a callable "
+                             "data(stage, params)")
+        for leaf in leaves:
+            if leaf.device != device:
+                raise RuntimeError(f"a tensor of TaskSet.{name} is on {leaf.device} but the model's parameters "
+                                   f"are on {device}")
+            if leaf.dim() == 0:
+                raise ValueError(f"every tensor of TaskSet.{name} needs the task dimension first, got a 0-d tensor")
+        sizes = {int(leaf.shape[0]) for leaf in leaves}
+        if len(sizes) > 1:
+            raise ValueError(f"TaskSet.{name}: task dimension (dim 0) differs between its tensors: {sorted(sizes)}")
+        found[name] = sizes.pop()
+    if tasks.num_tasks is not None:
+        found["num_tasks"] = tasks.num_tasks
+    if not found:
+        raise ValueError("TaskSet.num_tasks is required when both support_data and query_data are callables")
+    if len(set(found.values())) > 1:
+        raise ValueError(f"the task dimension differs across the task set: {found}")
+    if 0 in found.values():
+        raise ValueError("the task set has no tasks (task dimension is 0)")
+    return tasks

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from .batch import TaskBatch
-from .functional import MetaStepOutput
+from .results import MetaStepOutput
 
-__all__ = ["CaptureMode", "CaptureShapeError", "StepCapture", "check_capture_mode"]
+__all__ = ["CaptureMode", "CaptureShapeError", "StepCapture", "make_step_capture"]
 
 CaptureMode = Union[bool, Literal["auto"]]
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
@@ -40,16 +40,18 @@ class CaptureShapeError(ValueError):
     """A batch's shapes differ from the ones the CUDA graph was captured with (``capture=True``)."""
 
 
-def check_capture_mode(capture: object, device: torch.device) -> CaptureMode:
-    """Validate ``capture`` (``False``, ``True`` or ``"auto"``) for parameters on ``device``."""
+def make_step_capture(capture: object) -> StepCapture | None:
+    """The capture engine for ``MetaOptimizer(capture=...)``.
+
+    ``False``: none. ``True`` / ``"auto"``: a :class:`StepCapture` in that mode. A :class:`StepCapture`
+    instance is used as given: the seam for another engine, such as the tests' stand-in that records the
+    step instead of capturing a CUDA graph.
+    """
+    if isinstance(capture, StepCapture):
+        return capture
     if capture not in (False, True, "auto"):
         raise ValueError(f"capture must be False, True or 'auto', got {capture!r}")
-    if capture and torch.device(device).type != "cuda":
-        raise RuntimeError(
-            f"capture={capture!r} replays the meta-step as a CUDA graph and needs CUDA parameters; "
-            f"the meta-parameters are on {device}. Move the model to a GPU or use capture=False."
-        )
-    return capture  # type: ignore[return-value]
+    return StepCapture(capture) if capture else None  # type: ignore[arg-type]
 
 
 def signature(batch: TaskBatch) -> Signature:
@@ -68,6 +70,8 @@ class StepCapture:
         warmup_steps: eager calls per signature before the capture.
     """
 
+    requires_cuda = True  # the graph, streams and replay below are CUDA's (a stand-in may run anywhere)
+
     def __init__(self, mode: CaptureMode, warmup_steps: int = 2) -> None:
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
@@ -79,6 +83,14 @@ class StepCapture:
         self.static_batch: TaskBatch | None = None
         self.static_out: MetaStepOutput | None = None
         self.captures = 0  # graphs captured so far (a re-capture counts again)
+
+    def check_device(self, device: torch.device) -> None:
+        """Raise unless this engine can capture steps over meta-parameters on ``device``."""
+        if self.requires_cuda and torch.device(device).type != "cuda":
+            raise RuntimeError(
+                f"capture={self.mode!r} replays the meta-step as a CUDA graph and needs CUDA parameters; "
+                f"the meta-parameters are on {device}. Move the model to a GPU or use capture=False."
+            )
 
     @property
     def captured(self) -> bool:
@@ -134,33 +146,3 @@ class StepCapture:
                 static.copy_(new, non_blocking=True)
         self.graph.replay()
         return self.static_out
-
-
-def guarded_update(ok: Tensor, tensors: list[Tensor], update: Callable[[], None]) -> None:
-    """Run ``update`` (in place on ``tensors``), then put back every tensor's old value where ``ok`` is false.
-
-    The device-side form of "a failed step changes nothing": no host synchronization, so it can live
-    inside a CUDA graph. ``t = t_new * ok + t_old * (1 - ok)`` with multi-tensor (foreach) kernels: three
-    launches per dtype however many tensors (parameters, moments, step counters) there are, where a
-    ``clone``/``where``/``copy_`` per tensor made 57 launches for a 3-layer MLP under Adam. Exact: ``x * 1
-    + y * 0 == x`` for finite values, and both sides are finite (the old state was committed as finite,
-    and the caller runs a skipped ``update`` on a zero gradient).
-    """
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    kept = {key: torch._foreach_mul(group, (~ok).to(key[0])) for key, group in groups.items()}  # t_old * (1 - ok)
-    update()
-    for key, group in groups.items():
-        torch._foreach_mul_(group, ok.to(key[0]))
-        torch._foreach_add_(group, kept[key])
-
-
-def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor]:
-    """The tensors of ``optimizer``'s state for ``params`` (moments, step counters...)."""
-    out = []
-    for p in params:
-        for value in optimizer.state.get(p, {}).values():
-            if isinstance(value, Tensor):
-                out.append(value)
-    return out

@@ -3,177 +3,65 @@
 The core (:func:`rk_meta_step`, :func:`adapt`) knows nothing of modules or ``(x, y)`` data: it works on
 
 * ``theta``: the meta-parameters as one flat vector ``[N]``;
-* per-task losses ``loss(row, data)``, where ``row`` is one task's flat parameters ``[N]`` and ``data``
-  one task's data (any pytree); a loss returns a scalar, or ``(scalar, {"metric": scalar})``;
-* task data, either a pytree whose leaves carry the task dimension first, or a callable
-  ``data(stage, params[T, N]) -> pytree`` that produces each stage's data from that stage's (detached)
-  parameters, as reinforcement learning does with rollouts of each stage's own policy.
+* per-task losses ``loss(row, data)`` and task data, pytrees with the task dimension first or per-stage
+  callables ``data(stage, params[T, N])`` (see :mod:`rkfast.taskmap`).
 
 All tasks run at once under ``torch.func.vmap`` (``vectorize=True``) or one after another with plain
 autograd (``vectorize=False``, for models that cannot run under vmap); both compute the same math.
-:func:`meta_step` and :func:`evaluate` build the common ``module + loss_fn + TaskBatch`` case on top.
+:func:`meta_step` and :func:`evaluate` build the common ``module + loss_fn + TaskBatch`` case on top, and
+:func:`model_task_loss` turns a loss over the model's functional call into a per-task loss.
+
+The method is stated in ``docs/method.md``; the names below follow it: the stage points
+``theta_i^(j) = theta - h sum_{l<j} A_jl k_i^(l)``, the slopes ``k_i^(l) = grad L_S,i(theta_i^(l))`` and the
+meta-loss ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))``.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.func import functional_call
 
-from ._norms import elementary_norms
 from .batch import TaskBatch
 from .kernels import Backend, axpy_, combine, resolve_backend, stage_point
+from .layout import ParamLayout
+from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
+from .taskmap import Metrics, Randomness, TaskData, TaskLoss, TaskMap, resolve_num_tasks
 
 __all__ = [
     "ParamLayout",
     "TaskLoss",
     "TaskData",
+    "ModelLoss",
     "MetaStepOutput",
     "AdaptationOutput",
     "Workspace",
+    "Stage",
     "rk_meta_step",
+    "stage_points",
+    "SecondOrderDirection",
+    "FirstOrderDirection",
     "adapt",
     "stage_point",
     "combine",
     "module_task_loss",
+    "model_task_loss",
+    "has_norm_layers",
     "meta_step",
     "evaluate",
     "use_batch_statistics",
     "mean_ci95",
 ]
 
-Metrics = dict[str, Tensor]
-TaskLoss = Callable[[Tensor, Any], Union[Tensor, tuple[Tensor, Metrics]]]
-"""``loss(row[N], one_task_data) -> scalar`` or ``(scalar, {name: scalar})``.
-
-A loss may carry ``has_norm_layers = False`` to say it calls no batch/instance/layer norm, which lets
-the vectorized path skip the exact-norm rewrite (:mod:`rkfast._norms`); without it the rewrite is on."""
-TaskData = Union[Any, Callable[[int, Tensor], Any]]
-"""A pytree with the task dimension first, or ``data(stage, params[T, N]) -> pytree``."""
-Randomness = Literal["error", "different", "same"]
-
-
-# -- flat parameters ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Where each named parameter lives inside a flat vector: ``row[offset : offset + numel].view(shape)``."""
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-
-    @classmethod
-    def from_named(cls, named: Iterable[tuple[str, Tensor]]) -> ParamLayout:
-        pairs = list(named)
-        return cls(tuple(n for n, _ in pairs), tuple(t.shape for _, t in pairs))
-
-    @classmethod
-    def from_module(cls, module: nn.Module) -> ParamLayout:
-        """The layout of ``module.named_parameters()`` (tied parameters once)."""
-        return cls.from_named(module.named_parameters())
-
-    @property
-    def numels(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def numel(self) -> int:
-        """``N``, the length of the flat vector."""
-        return sum(self.numels)
-
-    def flatten(self, tensors: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
-        """Concatenate tensors (in layout order) into a new flat vector."""
-        if isinstance(tensors, Mapping):
-            tensors = [tensors[n] for n in self.names]
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, row: Tensor) -> dict[str, Tensor]:
-        """Views of a flat ``row [N]`` (or ``[..., N]``) as the named parameter shapes."""
-        chunks = torch.split(row, self.numels, dim=-1)
-        lead = row.shape[:-1]
-        return {n: c.view(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
-
-
-# -- results ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MetaStepOutput:
-    """What one RK meta-step computed (all tensors detached).
-
-    Attributes:
-        direction: the meta-direction ``d = grad_theta L(theta)``, flat ``[N]``.
-        loss: the meta-loss ``L(theta) = sum_j b_j * mean_i L_Q,i(theta_i^(j))``, 0-d.
-        stage_losses: ``{stage: mean query loss over tasks}`` for each stage with ``b_j != 0``; stages are
-            numbered from 1 as in the method (stage 1 is ``theta`` itself).
-        stage_metrics: ``{metric: {stage: mean over tasks}}``, e.g. ``{"accuracy": {2: ...}}``.
-    """
-
-    direction: Tensor
-    loss: Tensor
-    stage_losses: dict[int, Tensor]
-    stage_metrics: dict[str, dict[int, Tensor]] = field(default_factory=dict)
-
-
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and the half-width of its 95% normal confidence interval (``1.96 * std / sqrt(n)``)."""
-    v = values.detach().double().reshape(-1)
-    n = v.numel()
-    if n == 0:
-        raise ValueError("mean_ci95 of an empty tensor")
-    half = 1.96 * v.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    return v.mean().item(), half
-
-
-@dataclass
-class AdaptationOutput:
-    """Query loss (and metrics) per task after each number of plain support-gradient steps.
-
-    Attributes:
-        steps: the step counts, always starting with 0 (before adaptation).
-        step_size: the adaptation step that was used.
-        losses: ``[len(steps), T]`` per-task query losses.
-        metrics: ``{name: [len(steps), T]}``.
-        params: ``[len(steps), T, N]`` adapted flat parameters, when asked for (``keep_params=True``).
-    """
-
-    steps: tuple[int, ...]
-    step_size: float
-    losses: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    params: Tensor | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """``{"step_size", "steps", "loss": {step: (mean, ci95)}, <metric>: {...}}``, JSON-friendly."""
-        out: dict[str, Any] = {"step_size": self.step_size, "steps": list(self.steps)}
-        for name, table in {"loss": self.losses, **self.metrics}.items():
-            out[name] = {n: mean_ci95(row) for n, row in zip(self.steps, table)}
-        return out
-
-    @staticmethod
-    def cat(parts: Sequence[AdaptationOutput]) -> AdaptationOutput:
-        """Join results of several task batches (same steps and step size) along the task dimension."""
-        if not parts:
-            raise ValueError("AdaptationOutput.cat needs at least one result")
-        first = parts[0]
-        if any(p.steps != first.steps or p.step_size != first.step_size for p in parts):
-            raise ValueError("AdaptationOutput.cat: results differ in steps or step size")
-        keep = all(p.params is not None for p in parts)
-        return AdaptationOutput(
-            first.steps,
-            first.step_size,
-            torch.cat([p.losses for p in parts], dim=1),
-            {k: torch.cat([p.metrics[k] for p in parts], dim=1) for k in first.metrics},
-            torch.cat([p.params for p in parts], dim=1) if keep else None,  # type: ignore[misc]
-        )
+ModelLoss = Callable[[Callable[..., Any], Any], Any]
+"""``loss(model, one_task_data) -> scalar`` or ``(scalar, {name: scalar})``, where ``model(*inputs)`` calls
+the module with one task's parameters (``torch.func.functional_call``)."""
 
 
 class Workspace:
@@ -196,119 +84,8 @@ class Workspace:
         return buf
 
 
-# -- evaluating a per-task function over all tasks ----------------------------------------------------
-
-
-def _split(out: Tensor | tuple[Tensor, Metrics]) -> tuple[Tensor, Metrics]:
-    if isinstance(out, tuple):
-        loss, metrics = out
-        return loss, dict(metrics)
-    return out, {}
-
-
-def _scalar(loss: TaskLoss) -> Callable[[Tensor, Any], Tensor]:
-    return lambda row, data: _split(loss(row, data))[0]
-
-
-def _with_metrics(loss: TaskLoss) -> Callable[[Tensor, Any], tuple[Tensor, Metrics]]:
-    return lambda row, data: _split(loss(row, data))
-
-
-def _task(data: Any, i: int) -> Any:
-    return tree_map(lambda x: x[i] if isinstance(x, Tensor) else x, data)
-
-
-def _stack(outs: list[Any]) -> Any:
-    leaves = [tree_flatten(o) for o in outs]
-    spec = leaves[0][1]
-    columns = zip(*(lv for lv, _ in leaves))
-    return spec.unflatten([torch.stack(list(c)) for c in columns])
-
-
-def _num_tasks(data: Any) -> int | None:
-    if callable(data):
-        return None
-    for leaf in tree_flatten(data)[0]:
-        if isinstance(leaf, Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    return None
-
-
-class _TaskMap:
-    """Maps a per-task function over the tasks: ``vmap`` (batched) or a Python loop with autograd.
-
-    ``params`` is either ``theta [N]`` shared by every task (``shared=True``: no ``T`` copies of theta) or
-    per-task ``[T, N]``.
-    """
-
-    def __init__(self, num_tasks: int, vectorize: bool, randomness: Randomness) -> None:
-        self.num_tasks = num_tasks
-        self.vectorize = vectorize
-        self.randomness = randomness
-
-    def _vmap(self, loss: TaskLoss, fn: Callable, shared: bool, differentiated_twice: bool) -> Callable:
-        """``vmap(fn)``; with ``differentiated_twice`` (a gradient that is itself differentiated, i.e. the
-        second-order support gradients), norm layers run as elementary ops: the fused norms' backward has
-        a wrong batching rule for its own derivative (see rkfast._norms). Their first derivatives are
-        exact under vmap (measured: first-order directions through BatchNorm equal the sequential ones to
-        1e-15), so every other call keeps the fused, faster and leaner, kernels."""
-        mapped = vmap(fn, in_dims=(None if shared else 0, 0), randomness=self.randomness)
-        if not differentiated_twice or not getattr(loss, "has_norm_layers", True):
-            return mapped
-
-        def run(params: Tensor, data: Any) -> Any:
-            with elementary_norms():
-                return mapped(params, data)
-
-        return run
-
-    def data(self, data: TaskData, stage: int, params: Tensor, shared: bool) -> Any:
-        if not callable(data):
-            return data
-        rows = params.detach()
-        if shared:
-            rows = rows.expand(self.num_tasks, -1)
-        return data(stage, rows)
-
-    def _loop(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Iterator[tuple]:
-        """Task by task with plain autograd: ``(gradient, loss, metrics)`` of each task."""
-        for i in range(self.num_tasks):
-            row = params if shared else params[i]
-            if not create_graph:
-                row = row.detach().requires_grad_()
-            with torch.enable_grad():
-                value, metrics = _with_metrics(loss)(row, _task(data, i))
-                (g,) = torch.autograd.grad(value, row, create_graph=create_graph)
-            yield g, value, metrics
-
-    def grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Tensor:
-        """Per-task gradients ``[T, N]``; differentiable w.r.t. ``params`` when ``create_graph``."""
-        if self.vectorize:
-            return self._vmap(loss, grad(_scalar(loss)), shared, differentiated_twice=create_graph)(params, data)
-        return torch.stack([g for g, _, _ in self._loop(loss, params, data, shared, create_graph)])
-
-    def values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Metrics]:
-        """Per-task losses ``[T]`` and metrics, differentiable w.r.t. ``params``."""
-        if self.vectorize:
-            return self._vmap(loss, _with_metrics(loss), shared, False)(params, data)
-        return _stack([_with_metrics(loss)(params if shared else params[i], _task(data, i)) for i in range(self.num_tasks)])
-
-
-def _resolve_num_tasks(num_tasks: int | None, *datas: TaskData) -> int:
-    found = {n for n in (_num_tasks(d) for d in datas) if n is not None}
-    if num_tasks is not None:
-        found.add(int(num_tasks))
-    if not found:
-        raise ValueError("num_tasks is required when every task data is a callable")
-    if len(found) > 1:
-        raise ValueError(f"task dimension differs between support and query data: {sorted(found)}")
-    (n,) = found
-    if n < 1:
-        raise ValueError(f"need at least one task, got {n}")
-    return n
-
-
-def _check_theta(theta: Tensor) -> None:
+def check_theta(theta: Tensor) -> None:
+    """``theta`` must be a floating-point flat vector ``[N]``."""
     if not isinstance(theta, Tensor) or theta.dim() != 1:
         shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
         raise ValueError(f"theta must be a flat parameter vector [N], got {shape}")
@@ -316,11 +93,153 @@ def _check_theta(theta: Tensor) -> None:
         raise TypeError(f"theta must be floating point, got {theta.dtype}")
 
 
-def _check_step(name: str, value: float) -> float:
+def check_step(name: str, value: float) -> float:
+    """A step size as a finite float (``inner_lr``, ``step_size``)."""
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+# -- the stage loop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """Stage ``index`` (0-based) of every task: its point ``theta [N]`` (``shared``: stage 1, or a stage
+    whose row of ``A`` is zero, sits at theta for every task) or ``theta^(j) [T, N]``."""
+
+    index: int
+    point: Tensor
+    shared: bool
+
+
+def stage_points(
+    theta: Tensor,
+    tableau: Tableau,
+    h: float,
+    tasks: TaskMap,
+    support_loss: TaskLoss,
+    support_data: TaskData,
+    *,
+    second_order: bool,
+    backend: str,
+    workspace: Workspace | None = None,
+) -> Iterator[Stage]:
+    """The stages whose query loss the meta-loss weighs (``b_j != 0``), in order.
+
+    ``theta^(j) = theta - h sum_{l<j} A[j][l] k^(l)`` with the slopes ``k^(l) = grad L_S(theta^(l))``; a slope
+    is computed only if a later stage reads it, and differentiably in ``theta`` (``create_graph``) for
+    second order. ``workspace`` (first order only: nothing is differentiated through the points then)
+    holds the stage points between steps.
+    """
+    slopes: list[Tensor | None] = [None] * tableau.stages
+    for j in range(tableau.stages):
+        need_slope, need_query = tableau.needs_support_grad[j], tableau.needs_query_loss[j]
+        if not (need_slope or need_query):
+            continue
+        coefs = tableau.coefficients(j)
+        shared = not coefs
+        if shared:
+            point = theta
+        else:
+            out = workspace.get(("point", j), (tasks.num_tasks, theta.shape[0]), theta) if workspace else None
+            point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
+                                out=out, backend=backend)
+            for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
+                if tableau.last_reader[l] == j:
+                    slopes[l] = None
+        if need_slope:
+            data = tasks.data(support_data, j, point, shared)
+            slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
+        if need_query:
+            yield Stage(j, point, shared)
+
+
+# -- the meta-direction, second and first order ----------------------------------------------------------
+
+
+class _MetaLoss:
+    """What both orders record per stage: the meta-loss ``sum_j b_j mean_i q_i^(j)`` and per-stage means."""
+
+    def __init__(self, theta: Tensor, tasks: TaskMap) -> None:
+        self.tasks = tasks
+        self.loss = theta.new_zeros(())
+        self.stage_losses: dict[int, Tensor] = {}
+        self.stage_metrics: dict[str, dict[int, Tensor]] = {}
+
+    def record(self, stage: Stage, weight: float, q: Tensor, metrics: Metrics) -> None:
+        self.loss = self.loss + weight * q.mean()
+        self.stage_losses[stage.index + 1] = q.detach().mean()  # stages numbered from 1, as in the method
+        for name, value in metrics.items():
+            self.stage_metrics.setdefault(name, {})[stage.index + 1] = value.detach().float().mean()
+
+    def output(self, direction: Tensor) -> MetaStepOutput:
+        return MetaStepOutput(direction.detach(), self.loss.detach(), self.stage_losses, self.stage_metrics)
+
+
+class SecondOrderDirection(_MetaLoss):
+    """``d = grad_theta sum_j b_j mean_i L_Q,i(theta_i^(j)(theta))``: one backward through every stage point,
+    the slopes included (their Hessian-vector products)."""
+
+    second_order = True
+
+    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None) -> None:
+        self.theta = theta.detach().requires_grad_()  # a fresh leaf: the caller's theta is left alone
+        super().__init__(self.theta, tasks)
+
+    def grad_mode(self) -> ContextManager:
+        return torch.enable_grad()
+
+    def add(self, stage: Stage, weight: float, query_loss: TaskLoss, data: Any) -> None:
+        q, metrics = self.tasks.values(query_loss, stage.point, data, stage.shared)
+        self.record(stage, weight, q, metrics)
+
+    def result(self) -> MetaStepOutput:
+        if not self.loss.requires_grad:  # every b_j == 0: the meta-loss is constant
+            return self.output(torch.zeros_like(self.theta))
+        (direction,) = torch.autograd.grad(self.loss, self.theta)
+        return self.output(direction)
+
+
+class FirstOrderDirection(_MetaLoss):
+    """``d = (1/T) sum_j b_j sum_i grad L_Q,i(theta_i^(j))`` with the slopes held constant.
+
+    Each stage's query gradients come from one ordinary backward through the vmapped losses at a detached
+    copy of the point (cheaper than per-task gradients inside vmap), and that stage's graph is freed before
+    the next stage is built; the weighted sum over stages and tasks is one fused ``combine``.
+    """
+
+    second_order = False
+
+    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None) -> None:
+        self.theta = theta.detach()
+        super().__init__(self.theta, tasks)
+        self.backend, self.workspace = backend, workspace
+        self.per_task: list[tuple[Tensor, float]] = []  # query gradients [T, N] and their weights b_j / T
+        self.summed: list[tuple[Tensor, float]] = []  # at a shared point the backward already summed the tasks
+
+    def grad_mode(self) -> ContextManager:
+        return nullcontext()
+
+    def add(self, stage: Stage, weight: float, query_loss: TaskLoss, data: Any) -> None:
+        leaf = stage.point.detach().requires_grad_()
+        with torch.enable_grad():
+            q, metrics = self.tasks.values(query_loss, leaf, data, stage.shared)
+            (g,) = torch.autograd.grad(q.sum(), leaf)
+        (self.summed if stage.shared else self.per_task).append((g, weight / self.tasks.num_tasks))
+        self.record(stage, weight, q.detach(), metrics)
+
+    def result(self) -> MetaStepOutput:
+        out = self.workspace.get("direction", tuple(self.theta.shape), self.theta) if self.workspace else None
+        if self.per_task:
+            grads, weights = zip(*self.per_task)
+            direction = combine(list(grads), list(weights), out=out, backend=self.backend)
+        else:
+            direction = out.zero_() if out is not None else torch.zeros_like(self.theta)
+        for g, w in self.summed:
+            axpy_(direction, g, w, backend=self.backend)
+        return self.output(direction)
 
 
 # -- the RK meta-step -----------------------------------------------------------------------------------
@@ -342,17 +261,18 @@ def rk_meta_step(
     backend: Backend = "auto",
     workspace: Workspace | None = None,
 ) -> MetaStepOutput:
-    """One Runge-Kutta meta-step over a batch of tasks (DESIGN.md, sections 1-2).
+    """One Runge-Kutta meta-step over a batch of tasks (``docs/method.md``).
 
     For each task ``i`` and stage ``j`` the stage point is
     ``theta_i^(j) = theta - h * sum_{l<j} A[j][l] * k_i^(l)`` with ``k_i^(l)`` the support gradient at
     ``theta_i^(l)``; the meta-loss is ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))`` and the meta-direction
-    its gradient. Only the support gradients a later stage uses and the query losses with ``b_j != 0`` are
-    computed.
+    its gradient (:class:`SecondOrderDirection`), or with the slopes held constant
+    (:class:`FirstOrderDirection`). Only the support gradients a later stage uses and the query losses with
+    ``b_j != 0`` are computed.
 
     Args:
         theta: flat meta-parameters ``[N]`` (not modified).
-        support_loss, query_loss: per-task losses ``loss(row, data)`` (see module docstring).
+        support_loss, query_loss: per-task losses ``loss(row, data)`` (see :mod:`rkfast.taskmap`).
         support_data, query_data: task data, pytrees with the task dimension first or stage callables.
         tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...).
         inner_lr: the RK step ``h`` of the stages.
@@ -360,87 +280,27 @@ def rk_meta_step(
         vectorize: all tasks at once under ``vmap``; ``False`` runs them one by one with plain autograd.
         num_tasks: ``T``; needed only when both data are callables.
         randomness: ``vmap`` randomness for stochastic layers (dropout): ``"different"`` per task.
-        backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`):
-            ``"auto"`` (C++ on CPU, Triton on CUDA, where available), ``"torch"``, ``"cpp"``, ``"triton"``.
+        backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`).
         workspace: reuse its buffers for the first-order stage points and meta-direction (no allocation
             for them after the first step of a shape); the returned direction is then one of them.
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
     """
-    _check_theta(theta)
+    check_theta(theta)
     tab = get_tableau(tableau)
-    h = _check_step("inner_lr", inner_lr)
+    h = check_step("inner_lr", inner_lr)
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
-    tasks = _TaskMap(_resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
-    second_order = not first_order
-    n = theta.shape[0]
-    # a fresh leaf: the meta-gradient is taken w.r.t. it and the caller's theta is left alone
-    theta = theta.detach().requires_grad_(second_order)
-
-    slopes: list[Tensor | None] = [None] * tab.stages
-    last_reader = tab.last_reader
-    query_grads: list[Tensor] = []  # first order: per-task query gradients [T, N] of the stages ...
-    query_weights: list[float] = []
-    shared_grads: list[Tensor] = []  # ... and, at a stage that sits at theta, their sum over tasks [N]
-    shared_weights: list[float] = []
-    meta_loss = theta.new_zeros(())
-    stage_losses: dict[int, Tensor] = {}
-    stage_metrics: dict[str, dict[int, Tensor]] = {}
-
-    with torch.enable_grad() if second_order else nullcontext():
-        for j in range(tab.stages):
-            need_slope, need_query = tab.needs_support_grad[j], tab.needs_query_loss[j]
-            if not (need_slope or need_query):
-                continue
-            coefs = tab.coefficients(j)
-            shared = not coefs  # stage 1 (or an all-zero row) sits at theta itself
-            if shared:
-                point = theta
-            else:
-                # first order: nothing is differentiated through the point, so it can live in a reused buffer
-                out = workspace.get(("point", j), (tasks.num_tasks, n), theta) if first_order and workspace else None
-                point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
-                                    out=out, backend=backend)
-                for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
-                    if last_reader[l] == j:
-                        slopes[l] = None
-            if need_slope:
-                data = tasks.data(support_data, j, point, shared)
-                slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
-            if need_query:
-                data = tasks.data(query_data, j, point, shared)
-                if first_order:
-                    # the query gradients at this stage by one ordinary backward through the vmapped losses
-                    # (cheaper than per-task gradients taken inside vmap); each stage's graph is freed
-                    # before the next stage is built. At a shared point the backward already sums the tasks.
-                    leaf = point.detach().requires_grad_()
-                    with torch.enable_grad():
-                        q, metrics = tasks.values(query_loss, leaf, data, shared)
-                        (g,) = torch.autograd.grad(q.sum(), leaf)
-                    (shared_grads if shared else query_grads).append(g)
-                    (shared_weights if shared else query_weights).append(tab.b[j] / tasks.num_tasks)
-                    q = q.detach()
-                else:
-                    q, metrics = tasks.values(query_loss, point, data, shared)
-                meta_loss = meta_loss + tab.b[j] * q.mean()
-                stage_losses[j + 1] = q.detach().mean()
-                for name, value in metrics.items():
-                    stage_metrics.setdefault(name, {})[j + 1] = value.detach().float().mean()
-
-        if first_order:
-            out = workspace.get("direction", (n,), theta) if workspace else None
-            if query_grads:
-                direction = combine(query_grads, query_weights, out=out, backend=backend)
-            else:
-                direction = out.zero_() if out is not None else torch.zeros_like(theta)
-            for g, w in zip(shared_grads, shared_weights):
-                axpy_(direction, g, w, backend=backend)
-        elif meta_loss.requires_grad:
-            (direction,) = torch.autograd.grad(meta_loss, theta)
-        else:  # all b_j == 0: the meta-loss is constant
-            direction = torch.zeros_like(theta)
-    return MetaStepOutput(direction.detach(), meta_loss.detach(), stage_losses, stage_metrics)
+    tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
+    rule = FirstOrderDirection if first_order else SecondOrderDirection
+    direction = rule(theta, tasks, backend, workspace)
+    with direction.grad_mode():
+        for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
+                                  second_order=rule.second_order, backend=backend,
+                                  workspace=workspace if first_order else None):
+            data = tasks.data(query_data, stage.index, stage.point, stage.shared)
+            direction.add(stage, tab.b[stage.index], query_loss, data)
+        return direction.result()
 
 
 def adapt(
@@ -463,12 +323,12 @@ def adapt(
     and with ``keep_params`` the adapted parameters too. Callable data are called with the number of
     steps taken so far as ``stage``. ``theta`` is not modified and no autograd graph is kept.
     """
-    _check_theta(theta)
-    alpha = _check_step("step_size", step_size)
+    check_theta(theta)
+    alpha = check_step("step_size", step_size)
     counts = sorted({int(n) for n in steps})
     if not counts or counts[0] < 1:
         raise ValueError(f"steps must be positive step counts, got {tuple(steps)}")
-    tasks = _TaskMap(_resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
+    tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     report = (0, *counts)
     losses: list[Tensor] = []
     metrics: dict[str, list[Tensor]] = {}
@@ -496,7 +356,50 @@ def adapt(
     )
 
 
-# -- the module + loss_fn + TaskBatch form ------------------------------------------------------------
+# -- losses over a module's functional call -------------------------------------------------------------
+
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
+
+
+def has_norm_layers(module: nn.Module) -> bool:
+    """Whether ``module`` has batch/instance/layer norm layers (their second derivatives need the exact
+    rewrite under ``vmap``: :mod:`rkfast._norms`)."""
+    return any(isinstance(m, _NORM_TYPES) for m in module.modules())
+
+
+def model_task_loss(module: nn.Module, loss: ModelLoss, layout: ParamLayout | None = None,
+                    *, norm_layers: bool | None = None) -> TaskLoss:
+    """The per-task loss ``row, data -> loss(model, data)`` for the core functions.
+
+    ``model(*inputs)`` runs ``module`` with ``torch.func.functional_call`` on the parameters viewed out of
+    ``row`` (``layout`` says where each one lives; default: all of the module's parameters); its buffers
+    are its own. ``norm_layers`` (default: looked up in ``module``) says whether the model normalizes.
+    """
+    layout = layout or ParamLayout.from_module(module)
+
+    def task_loss(row: Tensor, data: Any) -> Any:
+        params = layout.unflatten(row)
+        return loss(lambda *inputs, **kwargs: functional_call(module, params, inputs, kwargs), data)
+
+    task_loss.has_norm_layers = has_norm_layers(module) if norm_layers is None else norm_layers  # type: ignore[attr-defined]
+    return task_loss
+
+
+def supervised_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> ModelLoss:
+    """``model, (x, y) -> loss_fn(model(x), y)``; with integer targets and outputs that carry a class
+    dimension last, the loss also reports ``accuracy`` (argmax over the last dimension)."""
+
+    def loss(model: Callable[..., Tensor], data: tuple[Tensor, Tensor]) -> tuple[Tensor, Metrics]:
+        x, y = data
+        out = model(x)
+        value = loss_fn(out, y)
+        metrics: Metrics = {}
+        if not y.is_floating_point() and out.dim() == y.dim() + 1:
+            metrics["accuracy"] = (out.argmax(-1) == y).to(value.dtype).mean()
+        return value, metrics
+
+    return loss
 
 
 def module_task_loss(
@@ -504,26 +407,9 @@ def module_task_loss(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     layout: ParamLayout | None = None,
 ) -> TaskLoss:
-    """The per-task loss ``row, (x, y) -> loss_fn(module(x; row), y)`` for the core functions.
-
-    The module runs with ``torch.func.functional_call`` on the parameters viewed out of ``row``; its
-    buffers are its own. With integer targets and outputs that carry a class dimension last, the loss also
-    reports ``accuracy`` (argmax over the last dimension).
-    """
-    layout = layout or ParamLayout.from_module(module)
-
-    def task_loss(row: Tensor, data: tuple[Tensor, Tensor]) -> tuple[Tensor, Metrics]:
-        x, y = data
-        out = functional_call(module, layout.unflatten(row), (x,))
-        loss = loss_fn(out, y)
-        metrics: Metrics = {}
-        if not y.is_floating_point() and out.dim() == y.dim() + 1:
-            metrics["accuracy"] = (out.argmax(-1) == y).to(loss.dtype).mean()
-        return loss, metrics
-
-    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
-    task_loss.has_norm_layers = any(isinstance(m, norm_types) for m in module.modules())  # type: ignore[attr-defined]
-    return task_loss
+    """The per-task loss ``row, (x, y) -> loss_fn(module(x; row), y)`` (plus ``accuracy`` for class
+    indices, see :func:`supervised_loss`) for the core functions."""
+    return model_task_loss(module, supervised_loss(loss_fn), layout)
 
 
 def meta_step(

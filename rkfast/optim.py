@@ -1,49 +1,36 @@
-"""``MetaOptimizer``: a ``torch.optim.Optimizer`` whose ``step(batch)`` is one Runge-Kutta meta-step."""
+"""``MetaOptimizer``: a ``torch.optim.Optimizer`` whose ``step(tasks)`` is one Runge-Kutta meta-step.
+
+The class validates and delegates: the method lives in :mod:`rkfast.functional`, the flat parameter
+buffer in :mod:`rkfast.flat`, the outer update in :mod:`rkfast.outer`, whole-step CUDA graphs in
+:mod:`rkfast.capture`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 from . import functional as RF
 from . import kernels
-from .batch import TaskBatch, check_task_batch
-from .capture import CaptureMode, StepCapture, check_capture_mode, guarded_update, state_tensors
+from .batch import TaskBatch, TaskSet, check_task_batch, check_task_set
+from .capture import CaptureMode, StepCapture, make_step_capture
+from .flat import FlatParameters
+from .layout import ParamLayout
+from .outer import OuterUpdate, make_outer_optimizer, outer_class
+from .results import AdaptationOutput, MetaStepOutput
 from .tableau import Tableau, get_tableau
 
 __all__ = ["MetaOptimizer", "NonFiniteLossError", "resolve_vectorize"]
 
-_OUTER: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
+Tasks = Union[TaskBatch, TaskSet, Sequence[Tensor]]
+"""What a step learns from: a :class:`~rkfast.batch.TaskBatch` (or its 4-tuple) or a :class:`~rkfast.batch.TaskSet`."""
 
 
 class NonFiniteLossError(FloatingPointError):
     """The meta-loss or the meta-direction of a step is NaN or infinite; nothing was updated."""
-
-
-def _outer_class(outer: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    if isinstance(outer, str):
-        try:
-            return _OUTER[outer.lower()]
-        except KeyError:
-            raise ValueError(
-                f"unknown outer optimizer {outer!r}; use one of {', '.join(_OUTER)} "
-                "or a torch.optim.Optimizer subclass"
-            ) from None
-    if isinstance(outer, type) and issubclass(outer, torch.optim.Optimizer):
-        return outer
-    raise TypeError(f"outer must be a name or a torch.optim.Optimizer subclass, got {outer!r}")
-
-
-def _check_one_kind(params: Sequence[Tensor]) -> None:
-    kinds = {(p.dtype, p.device) for p in params}
-    if len(kinds) > 1:
-        raise TypeError(f"meta-parameters must share one dtype and device, got {sorted(map(str, kinds))}")
 
 
 def resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
@@ -52,23 +39,6 @@ def resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: 
         return bool(choice)
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     return not (device.type == "cpu" and has_conv)
-
-
-def _make_outer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
-                capture: CaptureMode = False) -> torch.optim.Optimizer:
-    """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose, and
-    Adam/AdamW with ``capturable=True`` (its step counter on the device) when the step is captured."""
-    if capture and cls in (torch.optim.Adam, torch.optim.AdamW):
-        if kwargs.get("capturable") is False:
-            raise ValueError(f"capture={capture!r} needs a capturable outer optimizer; drop capturable=False")
-        kwargs = {**kwargs, "capturable": True}
-    if cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
-        params = list(params)
-        try:
-            return cls(params, lr=lr, fused=True, **kwargs)
-        except (RuntimeError, ValueError, TypeError):  # a device or dtype the fused kernel does not take
-            pass
-    return cls(params, lr=lr, **kwargs)
 
 
 class MetaOptimizer(torch.optim.Optimizer):
@@ -83,14 +53,26 @@ class MetaOptimizer(torch.optim.Optimizer):
             result = opt.step(batch)           # result.loss, result.stage_losses
         scores = opt.evaluate(test_batch, steps=(1, 5, 10))
 
+    For a hook between computing and applying the meta-gradient (clipping, logging, a custom all-reduce),
+    split the step in two, as ``loss.backward(); clip_grad_norm_(...); opt.step()`` does::
+
+        opt.compute(batch)                                       # the meta-direction into every .grad
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # edit .grad as usual
+        opt.apply()                                              # the outer update from .grad
+
+    Tasks that are not ``(x, y)`` pairs (reinforcement learning, custom losses) come as a
+    :class:`~rkfast.batch.TaskSet`: per-task support and query losses over the model, and data that may be
+    produced per stage from that stage's parameters.
+
     ``param_groups`` and ``state`` are the outer optimizer's own (shared, not copied), so learning-rate
     schedulers, ``zero_grad`` and ``state_dict``/``load_state_dict`` behave as on any torch optimizer;
     the state dict also carries the tableau, ``inner_lr`` and ``first_order``.
 
     Args:
         model: the model; its parameters (or ``params``) are the meta-parameters.
-        loss_fn: ``loss_fn(output, target) -> scalar`` for one task (e.g. ``F.mse_loss``,
-            ``F.cross_entropy``); integer targets also report accuracy.
+        loss_fn: ``loss_fn(output, target) -> scalar`` for one task of a :class:`~rkfast.batch.TaskBatch`
+            (e.g. ``F.mse_loss``, ``F.cross_entropy``); integer targets also report accuracy. ``None`` when
+            every step gets a :class:`~rkfast.batch.TaskSet`, which carries its own losses.
         tableau: a :class:`~rkfast.tableau.Tableau` or a name: ``"maml"``, ``"heun"``, ``"rk4"``, ``"maml(3)"``...
         inner_lr: the RK step ``h`` of the stages (MAML's inner learning rate for ``"maml"``).
         outer: ``"sgd"`` (the plain step ``theta <- theta - lr * d``), ``"adam"``, ``"adamw"`` or any
@@ -100,17 +82,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         params: parameters or param groups to meta-learn (default: every parameter of ``model`` that
             requires grad); the others stay fixed and are not adapted either.
         vectorize: ``True``: run the tasks together under ``vmap``; ``False``: one by one with plain
-            autograd (same math); ``"auto"``: ``vmap``, except for models with convolutions on the CPU.
-            Under ``vmap`` per-task convolution weights become grouped convolutions, which are slow on CPUs:
-            a conv4 meta-step on 32 tasks (2 cores) ran 2.6-4.9x faster task by task, in every tableau and
-            order, with less memory; MLPs on the CPU (sinusoid: ~7x) and every model on a GPU are faster
-            under ``vmap``. The resolved choice is :attr:`vectorize`.
+            autograd (same math); ``"auto"``: ``vmap``, except for models with convolutions on the CPU,
+            where ``vmap`` turns per-task convolution weights into grouped convolutions, which CPUs run
+            slowly (see the README's benchmarks). The resolved choice is :attr:`vectorize`.
         check_finite: raise :class:`NonFiniteLossError` on a NaN/inf meta-loss or meta-direction before
             updating (costs one host synchronization per step).
         batch_statistics: switch the model's normalization layers to per-task batch statistics with no
             running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
         backend: kernels for the stage arithmetic and the plain outer step (:mod:`rkfast.kernels`):
-            ``"auto"`` (C++ on CPU, Triton on CUDA, where available), ``"torch"``, ``"cpp"``, ``"triton"``.
+            ``"auto"`` (C++ on CPU, Triton on CUDA, where available) or a backend name.
         capture: CUDA only. ``True``: after two eager warm-up steps, capture one whole step (every stage,
             the outer update) in a CUDA graph and replay it for each later batch, whose shapes must then
             stay the same (:class:`~rkfast.capture.CaptureShapeError` otherwise); ``"auto"``: re-capture
@@ -118,27 +98,29 @@ class MetaOptimizer(torch.optim.Optimizer):
             is skipped on the device (parameters and optimizer state kept, ``.grad`` zero) and counted in
             :attr:`skipped_steps` instead of raising. The learning rate is part of the captured step:
             after changing it (e.g. a scheduler), call :meth:`release_capture`. Adam/AdamW are created
-            with ``capturable=True``.
+            with ``capturable=True``. Captured steps take :class:`~rkfast.batch.TaskBatch` es;
+            :meth:`compute`/:meth:`apply` run eagerly. A :class:`~rkfast.capture.StepCapture` instance
+            is used as the capture engine as given.
 
-    The meta-parameters are moved into one contiguous flat buffer, and each parameter becomes a view into
-    it (the same ``Parameter`` objects: the model, its ``state_dict`` and user code keep working); their
-    ``.grad`` are views into one flat gradient buffer. Every kernel then runs once over all parameters:
-    ``outer="sgd"`` without momentum or weight decay is one fused ``axpy_``, and Adam/AdamW/SGD use
-    torch's fused implementation unless ``foreach``/``fused`` is given in ``outer_kwargs``.
+    The meta-parameters are moved into one contiguous flat buffer (:class:`~rkfast.flat.FlatParameters`),
+    and each parameter becomes a view into it (the same ``Parameter`` objects: the model, its
+    ``state_dict`` and user code keep working); their ``.grad`` are views into one flat gradient buffer.
 
     Attributes:
         model, loss_fn: as given.
         tableau: the :class:`~rkfast.tableau.Tableau` in use; ``inner_lr``, ``first_order`` as given.
-        layout: the :class:`~rkfast.functional.ParamLayout` of the meta-parameters inside a flat vector
+        layout: the :class:`~rkfast.layout.ParamLayout` of the meta-parameters inside a flat vector
             (what :meth:`meta_parameters` returns and ``MetaStepOutput.direction`` is laid out as).
-        backend: the kernel backend in use (``"cpp"``, ``"triton"`` or ``"torch"``; ``"auto"`` resolved).
+        backend: the kernel backend in use (``"auto"`` resolved).
         vectorize: whether the tasks run together under ``vmap`` (``"auto"`` resolved).
+        capture: ``False``, ``True`` or ``"auto"``.
+        outer_optimizer: the ``torch.optim`` optimizer of the outer update.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
         tableau: Tableau | str = "maml",
         inner_lr: float = 0.01,
         outer: str | type[torch.optim.Optimizer] = "adam",
@@ -150,33 +132,33 @@ class MetaOptimizer(torch.optim.Optimizer):
         check_finite: bool = True,
         batch_statistics: bool = True,
         backend: kernels.Backend = "auto",
-        capture: CaptureMode = False,
+        capture: CaptureMode | StepCapture = False,
         **outer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        self.tableau = get_tableau(tableau)
-        self.inner_lr = RF._check_step("inner_lr", inner_lr)
-        self.first_order = bool(first_order)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (or None for TaskSet steps), got {type(loss_fn).__name__}")
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
-        self._vectorize_choice = vectorize
+        self.tableau = get_tableau(tableau)
+        self.inner_lr = RF.check_step("inner_lr", inner_lr)
+        self.first_order = bool(first_order)
         self.check_finite = bool(check_finite)
-        self.model = model
-        self.loss_fn = loss_fn
+        self.model, self.loss_fn = model, loss_fn
+        self._vectorize_choice, self._backend_choice = vectorize, backend
         if batch_statistics:
             RF.use_batch_statistics(model)
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        self._outer = _make_outer(_outer_class(outer), params, lr, outer_kwargs, capture)
+        self._capture = make_step_capture(capture)
+        graphed = self._capture is not None and self._capture.requires_cuda
+        optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs, capturable=graphed)
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
         # object then acts on the optimizer that really updates the parameters
-        super().__init__(self._outer.param_groups, self._outer.defaults)
-        self.param_groups = self._outer.param_groups
-        self.state = self._outer.state
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups, self.state = optimizer.param_groups, optimizer.state
 
         meta_params = [p for group in self.param_groups for p in group["params"]]
         names = {id(p): n for n, p in model.named_parameters()}
@@ -185,22 +167,21 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"params {missing} are not parameters of the model")
         if not meta_params:
             raise ValueError("no parameters to meta-learn (none requires grad)")
-        _check_one_kind(meta_params)
-        self.backend = kernels.resolve_backend(backend, meta_params[0].device, meta_params[0].dtype)
-        self._backend_choice = backend
-        self.vectorize = resolve_vectorize(vectorize, model, meta_params[0].device)
-        self._params = meta_params
-        self.layout = RF.ParamLayout.from_named((names[id(p)], p) for p in meta_params)
-        self.capture = check_capture_mode(capture, meta_params[0].device)
-        self._bind_flat()
-        self._task_loss = RF.module_task_loss(model, loss_fn, self.layout)  # built once, not per step
+        self.layout = ParamLayout.from_named((names[id(p)], p) for p in meta_params)
+        self._flat = FlatParameters(meta_params, self.layout)
+        self._resolve_device_choices()
+        if self._capture is not None:
+            self._capture.check_device(self.device)
+        self.capture = self._capture.mode if self._capture is not None else False
+        self._outer = OuterUpdate(optimizer, self._flat)
+        self._norm_layers = RF.has_norm_layers(model)
+        self._batch_loss = RF.module_task_loss(model, loss_fn, self.layout) if loss_fn is not None else None
         self._workspace = RF.Workspace()
-        self._capture = StepCapture(self.capture) if self.capture else None
-        self._skipped = torch.zeros((), dtype=torch.int64, device=meta_params[0].device) if self.capture else None
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device) if self._capture else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
-        if hasattr(self, "_params"):
+        if hasattr(self, "_flat"):
             raise RuntimeError(
                 "MetaOptimizer cannot take new parameter groups after construction; "
                 "pass every group through `params` when creating it"
@@ -209,49 +190,135 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # -- the meta-step --------------------------------------------------------------------------------
 
+    def step(self, tasks: Tasks) -> MetaStepOutput:  # type: ignore[override]
+        """One meta-step on ``tasks``: meta-direction into ``.grad``, then the outer update.
+
+        ``.grad`` of the meta-parameters is overwritten with the meta-direction (not accumulated).
+        Returns the :class:`~rkfast.results.MetaStepOutput` (``loss``, ``stage_losses``, ...); its
+        tensors may be buffers the next step reuses (clone what you keep).
+
+        Raises:
+            TypeError, ValueError, RuntimeError: malformed tasks (see :func:`~rkfast.batch.check_task_batch`
+                and :func:`~rkfast.batch.check_task_set`).
+            NonFiniteLossError: NaN/inf meta-loss or meta-direction (not raised by a replayed captured
+                step; see ``capture``).
+            CaptureShapeError: with ``capture=True``, a batch whose shapes differ from the captured ones.
+            In every case before any parameter, gradient or optimizer state changes.
+        """
+        tasks = self._check_tasks(tasks, captured=self._capture is not None)
+        if self._capture is not None:
+            out = self._capture.run(tasks, self._eager_step, self._captured_step)
+            self._flat.expose_grads()
+            return out
+        return self._eager_step(tasks)
+
+    def _eager_step(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
+        out = self._meta_direction(tasks)  # stage losses -> rk_meta_step (raises before anything changes)
+        self._flat.write_grad(out.direction)  # -> .grad
+        self._outer.update(self.backend)  # -> the outer update
+        return out
+
+    def compute(self, tasks: Tasks) -> MetaStepOutput:
+        """The first half of :meth:`step`: the meta-direction of ``tasks`` into every ``.grad``, no update.
+
+        Edit ``.grad`` as after any ``backward()`` (clip, log, all-reduce), then call :meth:`apply`.
+        Raises as :meth:`step` does, before ``.grad`` changes.
+        """
+        out = self._meta_direction(self._check_tasks(tasks))
+        self._flat.write_grad(out.direction)
+        return out
+
+    def apply(self) -> None:
+        """The second half of :meth:`step`: the outer update from the current ``.grad``.
+
+        ``.grad`` edited in place or replaced by new tensors is used as it is; a ``.grad`` set to ``None``
+        is skipped as torch optimizers do (plain SGD: no change to that parameter).
+
+        Raises:
+            NonFiniteLossError: a NaN/inf ``.grad`` (with ``check_finite``), before anything changes.
+        """
+        self._rebind_if_replaced()
+        self._flat.adopt_grads()
+        if self.check_finite and not bool(torch.isfinite(self._flat.grad).all()):
+            raise NonFiniteLossError("non-finite .grad; parameters and optimizer state were left unchanged")
+        self._outer.update(self.backend)
+
+    def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
+        """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""
+        out = self._meta_direction(batch, on_device=True)
+        if not self.check_finite:
+            self._flat.write_grad(out.direction)
+            self._outer.update(self.backend)
+            return out
+        ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)
+        self._flat.write_grad(torch.where(ok, out.direction, 0.0))  # a skipped step updates with a zero gradient
+        self._outer.update_if(ok, self.backend)
+        self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]
+        return out
+
+    def _meta_direction(self, tasks: TaskBatch | TaskSet, on_device: bool = False) -> MetaStepOutput:
+        """The RK meta-direction of ``tasks`` at the current parameters; raises on a non-finite one unless
+        ``on_device`` (a captured step decides on the device)."""
+        support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
+        out = RF.rk_meta_step(
+            self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, self.tableau,
+            self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
+            backend=self.backend, workspace=self._workspace,
+        )
+        if self.check_finite and not on_device:
+            self._check_finite(out)
+        return out
+
+    def _stage_losses(self, tasks: TaskBatch | TaskSet) -> tuple[RF.TaskLoss, RF.TaskLoss, Any, Any, int | None]:
+        """The per-task losses and data of ``tasks`` in the functional core's terms."""
+        if isinstance(tasks, TaskBatch):
+            return self._batch_loss, self._batch_loss, tasks.support, tasks.query, None  # type: ignore[return-value]
+        support, query = (RF.model_task_loss(self.model, loss, self.layout, norm_layers=self._norm_layers)
+                          for loss in (tasks.support_loss, tasks.query_loss))
+        return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
+
+    def _check_tasks(self, tasks: Tasks, captured: bool = False) -> TaskBatch | TaskSet:
+        self._rebind_if_replaced()
+        if isinstance(tasks, TaskSet):
+            if captured:
+                raise TypeError("a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
+                                "graph copies in; run TaskSet steps with capture=False")
+            return check_task_set(tasks, device=self.device)
+        if self.loss_fn is None:
+            raise TypeError("this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
+                            "losses, or build it with a loss_fn for TaskBatch batches")
+        return check_task_batch(tasks, dtype=self.dtype, device=self.device)
+
+    def _check_finite(self, out: MetaStepOutput) -> None:
+        if bool(torch.isfinite(out.direction).all() & torch.isfinite(out.loss)):  # one host sync
+            return
+        stages = {j: float(v) for j, v in out.stage_losses.items()}
+        raise NonFiniteLossError(
+            f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction; "
+            "parameters and optimizer state were left unchanged. Lower inner_lr or lr, or check the batch."
+        )
+
+    # -- the flat buffer and what depends on its device -------------------------------------------------
+
     @property
     def dtype(self) -> torch.dtype:
-        return self._params[0].dtype
+        return self._flat.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._params[0].device
+        return self._flat.device
 
-    # -- the flat buffers -----------------------------------------------------------------------------
+    def _resolve_device_choices(self) -> None:
+        self.backend = kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
+        self.vectorize = resolve_vectorize(self._vectorize_choice, self.model, self.device)
 
-    def _bind_flat(self) -> None:
-        """Copy the meta-parameters into one flat buffer and make each parameter a view into it.
-
-        The parameters' ``.grad`` become views into one flat gradient buffer (current values kept).
-        """
-        params, numels = self._params, self.layout.numels
-        first = params[0]
-        flat = torch.empty(self.layout.numel, dtype=first.dtype, device=first.device)
-        flat_grad = torch.zeros_like(flat)
-        values, grad_views = [], []
-        with torch.no_grad():
-            for p, chunk, grad_chunk in zip(params, flat.split(numels), flat_grad.split(numels)):
-                chunk.copy_(p.reshape(-1))
-                values.append(chunk.view_as(p))
-                grad_views.append(grad_chunk.view_as(p))
-                if p.grad is not None:
-                    grad_chunk.copy_(p.grad.reshape(-1))
-            for p, value, grad_view in zip(params, values, grad_views):
-                p.data = value  # same Parameter object, now backed by the flat buffer
-                if p.grad is not None:
-                    p.grad = grad_view
-        self._flat, self._flat_grad, self._grad_views = flat, flat_grad, grad_views
-        self._addresses = [p.data_ptr() for p in params]
-
-    def _ensure_flat(self) -> None:
+    def _rebind_if_replaced(self) -> None:
         """Re-bind if something replaced a parameter's storage (``model.to(...)``, ``p.data = ...``)."""
-        if any(p.data_ptr() != a for p, a in zip(self._params, self._addresses)) or any(
-            p.dtype != self._flat.dtype or p.device != self._flat.device for p in self._params
-        ):
-            _check_one_kind(self._params)
-            self.backend = kernels.resolve_backend(self._backend_choice, self._params[0].device, self._params[0].dtype)
-            self.vectorize = resolve_vectorize(self._vectorize_choice, self.model, self._params[0].device)
-            self._bind_flat()
+        if self._flat.replaced():
+            # check the new dtype/device against the backend before anything is rebound
+            kernels.resolve_backend(self._backend_choice, self._flat.params[0].device, self._flat.params[0].dtype)
+            self._flat.rebind_if_replaced()
+            self._resolve_device_choices()
 
     @property
     def flat_parameters(self) -> Tensor:
@@ -259,77 +326,28 @@ class MetaOptimizer(torch.optim.Optimizer):
 
         Writing into it changes the model's parameters; :attr:`layout` says where each one lives.
         """
-        self._ensure_flat()
-        return self._flat
+        self._rebind_if_replaced()
+        return self._flat.data
 
     def meta_parameters(self) -> Tensor:
         """The meta-parameters as a new flat vector ``[N]`` (a detached copy)."""
         return self.flat_parameters.detach().clone()
 
-    def compute(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:
-        """The meta-direction and losses of ``batch`` at the current parameters, without updating."""
-        return self._compute(check_task_batch(batch, dtype=self.dtype, device=self.device), RF.Workspace())
+    @property
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        """The ``torch.optim`` optimizer that performs the outer update (its param groups are this object's)."""
+        return self._outer.optimizer
 
-    def _compute(self, batch: TaskBatch, workspace: RF.Workspace) -> RF.MetaStepOutput:
-        loss = self._task_loss
-        return RF.rk_meta_step(
-            self.flat_parameters.detach(), loss, loss, batch.support, batch.query, self.tableau, self.inner_lr,
-            first_order=self.first_order, vectorize=self.vectorize, backend=self.backend, workspace=workspace,
-        )
+    def task_models(self, params: Tensor) -> Callable[..., Any]:
+        """The model of every task at once: ``f(*inputs)`` with inputs ``[T, ...]`` runs task ``t``'s
+        parameters ``params[t]`` (flat rows ``[T, N]``, e.g. a stage point given to a TaskSet data
+        callable) on ``inputs[t]`` under ``vmap``. For rollouts of each task's policy."""
+        layout, model = self.layout, self.model
 
-    def step(self, batch: TaskBatch | Sequence[Tensor]) -> RF.MetaStepOutput:  # type: ignore[override]
-        """One meta-step on ``batch``: meta-direction into ``.grad``, then the outer update.
+        def run(*inputs: Any) -> Any:
+            return vmap(lambda row, *xs: functional_call(model, layout.unflatten(row), xs))(params, *inputs)
 
-        ``.grad`` of the meta-parameters is overwritten with the meta-direction (not accumulated).
-        Returns the :class:`~rkfast.functional.MetaStepOutput` (``loss``, ``stage_losses``, ...); its
-        tensors may be buffers the next step reuses (clone what you keep).
-
-        Raises:
-            TypeError, ValueError, RuntimeError: a malformed batch (see :func:`~rkfast.batch.check_task_batch`).
-            NonFiniteLossError: NaN/inf meta-loss or meta-direction (not raised by a replayed captured
-                step; see ``capture``).
-            CaptureShapeError: with ``capture=True``, a batch whose shapes differ from the captured ones.
-            In every case before any parameter, gradient or optimizer state changes.
-        """
-        batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
-        if self._capture is None:
-            return self._eager_step(batch)
-        out = self._capture.run(batch, self._eager_step, self._captured_step)
-        self._expose_grads()
-        return out
-
-    def _eager_step(self, batch: TaskBatch) -> RF.MetaStepOutput:
-        out = self._compute(batch, self._workspace)
-        if self.check_finite:
-            self._check_finite(out)
-        self._flat_grad.copy_(out.direction)
-        self._expose_grads()
-        self._outer_update()
-        return out
-
-    def _captured_step(self, batch: TaskBatch) -> RF.MetaStepOutput:
-        """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""
-        out = self._compute(batch, self._workspace)
-        self._expose_grads()
-        if not self.check_finite:
-            self._flat_grad.copy_(out.direction)
-            self._outer_update()
-            return out
-        ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)
-        self._flat_grad.copy_(torch.where(ok, out.direction, 0.0))  # a skipped step updates with a zero gradient
-        guarded_update(ok, [self._flat, *state_tensors(self._outer, self._params)], self._outer_update)
-        self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]
-        return out
-
-    def _expose_grads(self) -> None:
-        for p, g in zip(self._params, self._grad_views):
-            p.grad = g
-
-    def _outer_update(self) -> None:
-        if self._plain_sgd():
-            kernels.axpy_(self._flat, self._flat_grad, -float(self.param_groups[0]["lr"]), backend=self.backend)
-        else:
-            self._outer.step()
+        return run
 
     @property
     def skipped_steps(self) -> Tensor | None:
@@ -342,32 +360,17 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self._capture is not None:
             self._capture.release()
 
-    def _plain_sgd(self) -> bool:
-        """``theta <- theta - lr * d`` over the whole flat buffer: SGD with one group and no extras."""
-        if type(self._outer) is not torch.optim.SGD or len(self.param_groups) != 1:
-            return False
-        group = self.param_groups[0]
-        return (group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False)
-                and len(group["params"]) == len(self._params))
-
-    def _check_finite(self, out: RF.MetaStepOutput) -> None:
-        if bool(torch.isfinite(out.direction).all() & torch.isfinite(out.loss)):  # one host sync
-            return
-        stages = {j: float(v) for j, v in out.stage_losses.items()}
-        raise NonFiniteLossError(
-            f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction; "
-            "parameters and optimizer state were left unchanged. Lower inner_lr or lr, or check the batch."
-        )
+    # -- meta-test --------------------------------------------------------------------------------------
 
     def evaluate(
         self,
-        batch: TaskBatch | Sequence[Tensor],
+        tasks: Tasks,
         steps: Sequence[int] = (1, 5, 10),
         step_size: float | None = None,
         *,
         keep_params: bool = False,
-    ) -> RF.AdaptationOutput:
-        """Meta-test: adapt the current parameters to each task of ``batch`` with plain gradient steps.
+    ) -> AdaptationOutput:
+        """Meta-test: adapt the current parameters to each task with plain gradient steps.
 
         ``step_size`` defaults to ``tableau.test_step(inner_lr)`` = ``h * c_s`` (the step the tableau
         trains the model to adapt with). Parameters are not modified. Returns per-task query losses (and
@@ -375,11 +378,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         95% confidence intervals. ``keep_params`` also returns the adapted flat parameters
         (``[len(steps), T, N]``; :attr:`layout` unflattens them).
         """
-        batch = check_task_batch(batch, dtype=self.dtype, device=self.device)
+        tasks = self._check_tasks(tasks)
         alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
-        return RF.evaluate(
-            self.model, self.loss_fn, self.flat_parameters.detach(), batch, alpha, steps,
-            vectorize=self.vectorize, layout=self.layout, keep_params=keep_params,
+        support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
+        return RF.adapt(
+            self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, alpha, steps,
+            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params,
         )
 
     # -- state ----------------------------------------------------------------------------------------
@@ -389,12 +393,12 @@ class MetaOptimizer(torch.optim.Optimizer):
             "tableau": self.tableau.to_dict(),
             "inner_lr": self.inner_lr,
             "first_order": self.first_order,
-            "outer": type(self._outer).__name__,
+            "outer": type(self.outer_optimizer).__name__,
         }
 
     def state_dict(self) -> dict[str, Any]:
         """The outer optimizer's state dict plus ``"rkfast"``: tableau, ``inner_lr``, ``first_order``."""
-        sd = self._outer.state_dict()
+        sd = self.outer_optimizer.state_dict()
         sd["rkfast"] = self._meta_state()
         return sd
 
@@ -403,19 +407,17 @@ class MetaOptimizer(torch.optim.Optimizer):
         meta = state_dict.get("rkfast")
         if not isinstance(meta, dict):
             raise ValueError("not a MetaOptimizer state dict: the 'rkfast' entry is missing")
-        if meta.get("outer") != type(self._outer).__name__:
-            raise ValueError(
-                f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {type(self._outer).__name__!r}"
-            )
+        outer = type(self.outer_optimizer).__name__
+        if meta.get("outer") != outer:
+            raise ValueError(f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {outer!r}")
         tableau = Tableau.from_dict(meta["tableau"])
-        inner_lr = RF._check_step("inner_lr", meta["inner_lr"])
-        self._outer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
-        self.param_groups = self._outer.param_groups
-        self.state = self._outer.state
+        inner_lr = RF.check_step("inner_lr", meta["inner_lr"])
+        self.outer_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
+        self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
         self.tableau, self.inner_lr, self.first_order = tableau, inner_lr, bool(meta["first_order"])
 
     def __repr__(self) -> str:
         return (
             f"MetaOptimizer(tableau={self.tableau.name}, inner_lr={self.inner_lr:g}, "
-            f"first_order={self.first_order}, outer={self._outer!r})"
+            f"first_order={self.first_order}, outer={self.outer_optimizer!r})"
         )

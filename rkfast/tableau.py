@@ -4,7 +4,7 @@ A tableau ``(A, b)`` is data: the generic RK meta-step in :mod:`rkfast.functiona
 nothing else, so MAML, Heun, RK4 and any user-defined explicit scheme run through the same code.
 
 Stage ``j`` of a task evaluates the support gradient at ``theta - h * sum_{l<j} A[j][l] * k_l`` and the
-meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see DESIGN.md, section 1).
+meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see ``docs/method.md``).
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def _bad_args(name: str, example: str) -> Tableau:
 
 
 def named_tableaus() -> dict[str, Tableau]:
-    """Every named tableau, in the order of DESIGN.md's table."""
+    """Every named tableau, in the order of the table in ``docs/method.md``."""
     return {name: make() for name, make in _NAMED.items()}
 
 

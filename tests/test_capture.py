@@ -18,13 +18,16 @@ import torch.nn.functional as F
 
 from helpers import regression_batch, smooth_mlp
 from rkfast import MetaOptimizer, TaskBatch
-from rkfast.capture import CaptureShapeError, StepCapture, state_tensors
+from rkfast.capture import CaptureShapeError, StepCapture
+from rkfast.outer import state_tensors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.sh)")
 
 
 class EagerStandIn(StepCapture):
     """StepCapture with the CUDA parts replaced: capture records the step, replay runs it on the statics."""
+
+    requires_cuda = False  # runs on the CPU
 
     def _warm(self, step, batch):
         return step(batch)
@@ -42,12 +45,10 @@ class EagerStandIn(StepCapture):
         return self.recorded(self.static_batch)
 
 
-def stand_in_optimizer(mode, **kwargs) -> MetaOptimizer:
-    opt = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, **kwargs)
-    # what capture=True sets up on a GPU, with the stand-in graph
-    opt._capture = EagerStandIn(mode)
-    opt._skipped = torch.zeros((), dtype=torch.int64)
-    return opt
+def stand_in_optimizer(mode, **kwargs) -> tuple[MetaOptimizer, EagerStandIn]:
+    """A MetaOptimizer whose capture engine is the stand-in (the constructor's capture= seam) and the engine."""
+    engine = EagerStandIn(mode)
+    return MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, capture=engine, **kwargs), engine
 
 
 @pytest.mark.parametrize("outer", ["adam", "sgd"])
@@ -55,7 +56,7 @@ def test_captured_state_machine_matches_eager_steps(outer):
     torch.manual_seed(1)
     batches = [regression_batch() for _ in range(5)]
     eager = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, outer=outer)
-    captured = stand_in_optimizer(True, outer=outer)
+    captured, engine = stand_in_optimizer(True, outer=outer)
     captured.load_state_dict(copy.deepcopy(eager.state_dict()))  # (torch aliases uncast state tensors)
     with torch.no_grad():
         captured.flat_parameters.copy_(eager.flat_parameters)
@@ -63,14 +64,14 @@ def test_captured_state_machine_matches_eager_steps(outer):
         e, c = eager.step(b), captured.step(b)
         torch.testing.assert_close(c.loss, e.loss)
     torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-12, atol=1e-14)
-    assert captured._capture.captures == 1 and captured._capture.replays == 3  # 2 warm-up steps, then replays
+    assert engine.captures == 1 and engine.replays == 3  # 2 warm-up steps, then replays
     assert int(captured.skipped_steps) == 0
     grads = torch.cat([p.grad.reshape(-1) for p in captured.model.parameters()])
-    torch.testing.assert_close(grads, eager._flat_grad)
+    torch.testing.assert_close(grads, torch.cat([p.grad.reshape(-1) for p in eager.model.parameters()]))
 
 
 def test_shape_change_raises_with_capture_true_and_recaptures_with_auto():
-    strict, auto = stand_in_optimizer(True), stand_in_optimizer("auto")
+    (strict, _), (auto, auto_engine) = stand_in_optimizer(True), stand_in_optimizer("auto")
     for _ in range(3):
         strict.step(regression_batch(tasks=3))
         auto.step(regression_batch(tasks=3))
@@ -87,12 +88,12 @@ def test_shape_change_raises_with_capture_true_and_recaptures_with_auto():
         b = regression_batch(tasks=4)
         auto.step(b)
         reference.step(b)
-    assert auto._capture.captures == 2
+    assert auto_engine.captures == 2
     torch.testing.assert_close(auto.flat_parameters, reference.flat_parameters, rtol=1e-12, atol=1e-14)
 
 
 def test_a_non_finite_replayed_step_is_skipped_on_the_device():
-    opt = stand_in_optimizer(True)
+    opt, _ = stand_in_optimizer(True)
     for _ in range(3):
         opt.step(regression_batch())
     params = opt.meta_parameters()
@@ -154,17 +155,18 @@ def test_first_order_steps_write_into_the_same_buffers():
 # -- on a GPU ----------------------------------------------------------------------------------------------
 
 
-def _cuda_pair(tableau="rk4", outer="adam", lr=1e-3, hidden=32, **kwargs):
+def _cuda_pair(tableau="rk4", outer="adam", lr=1e-3, hidden=32, capture=True, **kwargs):
     """A captured and an eager MetaOptimizer on twin models (the eager Adam made capturable too, so both
-    run the same Adam implementation)."""
+    run the same Adam implementation), and the capture engine."""
     torch.manual_seed(0)
     model = smooth_mlp(hidden=hidden, dtype=torch.float32).cuda()
     twin = smooth_mlp(hidden=hidden, dtype=torch.float32).cuda()
     twin.load_state_dict(model.state_dict())
     common = dict(tableau=tableau, inner_lr=0.05, outer=outer, lr=lr, **kwargs)
-    captured = MetaOptimizer(model, F.mse_loss, capture=True, **common)
+    engine = StepCapture(capture)
+    captured = MetaOptimizer(model, F.mse_loss, capture=engine, **common)
     eager = MetaOptimizer(twin, F.mse_loss, **common, **({"capturable": True} if outer == "adam" else {}))
-    return captured, eager
+    return captured, eager, engine
 
 
 def _cuda_batch(tasks=8):
@@ -174,35 +176,34 @@ def _cuda_batch(tasks=8):
 @cuda
 @pytest.mark.parametrize("first_order", [False, True])
 def test_captured_steps_equal_eager_steps_on_cuda(first_order):
-    captured, eager = _cuda_pair(first_order=first_order)
+    captured, eager, engine = _cuda_pair(first_order=first_order)
     for _ in range(5):
         b = _cuda_batch()
         c, e = captured.step(b), eager.step(b)
         torch.testing.assert_close(c.loss, e.loss, rtol=1e-5, atol=1e-6)
-    assert captured._capture.captures == 1
+    assert engine.captures == 1
     torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
 
 
 @cuda
 def test_cuda_shape_change_and_auto_recapture():
-    captured, _ = _cuda_pair()
+    captured, _, _ = _cuda_pair()
     for _ in range(3):
         captured.step(_cuda_batch())
     with pytest.raises(CaptureShapeError):
         captured.step(_cuda_batch(tasks=5))
-    auto, eager = _cuda_pair()
-    auto._capture.mode = auto.capture = "auto"
+    auto, eager, engine = _cuda_pair(capture="auto")
     for tasks in (8, 8, 8, 5, 5, 5, 5):
         b = _cuda_batch(tasks)
         auto.step(b)
         eager.step(b)
-    assert auto._capture.captures == 2
+    assert engine.captures == 2
     torch.testing.assert_close(auto.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
 
 
 @cuda
 def test_cuda_eager_memory_is_stable():
-    _, eager = _cuda_pair()
+    _, eager, _ = _cuda_pair()
     for _ in range(3):
         eager.step(_cuda_batch())
     torch.cuda.synchronize()
@@ -220,17 +221,17 @@ def test_cuda_eager_memory_is_stable():
 
 @cuda
 def test_cuda_replayed_non_finite_step_is_skipped_on_the_device():
-    captured, _ = _cuda_pair()
+    captured, _, _ = _cuda_pair()
     for _ in range(4):  # two eager warm-ups, the capture, one replay
         captured.step(_cuda_batch())
     before = captured.flat_parameters.clone()
-    state_before = [t.clone() for t in state_tensors(captured._outer, captured._params)]
+    state_before = [t.clone() for t in state_tensors(captured.outer_optimizer, list(captured.model.parameters()))]
     bad = _cuda_batch()
     bad.query_y[0, 0] = float("nan")
     captured.step(bad)
     assert int(captured.skipped_steps) == 1
     torch.testing.assert_close(captured.flat_parameters, before, rtol=0, atol=0)
-    for t, s in zip(state_tensors(captured._outer, captured._params), state_before):
+    for t, s in zip(state_tensors(captured.outer_optimizer, list(captured.model.parameters())), state_before):
         torch.testing.assert_close(t, s, rtol=0, atol=0)
     captured.step(_cuda_batch())  # and the next good batch updates again
     assert int(captured.skipped_steps) == 1
@@ -240,7 +241,7 @@ def test_cuda_replayed_non_finite_step_is_skipped_on_the_device():
 @cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_captured_plain_sgd_equals_eager(backend):
-    captured, eager = _cuda_pair(tableau="heun", outer="sgd", lr=1e-2, hidden=16, backend=backend)
+    captured, eager, _ = _cuda_pair(tableau="heun", outer="sgd", lr=1e-2, hidden=16, backend=backend)
     for _ in range(5):
         b = _cuda_batch()
         captured.step(b)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import rkfast
-from rkfast.cli import TrainConfig, main, train_sinusoid
+from rkfast.cli import main
+from rkfast.train import TrainConfig, train
 
 TINY = ["--iterations", "30", "--eval-every", "10", "--eval-tasks", "20", "--test-tasks", "40", "--quiet"]
 
@@ -79,8 +80,8 @@ def test_console_entry_point_exit_code() -> None:
 
 
 def test_short_training_run_learns_to_adapt() -> None:
-    cfg = TrainConfig(iterations=300, lr=3e-3, meta_batch=10, eval_tasks=0, test_tasks=200, seed=1)
-    run = train_sinusoid(cfg, progress=False)
+    cfg = TrainConfig("sinusoid", iterations=300, lr=3e-3, meta_batch=10, eval_tasks=0, test_tasks=200, seed=1)
+    run = train(cfg, progress=False)
     loss = run.test.summary()["loss"]
     pre, one, ten = loss[0][0], loss[1][0], loss[10][0]
     # adapting the untrained model: -4% (1 step), +3% (10 steps), 81% of tasks gain; here -36%, -61%, 97%

@@ -128,7 +128,7 @@ def test_lr_scheduler_changes_the_outer_lr():
     opt.step(batch)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
-    assert opt._outer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert opt.outer_optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     before = opt.meta_parameters()
     d = expected_direction(model, batch, "maml", 0.1)
     opt.step(batch)
@@ -142,7 +142,7 @@ def test_scheduler_survives_load_state_dict():
     opt.load_state_dict(opt.state_dict())
     opt.step(batch)
     sched.step()
-    assert opt._outer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert opt.outer_optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
 
 
 def test_param_groups_and_subset():

@@ -1,6 +1,6 @@
 """Tests for rkfast.tableau: named tableaus, factories, lookup, order conditions, validation.
 
-The expected tableaus are written here independently, as fractions, from DESIGN.md section 1; the order
+The expected tableaus are written here independently, as fractions, from the table in docs/method.md; the order
 check is an independent numpy implementation of the 8 order conditions up to order 4.
 """
 
@@ -32,7 +32,7 @@ from rkfast.tableau import (
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---------------------------------------------------------------------------------------------------
-# DESIGN.md section 1, transcribed: name -> (s, non-zero A entries keyed 1-based (j, l), b, order)
+# docs/method.md's tableau table, transcribed: name -> (s, non-zero A entries keyed 1-based (j, l), b, order)
 # ---------------------------------------------------------------------------------------------------
 
 EXPECTED = {
@@ -147,14 +147,14 @@ def tableau_arrays(draw, consistent: bool | None = None):
 
 def test_named_tableaus_are_exactly_the_design_table():
     named = named_tableaus()
-    assert list(named) == list(EXPECTED)  # the order of DESIGN.md's table
+    assert list(named) == list(EXPECTED)  # the order of docs/method.md's table
     for name, t in named.items():
         assert isinstance(t, Tableau)
         assert t.name == name
 
 
 def test_expected_table_is_self_consistent():
-    # Sanity of the transcription itself: exact rational order conditions give DESIGN.md's orders.
+    # Sanity of the transcription itself: exact rational order conditions give docs/method.md's orders.
     for name, (_, _, b, order) in EXPECTED.items():
         assert reference_order(expected_matrix(name), b, exact=True) == order, name
 

@@ -1,5 +1,11 @@
-"""Built-in task distributions."""
+"""Task domains: one module per domain, each registered in :mod:`rkfast.tasks.registry`.
 
+Adding a domain = one module here that builds a :class:`~rkfast.tasks.registry.Domain` and calls
+:func:`register`, plus its import below.
+"""
+
+from .registry import Defaults, Domain, Metric, Option, TaskSampler, domains, get_domain, register, unregister
 from .sinusoid import SinusoidTasks
 
-__all__ = ["SinusoidTasks"]
+__all__ = ["SinusoidTasks", "Domain", "Option", "Metric", "Defaults", "TaskSampler", "register", "unregister",
+           "get_domain", "domains"]

@@ -1,17 +1,30 @@
-"""Sinusoid regression (Finn et al. 2017): each task is ``y = A sin(x - phi)`` with its own A and phi."""
+"""Sinusoid regression (Finn et al. 2017): each task is ``y = A sin(x - phi)`` with its own A and phi.
+
+The task distribution (:class:`SinusoidTasks`) and the registered ``sinusoid`` domain: the MLP
+1-40-40-1, MSE, the published hyper-parameters and a plot of a few meta-test tasks before and after
+adaptation.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..batch import TaskBatch
+from ..models import sinusoid_mlp
+from .registry import Defaults, Domain, Metric, Option, register
 
-__all__ = ["SinusoidTasks", "SinusoidBatch"]
+if TYPE_CHECKING:
+    from ..optim import MetaOptimizer
+    from ..train import RunResult
+
+__all__ = ["SinusoidTasks", "SinusoidBatch", "SINUSOID", "adapted_predictions", "plot_test_tasks"]
 
 
 class SinusoidBatch(NamedTuple):
@@ -75,3 +88,83 @@ class SinusoidTasks:
         gen = torch.Generator().manual_seed(seed)
         for _ in range(count):
             yield self.sample(meta_batch, gen)
+
+
+# -- the registered domain ----------------------------------------------------------------------------
+
+
+def adapted_predictions(
+    opt: MetaOptimizer, tasks: SinusoidBatch, x: Tensor, steps: Sequence[int], step_size: float
+) -> Tensor:
+    """Predictions ``[len(steps), T, len(x), 1]`` on the grid ``x [M, 1]`` of the meta-learned model after
+    ``n`` plain gradient steps on each task's support set, for each ``n`` in ``steps`` (0: before)."""
+    from torch.func import functional_call, vmap
+
+    T = tasks.batch.num_tasks
+    grid = x.expand(T, *x.shape)
+    truth = SinusoidTasks.target(tasks.amplitude, tasks.phase, grid)
+    batch = TaskBatch(tasks.batch.support_x, tasks.batch.support_y, grid, truth)
+    adapted = opt.evaluate(batch, steps=[n for n in steps if n > 0], step_size=step_size, keep_params=True)
+    rows = adapted.params[[adapted.steps.index(n) for n in steps]]  # type: ignore[index]
+    predict = vmap(lambda row: functional_call(opt.model, opt.layout.unflatten(row), (x,)))
+    return torch.stack([predict(r) for r in rows])
+
+
+def plot_test_tasks(run: RunResult, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 10)) -> None:
+    """A few meta-test tasks: the true sine, the support points and the fit before and after adaptation."""
+    from ..plots import new_figure, save_figure
+
+    opt, step_size, options = run.opt, run.test.step_size, run.config.options
+    sampler = _make_tasks(options, "test", opt.device)
+    first_chunk = sampler.sample_with_params(min(run.config.test_tasks, run.domain.defaults.eval_chunk),
+                                             run.task_generator("test"))  # the first meta-test tasks
+    count = min(tasks, first_chunk.batch.num_tasks)
+    data = SinusoidBatch(TaskBatch(*(t[:count] for t in first_chunk.batch)), first_chunk.amplitude[:count],
+                         first_chunk.phase[:count])
+    batch = data.batch
+    x = torch.linspace(-5.0, 5.0, 200, dtype=opt.dtype, device=opt.device).unsqueeze(-1)
+    cols = 2 if count > 1 else 1
+    rows = -(-count // cols)
+    fig = new_figure(figsize=(5 * cols, 3.4 * rows))
+    preds = adapted_predictions(opt, data, x, steps, step_size)
+    for i in range(count):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        true = SinusoidTasks.target(data.amplitude[i : i + 1], data.phase[i : i + 1], x.unsqueeze(0))[0]
+        xs = x.squeeze(-1).cpu().numpy()
+        ax.plot(xs, true.squeeze(-1).cpu().numpy(), color="k", lw=2, label="true")
+        for k, n in enumerate(steps):
+            label = "before adaptation" if n == 0 else f"after {n} step{'s' if n > 1 else ''}"
+            ax.plot(xs, preds[k, i].squeeze(-1).cpu().numpy(), color=f"C{k}", ls="--" if n == 0 else "-", label=label)
+        ax.scatter(batch.support_x[i].cpu().numpy(), batch.support_y[i].cpu().numpy(), color="r", zorder=5,
+                   s=20, label=f"support ({batch.support_x.shape[1]} points)")
+        ax.set_title(f"A={float(data.amplitude[i]):.2f}, phase={float(data.phase[i]):.2f}", fontsize=9)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"meta-test tasks, tableau {run.tableau.name}, step size {step_size:.4g}")
+    save_figure(fig, path)
+
+
+def _make_tasks(options: Mapping[str, Any], split: str, device: torch.device) -> SinusoidTasks:
+    """Training tasks have ``shots`` query points (as in MAML); held-out and test tasks ``test_query_shots``."""
+    query = None if split == "train" else options["test_query_shots"]
+    return SinusoidTasks(shots=options["shots"], query_shots=query, device=device)
+
+
+SINUSOID = register(Domain(
+    name="sinusoid",
+    description="sinusoid regression (Finn et al. 2017): y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], "
+                "x ~ U[-5, 5]; MLP 1-40-40-1",
+    make_tasks=_make_tasks,
+    make_model=lambda options: sinusoid_mlp(),
+    loss_fn=F.mse_loss,
+    metrics=(Metric("mse", "loss", "query MSE", "MSE"),),
+    defaults=Defaults(iterations=20000, meta_batch=25, inner_lr=0.01, lr=1e-3,
+                      source="Finn et al. 2017: 10-shot, 25 tasks per meta-batch, inner step 0.01, Adam 1e-3"),
+    options=(
+        Option("shots", 10, "support (and training query) points per task"),
+        Option("test_query_shots", 100, "query points per held-out and test task"),
+    ),
+    describe_test=lambda o: f"{o['shots']}-shot support, {o['test_query_shots']} query points per task",
+    test_protocol=lambda o: {"support_shots": o["shots"], "query_shots": o["test_query_shots"]},
+    plots={"test_tasks.png": plot_test_tasks},
+))

@@ -1,0 +1,97 @@
+"""Plain-text tables of runs: one run's meta-test, a comparison of tableaus, a re-evaluation."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from .tasks import Domain
+from .train import RunResult, TrainConfig
+
+__all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows"]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned first column, right-aligned others, two spaces apart."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _protocol(domain: Domain, cfg: TrainConfig, tasks: int) -> str:
+    described = domain.describe_test(cfg.options)
+    return (f"meta-test on {tasks} tasks (test seed {cfg.test_seed}): {described + '; ' if described else ''}"
+            f"{domain.metric.label} after n plain gradient steps on the support set")
+
+
+def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], tasks: int, step_source: str) -> str:
+    """The protocol, the step size and a table of every metric after each number of adaptation steps."""
+    headers = ["test steps"]
+    for m in domain.metrics:
+        headers += [m.label, "95% CI"]
+    rows = []
+    for n in summary["steps"]:
+        row = [str(n)]
+        for m in domain.metrics:
+            mean, ci = summary[m.source][n]
+            row += [f"{mean:.4f}", f"± {ci:.4f}"]
+        rows.append(row)
+    return "\n".join([
+        _protocol(domain, cfg, tasks),
+        f"test step size {summary['step_size']:.4g} ({step_source})",
+        table(headers, rows),
+    ])
+
+
+def step_source(run_cfg: TrainConfig, last_node: float, test_step: float | None) -> str:
+    """Where the meta-test step size came from, in words."""
+    if test_step is not None:
+        return "--test-step"
+    return f"the tableau's h*c_s = {run_cfg.inner_lr:g}*{last_node:.4g}"
+
+
+def train_report(run: RunResult) -> str:
+    """What ``rkfast train`` prints: the tableau, the meta-test table and the training time."""
+    cfg = run.config
+    return "\n".join([
+        run.tableau.describe(),
+        test_report(run.domain, cfg, run.test.summary(), run.test.losses.shape[1],
+                    step_source(cfg, run.tableau.last_node, cfg.test_step)),
+        f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
+        f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
+    ])
+
+
+def _mean_ci(mean_ci: tuple[float, float]) -> str:
+    mean, ci = mean_ci
+    return f"{mean:.3f} ± {ci:.3f}"
+
+
+def compare_report(runs: Sequence[RunResult]) -> str:
+    """What ``rkfast compare`` prints: one row per tableau, the primary metric after each step count."""
+    domain = runs[0].domain
+    metric, steps = domain.metric, (0, *domain.defaults.test_steps)
+    headers = ["tableau", "order", "test step", *(f"{metric.short} @{n}" for n in steps), "train s", "ms/step"]
+    rows = []
+    for run in runs:
+        s = run.test.summary()
+        rows.append([run.tableau.name, str(run.tableau.order), f"{s['step_size']:.4g}",
+                     *(_mean_ci(s[metric.source][n]) for n in s["steps"]),
+                     f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"])
+    protocol = _protocol(domain, runs[0].config, runs[0].test.losses.shape[1])
+    return "\n".join([f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows)])
+
+
+def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """The comparison as JSON rows: tableau, order, test step, every metric's summary, timings."""
+    rows = []
+    for r in runs:
+        s = r.test.summary()
+        row: dict[str, Any] = {"tableau": r.tableau.name, "order": r.tableau.order, "test_step": r.test.step_size}
+        row.update({m.source: s[m.source] for m in r.domain.metrics})
+        row["loss"] = s["loss"]
+        row.update(train_time_s=r.train_time_s, ms_per_meta_step=r.ms_per_step)
+        rows.append(row)
+    return rows

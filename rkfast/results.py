@@ -1,0 +1,83 @@
+"""What a meta-step and a meta-test adaptation return, and the 95% confidence interval of a mean."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MetaStepOutput", "AdaptationOutput", "mean_ci95"]
+
+
+@dataclass
+class MetaStepOutput:
+    """What one RK meta-step computed (all tensors detached).
+
+    Attributes:
+        direction: the meta-direction ``d = grad_theta L(theta)``, flat ``[N]``.
+        loss: the meta-loss ``L(theta) = sum_j b_j * mean_i L_Q,i(theta_i^(j))``, 0-d.
+        stage_losses: ``{stage: mean query loss over tasks}`` for each stage with ``b_j != 0``; stages are
+            numbered from 1 as in the method (stage 1 is ``theta`` itself).
+        stage_metrics: ``{metric: {stage: mean over tasks}}``, e.g. ``{"accuracy": {2: ...}}``.
+    """
+
+    direction: Tensor
+    loss: Tensor
+    stage_losses: dict[int, Tensor]
+    stage_metrics: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal confidence interval (``1.96 * std / sqrt(n)``)."""
+    v = values.detach().double().reshape(-1)
+    n = v.numel()
+    if n == 0:
+        raise ValueError("mean_ci95 of an empty tensor")
+    half = 1.96 * v.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return v.mean().item(), half
+
+
+@dataclass
+class AdaptationOutput:
+    """Query loss (and metrics) per task after each number of plain support-gradient steps.
+
+    Attributes:
+        steps: the step counts, always starting with 0 (before adaptation).
+        step_size: the adaptation step that was used.
+        losses: ``[len(steps), T]`` per-task query losses.
+        metrics: ``{name: [len(steps), T]}``.
+        params: ``[len(steps), T, N]`` adapted flat parameters, when asked for (``keep_params=True``).
+    """
+
+    steps: tuple[int, ...]
+    step_size: float
+    losses: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    params: Tensor | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """``{"step_size", "steps", "loss": {step: (mean, ci95)}, <metric>: {...}}``, JSON-friendly."""
+        out: dict[str, Any] = {"step_size": self.step_size, "steps": list(self.steps)}
+        for name, table in {"loss": self.losses, **self.metrics}.items():
+            out[name] = {n: mean_ci95(row) for n, row in zip(self.steps, table)}
+        return out
+
+    @staticmethod
+    def cat(parts: Sequence[AdaptationOutput]) -> AdaptationOutput:
+        """Join results of several task batches (same steps and step size) along the task dimension."""
+        if not parts:
+            raise ValueError("AdaptationOutput.cat needs at least one result")
+        first = parts[0]
+        if any(p.steps != first.steps or p.step_size != first.step_size for p in parts):
+            raise ValueError("AdaptationOutput.cat: results differ in steps or step size")
+        keep = all(p.params is not None for p in parts)
+        return AdaptationOutput(
+            first.steps,
+            first.step_size,
+            torch.cat([p.losses for p in parts], dim=1),
+            {k: torch.cat([p.metrics[k] for p in parts], dim=1) for k in first.metrics},
+            torch.cat([p.params for p in parts], dim=1) if keep else None,  # type: ignore[misc]
+        )

@@ -1,0 +1,190 @@
+"""The task-domain registry: what the training loop and the command line need to know about a domain.
+
+A domain (sinusoid regression, few-shot classification, ...) is one module in :mod:`rkfast.tasks` that
+builds a :class:`Domain` and registers it. :mod:`rkfast.train` trains any registered domain and
+``rkfast train|compare DOMAIN`` offers each one with its own options and published defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..batch import TaskBatch, TaskSet
+
+if TYPE_CHECKING:
+    from ..train import RunResult
+
+__all__ = ["Domain", "Option", "Metric", "Defaults", "TaskSampler", "register", "unregister", "get_domain", "domains"]
+
+
+class TaskSampler(Protocol):
+    """Draws meta-batches of one split of a domain."""
+
+    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Union[TaskBatch, TaskSet]:
+        """``num_tasks`` tasks drawn with ``generator`` (the same generator state gives the same tasks)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Option:
+    """A domain's own setting, offered on the command line as ``--name-with-dashes``.
+
+    Attributes:
+        name: the Python name (``"test_query_shots"``); the flag is ``--test-query-shots``.
+        default: the default value; its type (int, float, str) is the option's type.
+        help: one line for ``--help``.
+        positive: numbers must be > 0.
+    """
+
+    name: str
+    default: Any
+    help: str
+    positive: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to the option's type; raises ``ValueError`` naming the option."""
+        kind = type(self.default)
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {self.name} must be {kind.__name__}, got {value!r}") from None
+        if isinstance(value, (int, float)) and self.positive and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"option {self.name} must be > 0, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number the tables, results and plots report per adaptation step.
+
+    Attributes:
+        name: its key in the results (``"mse"``, ``"accuracy"``).
+        source: where it comes from in an :class:`~rkfast.results.AdaptationOutput`: ``"loss"`` or the name
+            of a metric the task loss reports (``"accuracy"``).
+        label: how tables and plots name it (``"query MSE"``).
+        short: a short column title (``"MSE"``).
+        higher_is_better: accuracy yes, a loss no.
+    """
+
+    name: str
+    source: str
+    label: str
+    short: str
+    higher_is_better: bool = False
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A domain's published hyper-parameters: the defaults of ``rkfast train DOMAIN``."""
+
+    iterations: int
+    meta_batch: int
+    inner_lr: float
+    lr: float
+    eval_every: int = 1000
+    eval_tasks: int = 100
+    test_tasks: int = 600
+    test_steps: tuple[int, ...] = (1, 5, 10)
+    eval_steps: tuple[int, ...] = (1, 10)
+    eval_chunk: int = 100  # tasks per evaluation batch
+    source: str = ""  # where the numbers come from
+
+
+PlotFn = Callable[["RunResult", Path], None]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One task domain: its tasks, model, loss, metrics, defaults, options and plots.
+
+    Attributes:
+        name: the command-line name (``rkfast train NAME``).
+        description: one line for ``--help``.
+        make_tasks: ``(options, split, device) -> TaskSampler`` with ``split`` one of ``"train"``, ``"val"``,
+            ``"test"``.
+        make_model: ``options -> nn.Module`` (called under the run's seed).
+        loss_fn: ``loss_fn(output, target)`` of one task; ``None`` when the samplers give
+            :class:`~rkfast.batch.TaskSet` s with their own losses.
+        metrics: what is reported, the first one in progress lines and comparisons.
+        defaults: the published hyper-parameters.
+        options: the domain's own settings (``--shots``...).
+        describe_test: ``options -> str``, the meta-test protocol in words (``"10-shot support, ..."``).
+        test_protocol: ``options -> dict``, the same for the results JSON.
+        plots: ``{file name: plot(run, path)}``, made after training besides the training curve.
+    """
+
+    name: str
+    description: str
+    make_tasks: Callable[[Mapping[str, Any], str, torch.device], TaskSampler]
+    make_model: Callable[[Mapping[str, Any]], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None
+    metrics: tuple[Metric, ...]
+    defaults: Defaults
+    options: tuple[Option, ...] = ()
+    describe_test: Callable[[Mapping[str, Any]], str] = lambda options: ""
+    test_protocol: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda options: {}
+    plots: Mapping[str, PlotFn] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise ValueError(f"domain {self.name!r} declares no metrics")
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain {self.name!r} declares an option twice: {names}")
+
+    @property
+    def metric(self) -> Metric:
+        """The primary metric (progress lines, comparisons)."""
+        return self.metrics[0]
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option's value: ``given`` checked and converted, the others at their defaults."""
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"domain {self.name!r} has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(known) or 'none'}")
+        return {name: o.check(given[name]) if name in given else o.default for name, o in known.items()}
+
+
+_DOMAINS: dict[str, Domain] = {}
+
+
+def register(domain: Domain, *, replace: bool = False) -> Domain:
+    """Make ``domain`` known to the training loop and the command line; returns it."""
+    if not isinstance(domain, Domain):
+        raise TypeError(f"register takes a Domain, got {type(domain).__name__}")
+    if domain.name in _DOMAINS and not replace:
+        raise ValueError(f"a domain named {domain.name!r} is already registered (replace=True to replace it)")
+    _DOMAINS[domain.name] = domain
+    return domain
+
+
+def unregister(name: str) -> None:
+    """Forget the domain ``name`` (no error if it is not registered)."""
+    _DOMAINS.pop(name, None)
+
+
+def get_domain(name: str | Domain) -> Domain:
+    """The registered domain ``name`` (a :class:`Domain` is returned as is)."""
+    if isinstance(name, Domain):
+        return name
+    try:
+        return _DOMAINS[name]
+    except KeyError:
+        raise ValueError(f"unknown task domain {name!r}; registered: {', '.join(_DOMAINS) or 'none'}") from None
+
+
+def domains() -> dict[str, Domain]:
+    """Every registered domain, in registration order."""
+    return dict(_DOMAINS)
