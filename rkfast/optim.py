@@ -257,11 +257,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         return out
 
     def _meta_direction(self, tasks: TaskBatch | TaskSet, on_device: bool = False) -> MetaStepOutput:
-        """The RK meta-direction of ``tasks`` at the current parameters; raises on a non-finite one unless
-        ``on_device`` (a captured step decides on the device)."""
+        """The RK meta-direction of ``tasks`` (checked, so the flat buffer is bound) at the current parameters;
+        raises on a non-finite one unless ``on_device`` (a captured step decides on the device)."""
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
         out = RF.rk_meta_step(
-            self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, self.tableau,
+            self._flat.data.detach(), support_loss, query_loss, support_data, query_data, self.tableau,
             self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
             backend=self.backend, workspace=self._workspace,
         )
@@ -300,13 +300,8 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     # -- the flat buffer and what depends on its device -------------------------------------------------
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._flat.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._flat.device
+    dtype = property(lambda self: self._flat.dtype, doc="The meta-parameters' dtype.")
+    device = property(lambda self: self._flat.device, doc="The meta-parameters' device.")
 
     def _resolve_device_choices(self) -> None:
         self.backend = kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
