@@ -44,7 +44,8 @@ step 30 "machine" bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_versi
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name(0))"'
 step 180 "install" env RKFAST_REQUIRE_CPP=1 python3 -m pip install -q --no-build-isolation --no-deps -e .
 step 30 "backends" python3 -c "import rkfast.kernels as k, rkfast._C as c; print(k.available(), 'isa', c.isa(), 'openmp', c.has_openmp())"
-card=$(python3 -c "import torch; print(''.join(c if c.isalnum() else '-' for c in torch.cuda.get_device_name(0).lower()).strip('-'))" 2>/dev/null || echo gpu)
+# the results' file names: the GPU's name as e2e.py spells it (benchmarks/_common.py's device_slug)
+card=$(python3 -c "import sys, torch; sys.path.insert(0, 'benchmarks'); from _common import device_slug; print(device_slug(torch.device('cuda')))" 2>/dev/null || echo gpu)
 
 if [ "$phase" = all ] || [ "$phase" = check ]; then
     step 90 "capture tests" python3 -m pytest -q -rs tests/test_capture.py

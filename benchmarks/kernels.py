@@ -54,13 +54,12 @@ from torch import Tensor
 
 from rkfast import kernels
 
-from _common import device_name  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import RESULTS_DIR, available_memory_bytes, device_name, other_cores, slug, timed_calls
+from targets import KERNEL_TARGETS, KernelTarget
 
 GB = 1e9
-CPU_TARGET = {"op": "combine", "backend": "cpp", "log2n": 23, "tasks": 32, "streams": 4,
-              "pct_floor": 85.0, "x_chain": 1.25}
-GPU_TARGET = {"ops": ("combine", "stage_point"), "backend": "triton", "min_log2n": 24, "combine_streams": 4,
-              "pct_floor": 90.0, "x_chain": 1.8}
+BUSY_FRACTION = 0.15  # other processes using more of the CPUs than this distort CPU timings: warn
 
 
 # -- the ops under test ---------------------------------------------------------------------------------
@@ -214,10 +213,7 @@ def time_cpu(fns: dict[str, Callable[[], None]], timing: Timing) -> dict[str, tu
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            for _ in range(reps[name] // rounds + (r < reps[name] % rounds)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+            times[name].extend(timed_calls(fn, reps[name] // rounds + (r < reps[name] % rounds)))
     return {name: (statistics.median(t), len(t)) for name, t in times.items()}
 
 
@@ -363,10 +359,6 @@ def add_ratios(rows: list[dict], floor_gbps: float, llc_bytes: int | None) -> No
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def last_level_cache_bytes(device: torch.device) -> int | None:
     """The L3 (CPU, from sysfs) or L2 (CUDA) size, to flag cache-resident cells; None if unknown."""
     if device.type == "cuda":
@@ -389,36 +381,18 @@ def memory_budget(device: torch.device, max_gb: float | None) -> float:
 
 
 def available_memory(device: torch.device) -> float | None:
+    """Free bytes on the device: CUDA's free memory, or the system's available memory."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """(idle, total) jiffies over all cpus, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)
+    return available_memory_bytes()
 
 
 def warn_if_busy(device: torch.device, seconds: float = 0.25) -> None:
     """CPU timings are only meaningful on an idle machine: a busy core stalls every OpenMP barrier."""
     if device.type != "cpu":
         return
-    try:
-        idle0, total0 = _cpu_ticks()
-        time.sleep(seconds)
-        idle1, total1 = _cpu_ticks()
-    except (OSError, ValueError, IndexError):
-        return
-    busy = 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-    if busy > 0.15:
+    busy = other_cores(seconds) / (os.cpu_count() or 1)  # the share of all cpus
+    if busy > BUSY_FRACTION:
         print(f"warning: the cpus were {100 * busy:.0f}% busy with other work just before the run; "
               "CPU timings will be distorted", file=sys.stderr)
 
@@ -467,34 +441,22 @@ HEADER = (f"{'op':<12}{'backend':<8}{'N':>5}{'T':>4}{'s' + chr(39):>4}{'ms':>11}
 
 
 def targets(device: torch.device, rows: list[dict]) -> list[dict]:
-    """The acceptance targets, each with the measured numbers and whether it is met."""
+    """The verdicts of the targets (benchmarks/targets.py) for this device: one per row a target judges,
+    with the measured numbers and whether it is met, or one saying no such row ran."""
     out = []
-    if device.type == "cpu":
-        t = CPU_TARGET
-        match = [r for r in rows if r["op"] == t["op"] and r["variant"] == t["backend"] and r["log2n"] == t["log2n"]
-                 and r["tasks"] == t["tasks"] and r["streams"] == t["streams"]]
-        name = f"cpu: {t['backend']} {t['op']} s'={t['streams']} N=2^{t['log2n']} T={t['tasks']}"
-        if not match:
-            out.append({"target": name, "met": None, "why": "cell not run (size not selected or skipped)"})
-        for r in match:
-            out.append(_judge(name, r, t["pct_floor"], t["x_chain"]))
-        return out
-    t = GPU_TARGET
-    for r in rows:
-        if (r["variant"] == t["backend"] and r["op"] in t["ops"] and r["log2n"] >= t["min_log2n"]
-                and (r["op"] != "combine" or r["streams"] == t["combine_streams"])):
-            name = f"gpu: {r['variant']} {r['op']} s'={r['streams']} N=2^{r['log2n']} T={r['tasks']}"
-            out.append(_judge(name, r, t["pct_floor"], t["x_chain"]))
-    if not out:
-        out.append({"target": "gpu: triton combine s'=4 / stage_point at N >= 2^24", "met": None,
-                    "why": "no such cell run (Triton unavailable, sizes not selected, or skipped)"})
+    for t in KERNEL_TARGETS:
+        if not t.applies_to(device.type):
+            continue
+        judged = [_judge(t, r) for r in rows if t.matches(r)]
+        out.extend(judged or [{"target": f"{t.label}: {t.describe()}", "met": None, "why": t.if_missing}])
     return out
 
 
-def _judge(name: str, r: dict, pct: float, x_chain: float) -> dict:
-    met = r["pct_floor"] >= pct and r["x_chain"] >= x_chain
-    why = (f"{r['pct_floor']:.1f}% of floor (need >= {pct:g}), {r['x_chain']:.2f}x chain (need >= {x_chain:g}; "
-           f"traffic model allows {r['ideal_x_chain']:.2f}x)")
+def _judge(t: KernelTarget, r: dict) -> dict:
+    name = f"{t.label}: {r['variant']} {r['op']} s'={r['streams']} N=2^{r['log2n']} T={r['tasks']}"
+    met = r["pct_floor"] >= t.pct_floor and r["x_chain"] >= t.x_chain
+    why = (f"{r['pct_floor']:.1f}% of floor (need >= {t.pct_floor:g}), {r['x_chain']:.2f}x chain (need >= "
+           f"{t.x_chain:g}; traffic model allows {r['ideal_x_chain']:.2f}x)")
     return {"target": name, "met": met, "why": why, "pct_floor": r["pct_floor"], "x_chain": r["x_chain"]}
 
 
@@ -584,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick and not args.json:
         print("\n(quick run: no results file; pass --json to write one)")
         return 0
-    path = Path(args.json or Path(__file__).parent / "results" / f"kernels-{slug(name)}.json")
+    path = Path(args.json or RESULTS_DIR / f"kernels-{slug(name)}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": name, "device_type": device.type, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -21,16 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 import rkfast
 
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+from _common import median_ms  # benchmarks/ is on sys.path when run as a script
 
 
 def hand_written_maml(model: torch.nn.Module, batch: rkfast.TaskBatch, inner_lr: float) -> Callable[[], object]:

@@ -21,25 +21,29 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import e2e  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import sync
+from e2e_contenders import CONTENDERS, Unsupported
+from e2e_peers import NotAvailable
+from e2e_workloads import ORDERS, WORKLOADS, make_setup
 
 
 def profile_contender(name: str, args: argparse.Namespace, device: torch.device) -> str:
-    setup = e2e.make_setup(e2e.WORKLOADS[args.workload], args.tableau, args.order == "first", device, args.seed)
-    step = e2e.CONTENDERS[name].build(setup)
+    setup = make_setup(WORKLOADS[args.workload], args.tableau, args.order == "first", device, args.seed)
+    step = CONTENDERS[name].build(setup)
     for _ in range(args.warmup):
         step()
-    e2e._sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    e2e._sync(device)
+    sync(device)
     wall_ms = (time.perf_counter() - start) / args.steps * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        e2e._sync(device)
+        sync(device)
     events = prof.key_averages()
     calls = sum(e.count for e in events if not e.key.startswith(("cuda", "ProfilerStep"))) / args.steps
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch",
@@ -56,10 +60,10 @@ def profile_contender(name: str, args: argparse.Namespace, device: torch.device)
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="sinusoid", choices=list(e2e.WORKLOADS))
-    p.add_argument("--contenders", default="vmap,rkfast", help=f"from {','.join(e2e.CONTENDERS)}")
+    p.add_argument("--workload", default="sinusoid", choices=list(WORKLOADS))
+    p.add_argument("--contenders", default="vmap,rkfast", help=f"from {','.join(CONTENDERS)}")
     p.add_argument("--tableau", default="maml")
-    p.add_argument("--order", default="second", choices=e2e.ORDERS)
+    p.add_argument("--order", default="second", choices=ORDERS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
@@ -68,14 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="also append the report to this file")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in names if c not in e2e.CONTENDERS]
+    unknown = [c for c in names if c not in CONTENDERS]
     if unknown:
         p.error(f"unknown contenders: {', '.join(unknown)}")
     device = torch.device(args.device)
     for name in names:
         try:
             report = profile_contender(name, args, device)
-        except (e2e.Unsupported, e2e.NotAvailable) as err:
+        except (Unsupported, NotAvailable) as err:
             report = f"\n=== {name}: not run ({err})\n"
         print(report, flush=True)
         if args.out:
