@@ -220,7 +220,7 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
     ]:
         p.add_argument(flag, type=kind, default=default, help=text if default is None else f"{text} (default: %(default)s)")
     p.add_argument("--first-order", action="store_true", help="ignore second derivatives (first-order MAML and kin)")
-    p.add_argument("--backend", choices=("auto", *kernels.BACKENDS), default="auto",
+    p.add_argument("--backend", choices=kernels.backend_choices(), default="auto",
                    help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")
     if domain.options:

@@ -8,11 +8,14 @@ forgets to write fails the test. Without a GPU the Triton kernels run in Triton'
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 import warnings
 from pathlib import Path
 
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 import rkfast
 from rkfast import TaskBatch, kernels
 from rkfast.functional import rk_meta_step
-from rkfast.kernels import cpp, ops
+from rkfast.kernels import cpp, reference, registry
+from rkfast.kernels.backend import KernelBackend
 
 from helpers import flat_theta, regression_batch, smooth_mlp
 
@@ -34,19 +38,8 @@ DTYPES = (torch.float32, torch.float64)
 RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
-def _fused_targets() -> list[tuple[str, str]]:
-    """(backend, device) pairs of every fused backend this machine can run."""
-    found = kernels.available()
-    targets = []
-    if found["cpp"]:
-        targets.append(("cpp", "cpu"))
-    if found["triton"]:
-        targets.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
-    return targets
-
-
-FUSED = _fused_targets()
-ALL = [("torch", "cpu"), *FUSED] + ([("torch", "cuda")] if torch.cuda.is_available() else [])
+FUSED = kernels.runnable_targets()  # (backend, device) of every fused backend this machine can run
+ALL = kernels.runnable_targets(fused_only=False)  # ... and the pure-PyTorch reference on every device here
 
 
 def _ids(targets):
@@ -93,7 +86,7 @@ def test_cpp_extension_is_built_where_a_compiler_exists():
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton ships Linux wheels only")
 def test_triton_backend_is_exercised_here():
     # the test extra installs Triton; without a GPU the interpreter runs its kernels on CPU tensors
-    assert kernels.available()["triton"], kernels._triton()[1]
+    assert kernels.available()["triton"], registry.backend_status("triton")[1]
 
 
 # -- forward ops against the reference -------------------------------------------------------------------
@@ -136,7 +129,7 @@ def test_stage_point_backward_matches_reference(backend, device, dtype, streams,
     for name in (backend, "torch"):
         grad_theta = _nan((n,), dtype, device)
         grad_slopes = [_nan((tasks, n), dtype, device) for _ in range(streams)]
-        ops.backend_module(name).stage_point_backward_(grad_out, coefs, grad_theta, grad_slopes)
+        registry.backend_module(name).stage_point_backward_(grad_out, coefs, grad_theta, grad_slopes)
         results[name] = (grad_theta, grad_slopes)
     (gt, gs), (rt, rs) = results[backend], results["torch"]
     _assert_close(gt, rt, grad_out.abs().double().sum(0), dtype)
@@ -263,10 +256,19 @@ def test_bad_arguments_are_named():
         kernels.axpy_(torch.zeros(3), torch.zeros(4), 1.0)
 
 
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="backend 'triton' runs on CUDA tensors|backend 'triton' is not available"):
-        kernels.resolve_backend("triton", torch.device("cpu"), torch.float32)
+def test_triton_on_cpu_needs_the_interpreter():
+    # Triton fixes interpretation when its kernels are defined, so this needs a process that imports rkfast
+    # without TRITON_INTERPRET
+    code = """
+import pytest, torch
+from rkfast import kernels
+with pytest.raises(RuntimeError, match="backend 'triton' runs on CUDA tensors|backend 'triton' is not available"):
+    kernels.resolve_backend("triton", torch.device("cpu"), torch.float32)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_auto_backend_choice():
@@ -279,7 +281,7 @@ def test_auto_backend_choice():
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpp, "_C", None)
     monkeypatch.setattr(cpp, "IMPORT_ERROR", ImportError("no compiler"))
-    monkeypatch.setattr(kernels, "_warned_no_cpp", False)
+    monkeypatch.setattr(registry, "_warned_fallbacks", set())
     assert kernels.available()["cpp"] is False
     with pytest.warns(RuntimeWarning, match="C\\+\\+ kernels are not available \\(no compiler\\)"):
         assert kernels.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
@@ -347,3 +349,121 @@ print("ok")
     env = {**os.environ, "RKFAST_CPU_ISA": "baseline"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+# -- the backend registry ------------------------------------------------------------------------------
+
+KERNEL_NAMES = [name for name, member in vars(KernelBackend).items()
+                if inspect.isfunction(member) and not name.startswith("_") and name != "status"]
+
+
+def _parameters(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+@pytest.mark.parametrize("name", kernels.BACKENDS)
+def test_registered_backends_satisfy_the_protocol(name):
+    usable, why = registry.backend_status(name)
+    try:
+        module = registry.backend_module(name)
+    except RuntimeError:
+        assert not usable and why  # its module did not import: unavailable, with the import error as reason
+        pytest.skip(f"backend {name!r} does not import here: {why}")
+    assert isinstance(module, KernelBackend)
+    assert module.NAME == name
+    assert isinstance(module.status(), tuple) and module.status() == (usable, why)
+    for member, declared in vars(KernelBackend).items():
+        if inspect.isfunction(declared) and not member.startswith("_"):
+            assert _parameters(getattr(module, member)) == _parameters(declared), member
+    if module.DEVICE_TYPES is not None:  # "auto" prefers a backend only where it runs
+        assert set(module.AUTO_FOR) <= set(module.DEVICE_TYPES)
+    assert module.DTYPES is None or all(d.is_floating_point for d in module.DTYPES)
+
+
+def _toy_backend(usable: bool = True) -> types.ModuleType:
+    """A backend module made on the fly: the reference kernels, recording their calls, on float64 CPU tensors,
+    preferred by "auto" on CPU."""
+    toy = types.ModuleType("rkfast_test_toy_kernels")
+    toy.NAME, toy.LABEL, toy.HINT = "toy", "toy", "build the toy"
+    toy.DEVICE_TYPES, toy.DTYPES, toy.AUTO_FOR = ("cpu",), (torch.float64,), ("cpu",)
+    toy.status = lambda: (True, "") if usable else (False, "the toy is broken")
+    toy.calls = []
+
+    def recorded(kernel):
+        @functools.wraps(kernel)
+        def call(*args):
+            toy.calls.append(kernel.__name__)
+            kernel(*args)
+
+        return call
+
+    for name in KERNEL_NAMES:
+        setattr(toy, name, recorded(getattr(reference, name)))
+    return toy
+
+
+def _register(monkeypatch, toy: types.ModuleType) -> None:
+    """``toy``'s registry line, for this test only: first, so "auto" prefers it over the C++ kernels on CPU."""
+    monkeypatch.setitem(sys.modules, toy.__name__, toy)  # stands in for the module's file
+    monkeypatch.setattr(registry, "REGISTRY", {toy.NAME: toy.__name__, **registry.REGISTRY})
+
+
+def test_a_backend_is_one_module_and_one_registry_line(monkeypatch):
+    toy = _toy_backend()
+    _register(monkeypatch, toy)
+    cpu = torch.device("cpu")
+    assert isinstance(toy, KernelBackend)
+    assert kernels.available()["toy"] is True
+    assert "toy" in kernels.backend_choices()
+    assert ("toy", "cpu") in kernels.runnable_targets()
+    assert kernels.resolve_backend("toy", cpu, torch.float64) == "toy"
+    assert kernels.resolve_backend("auto", cpu, torch.float64) == "toy"
+    assert kernels.resolve_backend("auto", cpu, torch.float32) == "torch"  # a dtype the toy does not run
+    with pytest.raises(TypeError, match="backend 'toy' supports float64, got torch.float32"):
+        kernels.resolve_backend("toy", cpu, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'toy' runs on CPU tensors, got tensors on meta"):
+        kernels.resolve_backend("toy", torch.device("meta"), torch.float64)
+
+    theta, slopes, coefs = _inputs(10, 3, 2, torch.float64, "cpu")
+    for backend in ("toy", "auto"):
+        toy.calls.clear()
+        point = kernels.stage_point(theta, slopes, coefs, backend=backend)
+        torch.testing.assert_close(point, kernels.stage_point(theta, slopes, coefs, backend="torch"))
+        torch.testing.assert_close(kernels.combine(slopes, coefs, backend=backend),
+                                   kernels.combine(slopes, coefs, backend="torch"))
+        torch.testing.assert_close(kernels.axpy_(theta.clone(), slopes[0][0], 0.5, backend=backend),
+                                   theta + 0.5 * slopes[0][0])
+        # and the autograd path: the backward is the backend's fused kernel
+        leaf = theta.clone().requires_grad_()
+        kernels.stage_point(leaf, slopes, coefs, backend=backend).sum().backward()
+        torch.testing.assert_close(leaf.grad, torch.full_like(theta, 3.0))
+        assert set(toy.calls) == set(KERNEL_NAMES), toy.calls
+
+
+def test_auto_warns_once_when_its_preferred_backend_is_unusable(monkeypatch):
+    _register(monkeypatch, _toy_backend(usable=False))
+    monkeypatch.setattr(registry, "_warned_fallbacks", set())
+    cpu = torch.device("cpu")
+    assert kernels.available()["toy"] is False
+    assert all(name != "toy" for name, _ in kernels.runnable_targets())
+    warning = (r"rkfast's toy kernels are not available \(the toy is broken\); CPU tensors use the pure-PyTorch "
+               r"kernels. To use them, build the toy.")
+    with pytest.warns(RuntimeWarning, match=warning):
+        assert kernels.resolve_backend("auto", cpu, torch.float64) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        assert kernels.resolve_backend("auto", cpu, torch.float64) == "torch"
+    with pytest.raises(RuntimeError, match=r"backend 'toy' is not available \(the toy is broken\); build the toy"):
+        kernels.resolve_backend("toy", cpu, torch.float64)
+
+
+def test_a_backend_whose_module_fails_to_import_is_unavailable(monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY, "missing", "rkfast_test_no_such_module")
+    monkeypatch.setattr(registry, "_import_failures", {})
+    usable, why = registry.backend_status("missing")
+    assert not usable and "ModuleNotFoundError" in why
+    assert kernels.available()["missing"] is False
+    assert all(name != "missing" for name, _ in kernels.runnable_targets(fused_only=False))
+    with pytest.raises(RuntimeError, match=r"backend 'missing' is not available \(ModuleNotFoundError"):
+        kernels.resolve_backend("missing", torch.device("cpu"), torch.float32)
+    assert kernels.resolve_backend("auto", torch.device("cpu"), torch.float32) in kernels.BACKENDS

@@ -1,4 +1,4 @@
-"""The C++ kernels (``rkfast._C``, compiled by ``pip install``) on contiguous float32/float64 CPU tensors.
+"""The ``"cpp"`` backend: C++ kernels (``rkfast._C``, compiled by ``pip install``), float32/float64 CPU tensors.
 
 The extension sees only addresses and sizes; :mod:`rkfast.kernels` has checked dtype, device, shapes and
 contiguity before anything reaches it. Threads follow ``torch.get_num_threads()``.
@@ -19,11 +19,17 @@ except ImportError as exc:  # no compiler at install time: the pure-PyTorch kern
 else:
     IMPORT_ERROR = None
 
-DTYPES = (torch.float32, torch.float64)
+NAME = "cpp"
+LABEL = "C++"
+DEVICE_TYPES: tuple[str, ...] | None = ("cpu",)
+DTYPES: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64)
+AUTO_FOR: tuple[str, ...] = ("cpu",)
+HINT = "reinstall rkfast where a C++ compiler is available"
 
 
-def available() -> bool:
-    return _C is not None
+def status() -> tuple[bool, str]:
+    """Usable when the extension imported; else the import error is the reason."""
+    return (True, "") if _C is not None else (False, str(IMPORT_ERROR))
 
 
 def _dtype(t: Tensor) -> str:

@@ -12,27 +12,24 @@ allow autograd formulas on ops that mutate their inputs).
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from . import cpp, reference
+from .registry import backend_module
 
-__all__ = ["backend_module", "stage_point_grads", "StagePointFunction"]
+__all__ = ["new_stage_point", "new_combine", "stage_point_autograd", "stage_point_grads", "StagePointFunction"]
 
 
-def backend_module(backend: str) -> ModuleType:
-    """The module implementing ``backend``'s kernels (``stage_point_``, ``combine_``, ...)."""
-    if backend == "torch":
-        return reference
-    if backend == "cpp":
-        return cpp
-    if backend == "triton":
-        from . import triton as triton_kernels  # imported on first use: Triton is optional
+def new_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float]) -> Tensor:
+    """An uninitialised buffer for ``stage_point``'s result: ``[T, N]`` like the slopes."""
+    return torch.empty_like(slopes[0])
 
-        return triton_kernels
-    raise ValueError(f"unknown kernel backend {backend!r}")
+
+def new_combine(grads: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """An uninitialised buffer for ``combine``'s result: ``[N]``."""
+    return grads[0].new_empty(grads[0].shape[1:])
 
 
 # -- stage_point --------------------------------------------------------------------------------------
@@ -40,14 +37,14 @@ def backend_module(backend: str) -> ModuleType:
 
 @torch.library.custom_op("rkfast::stage_point", mutates_args=())
 def stage_point(theta: Tensor, slopes: list[Tensor], coefs: list[float], backend: str) -> Tensor:
-    out = torch.empty_like(slopes[0])
+    out = new_stage_point(theta, slopes, coefs)
     backend_module(backend).stage_point_(theta, slopes, coefs, out)
     return out
 
 
 @stage_point.register_fake
 def _(theta: Tensor, slopes: list[Tensor], coefs: list[float], backend: str) -> Tensor:
-    return torch.empty_like(slopes[0])
+    return new_stage_point(theta, slopes, coefs)
 
 
 @torch.library.custom_op("rkfast::stage_point_out", mutates_args=("out",))
@@ -60,33 +57,45 @@ def _(theta: Tensor, slopes: list[Tensor], coefs: list[float], out: Tensor, back
     return None
 
 
+def _new_stage_point_grads(grad_out: Tensor, coefs: Sequence[float]) -> tuple[Tensor, list[Tensor]]:
+    return grad_out.new_empty(grad_out.shape[1:]), [torch.empty_like(grad_out) for _ in coefs]
+
+
+def _stage_point_grads_kernel(grad_out: Tensor, coefs: list[float], backend: str) -> tuple[Tensor, list[Tensor]]:
+    grad_theta, grad_slopes = _new_stage_point_grads(grad_out, coefs)
+    backend_module(backend).stage_point_backward_(grad_out, coefs, grad_theta, grad_slopes)
+    return grad_theta, grad_slopes
+
+
 @torch.library.custom_op("rkfast::stage_point_backward", mutates_args=())
 def stage_point_backward(grad_out: Tensor, coefs: list[float], backend: str) -> list[Tensor]:
     """``[sum_t grad_out[t], -coefs[0] * grad_out, -coefs[1] * grad_out, ...]`` in one pass."""
-    grad_theta = grad_out.new_empty(grad_out.shape[1:])
-    grad_slopes = [torch.empty_like(grad_out) for _ in coefs]
-    backend_module(backend).stage_point_backward_(grad_out, coefs, grad_theta, grad_slopes)
+    grad_theta, grad_slopes = _stage_point_grads_kernel(grad_out, coefs, backend)
     return [grad_theta, *grad_slopes]
 
 
 @stage_point_backward.register_fake
 def _(grad_out: Tensor, coefs: list[float], backend: str) -> list[Tensor]:
-    return [grad_out.new_empty(grad_out.shape[1:]), *(torch.empty_like(grad_out) for _ in coefs)]
+    grad_theta, grad_slopes = _new_stage_point_grads(grad_out, coefs)
+    return [grad_theta, *grad_slopes]
 
 
-def stage_point_grads(grad_out: Tensor, coefs: list[float], backend: str) -> tuple[Tensor, list[Tensor]]:
-    """The backward of ``stage_point``: ``(sum_t grad_out[t], [-c * grad_out for c in coefs])``."""
+def stage_point_grads(grad_out: Tensor, coefs: list[float], backend: str, *,
+                      registered: bool) -> tuple[Tensor, list[Tensor]]:
+    """The backward of ``stage_point``: ``(sum_t grad_out[t], [-c * grad_out for c in coefs])``.
+
+    ``registered``: run the kernel through the registered op ``rkfast::stage_point_backward``, as the
+    registered forward's autograd formula must: ``torch.compile`` traces that formula with fake tensors, and
+    not every torch version reports ``is_compiling()`` there. Otherwise the kernel is called directly.
+    """
     if torch.is_grad_enabled() and grad_out.requires_grad:
         # create_graph: this backward is itself differentiated, so keep it in differentiable torch ops
         return grad_out.sum(0), [grad_out * -c for c in coefs]
-    if torch.compiler.is_compiling():
-        grad_theta, *grad_slopes = torch.ops.rkfast.stage_point_backward(grad_out.contiguous(), coefs, backend)
-        return grad_theta, grad_slopes
     grad_out = grad_out.contiguous()
-    grad_theta = grad_out.new_empty(grad_out.shape[1:])
-    grad_slopes = [torch.empty_like(grad_out) for _ in coefs]
-    backend_module(backend).stage_point_backward_(grad_out, coefs, grad_theta, grad_slopes)
-    return grad_theta, grad_slopes
+    if registered or torch.compiler.is_compiling():
+        grad_theta, *grad_slopes = torch.ops.rkfast.stage_point_backward(grad_out, coefs, backend)
+        return grad_theta, grad_slopes
+    return _stage_point_grads_kernel(grad_out, coefs, backend)
 
 
 def _stage_point_setup(ctx, inputs, output) -> None:
@@ -94,7 +103,7 @@ def _stage_point_setup(ctx, inputs, output) -> None:
 
 
 def _stage_point_grad(ctx, grad_out: Tensor):
-    grad_theta, grad_slopes = stage_point_grads(grad_out, ctx.coefs, ctx.backend)
+    grad_theta, grad_slopes = stage_point_grads(grad_out, ctx.coefs, ctx.backend, registered=True)
     return grad_theta, grad_slopes, None, None
 
 
@@ -103,20 +112,24 @@ stage_point.register_autograd(_stage_point_grad, setup_context=_stage_point_setu
 
 class StagePointFunction(torch.autograd.Function):
     """``stage_point`` for eager autograd: the same kernels and backward as the registered op, through
-    ``autograd.Function``, whose per-call cost is a fraction of the custom-op autograd wrapper's (measured
-    ~300 us less per stage point, forward and backward, on an RK4 meta-step on 2 CPU cores)."""
+    ``autograd.Function``, whose per-call Python cost is a fraction of the custom-op autograd wrapper's."""
 
     @staticmethod
     def forward(ctx, theta: Tensor, coefs: list[float], backend: str, *slopes: Tensor) -> Tensor:
         ctx.coefs, ctx.backend = coefs, backend
-        out = torch.empty_like(slopes[0])
+        out = new_stage_point(theta, slopes, coefs)
         backend_module(backend).stage_point_(theta, slopes, coefs, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_theta, grad_slopes = stage_point_grads(grad_out, ctx.coefs, ctx.backend)
+        grad_theta, grad_slopes = stage_point_grads(grad_out, ctx.coefs, ctx.backend, registered=False)
         return (grad_theta, None, None, *grad_slopes)
+
+
+def stage_point_autograd(theta: Tensor, slopes: list[Tensor], coefs: list[float], backend: str) -> Tensor:
+    """:class:`StagePointFunction` with the registered op's argument order."""
+    return StagePointFunction.apply(theta, coefs, backend, *slopes)
 
 
 # -- combine ------------------------------------------------------------------------------------------
@@ -124,14 +137,14 @@ class StagePointFunction(torch.autograd.Function):
 
 @torch.library.custom_op("rkfast::combine", mutates_args=())
 def combine(grads: list[Tensor], weights: list[float], backend: str) -> Tensor:
-    out = grads[0].new_empty(grads[0].shape[1:])
+    out = new_combine(grads, weights)
     backend_module(backend).combine_(grads, weights, out)
     return out
 
 
 @combine.register_fake
 def _(grads: list[Tensor], weights: list[float], backend: str) -> Tensor:
-    return grads[0].new_empty(grads[0].shape[1:])
+    return new_combine(grads, weights)
 
 
 @torch.library.custom_op("rkfast::combine_out", mutates_args=("out",))

@@ -1,4 +1,4 @@
-"""The pure-PyTorch kernels: run on every device and dtype, the fallback and the oracle in tests.
+"""The ``"torch"`` backend: pure-PyTorch kernels on every device and dtype, the fallback and the tests' oracle.
 
 Each op writes into buffers the caller allocated (the shapes are checked in :mod:`rkfast.kernels`), in the
 same order of operations the fused backends use, so float32 results agree to a few ulps.
@@ -10,6 +10,18 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+NAME = "torch"
+LABEL = "pure-PyTorch"
+DEVICE_TYPES: tuple[str, ...] | None = None  # every device type
+DTYPES: tuple[torch.dtype, ...] | None = None  # every floating-point dtype
+AUTO_FOR: tuple[str, ...] = ()  # "auto" reaches it as the fallback, never as a preference
+HINT = ""  # it is always usable, so no hint is ever shown
+
+
+def status() -> tuple[bool, str]:
+    """Always usable: it needs nothing beyond PyTorch."""
+    return True, ""
 
 
 def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float], out: Tensor) -> None:

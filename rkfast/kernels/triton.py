@@ -1,7 +1,8 @@
-"""The Triton kernels: CUDA tensors (float32/float64, and bf16/fp16 storage with fp32 accumulation).
+"""The ``"triton"`` backend: CUDA tensors (float32/float64, and bf16/fp16 storage with fp32 accumulation).
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run in Triton's
-interpreter on CPU tensors (slow; used by the tests on machines without a GPU).
+interpreter on CPU tensors (slow; used by the tests on machines without a GPU). Importing this module
+imports Triton: where Triton is not installed, the registry reports the import error as the reason.
 
 Layout: 1-D blocks of ``BLOCK`` contiguous elements with a mask for the tail. ``stage_point`` runs one
 program per (block, task), task-minor; the reductions over tasks (``combine``, the ``stage_point`` backward) run one
@@ -25,9 +26,25 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+# Triton decides at decoration time whether a kernel is interpreted, so the setting at import is the one
+# that counts.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_STREAMS = 4
+
+NAME = "triton"
+LABEL = "Triton"
+DEVICE_TYPES: tuple[str, ...] | None = ("cuda", "cpu") if INTERPRET else ("cuda",)
+DTYPES: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+AUTO_FOR: tuple[str, ...] = ("cuda",)
+HINT = ("run on a machine with a CUDA GPU, or set TRITON_INTERPRET=1 before importing rkfast to run CPU "
+        "tensors in Triton's interpreter")
+
+
+def status() -> tuple[bool, str]:
+    """Usable when a CUDA device is present or the kernels were defined for the interpreter."""
+    if INTERPRET or torch.cuda.is_available():
+        return True, ""
+    return False, "no CUDA device, and Triton's interpreter is off"
 
 
 def _pair(x: float) -> tuple[float, float]:
@@ -42,9 +59,8 @@ def _acc(dtype: torch.dtype):
 
 
 def _config(n: int, per_block_grid: bool) -> tuple[int, int]:
-    """(BLOCK, num_warps): a heuristic table, not tuned. On an H100 it gives 90-101% of the copy floor for
-    stage_point and combine at N >= 2^24, but 78-90% for axpy_, where torch's add_ reaches 94-100%
-    (benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json): a block-size sweep is still to be done.
+    """(BLOCK, num_warps): a heuristic table, not tuned by a block-size sweep (axpy_ in particular trails
+    torch's ``add_``; the measured figures are in README.md and benchmarks/results/).
 
     Grids over the parameter dimension only (reductions over tasks) use smaller blocks on small ``n`` so
     enough programs exist to fill the GPU.
@@ -69,8 +85,8 @@ def _stage_point_kernel(
     NUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # the task varies fastest between consecutive programs: the T programs of one block read the same
-    # block of theta, which then comes from L2 (block-major order re-read all of theta from memory for
-    # every task once theta outgrew L2: 68% of the copy floor at N = 2^24, T = 32 on an H100)
+    # block of theta, which then comes from L2 (block-major order re-reads all of theta from memory for
+    # every task once theta outgrows L2)
     pid = tl.program_id(0).to(tl.int64)
     task = pid % tasks
     offs = (pid // tasks) * BLOCK + tl.arange(0, BLOCK)

@@ -1,0 +1,71 @@
+"""How one op call runs: through its registered ``torch.library`` op, its autograd path, or the kernel itself.
+
+:func:`run` makes that choice for every op, after :mod:`rkfast.kernels` has checked the arguments and
+resolved the backend:
+
+* inside ``torch.compile`` tracing, the registered op (``torch.ops.rkfast.*``), whose fake implementation
+  gives the compiler shapes and whose autograd formula gives it the backward;
+* eager with autograd recording, the op's eager autograd path (the same kernels and backward);
+* eager otherwise, the backend's kernel, called directly: the dispatcher's Python overhead is large next to
+  these kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .registry import backend_module
+
+__all__ = ["OpPaths", "STAGE_POINT", "COMBINE", "AXPY", "run"]
+
+
+@dataclass(frozen=True)
+class OpPaths:
+    """The ways to run one op. Every callable takes the op's inputs (then the output buffer, for the
+    ``*_out`` forms), then the resolved backend name; ``kernel`` names the :class:`KernelBackend` method."""
+
+    name: str
+    kernel: str
+    registered_out: Callable[..., None]
+    """The registered op that writes into a given buffer, or updates its first input in place."""
+    registered: Callable[..., Tensor] | None = None
+    """The registered op that returns a new tensor (it carries the autograd formula); ``None``: in place only."""
+    autograd: Callable[..., Tensor] | None = None
+    """The eager differentiable form of ``registered``."""
+    new_out: Callable[..., Tensor] | None = None
+    """Allocates the result buffer from the inputs."""
+
+
+STAGE_POINT = OpPaths("stage_point", "stage_point_", ops.stage_point_out, ops.stage_point,
+                      ops.stage_point_autograd, ops.new_stage_point)
+COMBINE = OpPaths("combine", "combine_", ops.combine_out, ops.combine, ops.combine, ops.new_combine)
+AXPY = OpPaths("axpy_", "axpy_", ops.axpy_)
+
+
+def run(op: OpPaths, backend: str, inputs: tuple, *, out: Tensor | None = None,
+        differentiable: bool = False) -> Tensor | None:
+    """Run ``op`` on checked ``inputs`` with the resolved ``backend``; returns the result (``out`` or a new
+    tensor), or ``None`` for an in-place op. ``differentiable`` (autograd is recording and an input requires
+    grad) needs the allocating form: with ``out=`` it raises."""
+    compiling = torch.compiler.is_compiling()
+    if out is None and op.registered is not None:
+        if compiling:
+            return op.registered(*inputs, backend)
+        if differentiable:
+            return op.autograd(*inputs, backend)
+        out = op.new_out(*inputs)
+    elif differentiable:
+        # torch allows no autograd formula on an op that mutates its inputs
+        raise RuntimeError(f"{op.name}(out=...) is not differentiable; call it without out= to backpropagate, "
+                           "or under torch.no_grad()")
+    args = inputs if out is None else (*inputs, out)
+    if compiling:
+        op.registered_out(*args, backend)
+    else:
+        getattr(backend_module(backend), op.kernel)(*args)
+    return out
