@@ -407,16 +407,18 @@ def default_sizes(device: torch.device, quick: bool, large: bool) -> list[int]:
 
 
 def device_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The fused backends that run ``dtype`` on this device, ``torch`` first (it is the reference)."""
-    native = "triton" if device.type == "cuda" else "cpp"
-    if not kernels.available().get(native):
-        return ["torch"]
-    try:
-        kernels.resolve_backend(native, device, dtype)
-    except (RuntimeError, TypeError) as exc:
-        print(f"note: backend {native!r} not benchmarked: {exc}", file=sys.stderr)
-        return ["torch"]
-    return ["torch", native]
+    """The registered backends that run ``dtype`` on this device, ``torch`` first (it is the reference)."""
+    fused = []
+    for name, device_type in kernels.runnable_targets():
+        if device_type != device.type:
+            continue
+        try:
+            kernels.resolve_backend(name, device, dtype)
+        except (RuntimeError, TypeError) as exc:
+            print(f"note: backend {name!r} not benchmarked: {exc}", file=sys.stderr)
+            continue
+        fused.append(name)
+    return ["torch", *fused]
 
 
 def cells(ops: Sequence[OpSpec], sizes: Sequence[int], quick: bool) -> Iterator[tuple[OpSpec, int, int, int]]:
