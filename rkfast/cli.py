@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -118,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test_seed = cfg.test_seed if args.test_seed is None else args.test_seed
     test_step = cfg.test_step if args.test_step is None else args.test_step
     steps = args.steps or domain.defaults.test_steps
-    cfg = TrainConfig(**{**cfg.__dict__, "test_tasks": test_tasks, "test_seed": test_seed, "test_step": test_step})
+    cfg = replace(cfg, test_tasks=test_tasks, test_seed=test_seed, test_step=test_step)
     sampler = domain.make_tasks(cfg.options, "test", opt.device)
     chunks = task_chunks(sampler, test_tasks, domain.defaults.eval_chunk, task_generator(test_seed, "test"))
     result = evaluate_tasks(opt, chunks, steps, test_step)

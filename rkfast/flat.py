@@ -28,7 +28,7 @@ class FlatParameters:
 
     The parameters stay the same ``Parameter`` objects (so a model, its ``state_dict`` and user code keep
     working); only their storage moves. If something later replaces a parameter's storage
-    (``p.data = ...``, ``model.to(...)``), :meth:`rebind_if_replaced` copies the parameters into new
+    (``p.data = ...``, ``model.to(...)``), :meth:`replaced` says so and :meth:`rebind` copies the parameters into new
     buffers.
 
     Attributes:
@@ -79,13 +79,11 @@ class FlatParameters:
         return any(p.data_ptr() != a or p.dtype != self.data.dtype or p.device != self.data.device
                    for p, a in zip(self.params, self._addresses))
 
-    def rebind_if_replaced(self) -> bool:
-        """Bind again if a parameter's storage was replaced; returns whether it did (dtype/device may differ)."""
-        if not self.replaced():
-            return False
+    def rebind(self) -> None:
+        """Bind again after :meth:`replaced`: the parameters' new values (dtype and device may differ) into
+        new flat buffers."""
         check_one_kind(self.params)
         self._bind()
-        return True
 
     def expose_grads(self) -> None:
         """Make every parameter's ``.grad`` its view into :attr:`grad` (``zero_grad`` may have unset them)."""

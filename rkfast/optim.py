@@ -312,7 +312,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self._flat.replaced():
             # check the new dtype/device against the backend before anything is rebound
             kernels.resolve_backend(self._backend_choice, self._flat.params[0].device, self._flat.params[0].dtype)
-            self._flat.rebind_if_replaced()
+            self._flat.rebind()
             self._resolve_device_choices()
 
     @property

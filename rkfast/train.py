@@ -71,11 +71,11 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the domain's defaults filled in and its options checked (errors name the option)."""
-        defaults = get_domain(self.domain).defaults
-        filled = {name: getattr(defaults, name) for name in
+        domain = get_domain(self.domain)
+        filled = {name: getattr(domain.defaults, name) for name in
                   ("iterations", "meta_batch", "inner_lr", "lr", "eval_every", "eval_tasks", "test_tasks")
                   if getattr(self, name) is None}
-        return replace(self, **filled, options=get_domain(self.domain).resolve_options(self.options))
+        return replace(self, **filled, options=domain.resolve_options(self.options))
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (the tableau by name)."""
@@ -285,6 +285,8 @@ def load_run(run_dir: Path | str, device: str | None = None) -> tuple[TrainConfi
     """The configuration, the trained optimizer (with its model) and the iteration count of a run folder."""
     payload = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     fields = dict(payload["config"])
+    # the config names the tableau; the optimizer state holds it whole (a custom tableau has no parsable name)
+    fields["tableau"] = Tableau.from_dict(payload["optimizer"]["rkfast"]["tableau"])
     if device is not None:
         fields["device"] = device
     cfg = TrainConfig(**fields).resolved()

@@ -128,3 +128,15 @@ def test_cli_errors_name_the_problem(toy, tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", str(tmp_path)]) == 2
     assert "is not a readable rkfast checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_with_a_custom_tableau_loads_back(toy, tmp_path: Path) -> None:
+    from rkfast import Tableau
+    from rkfast.train import load_run, save_checkpoint
+
+    custom = Tableau.from_arrays([[0, 0, 0], [0.4, 0, 0], [0.1, 0.5, 0]], [0.2, 0.3, 0.5])  # named "custom"
+    run = train(TrainConfig("toy-blobs", tableau=custom, iterations=3, eval_tasks=0, test_tasks=16), progress=False)
+    save_checkpoint(run, tmp_path / "checkpoint.pt")
+    cfg, opt, iterations = load_run(tmp_path)
+    assert opt.tableau == custom and iterations == 3
+    assert torch.equal(opt.meta_parameters(), run.opt.meta_parameters())
