@@ -7,7 +7,9 @@ Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"
 from . import functional, kernels, models, tasks
 from .batch import TaskBatch, TaskSet
 from .optim import MetaOptimizer, NonFiniteLossError
-from .tableau import InconsistentTableauWarning, Tableau, get_tableau, maml, maml_msl, named_tableaus, rk2
+from .tableau import (InconsistentTableauWarning, Tableau, TableauTypeError, get_tableau, maml, maml_msl,
+                     named_tableaus, rk2)
+from .taskmap import VmapUnsupportedError
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,8 @@ __all__ = [
     "TaskSet",
     "Tableau",
     "InconsistentTableauWarning",
+    "TableauTypeError",
+    "VmapUnsupportedError",
     "get_tableau",
     "named_tableaus",
     "rk2",

@@ -13,6 +13,16 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["TaskBatch", "TaskSet", "check_task_batch", "check_task_set"]
 
 
+def _check_not_inference(t: Tensor, what: str) -> None:
+    """Autograd cannot use an inference tensor (one created under ``torch.inference_mode()``), and a step
+    differentiates through the task data; refused here, before a step does any work."""
+    if t.is_inference():
+        raise RuntimeError(
+            f"{what} is an inference tensor (created under torch.inference_mode()), which autograd cannot use: "
+            "create it outside inference_mode (torch.no_grad() is fine), or .clone() it outside inference_mode"
+        )
+
+
 class TaskBatch(NamedTuple):
     """``T`` tasks, each with a support and a query set; every tensor has the task dimension first.
 
@@ -60,7 +70,8 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
     Raises:
         TypeError: not four tensors, or inputs of another dtype than the parameters.
         ValueError: a mismatched task dimension or example count, an empty batch.
-        RuntimeError: a tensor on another device than the parameters.
+        RuntimeError: a tensor on another device than the parameters, or an inference tensor (created under
+            ``torch.inference_mode()``).
     """
     if isinstance(batch, TaskBatch):
         parts = tuple(batch)
@@ -84,6 +95,7 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
             )
         if t.device != device:
             raise RuntimeError(f"batch.{name} is on {t.device} but the model's parameters are on {device}")
+        _check_not_inference(t, f"batch.{name}")
     for name, t in zip(names, parts):
         if t.is_floating_point() and t.dtype != dtype:
             raise TypeError(f"batch.{name} has dtype {t.dtype} but the model's parameters are {dtype}")
@@ -138,7 +150,7 @@ def check_task_set(tasks: TaskSet, *, device: torch.device) -> TaskSet:
     Raises:
         TypeError: a loss that is not callable, or a ``num_tasks`` that is not a positive integer.
         ValueError: task dimensions that differ, no tasks, or callable data without ``num_tasks``.
-        RuntimeError: a data tensor on another device than the parameters.
+        RuntimeError: a data tensor on another device than the parameters, or an inference tensor.
     """
     for name in ("support_loss", "query_loss"):
         if not callable(getattr(tasks, name)):
@@ -159,6 +171,7 @@ def check_task_set(tasks: TaskSet, *, device: torch.device) -> TaskSet:
             if leaf.device != device:
                 raise RuntimeError(f"a tensor of TaskSet.{name} is on {leaf.device} but the model's parameters "
                                    f"are on {device}")
+            _check_not_inference(leaf, f"a tensor of TaskSet.{name}")
             if leaf.dim() == 0:
                 raise ValueError(f"every tensor of TaskSet.{name} needs the task dimension first, got a 0-d tensor")
         sizes = {int(leaf.shape[0]) for leaf in leaves}

@@ -108,10 +108,12 @@ class StepCapture:
                     "for each new shape."
                 )
             self.release()
-        self.signature = sig
-        if self.warm < self.warmup_steps:
-            self.warm += 1
-            return self._warm(eager_step, batch)
+        if self.warm < self.warmup_steps or self.signature is None:
+            # a warm-up step counts (and fixes the shapes) only once it succeeded: a failed one changes
+            # nothing, so the graph is never captured before the outer optimizer's state exists
+            out = self._warm(eager_step, batch)
+            self.signature, self.warm = sig, self.warm + 1
+            return out
         if self.graph is None:
             self._capture(captured_step, batch)
         return self._replay(batch)

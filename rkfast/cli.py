@@ -16,36 +16,64 @@ different tableaus or training seeds are tested on the very same tasks.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
 from . import kernels
 from .optim import NonFiniteLossError
-from .report import compare_report, compare_rows, step_source, test_report, train_report
+from .report import compare_report, compare_rows, run_line, step_source, test_report, train_report
+from .runs import RunError, RunFolder, load_checkpoint, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Domain, domains, get_domain
 from .train import (
+    RunDiverged,
+    RunInterrupted,
     RunResult,
     TrainConfig,
+    check_device,
     evaluate_tasks,
+    load_result,
     load_run,
-    save_checkpoint,
+    resume_config,
     slug,
     task_chunks,
     task_generator,
     train,
-    write_json,
 )
 
 __all__ = ["build_parser", "main"]
 
 _OPTION_DEST = "domain_option_"  # argparse dest prefix of a domain's own options
+_GIVEN = "_given_options"  # where the parser records which options were typed (resuming keeps the others)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Typed(argparse.Action):
+    """Store the value and record that the user typed this option."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        setattr(namespace, _GIVEN, {*getattr(namespace, _GIVEN, ()), self.dest})
+
+
+def _flag(parser: argparse.ArgumentParser | Any, *names: str, **kwargs: Any) -> None:
+    """An ``store_true`` option whose use is recorded (see :class:`_Typed`)."""
+    parser.add_argument(*names, action=_Typed, nargs=0, const=True, default=False, **kwargs)
 
 
 class CommandError(Exception):
@@ -56,11 +84,47 @@ class CommandError(Exception):
 # -- commands -----------------------------------------------------------------------------------------
 
 
+def _given(args: argparse.Namespace) -> set[str]:
+    """The destinations of the options the user typed (not left at their defaults)."""
+    return set(getattr(args, _GIVEN, ()))
+
+
+def _options(args: argparse.Namespace, domain: Domain, only_given: bool = False) -> dict[str, Any]:
+    given = _given(args)
+    return {o.name: getattr(args, _OPTION_DEST + o.name) for o in domain.options
+            if not only_given or _OPTION_DEST + o.name in given}
+
+
 def _config(args: argparse.Namespace, tableau: Tableau) -> TrainConfig:
     domain = get_domain(args.domain)
     common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k != "tableau"}
-    options = {o.name: getattr(args, _OPTION_DEST + o.name) for o in domain.options}
-    return TrainConfig(**{**common, "options": options}, tableau=tableau)
+    return TrainConfig(**{**common, "options": _options(args, domain)}, tableau=tableau)
+
+
+def _resumed_config(args: argparse.Namespace, saved: TrainConfig, tableau: Tableau | None = None) -> TrainConfig:
+    """The saved run's configuration with the options typed on this command line laid over it (``train``
+    refuses the ones a resumed run may not change)."""
+    if saved.domain != args.domain:
+        raise CommandError(f"the run to resume is a {saved.domain!r} run, not {args.domain!r}: "
+                           f"rkfast train {saved.domain} --resume ...")
+    given = _given(args)
+    typed = {k: getattr(args, k) for k in given if k in TrainConfig.__dataclass_fields__ and k != "tableau"}
+    options = {**saved.options, **_options(args, get_domain(args.domain), only_given=True)}
+    cfg = replace(saved, **typed, options=options)
+    if tableau is not None:
+        cfg = replace(cfg, tableau=tableau)
+    elif "tableau" in given:
+        cfg = replace(cfg, tableau=args.tableau)
+    return cfg
+
+
+def _checked(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` if it resolves (the domain's defaults, every value checked); else a one-line error."""
+    try:
+        cfg.resolved()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return cfg
 
 
 def _write_plots(run: RunResult, out: Path) -> list[Path]:
@@ -72,65 +136,138 @@ def _write_plots(run: RunResult, out: Path) -> list[Path]:
     return [out / name for name in makers]
 
 
+def _run_folder(args: argparse.Namespace, default: str) -> tuple[Path, bool]:
+    """The output folder and whether the command resumes it (``--resume DIR`` or ``--out DIR``)."""
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise CommandError("--resume DIR continues the run in DIR; drop --out (or give the same folder)")
+        if args.overwrite:
+            raise CommandError("--resume continues a run and --overwrite replaces it: give one of them")
+        return Path(args.resume), True
+    out = Path(args.out or default)
+    for name in ("checkpoint.pt", "compare.json"):
+        if (out / name).is_file() and not args.overwrite:
+            raise CommandError(f"{out} holds an earlier run: --resume {shlex.quote(str(out))} continues it, "
+                               "--overwrite replaces it, --out DIR writes elsewhere")
+    return out, False
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, args: argparse.Namespace) -> RunResult:
+    return train(cfg, out=out, resume=resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
+                 progress=not args.quiet)
+
+
+def _resume_hint(args: argparse.Namespace, out: Path) -> str:
+    return f"rkfast {args.command} {args.domain} --resume {shlex.quote(str(out))}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """``rkfast train DOMAIN``: one run, its table, ``results.json``, ``checkpoint.pt`` and plots."""
-    out = Path(args.out or f"runs/{args.domain}-{slug(args.tableau.name)}")
-    out.mkdir(parents=True, exist_ok=True)
-    run = train(_config(args, args.tableau), progress=not args.quiet)
+    """``rkfast train DOMAIN``: one run, its table, ``results.json``, checkpoints and plots."""
+    out, resume = _run_folder(args, f"runs/{args.domain}-{slug(args.tableau.name)}")
+    cfg = _checked(_resumed_config(args, resume_config(out)) if resume else _config(args, args.tableau))
+    try:
+        run = _train(cfg, out, resume, args)
+    except RunInterrupted as stop:
+        print(f"{stop}; resume with: {_resume_hint(args, out)}", file=sys.stderr)
+        return 130
+    except RunDiverged as err:
+        print(f"rkfast: training diverged: {err}", file=sys.stderr)
+        return 1
     print(train_report(run))
-    write_json(out / "results.json", run.to_json())
-    save_checkpoint(run, out / "checkpoint.pt")
     written = [out / "results.json", out / "checkpoint.pt", *_write_plots(run, out)]
+    if run.best is not None:
+        written.insert(2, out / "best.pt")
     print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
+def _compare_state(out: Path, resume: bool, args: argparse.Namespace) -> tuple[dict[str, Any], list[Tableau]]:
+    """The comparison's settings: from ``compare.json`` when resuming, else from the command line."""
+    state_file = out / "compare.json"
+    if resume:
+        try:
+            saved = json.loads(state_file.read_text())
+            base = TrainConfig(**saved["config"])
+            tableaus = [get_tableau(name) for name in saved["tableaus"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CommandError(f"{state_file} is not a readable rkfast comparison ({type(err).__name__}: {err})") from None
+        cfg = _resumed_config(args, base, tableau=tableaus[0])
+        if "tableaus" in _given(args) and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
+            raise CommandError(f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; "
+                               "drop --tableaus to resume it")
+        return _checked(cfg).to_json(), tableaus
+    names = [t.name for t in args.tableaus]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CommandError(f"--tableaus lists {', '.join(twice)} more than once")
+    return _checked(_config(args, args.tableaus[0])).to_json(), list(args.tableaus)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``rkfast compare DOMAIN``: every tableau with the same seeds; one table, JSON and plot."""
+    """``rkfast compare DOMAIN``: every tableau with the same seeds, each run in its own subfolder; one
+    table, JSON and plot. A diverged tableau is reported as such; the others keep their results."""
     from . import plots
 
-    out = Path(args.out or f"runs/compare-{args.domain}")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for tableau in args.tableaus:
-        run = train(_config(args, tableau), progress=not args.quiet)
-        metric = run.domain.metric
-        mean, ci = run.test.summary()[metric.source][run.domain.defaults.test_steps[0]]
-        print(f"{tableau.name}: test {metric.short} after {run.domain.defaults.test_steps[0]} step "
-              f"{mean:.3f} ± {ci:.3f} ({run.train_time_s:.1f} s)", flush=True)
+    out, resume = _run_folder(args, f"runs/compare-{args.domain}")
+    config, tableaus = _compare_state(out, resume, args)
+    folders = {t.name: RunFolder(out / slug(t.name)) for t in tableaus}
+    for f in [RunFolder(out, ("compare.json", "compare.png")), *folders.values()]:
+        f.check_writable()
+    base = {**config, "tableau": None}
+
+    def write(status: str, runs: list[RunResult]) -> None:
+        write_json(out / "compare.json", {"status": status, "domain": args.domain, "config": base,
+                                          "tableaus": [t.name for t in tableaus], "table": compare_rows(runs),
+                                          "runs": [r.to_json() for r in runs]})
+
+    runs: list[RunResult] = []
+    write("running", runs)
+    for tableau in tableaus:
+        folder = folders[tableau.name]
+        cfg = TrainConfig(**{**config, "tableau": tableau})
+        try:
+            if resume and folder.checkpoint.exists() and load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged"):
+                run = load_result(folder.path)
+            else:
+                run = _train(cfg, folder.path, resume and folder.checkpoint.exists(), args)
+        except RunInterrupted as stop:
+            write("interrupted", runs)
+            print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}", file=sys.stderr)
+            return 130
+        except RunDiverged as err:
+            run = err.result
+        print(run_line(run), flush=True)
         runs.append(run)
     print(compare_report(runs))
-    write_json(out / "compare.json", {"domain": args.domain, "table": compare_rows(runs),
-                                      "runs": [r.to_json() for r in runs]})
+    write("complete", runs)
     plots.plot_compare(runs, out / "compare.png")
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.png'}")
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.png'} and one run folder per tableau")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``rkfast eval RUN_DIR``: meta-test the run's trained model again (other tasks, steps or step size)."""
     run_dir = Path(args.run_dir)
-    try:
-        cfg, opt, iterations = load_run(run_dir, device=args.device)
-    except ValueError as err:
-        raise CommandError(str(err)) from None
+    cfg, opt, iterations = load_run(run_dir, device=args.device, checkpoint=f"{args.checkpoint}.pt")
     domain = get_domain(cfg.domain)
     test_tasks = args.test_tasks or cfg.test_tasks
     test_seed = cfg.test_seed if args.test_seed is None else args.test_seed
     test_step = cfg.test_step if args.test_step is None else args.test_step
     steps = args.steps or domain.defaults.test_steps
     cfg = replace(cfg, test_tasks=test_tasks, test_seed=test_seed, test_step=test_step)
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    if out.is_dir():
+        raise CommandError(f"cannot write {out}: it is a folder")
     sampler = domain.make_tasks(cfg.options, "test", opt.device)
     chunks = task_chunks(sampler, test_tasks, domain.defaults.eval_chunk, task_generator(test_seed, "test"))
     result = evaluate_tasks(opt, chunks, steps, test_step)
     summary = result.summary()
-    print(f"{run_dir}: {domain.name}, {iterations} meta-steps; {opt.tableau.describe()}")
-    print(test_report(domain, cfg, summary, result.losses.shape[1],
-                      step_source(cfg, opt.tableau.last_node, args.test_step)))
-    out = Path(args.out) if args.out else run_dir / "eval.json"
-    write_json(out, {"run": str(run_dir), "domain": domain.name, "iterations": iterations,
-                     "config": cfg.to_json(), "test": {"tasks": int(result.losses.shape[1]), "seed": test_seed,
-                                                        **domain.test_protocol(cfg.options), **summary}})
+    print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {opt.tableau.describe()}")
+    print(test_report(domain, cfg, summary, result.losses.shape[1], step_source(cfg, opt.tableau, args.test_step)))
+    write_json(out, {"run": str(run_dir), "checkpoint": f"{args.checkpoint}.pt", "domain": domain.name,
+                     "iterations": iterations, "config": cfg.to_json(),
+                     "test": {"tasks": int(result.losses.shape[1]), "seed": test_seed,
+                              **domain.test_protocol(cfg.options), **summary}})
     print(f"wrote {out}")
     return 0
 
@@ -192,11 +329,9 @@ def _steps_arg(text: str) -> tuple[int, ...]:
 
 def _device_arg(text: str) -> str:
     try:
-        device = torch.device(text)
-    except RuntimeError as err:
+        check_device(text)
+    except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available")
     return text
 
 
@@ -211,26 +346,33 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
         ("--iterations", pos_int, d.iterations, "meta-steps"),
         ("--inner-lr", pos_float, d.inner_lr, "the RK step h of the stages"),
         ("--lr", pos_float, d.lr, "Adam's outer learning rate"),
-        ("--seed", int, 0, "seed of the initialization and the training tasks"),
+        ("--seed", count, 0, "seed of the initialization and the training tasks"),
         ("--eval-every", count, d.eval_every, "meta-steps between held-out evaluations (0: at start and end only)"),
         ("--eval-tasks", count, d.eval_tasks, "held-out tasks of those evaluations"),
         ("--test-tasks", pos_int, d.test_tasks, "meta-test tasks"),
-        ("--test-seed", int, 0, "seed of the held-out and test tasks"),
-        ("--test-step", pos_float, None, "meta-test step size (default: the tableau's h*c_s)"),
+        ("--test-seed", count, 0, "seed of the held-out and test tasks"),
+        ("--test-step", pos_float, None, "meta-test step size (default: the tableau's own step, see docs/method.md)"),
         ("--device", _device_arg, "cpu", "torch device"),
     ]:
-        p.add_argument(flag, type=kind, default=default, help=text if default is None else f"{text} (default: %(default)s)")
-    p.add_argument("--first-order", action="store_true", help="ignore second derivatives (first-order MAML and kin)")
-    p.add_argument("--backend", choices=kernels.backend_choices(), default="auto",
+        p.add_argument(flag, type=kind, default=default, action=_Typed,
+                       help=text if default is None else f"{text} (default: %(default)s)")
+    _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+    p.add_argument("--backend", choices=kernels.backend_choices(), default="auto", action=_Typed,
                    help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")
+    p.add_argument("--checkpoint-every", type=pos_int, default=None, metavar="N",
+                   help="meta-steps between checkpoints (default: --eval-every, or 1000 when that is 0); "
+                        "a checkpoint is also written at the end, on a new best held-out result, on SIGINT/SIGTERM")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR (its settings; "
+                   "only --iterations, --device and --backend may change)")
+    _flag(p, "--overwrite", help="a new run into a folder that holds an earlier run's files deletes them first")
     if domain.options:
         group = p.add_argument_group(f"{domain.name} options")
         for o in domain.options:
             kind = type(o.default)
             parse = _number(kind, 0, True) if kind in (int, float) and o.positive else kind
             group.add_argument(o.flag, dest=_OPTION_DEST + o.name, metavar=o.name.upper(), type=parse,
-                               default=o.default, help=f"{o.help} (default: %(default)s)")
+                               default=o.default, action=_Typed, help=f"{o.help} (default: %(default)s)")
 
 
 def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> None:
@@ -241,10 +383,11 @@ def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> Non
         p = by_domain.add_parser(domain.name, help=domain.description, description=domain.description + "." + source)
         if compare:
             p.add_argument("--tableaus", type=_tableau_list_arg, default=_tableau_list_arg("maml,heun,ralston,rk4"),
+                           action=_Typed,
                            help="comma-separated tableaus (default: maml,heun,ralston,rk4)")
             p.add_argument("--out", help=f"output folder (default: runs/compare-{domain.name})")
         else:
-            p.add_argument("--tableau", type=_tableau_arg, default=_tableau_arg("maml"),
+            p.add_argument("--tableau", type=_tableau_arg, default=_tableau_arg("maml"), action=_Typed,
                            help="a name (maml, heun, rk4, ...) or a factory call (maml(3), rk2(0.75)); default: maml")
             p.add_argument("--out", help=f"output folder (default: runs/{domain.name}-<tableau>)")
         _add_training_options(p, domain)
@@ -252,7 +395,7 @@ def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rkfast`` argument parser: ``train``/``compare`` per registered domain, ``eval``, ``tableaus``."""
-    parser = argparse.ArgumentParser(prog="rkfast", description="Runge-Kutta meta-learning (RK-MAML) in PyTorch.")
+    parser = _Parser(prog="rkfast", description="Runge-Kutta meta-learning (RK-MAML) in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,tableaus}")
 
     train_cmd = sub.add_parser("train", help="meta-train one tableau on a task domain and meta-test it")
@@ -266,11 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="meta-test a finished run again (from its folder's checkpoint.pt)")
     ev.add_argument("run_dir", help="the folder `rkfast train` wrote")
     ev.add_argument("--test-tasks", type=_number(int, 0, True), help="meta-test tasks (default: the run's)")
-    ev.add_argument("--test-seed", type=int, help="seed of the test tasks (default: the run's)")
+    ev.add_argument("--test-seed", type=_number(int, 0, False), help="seed of the test tasks (default: the run's)")
     ev.add_argument("--steps", type=_steps_arg, help="adaptation step counts, e.g. 1,5,10 (default: the domain's)")
     ev.add_argument("--test-step", type=_number(float, 0, True), help="adaptation step size (default: the run's)")
     ev.add_argument("--device", type=_device_arg, help="torch device (default: the run's)")
     ev.add_argument("--out", help="where to write the results (default: RUN_DIR/eval.json)")
+    ev.add_argument("--checkpoint", choices=("checkpoint", "best"), default="checkpoint",
+                    help="the final state (checkpoint.pt, default) or the best held-out evaluation's (best.pt)")
     ev.set_defaults(func=cmd_eval)
 
     tableaus = sub.add_parser("tableaus", help="list the named tableaus")
@@ -286,13 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return args.func(args)
-    except CommandError as err:
+    except (CommandError, RunError) as err:
         print(f"rkfast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"rkfast: training diverged: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint is what was saved
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` & co., which stopped reading

@@ -54,23 +54,29 @@ class FlatParameters:
         return self.data.device
 
     def _bind(self) -> None:
-        """Copy the parameters (and any ``.grad``) into new flat buffers and make each a view into them."""
+        """Copy the parameters (and any ``.grad``) into new flat buffers and make each a view into them.
+
+        Outside inference mode even when called inside it (e.g. reading ``flat_parameters`` there): the
+        buffers become the parameters' storage, and inference tensors could never be trained again."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._bind_buffers()
+
+    def _bind_buffers(self) -> None:
         params, numels = self.params, self.layout.numels
         first = params[0]
         data = torch.empty(self.layout.numel, dtype=first.dtype, device=first.device)
         grad = torch.zeros_like(data)
         values, grad_views = [], []
-        with torch.no_grad():
-            for p, chunk, grad_chunk in zip(params, data.split(numels), grad.split(numels)):
-                chunk.copy_(p.reshape(-1))
-                values.append(chunk.view_as(p))
-                grad_views.append(grad_chunk.view_as(p))
-                if p.grad is not None:
-                    grad_chunk.copy_(p.grad.reshape(-1))
-            for p, value, grad_view in zip(params, values, grad_views):
-                p.data = value  # same Parameter object, now backed by the flat buffer
-                if p.grad is not None:
-                    p.grad = grad_view
+        for p, chunk, grad_chunk in zip(params, data.split(numels), grad.split(numels)):
+            chunk.copy_(p.reshape(-1))
+            values.append(chunk.view_as(p))
+            grad_views.append(grad_chunk.view_as(p))
+            if p.grad is not None:
+                grad_chunk.copy_(p.grad.reshape(-1))
+        for p, value, grad_view in zip(params, values, grad_views):
+            p.data = value  # same Parameter object, now backed by the flat buffer
+            if p.grad is not None:
+                p.grad = grad_view
         self.data, self.grad, self._grad_views = data, grad, grad_views
         self._addresses = [p.data_ptr() for p in params]
 
@@ -79,10 +85,21 @@ class FlatParameters:
         return any(p.data_ptr() != a or p.dtype != self.data.dtype or p.device != self.data.device
                    for p, a in zip(self.params, self._addresses))
 
+    def check_rebind(self) -> None:
+        """Raise, before anything changes, unless :meth:`rebind` can bind the parameters as they are now:
+        one dtype and device, and every shape the layout's (the flat layout is fixed)."""
+        check_one_kind(self.params)
+        for name, p, shape in zip(self.layout.names, self.params, self.layout.shapes):
+            if p.shape != shape:
+                raise ValueError(
+                    f"parameter {name!r} changed shape from {tuple(shape)} to {tuple(p.shape)} after the optimizer "
+                    "was built; its flat layout is fixed: build a new MetaOptimizer for the new shapes"
+                )
+
     def rebind(self) -> None:
         """Bind again after :meth:`replaced`: the parameters' new values (dtype and device may differ) into
-        new flat buffers."""
-        check_one_kind(self.params)
+        new flat buffers (:meth:`check_rebind` first: nothing is re-bound if it raises)."""
+        self.check_rebind()
         self._bind()
 
     def expose_grads(self) -> None:

@@ -18,12 +18,15 @@ meta-loss ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))``.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -32,7 +35,16 @@ from .kernels import Backend, axpy_, combine, resolve_backend, stage_point
 from .layout import ParamLayout
 from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
-from .taskmap import Metrics, Randomness, TaskData, TaskLoss, TaskMap, resolve_num_tasks
+from .taskmap import (
+    Metrics,
+    Randomness,
+    TaskData,
+    TaskLoss,
+    TaskMap,
+    VmapUnsupportedError,
+    loss_gradient,
+    resolve_num_tasks,
+)
 
 __all__ = [
     "ParamLayout",
@@ -43,15 +55,20 @@ __all__ = [
     "AdaptationOutput",
     "Workspace",
     "Stage",
+    "VmapUnsupportedError",
     "rk_meta_step",
     "stage_points",
     "SecondOrderDirection",
     "FirstOrderDirection",
     "adapt",
+    "check_step",
+    "check_step_counts",
     "stage_point",
     "combine",
     "module_task_loss",
     "model_task_loss",
+    "supervised_loss",
+    "target_check",
     "has_norm_layers",
     "meta_step",
     "evaluate",
@@ -94,11 +111,48 @@ def check_theta(theta: Tensor) -> None:
 
 
 def check_step(name: str, value: float) -> float:
-    """A step size as a finite float (``inner_lr``, ``step_size``)."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    """A step size (``inner_lr``, ``step_size``) as a float, which must be a finite number ``> 0``.
+
+    Raises:
+        TypeError: not a real number (a string, ``True``/``False``, ``None``...).
+        ValueError: zero, negative, NaN or infinite; the message names the argument.
+    """
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a number > 0, got {value!r}")
+    try:
+        step = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a number > 0, got {value!r}") from err
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return step
+
+
+def check_step_counts(steps: Sequence[int]) -> list[int]:
+    """Adaptation step counts (``adapt``'s ``steps``), sorted without repeats: positive integers only.
+
+    Raises:
+        TypeError: ``steps`` is not a sequence, or holds a non-integer (``1.5``, ``"3"``, ``True``).
+        ValueError: empty, or a count below 1.
+    """
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        raise TypeError(f"steps must be a sequence of positive integers such as (1, 5, 10), got {steps!r}")
+    given = tuple(steps)
+    counts = {_step_count(n, given) for n in given}
+    if not counts or min(counts) < 1:
+        raise ValueError(f"steps must be positive step counts, got {given}")
+    return sorted(counts)
+
+
+def _step_count(n: Any, steps: tuple) -> int:
+    """One step count as an ``int``: Python and numpy integers, integer 0-d tensors; not ``1.5``, ``"3"``,
+    ``True`` (which ``int()`` would truncate or convert silently)."""
+    if not isinstance(n, bool):
+        try:
+            return operator.index(n)
+        except TypeError:
+            pass
+    raise TypeError(f"steps must be positive integers, got {n!r} in {steps!r}")
 
 
 # -- the stage loop -------------------------------------------------------------------------------------
@@ -134,8 +188,9 @@ def stage_points(
     holds the stage points between steps.
     """
     slopes: list[Tensor | None] = [None] * tableau.stages
+    last_reader, needs_slope, needs_query = tableau.last_reader, tableau.needs_support_grad, tableau.needs_query_loss
     for j in range(tableau.stages):
-        need_slope, need_query = tableau.needs_support_grad[j], tableau.needs_query_loss[j]
+        need_slope, need_query = needs_slope[j], needs_query[j]
         if not (need_slope or need_query):
             continue
         coefs = tableau.coefficients(j)
@@ -147,7 +202,7 @@ def stage_points(
             point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
                                 out=out, backend=backend)
             for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
-                if tableau.last_reader[l] == j:
+                if last_reader[l] == j:
                     slopes[l] = None
         if need_slope:
             data = tasks.data(support_data, j, point, shared)
@@ -196,10 +251,10 @@ class SecondOrderDirection(_MetaLoss):
         self.record(stage, weight, q, metrics)
 
     def result(self) -> MetaStepOutput:
-        if not self.loss.requires_grad:  # every b_j == 0: the meta-loss is constant
+        if not self.stage_losses:  # every b_j == 0: no query loss, the meta-loss is constant
             return self.output(torch.zeros_like(self.theta))
-        (direction,) = torch.autograd.grad(self.loss, self.theta)
-        return self.output(direction)
+        with self.tasks.vmap_errors():
+            return self.output(loss_gradient(self.loss, self.theta))
 
 
 class FirstOrderDirection(_MetaLoss):
@@ -226,7 +281,8 @@ class FirstOrderDirection(_MetaLoss):
         leaf = stage.point.detach().requires_grad_()
         with torch.enable_grad():
             q, metrics = self.tasks.values(query_loss, leaf, data, stage.shared)
-            (g,) = torch.autograd.grad(q.sum(), leaf)
+            with self.tasks.vmap_errors():
+                g = loss_gradient(q.sum(), leaf)
         (self.summed if stage.shared else self.per_task).append((g, weight / self.tasks.num_tasks))
         self.record(stage, weight, q.detach(), metrics)
 
@@ -275,7 +331,7 @@ def rk_meta_step(
         support_loss, query_loss: per-task losses ``loss(row, data)`` (see :mod:`rkfast.taskmap`).
         support_data, query_data: task data, pytrees with the task dimension first or stage callables.
         tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...).
-        inner_lr: the RK step ``h`` of the stages.
+        inner_lr: the RK step ``h`` of the stages, a finite number ``> 0`` (:func:`check_step`).
         first_order: treat the support gradients as constants (no Hessian-vector products).
         vectorize: all tasks at once under ``vmap``; ``False`` runs them one by one with plain autograd.
         num_tasks: ``T``; needed only when both data are callables.
@@ -286,6 +342,12 @@ def rk_meta_step(
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
+
+    Raises:
+        ValueError: a per-task loss that is not a 0-d tensor, or that does not depend on the parameters
+            (detached); ``inner_lr`` not a finite number ``> 0``.
+        VmapUnsupportedError: (``vectorize=True``) the model or loss cannot run under ``vmap``
+            (:mod:`rkfast.taskmap`); ``vectorize=False`` runs it.
     """
     check_theta(theta)
     tab = get_tableau(tableau)
@@ -322,12 +384,15 @@ def adapt(
     Reports every task's query loss (and metrics) before adaptation and after each count in ``steps``,
     and with ``keep_params`` the adapted parameters too. Callable data are called with the number of
     steps taken so far as ``stage``. ``theta`` is not modified and no autograd graph is kept.
+
+    ``step_size`` must be a finite number ``> 0`` (:func:`check_step`) and ``steps`` positive integers
+    (:func:`check_step_counts`). The support losses are checked as in :func:`rk_meta_step` (0-d per task,
+    dependent on the parameters), and ``vectorize=True`` raises :class:`VmapUnsupportedError` for a model
+    or loss that cannot run under ``vmap``.
     """
     check_theta(theta)
     alpha = check_step("step_size", step_size)
-    counts = sorted({int(n) for n in steps})
-    if not counts or counts[0] < 1:
-        raise ValueError(f"steps must be positive step counts, got {tuple(steps)}")
+    counts = check_step_counts(steps)
     tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     report = (0, *counts)
     losses: list[Tensor] = []
@@ -386,13 +451,97 @@ def model_task_loss(module: nn.Module, loss: ModelLoss, layout: ParamLayout | No
     return task_loss
 
 
+_REGRESSION_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_REGRESSION_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+_CLASS_LOSSES = (F.cross_entropy, F.nll_loss)
+_CLASS_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _loss_name(loss_fn: Callable) -> str:
+    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def _reshape_hint(out: tuple[int, ...], y: tuple[int, ...]) -> str:
+    if out == (*y, 1):
+        return ("give the targets the outputs' trailing dimension (y.unsqueeze(-1)) "
+                "or squeeze the outputs (out.squeeze(-1))")
+    if y == (*out, 1):
+        return "squeeze the targets' trailing dimension (y.squeeze(-1)) or give the outputs one (out.unsqueeze(-1))"
+    return "reshape the targets or the model's outputs so that they match"
+
+
+def _same_shape(name: str) -> Callable[[Tensor, Tensor], None]:
+    """The check of a regression loss: outputs and targets of one shape (no silent broadcasting)."""
+
+    def check(out: Tensor, y: Tensor) -> None:
+        o, t = tuple(out.shape), tuple(y.shape)
+        if o != t:
+            raise ValueError(
+                f"{name} needs outputs and targets of the same shape, got outputs {o} and targets {t} per task "
+                f"(they would broadcast against each other); {_reshape_hint(o, t)}"
+            )
+
+    return check
+
+
+def _class_targets(name: str) -> Callable[[Tensor, Tensor], None]:
+    """The check of a classification loss: class indices ``[K]`` for outputs ``[K, C]`` (torch's layout,
+    ``[K, C, d...]`` for ``[K, d...]`` too); class probabilities of the outputs' shape."""
+
+    def check(out: Tensor, y: Tensor) -> None:
+        o, t = tuple(out.shape), tuple(y.shape)
+        if y.is_floating_point():
+            if o != t:
+                raise ValueError(
+                    f"{name} with class-probability targets needs targets of the outputs' shape, got outputs {o} "
+                    f"and targets {t} per task; {_reshape_hint(o, t)}"
+                )
+            return
+        expected = o[:1] + o[2:] if len(o) >= 2 else ()
+        if len(o) == 0 or t != expected:
+            hint = ("squeeze the targets' trailing dimension (y.squeeze(-1))" if t == (*expected, 1)
+                    else "reshape the targets to one class index per output row")
+            raise ValueError(
+                f"{name} with class-index targets needs outputs [K, C] and targets [K] per task (or [K, C, d...] "
+                f"and [K, d...]), got outputs {o} and targets {t} per task; {hint}"
+            )
+
+    return check
+
+
+def target_check(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], None] | None:
+    """The output/target shape check for a built-in loss (through ``functools.partial``), or ``None``.
+
+    Regression losses (``F.mse_loss``, ``F.l1_loss``, ``F.smooth_l1_loss``, ``F.huber_loss`` and their
+    modules) need outputs and targets of equal shape: torch would broadcast ``[K, 1]`` against ``[K]`` to
+    ``[K, K]`` with only a warning. Classification losses (``F.cross_entropy``, ``F.nll_loss`` and their
+    modules) need torch's layout. Other loss functions are not checked.
+    """
+    fn = loss_fn
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = _loss_name(fn)
+    if any(fn is f for f in _REGRESSION_LOSSES) or isinstance(fn, _REGRESSION_MODULES):
+        return _same_shape(name)
+    if any(fn is f for f in _CLASS_LOSSES) or isinstance(fn, _CLASS_MODULES):
+        return _class_targets(name)
+    return None
+
+
 def supervised_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> ModelLoss:
     """``model, (x, y) -> loss_fn(model(x), y)``; with integer targets and outputs that carry a class
-    dimension last, the loss also reports ``accuracy`` (argmax over the last dimension)."""
+    dimension last, the loss also reports ``accuracy`` (argmax over the last dimension).
+
+    For the built-in regression and classification losses the shapes of each task's outputs and targets
+    are checked first (:func:`target_check`: ``ValueError`` naming both shapes and how to fix them).
+    """
+    check = target_check(loss_fn)
 
     def loss(model: Callable[..., Tensor], data: tuple[Tensor, Tensor]) -> tuple[Tensor, Metrics]:
         x, y = data
         out = model(x)
+        if check is not None:
+            check(out, y)
         value = loss_fn(out, y)
         metrics: Metrics = {}
         if not y.is_floating_point() and out.dim() == y.dim() + 1:

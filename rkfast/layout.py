@@ -47,5 +47,7 @@ class ParamLayout:
     def unflatten(self, row: Tensor) -> dict[str, Tensor]:
         """Views of a flat ``row [N]`` (or ``[..., N]``) as the named parameter shapes."""
         chunks = torch.split(row, self.numels, dim=-1)
-        lead = row.shape[:-1]
-        return {n: c.view(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
+        lead = tuple(row.shape[:-1])
+        # one size tuple, not unpacked arguments: a 0-d parameter of a flat vector is view(()), and
+        # view() with no arguments at all is not a call torch accepts
+        return {n: c.view(lead + tuple(s)) for n, c, s in zip(self.names, chunks, self.shapes)}

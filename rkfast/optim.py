@@ -19,7 +19,7 @@ from .batch import TaskBatch, TaskSet, check_task_batch, check_task_set
 from .capture import CaptureMode, StepCapture, make_step_capture
 from .flat import FlatParameters
 from .layout import ParamLayout
-from .outer import OuterUpdate, make_outer_optimizer, outer_class
+from .outer import OuterUpdate, cast_state_to_params, check_lr, make_outer_optimizer, outer_class
 from .results import AdaptationOutput, MetaStepOutput
 from .tableau import Tableau, get_tableau
 
@@ -30,7 +30,8 @@ Tasks = Union[TaskBatch, TaskSet, Sequence[Tensor]]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The meta-loss or the meta-direction of a step is NaN or infinite; nothing was updated."""
+    """A step's meta-loss or meta-direction (or ``.grad`` for :meth:`MetaOptimizer.apply`), or the
+    parameters its outer update produced, are NaN or infinite; nothing was updated."""
 
 
 def resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
@@ -77,7 +78,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         inner_lr: the RK step ``h`` of the stages (MAML's inner learning rate for ``"maml"``).
         outer: ``"sgd"`` (the plain step ``theta <- theta - lr * d``), ``"adam"``, ``"adamw"`` or any
             ``torch.optim.Optimizer`` subclass; ``outer_kwargs`` go to its constructor.
-        lr: the outer learning rate.
+        lr: the outer learning rate (finite and non-negative, as every param group's).
         first_order: ignore second derivatives (first-order MAML and its RK analogues).
         params: parameters or param groups to meta-learn (default: every parameter of ``model`` that
             requires grad); the others stay fixed and are not adapted either.
@@ -85,8 +86,10 @@ class MetaOptimizer(torch.optim.Optimizer):
             autograd (same math); ``"auto"``: ``vmap``, except for models with convolutions on the CPU,
             where ``vmap`` turns per-task convolution weights into grouped convolutions, which CPUs run
             slowly (see the README's benchmarks). The resolved choice is :attr:`vectorize`.
-        check_finite: raise :class:`NonFiniteLossError` on a NaN/inf meta-loss or meta-direction before
-            updating (costs one host synchronization per step).
+        check_finite: raise :class:`NonFiniteLossError` on a NaN/inf meta-loss or meta-direction, or on
+            NaN/inf parameters after the outer update (e.g. from a NaN learning rate), and restore the
+            parameters, ``.grad`` and optimizer state as they were before the step (one host
+            synchronization per step: the check runs once, after the update).
         batch_statistics: switch the model's normalization layers to per-task batch statistics with no
             running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
         backend: kernels for the stage arithmetic and the plain outer step (:mod:`rkfast.kernels`):
@@ -197,15 +200,28 @@ class MetaOptimizer(torch.optim.Optimizer):
         Returns the :class:`~rkfast.results.MetaStepOutput` (``loss``, ``stage_losses``, ...); its
         tensors may be buffers the next step reuses (clone what you keep).
 
+        Works under ``torch.no_grad()`` (the step enables autograd where it differentiates).
+
         Raises:
+            RuntimeError: called under ``torch.inference_mode()`` (call it outside).
             TypeError, ValueError, RuntimeError: malformed tasks (see :func:`~rkfast.batch.check_task_batch`
-                and :func:`~rkfast.batch.check_task_set`).
-            NonFiniteLossError: NaN/inf meta-loss or meta-direction (not raised by a replayed captured
-                step; see ``capture``).
+                and :func:`~rkfast.batch.check_task_set`; inference tensors among them too), or parameters
+                replaced (``model.to(...)``, ``p.data = ...``) by ones that cannot be re-bound: mixed dtypes
+                or devices, a changed shape, a dtype the kernel backend does not take.
+            NonFiniteLossError: with ``check_finite``, a NaN/inf meta-loss or meta-direction, or NaN/inf
+                parameters after the outer update (e.g. a NaN learning rate); not raised by a replayed
+                captured step, which skips the update on the device instead (see ``capture``).
             CaptureShapeError: with ``capture=True``, a batch whose shapes differ from the captured ones.
-            In every case before any parameter, gradient or optimizer state changes.
+            Any exception of the outer optimizer's own ``step``.
+
+            In every case the parameters, every ``.grad`` (``None`` included) and the optimizer state are
+            as they were before the call: malformed input is refused before any work, and a failure in
+            or after the outer update restores what the update had changed. (Parameters whose storage was
+            replaced since the last call, e.g. by ``model.to(torch.float64)``, are re-bound and the
+            optimizer state cast to their new dtype and device once the tasks are checked; a later
+            failure keeps that re-binding, which changes no value.)
         """
-        tasks = self._check_tasks(tasks, captured=self._capture is not None)
+        tasks = self._check_tasks(tasks, "step", captured=self._capture is not None)
         if self._capture is not None:
             out = self._capture.run(tasks, self._eager_step, self._captured_step)
             self._flat.expose_grads()
@@ -214,17 +230,20 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _eager_step(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         out = self._meta_direction(tasks)  # stage losses -> rk_meta_step (raises before anything changes)
-        self._flat.write_grad(out.direction)  # -> .grad
-        self._outer.update(self.backend)  # -> the outer update
+        self._transactional_update(lambda: self._flat.write_grad(out.direction), out.direction, out.loss,
+                                   lambda: self._non_finite_direction_error(out))
         return out
 
     def compute(self, tasks: Tasks) -> MetaStepOutput:
         """The first half of :meth:`step`: the meta-direction of ``tasks`` into every ``.grad``, no update.
 
         Edit ``.grad`` as after any ``backward()`` (clip, log, all-reduce), then call :meth:`apply`.
-        Raises as :meth:`step` does, before ``.grad`` changes.
+        Raises as :meth:`step` does, before ``.grad`` changes (with ``check_finite``, a non-finite
+        meta-loss or meta-direction is checked here, with one host synchronization).
         """
-        out = self._meta_direction(self._check_tasks(tasks))
+        out = self._meta_direction(self._check_tasks(tasks, "compute"))
+        if self.check_finite and not bool(_all_finite(out.direction, out.loss)):  # one host sync
+            raise self._non_finite_direction_error(out)
         self._flat.write_grad(out.direction)
         return out
 
@@ -235,17 +254,47 @@ class MetaOptimizer(torch.optim.Optimizer):
         is skipped as torch optimizers do (plain SGD: no change to that parameter).
 
         Raises:
-            NonFiniteLossError: a NaN/inf ``.grad`` (with ``check_finite``), before anything changes.
+            RuntimeError: called under ``torch.inference_mode()`` (call it outside).
+            ValueError: a ``.grad`` whose shape is not its parameter's.
+            NonFiniteLossError: with ``check_finite``, a NaN/inf ``.grad``, or NaN/inf parameters after
+                the outer update (e.g. a NaN learning rate).
+            Any exception of the outer optimizer's own ``step``.
+
+            In every case the parameters, every ``.grad`` and the optimizer state are as they were before
+            the call (one host synchronization with ``check_finite``, after the update).
         """
+        self._refuse_inference_mode("apply")
         self._rebind_if_replaced()
-        self._flat.adopt_grads()
-        if self.check_finite and not bool(torch.isfinite(self._flat.grad).all()):
-            raise NonFiniteLossError("non-finite .grad; parameters and optimizer state were left unchanged")
-        self._outer.update(self.backend)
+        grad = self._flat.grad  # .grad as the update reads it, once adopted
+        self._transactional_update(self._flat.adopt_grads, grad, None, lambda: NonFiniteLossError(
+            "non-finite .grad; parameters, .grad and optimizer state were left unchanged"))
+
+    def _transactional_update(self, set_grad: Callable[[], None], direction: Tensor, loss: Tensor | None,
+                              direction_error: Callable[[], NonFiniteLossError]) -> None:
+        """``set_grad()`` (the new ``.grad``) and the outer update as one transaction: any exception, and with
+        ``check_finite`` a non-finite ``direction``/``loss`` or non-finite updated parameters, restores the
+        parameters, ``.grad`` and optimizer state and raises.
+
+        The finiteness of the inputs and of the result is read once, after the update (the step's one host
+        synchronization): a non-finite direction makes the update produce garbage, which is then undone."""
+        inputs_ok: Tensor | None = None
+        try:
+            with self._outer.transaction():
+                set_grad()
+                if self.check_finite:
+                    inputs_ok = _all_finite(direction, loss)  # on the device: no synchronization yet
+                self._outer.update(self.backend)
+                if inputs_ok is not None and not bool(inputs_ok & _all_finite(self._flat.data)):  # one host sync
+                    raise direction_error() if not bool(inputs_ok) else self._non_finite_update_error()
+        except Exception as err:
+            # an optimizer that refuses a non-finite gradient itself: report what was non-finite
+            if isinstance(err, NonFiniteLossError) or inputs_ok is None or bool(inputs_ok):
+                raise
+            raise direction_error() from err
 
     def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
         """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""
-        out = self._meta_direction(batch, on_device=True)
+        out = self._meta_direction(batch)
         if not self.check_finite:
             self._flat.write_grad(out.direction)
             self._outer.update(self.backend)
@@ -256,18 +305,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]
         return out
 
-    def _meta_direction(self, tasks: TaskBatch | TaskSet, on_device: bool = False) -> MetaStepOutput:
+    def _meta_direction(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         """The RK meta-direction of ``tasks`` (checked, so the flat buffer is bound) at the current parameters;
-        raises on a non-finite one unless ``on_device`` (a captured step decides on the device)."""
+        its finiteness is the caller's to check (after the update, before ``.grad``, or on the device)."""
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
-        out = RF.rk_meta_step(
+        return RF.rk_meta_step(
             self._flat.data.detach(), support_loss, query_loss, support_data, query_data, self.tableau,
             self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
             backend=self.backend, workspace=self._workspace,
         )
-        if self.check_finite and not on_device:
-            self._check_finite(out)
-        return out
 
     def _stage_losses(self, tasks: TaskBatch | TaskSet) -> tuple[RF.TaskLoss, RF.TaskLoss, Any, Any, int | None]:
         """The per-task losses and data of ``tasks`` in the functional core's terms."""
@@ -277,8 +323,17 @@ class MetaOptimizer(torch.optim.Optimizer):
                           for loss in (tasks.support_loss, tasks.query_loss))
         return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
 
-    def _check_tasks(self, tasks: Tasks, captured: bool = False) -> TaskBatch | TaskSet:
-        self._rebind_if_replaced()
+    def _check_tasks(self, tasks: Tasks, call: str, captured: bool = False) -> TaskBatch | TaskSet:
+        """``tasks`` checked against the parameters as they are now (raises before anything changes), then
+        the flat buffer re-bound if something replaced a parameter's storage since the last call."""
+        self._refuse_inference_mode(call)
+        rebind = self._check_rebind()
+        checked = self._checked_tasks(tasks, captured)
+        if rebind:
+            self._rebind()
+        return checked
+
+    def _checked_tasks(self, tasks: Tasks, captured: bool) -> TaskBatch | TaskSet:
         if isinstance(tasks, TaskSet):
             if captured:
                 raise TypeError("a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
@@ -289,19 +344,38 @@ class MetaOptimizer(torch.optim.Optimizer):
                             "losses, or build it with a loss_fn for TaskBatch batches")
         return check_task_batch(tasks, dtype=self.dtype, device=self.device)
 
-    def _check_finite(self, out: MetaStepOutput) -> None:
-        if bool(torch.isfinite(out.direction).all() & torch.isfinite(out.loss)):  # one host sync
-            return
+    @staticmethod
+    def _refuse_inference_mode(call: str) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"MetaOptimizer.{call}() cannot run under torch.inference_mode(): the meta-step and meta-test "
+                "adaptation differentiate through the model, which inference mode forbids, and optimizer state "
+                f"created there could not be updated by later steps. Call {call}() outside inference_mode "
+                "(under torch.no_grad() it works as usual)."
+            )
+
+    def _non_finite_direction_error(self, out: MetaStepOutput) -> NonFiniteLossError:
         stages = {j: float(v) for j, v in out.stage_losses.items()}
-        raise NonFiniteLossError(
+        return NonFiniteLossError(
             f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction; "
             "parameters and optimizer state were left unchanged. Lower inner_lr or lr, or check the batch."
         )
 
+    def _non_finite_update_error(self) -> NonFiniteLossError:
+        optimizer = self.outer_optimizer
+        lrs = [group.get("lr") for group in optimizer.param_groups]
+        lr = f"lr={lrs[0]}" if len(lrs) == 1 else f"lr per param group={lrs}"
+        return NonFiniteLossError(
+            f"the outer update ({type(optimizer).__name__}, {lr}) produced non-finite parameters although the "
+            "meta-direction (.grad) was finite; parameters, .grad and optimizer state were restored. Check the "
+            "outer optimizer's learning rate and settings (a scheduler or an edit of param_groups may have set them)."
+        )
+
     # -- the flat buffer and what depends on its device -------------------------------------------------
 
-    dtype = property(lambda self: self._flat.dtype, doc="The meta-parameters' dtype.")
-    device = property(lambda self: self._flat.device, doc="The meta-parameters' device.")
+    # the parameters' own (after model.to(...) that is their new kind, before the flat buffer is re-bound)
+    dtype = property(lambda self: self._flat.params[0].dtype, doc="The meta-parameters' dtype.")
+    device = property(lambda self: self._flat.params[0].device, doc="The meta-parameters' device.")
 
     def _resolve_device_choices(self) -> None:
         self.backend = kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
@@ -309,11 +383,33 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _rebind_if_replaced(self) -> None:
         """Re-bind if something replaced a parameter's storage (``model.to(...)``, ``p.data = ...``)."""
-        if self._flat.replaced():
-            # check the new dtype/device against the backend before anything is rebound
-            kernels.resolve_backend(self._backend_choice, self._flat.params[0].device, self._flat.params[0].dtype)
+        if self._check_rebind():
+            self._rebind()
+
+    def _check_rebind(self) -> bool:
+        """Whether a parameter's storage was replaced; raises (before anything changes) if the parameters
+        cannot be re-bound as they are now."""
+        if not self._flat.replaced():
+            return False
+        self._flat.check_rebind()
+        kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
+        if self._capture is not None:
+            self._capture.check_device(self.device)
+        return True
+
+    def _rebind(self) -> None:
+        """The parameters into new flat buffers, with everything that depends on their dtype and device: the
+        outer state (cast first: that can fail, the rest cannot), the kernel choices, a captured graph (it
+        reads and writes the old buffers)."""
+        with torch.inference_mode(False):  # the new buffers and state must stay trainable
+            if (self.dtype, self.device) != (self._flat.dtype, self._flat.device):
+                cast_state_to_params(self.outer_optimizer)
+                self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
             self._flat.rebind()
-            self._resolve_device_choices()
+        self._resolve_device_choices()
+        if self._capture is not None:
+            self._capture.release()
+            self._skipped = self._skipped.to(self.device)  # type: ignore[union-attr]
 
     @property
     def flat_parameters(self) -> Tensor:
@@ -367,13 +463,14 @@ class MetaOptimizer(torch.optim.Optimizer):
     ) -> AdaptationOutput:
         """Meta-test: adapt the current parameters to each task with plain gradient steps.
 
-        ``step_size`` defaults to ``tableau.test_step(inner_lr)`` = ``h * c_s`` (the step the tableau
-        trains the model to adapt with). Parameters are not modified. Returns per-task query losses (and
+        ``step_size`` defaults to ``tableau.test_step(inner_lr)``, the step the tableau's own stages take
+        (``h`` for ``maml(k)``, ``h/2`` for midpoint; ``docs/method.md``). Parameters are not modified. Returns per-task query losses (and
         accuracies) before adaptation and after each count in ``steps``; ``.summary()`` gives means and
         95% confidence intervals. ``keep_params`` also returns the adapted flat parameters
-        (``[len(steps), T, N]``; :attr:`layout` unflattens them).
+        (``[len(steps), T, N]``; :attr:`layout` unflattens them). Works under ``torch.no_grad()``; raises
+        ``RuntimeError`` under ``torch.inference_mode()``, and as :meth:`step` does for malformed tasks.
         """
-        tasks = self._check_tasks(tasks)
+        tasks = self._check_tasks(tasks, "evaluate")
         alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
         return RF.adapt(
@@ -398,7 +495,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`: outer optimizer state, param groups, tableau and inner step."""
+        """Restore a :meth:`state_dict`: outer optimizer state, param groups, tableau and inner step.
+
+        Raises ``ValueError`` (before anything changes) for another optimizer's state dict, an invalid
+        ``inner_lr``, or a param group whose ``lr`` is not a finite, non-negative number."""
         meta = state_dict.get("rkfast")
         if not isinstance(meta, dict):
             raise ValueError("not a MetaOptimizer state dict: the 'rkfast' entry is missing")
@@ -407,6 +507,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {outer!r}")
         tableau = Tableau.from_dict(meta["tableau"])
         inner_lr = RF.check_step("inner_lr", meta["inner_lr"])
+        for i, group in enumerate(state_dict.get("param_groups", ())):
+            if "lr" in group:
+                check_lr(group["lr"], f"lr of param group {i}")
         self.outer_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
         self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
         self.tableau, self.inner_lr, self.first_order = tableau, inner_lr, bool(meta["first_order"])
@@ -416,3 +519,12 @@ class MetaOptimizer(torch.optim.Optimizer):
             f"MetaOptimizer(tableau={self.tableau.name}, inner_lr={self.inner_lr:g}, "
             f"first_order={self.first_order}, outer={self.outer_optimizer!r})"
         )
+
+
+def _all_finite(*tensors: Tensor | None) -> Tensor:
+    """A 0-d device boolean: every element of every given tensor is finite (reading it synchronizes)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    ok = checks[0]
+    for check in checks[1:]:
+        ok = ok & check
+    return ok

@@ -2,14 +2,21 @@
 
 ``"sgd"`` without momentum or weight decay is the plain step ``theta <- theta - lr * d`` of the method, one
 fused ``axpy_`` over the flat buffer; anything else is a ``torch.optim`` optimizer (torch's fused
-implementation for SGD/Adam/AdamW unless the user chose). :meth:`OuterUpdate.update_if` is the device-side
-form of "a failed step changes nothing", for steps replayed from a CUDA graph, where raising would need a
-host synchronization.
+implementation for SGD/Adam/AdamW unless the user chose).
+
+"A failed step changes nothing" has two forms here. :meth:`OuterUpdate.transaction` is the eager one: it
+saves what an update may change (parameters, ``.grad``, the optimizer's state and groups) into buffers kept
+between steps, and restores all of it if the update, or a check after it, raises. :meth:`OuterUpdate.update_if`
+is the device-side one, for steps replayed from a CUDA graph, where raising would need a host
+synchronization.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from contextlib import contextmanager
+from itertools import zip_longest
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -17,7 +24,10 @@ from torch import Tensor
 from . import kernels
 from .flat import FlatParameters
 
-__all__ = ["OUTER_OPTIMIZERS", "outer_class", "make_outer_optimizer", "OuterUpdate", "guarded_update", "state_tensors"]
+__all__ = [
+    "OUTER_OPTIMIZERS", "outer_class", "make_outer_optimizer", "check_lr", "OuterUpdate", "UpdateSnapshot",
+    "guarded_update", "written_tensors", "state_tensors", "cast_state_to_params",
+]
 
 OUTER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -41,10 +51,35 @@ def outer_class(outer: str | type[torch.optim.Optimizer]) -> type[torch.optim.Op
     raise TypeError(f"outer must be a name or a torch.optim.Optimizer subclass, got {outer!r}")
 
 
+def check_lr(value: Any, where: str = "lr") -> None:
+    """Raise ``ValueError`` unless the learning rate ``value`` is a finite, non-negative number.
+
+    torch refuses a negative lr, but takes NaN (SGD) and infinity (every optimizer), which turn the
+    parameters non-finite at the first update."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+        raise ValueError(f"{where} must be a finite, non-negative number, got {value!r}") from None
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{where} must be a finite, non-negative number, got {number}")
+
+
 def make_outer_optimizer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
                          capturable: bool = False) -> torch.optim.Optimizer:
     """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose, and
-    Adam/AdamW with ``capturable=True`` (its step counter on the device) for a step replayed from a graph."""
+    Adam/AdamW with ``capturable=True`` (its step counter on the device) for a step replayed from a graph.
+
+    Raises ``ValueError`` for a non-finite or negative ``lr``, the default's or a param group's."""
+    check_lr(lr)
+    optimizer = _construct(cls, params, lr, kwargs, capturable)
+    for i, group in enumerate(optimizer.param_groups):
+        if "lr" in group:
+            check_lr(group["lr"], f"lr of param group {i}")
+    return optimizer
+
+
+def _construct(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
+               capturable: bool) -> torch.optim.Optimizer:
     if capturable and cls in (torch.optim.Adam, torch.optim.AdamW):
         if kwargs.get("capturable") is False:
             raise ValueError("a captured step needs a capturable outer optimizer; drop capturable=False")
@@ -70,6 +105,7 @@ class OuterUpdate:
     def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters) -> None:
         self.optimizer = optimizer
         self.flat = flat
+        self._snapshot = UpdateSnapshot(optimizer, flat)
 
     def plain_sgd(self) -> bool:
         """``theta <- theta - lr * d`` over the whole flat buffer: SGD with one group and no extras."""
@@ -88,11 +124,104 @@ class OuterUpdate:
         else:
             self.optimizer.step()
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block (new ``.grad``, :meth:`update`, checks) as one transaction: if it raises anything,
+        the parameters, the gradient buffer and every ``.grad``, the optimizer's state and its groups are
+        put back as they were before it, and the exception propagates. No host synchronization."""
+        self._snapshot.save()
+        try:
+            yield
+        except BaseException:
+            self._snapshot.restore()
+            raise
+        finally:
+            self._snapshot.forget()
+
     def update_if(self, ok: Tensor, backend: kernels.Backend = "auto") -> None:
         """:meth:`update`, then every parameter and optimizer-state tensor keeps its old value where the 0-d
         boolean ``ok`` is false; no host synchronization (the caller zeroes ``.grad`` of a skipped step)."""
-        guarded_update(ok, [self.flat.data, *state_tensors(self.optimizer, self.flat.params)],
-                       lambda: self.update(backend))
+        guarded_update(ok, written_tensors(self.optimizer, self.flat), lambda: self.update(backend))
+
+
+class UpdateSnapshot:
+    """What an outer update may change, saved so that a failed one can be undone exactly.
+
+    Tensor values (the flat parameters and gradient, every state tensor) are copied into buffers kept between
+    steps, one multi-tensor copy per dtype and device; a buffer is re-allocated only when the tensor in its
+    place changes shape, dtype or device (the first step creates Adam's moments, a re-bind changes the
+    dtype), so steady-state steps allocate no tensors. The structure is saved by reference: which
+    ``Tensor`` is each ``.grad`` (or ``None``), which state entries each parameter has (or none yet: a
+    failed first step must not leave empty moments behind), and each param group's settings. Restoring puts
+    the same objects back and copies the saved values into them, so an update that writes in place and one
+    that replaces state tensors are both undone.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters) -> None:
+        self.optimizer, self.flat = optimizer, flat
+        self._buffers: list[Tensor] = []
+        self._forget_structure()
+
+    def _forget_structure(self) -> None:
+        self._tensors: list[Tensor] = []
+        self._grads: list[Tensor | None] = []
+        self._state: list[tuple[Tensor, dict[str, Any] | None, dict[str, Any]]] = []
+        self._groups: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def save(self) -> None:
+        """Save the current parameters, gradients, optimizer state and groups."""
+        state = self.optimizer.state
+        self._grads = [p.grad for p in self.flat.params]
+        self._state = [(p, state.get(p), dict(state.get(p, {}))) for p in self.flat.params]
+        self._groups = [(group, dict(group)) for group in self.optimizer.param_groups]
+        self._tensors = [self.flat.grad, *written_tensors(self.optimizer, self.flat)]
+        self._buffers = [_reuse(buf, t) for buf, t in zip_longest(self._buffers, self._tensors) if t is not None]
+        copy_all(self._buffers, self._tensors)
+
+    def restore(self) -> None:
+        """Put back exactly what :meth:`save` saw."""
+        groups = self.optimizer.param_groups
+        groups[:] = [group for group, _ in self._groups]
+        for group, settings in self._groups:
+            group.clear()
+            group.update(settings)
+        state = self.optimizer.state
+        for p, entries, items in self._state:
+            if entries is None:
+                state.pop(p, None)  # no state before this update
+            else:
+                entries.clear()
+                entries.update(items)
+                state[p] = entries
+        copy_all(self._tensors, self._buffers)
+        for p, g in zip(self.flat.params, self._grads):
+            p.grad = g
+
+    def forget(self) -> None:
+        """Drop the references to the saved objects (the buffers are kept for the next :meth:`save`)."""
+        self._forget_structure()
+
+
+def _reuse(buffer: Tensor | None, like: Tensor) -> Tensor:
+    """``buffer`` if it can hold ``like``'s value, else a new one."""
+    if buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (like.shape, like.dtype, like.device):
+        return buffer
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def by_kind(tensors: list[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    """The positions of ``tensors`` grouped by dtype and device: what one multi-tensor kernel takes."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return groups
+
+
+def copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every ``i``: one multi-tensor copy per dtype and device."""
+    with torch.no_grad():
+        for positions in by_kind(dst).values():
+            torch._foreach_copy_([dst[i] for i in positions], [src[i] for i in positions])
 
 
 def guarded_update(ok: Tensor, tensors: list[Tensor], update: Callable[[], None]) -> None:
@@ -103,14 +232,18 @@ def guarded_update(ok: Tensor, tensors: list[Tensor], update: Callable[[], None]
     ``copy_`` per tensor. Exact: ``x * 1 + y * 0 == x`` for finite values, and both sides are finite (the
     old state was committed as finite, and the caller runs a skipped ``update`` on a zero gradient).
     """
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
+    groups = {key: [tensors[i] for i in positions] for key, positions in by_kind(tensors).items()}
     kept = {key: torch._foreach_mul(group, (~ok).to(key[0])) for key, group in groups.items()}  # t_old * (1 - ok)
     update()
     for key, group in groups.items():
         torch._foreach_mul_(group, ok.to(key[0]))
         torch._foreach_add_(group, kept[key])
+
+
+def written_tensors(optimizer: torch.optim.Optimizer, flat: FlatParameters) -> list[Tensor]:
+    """The tensors an outer update writes in place: the flat parameters and the optimizer's state tensors
+    (what :func:`guarded_update` guards on the device and :class:`UpdateSnapshot` saves on the host)."""
+    return [flat.data, *state_tensors(optimizer, flat.params)]
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor]:
@@ -121,3 +254,14 @@ def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> lis
             if isinstance(value, Tensor):
                 out.append(value)
     return out
+
+
+def cast_state_to_params(optimizer: torch.optim.Optimizer) -> None:
+    """Cast ``optimizer``'s state to its parameters' current dtype and device (after ``model.to(...)``).
+
+    Through ``load_state_dict``, which casts exactly as torch does when resuming: floating-point state to the
+    parameter's dtype and device, and Adam's ``step`` kept as it is, except for fused and capturable
+    optimizers, which keep it as a float32 tensor on the parameter's device. ``optimizer.state`` and
+    ``optimizer.param_groups`` are new objects afterwards; their contents are the same.
+    """
+    optimizer.load_state_dict(optimizer.state_dict())

@@ -93,28 +93,32 @@ def plot_training(run: RunResult, path: Path | str) -> None:
 
 def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     """Left: the test metric vs adaptation steps with 95% CI per tableau. Right: held-out metric during
-    training (after the first evaluation step)."""
+    training (after the first evaluation step). A run without a meta-test (diverged) has only its curve."""
     metric = runs[0].domain.metric
+    tested = [run for run in runs if run.test is not None]
     first = str(runs[0].domain.defaults.eval_steps[0])
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    steps = [0, *runs[0].domain.defaults.test_steps]
     for i, run in enumerate(runs):
-        summary = run.test.summary()
-        steps = summary["steps"]
-        mean, ci = zip(*(summary[metric.source][n] for n in steps))
-        label = f"{run.tableau.name} (order {run.tableau.order}, step {summary['step_size']:.4g})"
-        left.errorbar(np.array(steps) + 0.06 * (i - (len(runs) - 1) / 2), mean, yerr=ci, marker="o", capsize=3,
-                      color=f"C{i}", label=label)
+        if run.test is not None:
+            summary = run.test.summary()
+            steps = summary["steps"]
+            mean, ci = zip(*(summary[metric.source][n] for n in steps))
+            label = f"{run.tableau.name} (order {run.tableau.order}, step {summary['step_size']:.4g})"
+            left.errorbar(np.array(steps) + 0.06 * (i - (len(runs) - 1) / 2), mean, yerr=ci, marker="o",
+                          capsize=3, color=f"C{i}", label=label)
         right.plot(*_eval_curve(run, first), marker="o", ms=3, color=f"C{i}",
                    label=f"{run.tableau.name}, {_steps_label(int(first))}")
         if not metric.higher_is_better:
             right.plot(*_smooth(run.losses), color=f"C{i}", alpha=0.35, lw=1)
     left.set(xlabel="adaptation steps", ylabel=metric.label,
-             title=f"meta-test, {runs[0].test.losses.shape[1]} tasks (95% CI)")
+             title=f"meta-test, {tested[0].test.losses.shape[1] if tested else 0} tasks (95% CI)")
     left.set_xticks(steps)
     faint = "" if metric.higher_is_better else " (faint: smoothed meta-loss)"
     right.set(xlabel="meta-step", ylabel=metric.short, title=f"held-out {metric.short} {_steps_label(int(first))}{faint}")
     for ax in (left, right):
         _scale(ax, metric.higher_is_better)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     save_figure(fig, path)

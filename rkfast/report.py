@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from .tableau import Tableau
 from .tasks import Domain
 from .train import RunResult, TrainConfig
 
-__all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows"]
+__all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -45,11 +46,11 @@ def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], ta
     ])
 
 
-def step_source(run_cfg: TrainConfig, last_node: float, test_step: float | None) -> str:
+def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None) -> str:
     """Where the meta-test step size came from, in words."""
     if test_step is not None:
         return "--test-step"
-    return f"the tableau's h*c_s = {run_cfg.inner_lr:g}*{last_node:.4g}"
+    return f"the tableau's own step at h = {run_cfg.inner_lr:g}, docs/method.md"
 
 
 def train_report(run: RunResult) -> str:
@@ -57,8 +58,8 @@ def train_report(run: RunResult) -> str:
     cfg = run.config
     return "\n".join([
         run.tableau.describe(),
-        test_report(run.domain, cfg, run.test.summary(), run.test.losses.shape[1],
-                    step_source(cfg, run.tableau.last_node, cfg.test_step)),
+        test_report(run.domain, cfg, run.test.summary(), run.test.losses.shape[1],  # type: ignore[union-attr]
+                    step_source(cfg, run.tableau, cfg.test_step)),
         f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
         f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
     ])
@@ -69,29 +70,56 @@ def _mean_ci(mean_ci: tuple[float, float]) -> str:
     return f"{mean:.3f} ± {ci:.3f}"
 
 
+def _not_tested(run: RunResult) -> str:
+    return f"{run.status} at step {run.iteration + (run.status == 'diverged')}"
+
+
+def run_line(run: RunResult) -> str:
+    """One line per finished (or diverged) run of a comparison."""
+    if run.test is None:
+        return f"{run.tableau.name}: {_not_tested(run)}: {run.error or ''} ({run.train_time_s:.1f} s)"
+    metric, first = run.domain.metric, run.domain.defaults.test_steps[0]
+    mean, ci = run.test.summary()[metric.source][first]
+    return (f"{run.tableau.name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
+            f"({run.train_time_s:.1f} s)")
+
+
 def compare_report(runs: Sequence[RunResult]) -> str:
-    """What ``rkfast compare`` prints: one row per tableau, the primary metric after each step count."""
+    """What ``rkfast compare`` prints: one row per tableau, the primary metric after each step count
+    (a diverged tableau's row says where it diverged)."""
     domain = runs[0].domain
     metric, steps = domain.metric, (0, *domain.defaults.test_steps)
     headers = ["tableau", "order", "test step", *(f"{metric.short} @{n}" for n in steps), "train s", "ms/step"]
     rows = []
     for run in runs:
-        s = run.test.summary()
-        rows.append([run.tableau.name, str(run.tableau.order), f"{s['step_size']:.4g}",
-                     *(_mean_ci(s[metric.source][n]) for n in s["steps"]),
+        if run.test is None:
+            cells = [_not_tested(run), *([""] * (len(steps) - 1))]
+            step = f"{run.tableau.test_step(run.config.inner_lr):.4g}"  # type: ignore[arg-type]
+        else:
+            s = run.test.summary()
+            cells = [_mean_ci(s[metric.source][n]) for n in s["steps"]]
+            step = f"{s['step_size']:.4g}"
+        rows.append([run.tableau.name, str(run.tableau.order), step, *cells,
                      f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"])
-    protocol = _protocol(domain, runs[0].config, runs[0].test.losses.shape[1])
+    tested = [r for r in runs if r.test is not None]
+    tasks = tested[0].test.losses.shape[1] if tested else runs[0].config.test_tasks  # type: ignore[union-attr]
+    protocol = _protocol(domain, runs[0].config, tasks)  # type: ignore[arg-type]
     return "\n".join([f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows)])
 
 
 def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """The comparison as JSON rows: tableau, order, test step, every metric's summary, timings."""
+    """The comparison as JSON rows: tableau, order, status, test step, every metric's summary, timings."""
     rows = []
     for r in runs:
-        s = r.test.summary()
-        row: dict[str, Any] = {"tableau": r.tableau.name, "order": r.tableau.order, "test_step": r.test.step_size}
-        row.update({m.source: s[m.source] for m in r.domain.metrics})
-        row["loss"] = s["loss"]
+        row: dict[str, Any] = {"tableau": r.tableau.name, "order": r.tableau.order, "status": r.status,
+                               "iteration": r.iteration}
+        if r.test is not None:
+            s = r.test.summary()
+            row["test_step"] = r.test.step_size
+            row.update({m.source: s[m.source] for m in r.domain.metrics})
+            row["loss"] = s["loss"]
+        else:
+            row["error"] = r.error
         row.update(train_time_s=r.train_time_s, ms_per_meta_step=r.ms_per_step)
         rows.append(row)
     return rows

@@ -4,7 +4,8 @@ A tableau ``(A, b)`` is data: the generic RK meta-step in :mod:`rkfast.functiona
 nothing else, so MAML, Heun, RK4 and any user-defined explicit scheme run through the same code.
 
 Stage ``j`` of a task evaluates the support gradient at ``theta - h * sum_{l<j} A[j][l] * k_l`` and the
-meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see ``docs/method.md``).
+meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see ``docs/method.md``). A tableau has at most
+:data:`MAX_STAGES` stages.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 __all__ = [
     "Tableau",
     "InconsistentTableauWarning",
+    "TableauTypeError",
+    "MAX_STAGES",
     "get_tableau",
     "named_tableaus",
     "rk2",
@@ -33,30 +36,66 @@ __all__ = [
 _ORDER_TOL = 1e-10
 
 
+MAX_STAGES = 1001
+"""The most stages a tableau may have (``maml(1000)``: 1000 inner steps). ``A`` is stored dense (``s^2``
+entries, validated and checked against the order conditions in Python), the meta-step keeps each stage's
+slope ``[T, N]`` until its last reader (for ``maml(k)`` until the end) and a second-order backward holds
+every stage's graph: a scheme of thousands of stages would exhaust memory, so it is refused up front,
+before anything of its size is allocated."""
+
+
 class InconsistentTableauWarning(UserWarning):
     """The weights ``b`` do not sum to 1: the scheme does not integrate the gradient flow."""
 
 
-def _as_float_matrix(A: Any) -> tuple[tuple[float, ...], ...]:
-    if hasattr(A, "tolist"):  # torch tensors and numpy arrays
-        A = A.tolist()
+class TableauTypeError(TypeError, ValueError):
+    """A tableau argument of the wrong type: a string, ``bool`` or other non-number where numbers are
+    expected (``maml_msl("55")`` would otherwise read the digits as weights). Also a ``ValueError``, the
+    type the tableau's other validation errors have."""
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, (str, bytes))
+
+
+def _number(x: Any, what: str) -> float:
+    """A real number as a float; strings (``"0.5"``), ``bool`` and non-numbers are refused."""
+    if _is_text(x) or isinstance(x, bool):
+        raise TableauTypeError(f"{what} must be a number, got {x!r}")
     try:
-        rows = [list(row) for row in A]
+        return float(x)
+    except (TypeError, ValueError) as err:
+        raise TableauTypeError(f"{what} must be a number, got {x!r}") from err
+
+
+def _check_stages(s: int, what: str) -> None:
+    if s > MAX_STAGES:
+        raise ValueError(
+            f"{what} has {s} stages; a tableau may have at most MAX_STAGES = {MAX_STAGES} "
+            "(A is dense and the meta-step keeps a [tasks, parameters] slope per stage: more would exhaust memory)"
+        )
+
+
+def _sequence(x: Any, what: str) -> list[Any]:
+    """``x`` as a list (tensors and arrays through ``tolist``); a string is not a sequence of numbers."""
+    if hasattr(x, "tolist"):  # torch tensors and numpy arrays
+        x = x.tolist()
+    if _is_text(x):
+        raise TableauTypeError(f"{what} must be a sequence of numbers, not a string: got {x!r}")
+    try:
+        return list(x)
     except TypeError as err:
-        raise ValueError(f"tableau A must be a square matrix (a sequence of rows), got {A!r}") from err
-    try:
-        return tuple(tuple(float(x) for x in row) for row in rows)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"tableau A must contain numbers, got {A!r}") from err
+        raise ValueError(f"{what} must be a sequence, got {x!r}") from err
 
 
-def _as_float_vector(b: Any) -> tuple[float, ...]:
-    if hasattr(b, "tolist"):
-        b = b.tolist()
-    try:
-        return tuple(float(x) for x in b)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"tableau b must be a sequence of numbers, got {b!r}") from err
+def _as_float_matrix(A: Any) -> tuple[tuple[float, ...], ...]:
+    rows = _sequence(A, "tableau A (a square matrix, a sequence of rows)")
+    _check_stages(len(rows), "tableau A")
+    return tuple(_as_float_vector(row, f"tableau A[{j}]") for j, row in enumerate(rows))
+
+
+def _as_float_vector(b: Any, what: str = "tableau b") -> tuple[float, ...]:
+    return tuple(_number(x, f"{what}[{j}]") for j, x in enumerate(_sequence(b, what)))
 
 
 def _caller_stacklevel() -> int:
@@ -81,11 +120,14 @@ class Tableau:
         name: a label used in logs, results and ``state_dict``.
 
     Derived (not stored by hand): ``c`` (row sums of ``A``, the stage nodes), ``order`` (1 to 4 from the
-    order conditions, 0 for an inconsistent scheme whose weights do not sum to 1), ``stages``.
+    order conditions, 0 for an inconsistent scheme whose weights do not sum to 1), ``stages``, and for
+    meta-test :attr:`adaptation_steps` and :meth:`test_step` (the default step, ``h c_s / m``).
 
     Raises:
-        ValueError: empty tableau, non-square ``A``, ``A`` not strictly lower triangular (implicit
-            methods are not supported), ``len(b) != s`` or non-finite entries.
+        ValueError: empty tableau, more than :data:`MAX_STAGES` stages, non-square ``A``, ``A`` not
+            strictly lower triangular (implicit methods are not supported), ``len(b) != s`` or
+            non-finite entries.
+        TableauTypeError: (a ``ValueError`` too) an entry that is not a number (a string, ``bool``...).
 
     Warns:
         InconsistentTableauWarning: when ``sum(b) != 1``.
@@ -181,17 +223,44 @@ class Tableau:
 
     @property
     def last_node(self) -> float:
-        """``c_s``, the node of the last stage: the step the tableau adapts a task with."""
+        """``c_s``, the node of the last stage: how far (in units of ``h``) the last stage has moved from
+        theta, summed over all its steps (``k`` for ``maml(k)``)."""
         return self.c[-1]
 
-    def test_step(self, inner_lr: float) -> float:
-        """Default meta-test adaptation step ``h * c_s``.
+    def _extends_previous(self, j: int) -> bool:
+        """Stage ``j`` is a plain gradient step from stage ``j - 1``: ``theta^(j) = theta^(j-1) - h A[j][j-1]
+        k^(j-1)``, i.e. row ``j`` of ``A`` repeats row ``j - 1`` and adds a non-zero ``A[j][j-1]``."""
+        return self.A[j][j - 1] != 0.0 and self.A[j][: j - 1] == self.A[j - 1][: j - 1]
 
-        That is the step the tableau trained the model to adapt with: ``h`` for maml/heun/rk4, ``h/2``
-        for midpoint, ``2h/3`` for ralston. A tableau whose last node is 0 (``euler``: joint training,
-        no adaptation inside the meta-step) falls back to ``h`` so that evaluation still fine-tunes.
+    @property
+    def adaptation_steps(self) -> int:
+        """``m``: the number of gradient steps by which the last stage adapts theta.
+
+        The stages that end at the last one and each extend the one before by a plain gradient step
+        (:meth:`_extends_previous`) form a chain; ``m`` counts its links, plus one if the chain starts at a
+        stage that is itself away from theta (a non-zero row of ``A``). ``maml(k)`` and ``maml_msl`` with
+        ``k + 1`` weights: ``k``; every other named tableau: 1 (``rk4``'s last stage is one combined step
+        from theta); ``euler``: 0 (the last stage is theta).
         """
-        return inner_lr * self.last_node if self.last_node != 0.0 else float(inner_lr)
+        j, links = self.stages - 1, 0
+        while j >= 1 and self._extends_previous(j):
+            j, links = j - 1, links + 1
+        starts_away = any(a != 0.0 for a in self.A[j])
+        return links + int(starts_away)
+
+    def test_step(self, inner_lr: float) -> float:
+        """Default meta-test adaptation step: the mean step of the tableau's own adaptation, ``h c_s / m``.
+
+        The last stage moves ``h c_s`` from theta in :attr:`adaptation_steps` ``= m`` gradient steps, so a
+        plain step of ``h c_s / m`` is the step size the meta-step trained the model to adapt with: ``h``
+        for ``maml(k)``, ``maml_msl``, ``heun``, ``rk4``, ``rk38`` and ``kutta3``, ``h/2`` for
+        ``midpoint``, ``2h/3`` for ``ralston``, ``h c`` for ``rk2(c)``. A tableau whose last node is not
+        positive (``euler``: the last stage is theta, joint training with no adaptation inside the
+        meta-step) falls back to ``h`` so that evaluation still fine-tunes.
+        """
+        if self.last_node <= 0.0:
+            return float(inner_lr)
+        return inner_lr * (self.last_node / self.adaptation_steps)  # c_s / m first: exactly h for maml(k)
 
     def describe(self) -> str:
         """One line: name, stages, order, non-zero ``A`` entries and ``b``."""
@@ -250,34 +319,59 @@ def rk2(c: float) -> Tableau:
     """The second-order two-stage family: ``A21 = c``, ``b = (1 - 1/(2c), 1/(2c))`` for ``c > 0``.
 
     ``rk2(1/2)`` is midpoint, ``rk2(1)`` is Heun, ``rk2(2/3)`` is Ralston.
+
+    Raises:
+        TableauTypeError: ``c`` is not a number (``"0.5"``, ``True``).
+        ValueError: ``c`` is not finite or not ``> 0``.
     """
-    c = float(c)
+    c = _number(c, "rk2(c): c")
     if not (math.isfinite(c) and c > 0):
         raise ValueError(f"rk2(c) needs a finite c > 0, got {c}")
-    return Tableau(((0.0, 0.0), (c, 0.0)), (1.0 - 1.0 / (2.0 * c), 1.0 / (2.0 * c)), f"rk2({c:g})")
+    return Tableau(((0.0, 0.0), (c, 0.0)), (1.0 - 1.0 / (2.0 * c), 1.0 / (2.0 * c)), f"rk2({_exact(c)})")
 
 
-def _maml_matrix(steps: int) -> tuple[tuple[float, ...], ...]:
+def _exact(x: float) -> str:
+    """``x`` as short as ``:g`` writes it where that reads back exactly, else in full (names that
+    :func:`get_tableau` parses back into the same tableau)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
+
+
+def _maml_matrix(steps: int, what: str) -> tuple[tuple[float, ...], ...]:
     s = steps + 1
+    _check_stages(s, what)
     return tuple(tuple(1.0 if l < j else 0.0 for l in range(s)) for j in range(s))
 
 
 def maml(steps: int = 1) -> Tableau:
-    """MAML with ``steps`` inner gradient steps of size ``h``: ``A[j][l] = 1`` for ``l < j``, ``b = e_s``."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"maml(steps) needs an integer steps >= 1, got {steps!r}")
+    """MAML with ``steps`` inner gradient steps of size ``h``: ``A[j][l] = 1`` for ``l < j``, ``b = e_s``.
+
+    Raises:
+        TableauTypeError: ``steps`` is not an integer (``2.0``, ``"2"``, ``True``).
+        ValueError: ``steps < 1`` or ``steps >= MAX_STAGES`` (at most ``MAX_STAGES - 1`` steps).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TableauTypeError(f"maml(steps) needs an integer number of steps >= 1, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"maml(steps) needs an integer number of steps >= 1, got {steps!r}")
     steps = int(steps)
     b = tuple(1.0 if j == steps else 0.0 for j in range(steps + 1))
-    return Tableau(_maml_matrix(steps), b, "maml" if steps == 1 else f"maml({steps})")
+    return Tableau(_maml_matrix(steps, f"maml({steps})"), b, "maml" if steps == 1 else f"maml({steps})")
 
 
 def maml_msl(weights: Sequence[float]) -> Tableau:
     """MAML++ multi-step loss: ``len(weights) - 1`` inner steps, query loss after step ``j`` weighted by
-    ``weights[j]`` (``weights[0]`` weighs the loss before adaptation)."""
-    w = _as_float_vector(weights)
+    ``weights[j]`` (``weights[0]`` weighs the loss before adaptation).
+
+    Raises:
+        TableauTypeError: ``weights`` is a string or holds a non-number.
+        ValueError: fewer than 2 weights, or more than :data:`MAX_STAGES`.
+    """
+    w = _as_float_vector(weights, "maml_msl(weights): weights")
     if len(w) < 2:
         raise ValueError(f"maml_msl(weights) needs at least 2 weights (one inner step), got {len(w)}")
-    return Tableau(_maml_matrix(len(w) - 1), w, f"maml_msl({', '.join(f'{x:g}' for x in w)})")
+    return Tableau(_maml_matrix(len(w) - 1, f"maml_msl with {len(w)} weights"), w,
+                   f"maml_msl({', '.join(_exact(x) for x in w)})")
 
 
 _NAMED: dict[str, Callable[[], Tableau]] = {
@@ -301,21 +395,67 @@ _NAMED: dict[str, Callable[[], Tableau]] = {
     ),
 }
 
-_FACTORIES: dict[str, Callable[..., Tableau]] = {
-    "maml": lambda *a: maml(_whole(a[0])) if len(a) == 1 else _bad_args("maml", "maml(3)"),
-    "rk2": lambda *a: rk2(a[0]) if len(a) == 1 else _bad_args("rk2", "rk2(0.75)"),
-    "maml_msl": lambda *a: maml_msl(a),
+def _whole(text: str) -> int:
+    """A ``maml(...)`` argument: an integer as Python writes it (``"3"``; not ``"3.0"`` or ``"1e3"``, which
+    the Python call ``maml(3.0)`` refuses too)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"maml(steps) needs a whole number of steps written as an integer, e.g. 'maml(3)', "
+                         f"got {text!r}") from None
+
+
+def _real(text: str) -> float:
+    """A ``rk2``/``maml_msl`` argument: a decimal (``"0.75"``, ``"1e-1"``), a fraction (``"2/3"``) or
+    ``nan``/``inf`` (which the factories then refuse with their own messages)."""
+    try:
+        return float(Fraction(text))
+    except (ValueError, ZeroDivisionError, OverflowError):
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"could not read {text!r} as a number") from None
+
+
+@dataclass(frozen=True)
+class _Factory:
+    """How :func:`get_tableau` calls a factory: its argument parser, whether it takes exactly one argument
+    (else any number) and an example call."""
+
+    make: Callable[..., Tableau]
+    parse: Callable[[str], Any]
+    single: bool
+    example: str
+
+
+_FACTORIES: dict[str, _Factory] = {
+    "maml": _Factory(maml, _whole, True, "maml(3)"),
+    "rk2": _Factory(rk2, _real, True, "rk2(0.75)"),
+    "maml_msl": _Factory(lambda *w: maml_msl(w), _real, False, "maml_msl(0.2, 0.3, 0.5)"),
 }
 
 
-def _whole(x: float) -> int:
-    if not float(x).is_integer():
-        raise ValueError(f"maml(steps) needs a whole number of steps, got {x:g}")
-    return int(x)
+def _arguments(spec: str, text: str) -> list[str]:
+    """The comma-separated arguments of a factory call; an empty one (``"maml_msl(0.5,,0.5)"``) is refused."""
+    if not text.strip():
+        return []
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise ValueError(f"tableau {spec!r} has an empty argument")
+    return parts
 
 
-def _bad_args(name: str, example: str) -> Tableau:
-    raise ValueError(f"{name}(...) takes one argument, e.g. {example!r}")
+def _call_factory(spec: str, name: str, text: str) -> Tableau:
+    factory = _FACTORIES[name]
+    args = _arguments(spec, text)
+    if factory.single and len(args) != 1:
+        raise ValueError(f"{name}(...) takes exactly one argument, e.g. {factory.example!r}; got {spec!r}")
+    try:
+        values = [factory.parse(a) for a in args]
+    except ValueError as err:
+        raise ValueError(f"could not parse the arguments of tableau {spec!r}: {err}") from err
+    return factory.make(*values)
 
 
 def named_tableaus() -> dict[str, Tableau]:
@@ -330,10 +470,16 @@ def get_tableau(spec: str | Tableau) -> Tableau:
     """Look a tableau up by name.
 
     Accepts a :class:`Tableau` (returned as is), a name (``"rk4"``) or a factory call
-    (``"maml(3)"``, ``"rk2(0.75)"``, ``"maml_msl(0.2, 0.3, 0.5)"``).
+    (``"maml(3)"``, ``"rk2(0.75)"``, ``"rk2(2/3)"``, ``"maml_msl(0.2, 0.3, 0.5)"``). Case and surrounding
+    whitespace do not matter. ``maml``'s argument is an integer (``"maml(3.0)"`` is refused, as
+    ``maml(3.0)`` is); ``rk2`` and ``maml_msl`` take decimals or fractions. A factory's ``name``
+    (``maml(3).name``, ``rk2(c).name``, ``maml_msl(w).name``) reads back into the same tableau.
 
     Raises:
-        ValueError: an unknown name, listing the valid ones.
+        ValueError: an unknown name (the message lists the valid ones), arguments that do not parse,
+            a named tableau given arguments, or the factory's own refusal (e.g. ``"maml(100000)"``: more
+            than :data:`MAX_STAGES` stages).
+        TypeError: ``spec`` is neither a string nor a :class:`Tableau`.
     """
     if isinstance(spec, Tableau):
         return spec
@@ -344,11 +490,9 @@ def get_tableau(spec: str | Tableau) -> Tableau:
         return _NAMED[key]()
     match = _CALL.match(key)
     if match and match.group(1) in _FACTORIES:
-        try:
-            args = [float(x) for x in match.group(2).split(",") if x.strip()]
-        except ValueError as err:
-            raise ValueError(f"could not parse the arguments of tableau {spec!r}: {err}") from err
-        return _FACTORIES[match.group(1)](*args)
+        return _call_factory(spec, match.group(1), match.group(2))
+    if match and match.group(1) in _NAMED:
+        raise ValueError(f"tableau {match.group(1)!r} takes no arguments; got {spec!r}")
     raise ValueError(
         f"unknown tableau {spec!r}; valid names: {', '.join(_NAMED)}; "
         "factories: maml(steps), rk2(c), maml_msl(w1, ..., ws)"

@@ -2,14 +2,21 @@
 
 The functional core works on per-task losses ``loss(row, data)``, where ``row`` is one task's flat
 parameters ``[N]`` and ``data`` one task's data (any pytree); a loss returns a scalar, or
-``(scalar, {"metric": scalar})``. Task data is either a pytree whose leaves carry the task dimension
+``(scalar, {"metric": scalar})``. Both paths refuse a loss that is not a 0-d tensor per task (a loss
+with ``reduction='none'``) and, wherever a gradient is taken, a loss that does not depend on the
+parameters (a detached loss would give a zero gradient silently). On the ``vmap`` path an error that
+comes from a ``vmap`` limitation (recurrent layers, ``.item()``, data-dependent control flow, in-place
+writes into unbatched tensors) is re-raised as :class:`VmapUnsupportedError`, which names the original
+error and points to ``vectorize=False``. Task data is either a pytree whose leaves carry the task dimension
 first, or a callable ``data(stage, params[T, N]) -> pytree`` that produces each stage's data from that
 stage's (detached) parameters, as reinforcement learning does with rollouts of each stage's own policy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Literal, Union
+import re
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,7 +25,16 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._norms import elementary_norms
 
-__all__ = ["Metrics", "TaskLoss", "TaskData", "Randomness", "TaskMap", "resolve_num_tasks"]
+__all__ = [
+    "Metrics",
+    "TaskLoss",
+    "TaskData",
+    "Randomness",
+    "TaskMap",
+    "VmapUnsupportedError",
+    "loss_gradient",
+    "resolve_num_tasks",
+]
 
 Metrics = dict[str, Tensor]
 TaskLoss = Callable[[Tensor, Any], Union[Tensor, tuple[Tensor, Metrics]]]
@@ -31,19 +47,108 @@ TaskData = Union[Any, Callable[[int, Tensor], Any]]
 Randomness = Literal["error", "different", "same"]
 
 
+DETACHED_LOSS = (
+    "the task loss does not depend on the parameters it is given, so its gradient would be zero; did it "
+    "detach the loss (.detach(), .item(), torch.no_grad()) or compute it with a model other than the one "
+    "passed to the loss (the original module instead of model(...))?"
+)
+
+
+def _scalar_loss(loss: Any) -> Tensor:
+    """A task's loss value, which must be a 0-d tensor (under ``vmap``: per task)."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"a task loss must return a 0-d tensor (or (tensor, metrics)), got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"a task loss must be a scalar (0-d tensor) per task, got a tensor of shape {tuple(loss.shape)} per "
+            "task; reduce it over the task's samples, e.g. reduction='mean' (the default of F.mse_loss and "
+            "F.cross_entropy) instead of reduction='none'"
+        )
+    return loss
+
+
 def _split(out: Tensor | tuple[Tensor, Metrics]) -> tuple[Tensor, Metrics]:
     if isinstance(out, tuple):
         loss, metrics = out
-        return loss, dict(metrics)
-    return out, {}
-
-
-def _scalar(loss: TaskLoss) -> Callable[[Tensor, Any], Tensor]:
-    return lambda row, data: _split(loss(row, data))[0]
+        return _scalar_loss(loss), dict(metrics)
+    return _scalar_loss(out), {}
 
 
 def _with_metrics(loss: TaskLoss) -> Callable[[Tensor, Any], tuple[Tensor, Metrics]]:
     return lambda row, data: _split(loss(row, data))
+
+
+def _tracked(value: Tensor) -> Tensor:
+    """``value``, which must require grad (be a function of the tracked parameters): a free check, no
+    synchronization with the device."""
+    if not value.requires_grad:
+        raise ValueError(DETACHED_LOSS)
+    return value
+
+
+def _differentiable(loss: TaskLoss) -> Callable[[Tensor, Any], Tensor]:
+    """The loss value for ``torch.func.grad``, which would return zeros for a value that does not depend on
+    ``row``; inside the grad transform ``requires_grad`` says whether it does (for a value computed from
+    tensors other than ``row`` too: they are not tracked at the transform's level)."""
+    return lambda row, data: _tracked(_split(loss(row, data))[0])
+
+
+def loss_gradient(value: Tensor, wrt: Tensor, create_graph: bool = False) -> Tensor:
+    """``torch.autograd.grad(value, wrt)``, refusing (``ValueError``) a value that does not depend on ``wrt``
+    (detached, or computed from other tensors) instead of autograd's generic error or a zero gradient."""
+    (g,) = torch.autograd.grad(_tracked(value), wrt, create_graph=create_graph, allow_unused=True)
+    if g is None:
+        raise ValueError(DETACHED_LOSS)
+    return g
+
+
+def _check_depends(q: Tensor, params: Tensor) -> None:
+    """Losses computed for differentiation (grad enabled, ``params`` tracked) must depend on ``params``
+    (checked on the result: inside ``vmap`` alone ``requires_grad`` reads ``False``)."""
+    if torch.is_grad_enabled() and params.requires_grad:
+        _tracked(q)
+
+
+# -- errors from vmap's limitations ----------------------------------------------------------------------
+
+
+class VmapUnsupportedError(RuntimeError):
+    """The model or loss cannot run under ``torch.func.vmap``; ``vectorize=False`` runs the tasks one by one.
+
+    Raised from the original error (``__cause__``), whose message it repeats.
+    """
+
+
+# Messages of vmap's and functorch's own refusals (torch 2.x): missing batching rules (nn.LSTM, nn.GRU),
+# .item() and data-dependent Python control flow, dynamic shapes, .numpy()/.tolist() on batched tensors.
+_VMAP_LIMITATION = re.compile(
+    r"vmap|functorch|batching rule|batched tensor|\.item\(\)|data-dependent|dynamic shape"
+    r"|cannot access data pointer|cudnn rnn",
+    re.IGNORECASE,
+)
+
+
+def _vmap_unsupported(err: BaseException) -> VmapUnsupportedError:
+    return VmapUnsupportedError(
+        f"the model or loss cannot run under torch.func.vmap ({type(err).__name__}: {err}). "
+        "Run the tasks one by one with plain autograd instead: vectorize=False "
+        "(MetaOptimizer(..., vectorize=False), or rk_meta_step/adapt(..., vectorize=False))."
+    )
+
+
+def _is_vmap_limitation(err: RuntimeError, probe: Optional[Callable[[], Any]]) -> bool:
+    """Whether ``err``, raised under vmap, is vmap's: its message says so, or (``probe``) the same
+    computation for one task without vmap succeeds (an in-place write into an unbatched tensor, as
+    ``nn.GRU``'s backward does, reads like a plain shape error)."""
+    if _VMAP_LIMITATION.search(str(err)):
+        return True
+    if probe is None:
+        return False
+    try:
+        probe()
+    except Exception:  # the task fails without vmap too: the error is the model's or the loss's own
+        return False
+    return True
 
 
 def _task(data: Any, i: int) -> Any:
@@ -94,6 +199,20 @@ class TaskMap:
 
         return run
 
+    @contextmanager
+    def vmap_errors(self, probe: Optional[Callable[[], Any]] = None) -> Iterator[None]:
+        """On the ``vmap`` path, re-raise an error of vmap's own (see :func:`_is_vmap_limitation`; ``probe``
+        recomputes one task without vmap) as :class:`VmapUnsupportedError`; other errors pass unchanged."""
+        if not self.vectorize:
+            yield
+            return
+        try:
+            yield
+        except RuntimeError as err:
+            if isinstance(err, VmapUnsupportedError) or not _is_vmap_limitation(err, probe):
+                raise
+            raise _vmap_unsupported(err) from err
+
     def data(self, data: TaskData, stage: int, params: Tensor, shared: bool) -> Any:
         if not callable(data):
             return data
@@ -102,28 +221,39 @@ class TaskMap:
             rows = rows.expand(self.num_tasks, -1)
         return data(stage, rows)
 
-    def _loop(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Iterator[tuple]:
-        """Task by task with plain autograd: ``(gradient, loss, metrics)`` of each task."""
+    def _rows(self, params: Tensor, data: Any, shared: bool) -> Iterator[tuple[Tensor, Any]]:
+        """Each task's parameters and data."""
         for i in range(self.num_tasks):
-            row = params if shared else params[i]
+            yield (params if shared else params[i]), _task(data, i)
+
+    def _loop_grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool,
+                    create_graph: bool) -> Iterator[Tensor]:
+        """Task by task with plain autograd: each task's gradient."""
+        for row, task_data in self._rows(params, data, shared):
             if not create_graph:
                 row = row.detach().requires_grad_()
             with torch.enable_grad():
-                value, metrics = _with_metrics(loss)(row, _task(data, i))
-                (g,) = torch.autograd.grad(value, row, create_graph=create_graph)
-            yield g, value, metrics
+                g = loss_gradient(_split(loss(row, task_data))[0], row, create_graph=create_graph)
+            yield g
 
     def grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Tensor:
         """Per-task gradients ``[T, N]``; differentiable w.r.t. ``params`` when ``create_graph``."""
-        if self.vectorize:
-            return self._vmap(loss, grad(_scalar(loss)), shared, differentiated_twice=create_graph)(params, data)
-        return torch.stack([g for g, _, _ in self._loop(loss, params, data, shared, create_graph)])
+        if not self.vectorize:
+            return torch.stack(list(self._loop_grads(loss, params, data, shared, create_graph)))
+        mapped = self._vmap(loss, grad(_differentiable(loss)), shared, differentiated_twice=create_graph)
+        with self.vmap_errors(probe=lambda: next(self._loop_grads(loss, params, data, shared, create_graph))):
+            return mapped(params, data)
 
     def values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Metrics]:
         """Per-task losses ``[T]`` and metrics, differentiable w.r.t. ``params``."""
+        task_loss = _with_metrics(loss)
         if self.vectorize:
-            return self._vmap(loss, _with_metrics(loss), shared, False)(params, data)
-        return _stack([_with_metrics(loss)(params if shared else params[i], _task(data, i)) for i in range(self.num_tasks)])
+            with self.vmap_errors(probe=lambda: task_loss(*next(self._rows(params, data, shared)))):
+                q, metrics = self._vmap(loss, task_loss, shared, False)(params, data)
+        else:
+            q, metrics = _stack([task_loss(row, task_data) for row, task_data in self._rows(params, data, shared)])
+        _check_depends(q, params)
+        return q, metrics
 
 
 def resolve_num_tasks(num_tasks: int | None, *datas: TaskData) -> int:

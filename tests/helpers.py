@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
@@ -36,3 +38,32 @@ def classification_batch(tasks: int = 3, ways: int = 3, shots: int = 2, query: i
 def flat_theta(model: nn.Module) -> tuple[ParamLayout, torch.Tensor]:
     layout = ParamLayout.from_module(model)
     return layout, layout.flatten(list(model.parameters())).detach()
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer):
+    """Everything a failed call must leave as it was: parameter values, each ``.grad`` (or ``None``), and
+    the serialized optimizer state dict (outer state, param groups, tableau)."""
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    return params, grads, buf.getvalue()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: same dtype, shape and bytes (NaN payloads and signed zeros included)."""
+    as_bytes = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+
+
+def assert_unchanged(model: nn.Module, opt: torch.optim.Optimizer, snap) -> None:
+    """Parameters, ``.grad`` (``None`` kept as ``None``) and the optimizer state equal ``snap`` bit for bit."""
+    params, grads, state = snap
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert same_bits(p, q), "a parameter changed"
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert (p.grad is None) == (g is None), ".grad None-ness changed"
+        assert p.grad is None or same_bits(p.grad, g), ".grad changed"
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    assert buf.getvalue() == state, "the optimizer state changed"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import regression_batch, smooth_mlp
-from rkfast import MetaOptimizer, TaskBatch
+from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch
 from rkfast.capture import CaptureShapeError, StepCapture
 from rkfast.outer import state_tensors
 
@@ -108,6 +108,21 @@ def test_a_non_finite_replayed_step_is_skipped_on_the_device():
         assert torch.equal(v, state[k]), k
     opt.step(regression_batch())
     assert int(opt.skipped_steps) == 1 and not torch.equal(opt.meta_parameters(), params)
+
+
+def test_a_failed_warm_up_step_does_not_count():
+    opt, engine = stand_in_optimizer(True)
+    bad = regression_batch()
+    bad.query_y[0, 0] = float("nan")
+    for _ in range(3):  # eager warm-ups raise; none of them counts towards the capture
+        with pytest.raises(NonFiniteLossError):
+            opt.step(bad)
+    assert engine.warm == 0 and engine.graph is None and engine.signature is None and not opt.state
+    opt.step(regression_batch())
+    assert engine.warm == 1 and engine.graph is None  # still warming up: Adam's state exists only now
+    opt.step(regression_batch())
+    opt.step(regression_batch())
+    assert engine.captures == 1
 
 
 def test_capture_needs_cuda_and_a_valid_mode():

@@ -26,7 +26,7 @@ def test_tableaus_lists_every_named_tableau_with_its_order(capsys: pytest.Captur
 def test_train_writes_results_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "sinusoid", "--tableau", "rk2(0.75)", *TINY, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "query MSE" in out and "40 tasks" in out and "test step size 0.0075" in out  # h * c_s = 0.01 * 0.75
+    assert "query MSE" in out and "40 tasks" in out and "test step size 0.0075" in out  # rk2(c): h * c = 0.01 * 0.75
 
     res = json.loads((tmp_path / "results.json").read_text())
     assert {"config", "tableau", "training", "test", "train_time_s", "wall_time_s", "ms_per_meta_step"} <= set(res)

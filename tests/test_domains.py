@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,11 +133,14 @@ def test_cli_errors_name_the_problem(toy, tmp_path: Path, capsys: pytest.Capture
 
 def test_a_run_with_a_custom_tableau_loads_back(toy, tmp_path: Path) -> None:
     from rkfast import Tableau
-    from rkfast.train import load_run, save_checkpoint
+    from rkfast.train import load_run, resume_config
 
     custom = Tableau.from_arrays([[0, 0, 0], [0.4, 0, 0], [0.1, 0.5, 0]], [0.2, 0.3, 0.5])  # named "custom"
-    run = train(TrainConfig("toy-blobs", tableau=custom, iterations=3, eval_tasks=0, test_tasks=16), progress=False)
-    save_checkpoint(run, tmp_path / "checkpoint.pt")
-    cfg, opt, iterations = load_run(tmp_path)
+    cfg = TrainConfig("toy-blobs", tableau=custom, iterations=3, eval_tasks=0, test_tasks=16)
+    run = train(cfg, out=tmp_path, progress=False)
+    _, opt, iterations = load_run(tmp_path)
     assert opt.tableau == custom and iterations == 3
+    # and a resumed run continues with it
+    longer = train(replace(resume_config(tmp_path), iterations=5), out=tmp_path, resume=True, progress=False)
+    assert longer.tableau == custom and longer.iteration == 5
     assert torch.equal(opt.meta_parameters(), run.opt.meta_parameters())

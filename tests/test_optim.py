@@ -10,28 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import classification_batch, flat_theta, regression_batch, smooth_mlp
+from helpers import assert_unchanged, classification_batch, flat_theta, regression_batch, same_bits, smooth_mlp, snapshot
 from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch, get_tableau, models, tasks
 from rkfast.functional import ParamLayout, meta_step
-
-
-def snapshot(model: nn.Module, opt: MetaOptimizer):
-    params = [p.detach().clone() for p in model.parameters()]
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    return params, grads, buf.getvalue()
-
-
-def assert_unchanged(model, opt, snap):
-    params, grads, state = snap
-    for p, q in zip(model.parameters(), params):
-        assert torch.equal(p, q)
-    for p, g in zip(model.parameters(), grads):
-        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    assert buf.getvalue() == state
 
 
 def expected_direction(model, batch, tableau, h, first_order=False):
@@ -220,7 +201,7 @@ def test_constructor_errors():
 # -- evaluation, norms, training ------------------------------------------------------------------------
 
 
-def test_evaluate_uses_last_node_step_and_leaves_parameters():
+def test_evaluate_uses_the_tableaus_own_step_and_leaves_parameters():
     model, batch = smooth_mlp(), regression_batch()
     opt = MetaOptimizer(model, F.mse_loss, tableau="ralston", inner_lr=0.3)
     before = opt.meta_parameters()

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from rkfast.tableau import (
+    MAX_STAGES,
     InconsistentTableauWarning,
     Tableau,
     get_tableau,
@@ -343,6 +344,114 @@ def test_get_tableau_unknown_name_lists_valid_names(spec):
         assert factory in message
 
 
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("maml(3.0)", "integer"),  # as the Python call maml(3.0) is refused
+        ("maml(1e3)", "integer"),
+        ("maml(3.5)", "integer"),
+        ("maml()", "one argument"),
+        ("maml(2, 3)", "one argument"),
+        ("rk2()", "one argument"),
+        ("rk2(nan)", "finite"),
+        ("rk2(inf)", "finite"),
+        ("rk2(1/0)", "number"),
+        ("maml_msl()", "at least 2 weights"),
+        ("maml_msl(0.5,,0.5)", "empty argument"),
+        ("maml_msl(0.5, 0.5,)", "empty argument"),
+        ("euler(1)", "no arguments"),
+        ("rk4()", "no arguments"),
+    ],
+)
+def test_get_tableau_parse_errors_say_what_is_wrong(spec, match):
+    with pytest.raises(ValueError, match=match):
+        get_tableau(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("rk2(2/3)", lambda: rk2(2 / 3)),
+        ("rk2(1/2)", lambda: rk2(0.5)),
+        ("  Maml_Msl( 1/4 , 3/4 ) ", lambda: maml_msl((0.25, 0.75))),
+        ("\tMAML\n", lambda: maml(1)),
+    ],
+)
+def test_get_tableau_fractions_case_and_whitespace(spec, expected):
+    assert get_tableau(spec).A == expected().A and get_tableau(spec).b == expected().b
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: maml(7), lambda: rk2(2 / 3), lambda: rk2(0.75), lambda: rk2(2),
+     lambda: maml_msl((1 / 3, 1 / 3, 1 / 3)), lambda: maml_msl((0.2, 0.3, 0.5))],
+)
+def test_factory_names_read_back_into_the_same_tableau(make):
+    t = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InconsistentTableauWarning)  # 1/3 written as 0.333333 would sum to != 1
+        assert get_tableau(t.name) == t
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments of the wrong type, and the stage limit
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["55", "0.5, 0.5", b"11"])
+def test_maml_msl_refuses_a_string(weights):
+    with pytest.raises(TypeError, match="string"):
+        maml_msl(weights)
+
+
+@pytest.mark.parametrize("c", ["0.5", True, None])
+def test_rk2_refuses_non_numbers(c):
+    with pytest.raises(TypeError, match="number"):
+        rk2(c)
+
+
+@pytest.mark.parametrize("k", [2.0, "2", True])
+def test_maml_refuses_non_integers_with_type_error(k):
+    with pytest.raises(TypeError, match="integer"):
+        maml(k)
+
+
+@pytest.mark.parametrize(
+    ("A", "b"),
+    [("11", (0.5, 0.5)), (((0, 0), (1, 0)), "11"), (((0, 0), ("1", 0)), (0.5, 0.5)), (((0,),), (True,))],
+)
+def test_tableau_refuses_strings_and_bools(A, b):
+    with pytest.raises(TypeError):
+        Tableau(A, b)
+
+
+def test_tableau_type_error_is_also_a_value_error():
+    with pytest.raises(ValueError):
+        maml_msl("55")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: maml(100000),
+        lambda: maml(MAX_STAGES),
+        lambda: get_tableau("maml(100000)"),
+        lambda: get_tableau("maml_msl(" + "0, " * MAX_STAGES + "1)"),
+        lambda: maml_msl([0.0] * MAX_STAGES + [1.0]),
+        lambda: Tableau.from_arrays(np.zeros((MAX_STAGES + 1, MAX_STAGES + 1)), np.ones(MAX_STAGES + 1)),
+        lambda: Tableau.from_dict({"A": [[0.0]] * (MAX_STAGES + 1), "b": [1.0]}),
+    ],
+)
+def test_more_than_max_stages_is_refused_with_the_limit(make):
+    with pytest.raises(ValueError, match=f"at most MAX_STAGES = {MAX_STAGES}"):
+        make()
+
+
+def test_maml_up_to_the_limit_builds():
+    t = maml(MAX_STAGES - 1)
+    assert t.stages == MAX_STAGES and t.test_step(0.1) == 0.1
+
+
 # ---------------------------------------------------------------------------------------------------
 # Order computation against the independent reference
 # ---------------------------------------------------------------------------------------------------
@@ -617,18 +726,68 @@ def test_needs_for_maml_k_and_msl():
     assert maml_msl((0.0, 0.5, 0.5)).needs_query_loss == (False, True, True)
 
 
+# The default meta-test step is the mean step of the tableau's own adaptation, h c_s / m (docs/method.md,
+# "Meta-test"): (m, c_s / m) of every named tableau, written out by hand.
+TEST_STEP = {
+    "euler": (0, None),  # c_s = 0: falls back to h
+    "maml": (1, F(1)),
+    "midpoint": (1, F(1, 2)),
+    "heun": (1, F(1)),
+    "ralston": (1, F(2, 3)),
+    "kutta3": (1, F(1)),
+    "rk4": (1, F(1)),
+    "rk38": (1, F(1)),
+}
+
+
+def test_test_step_table_covers_every_named_tableau():
+    assert set(TEST_STEP) == set(named_tableaus())
+
+
 @pytest.mark.parametrize("h", [0.01, 0.1, 0.4, 1.0])
-@pytest.mark.parametrize(
-    ("name", "factor"),
-    [("maml", 1), ("heun", 1), ("rk4", 1), ("rk38", 1), ("midpoint", 0.5), ("ralston", 2 / 3), ("euler", 1)],
-)
-def test_test_step(name, factor, h):
-    assert get_tableau(name).test_step(h) == pytest.approx(factor * h, rel=1e-12)
+@pytest.mark.parametrize("name", list(TEST_STEP))
+def test_test_step_named(name, h):
+    steps, factor = TEST_STEP[name]
+    t = get_tableau(name)
+    assert t.adaptation_steps == steps
+    expected = h if factor is None else h * float(factor)
+    assert t.test_step(h) == pytest.approx(expected, rel=1e-15)
 
 
-def test_test_step_maml_k():
-    assert maml(3).test_step(0.1) == pytest.approx(0.3)
-    assert rk2(0.75).test_step(0.2) == pytest.approx(0.15)
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 10, 100])
+@pytest.mark.parametrize("h", [0.01, 0.1, 0.3])
+def test_test_step_maml_k_is_the_inner_step(k, h):
+    # training takes k steps of h: the meta-test step is h, not the whole inner loop's k h
+    assert maml(k).adaptation_steps == k
+    assert maml(k).test_step(h) == h
+    assert get_tableau(f"maml({k})").test_step(h) == h
+
+
+@pytest.mark.parametrize("w", [(0, 1), (0.2, 0.3, 0.5), (0.1, 0.1, 0.1, 0.7), (1, 0, 0, 0, 0)])
+def test_test_step_maml_msl_is_the_inner_step(w):
+    t, _ = quiet(lambda: maml_msl(w))
+    assert t.adaptation_steps == len(w) - 1
+    assert t.test_step(0.1) == 0.1
+
+
+@pytest.mark.parametrize("c", [0.1, 0.5, 0.75, 1.0, 2.0, 3.5])
+def test_test_step_rk2_is_h_c(c):
+    assert rk2(c).adaptation_steps == 1
+    assert rk2(c).test_step(0.2) == pytest.approx(0.2 * c, rel=1e-15)
+
+
+def test_test_step_chain_that_starts_away_from_theta():
+    # theta_2 = theta - h/2 k_1, theta_3 = theta_2 - h/2 k_2: two steps of h/2 (c_3 = 1)
+    t = Tableau(((0, 0, 0), (0.5, 0, 0), (0.5, 0.5, 0)), (0, 0, 1))
+    assert t.adaptation_steps == 2
+    assert t.test_step(0.4) == pytest.approx(0.2)
+
+
+def test_test_step_non_positive_last_node_falls_back_to_h():
+    zero = Tableau(((0, 0, 0), (1, 0, 0), (1, -1, 0)), (0.5, 0, 0.5))  # c_3 = 0
+    uphill = Tableau(((0, 0), (-1, 0)), (0, 1))  # c_2 = -1
+    for t in (zero, uphill):
+        assert t.test_step(0.3) == 0.3
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

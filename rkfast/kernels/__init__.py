@@ -15,7 +15,9 @@ reference and the fallback), ``"triton"`` (:mod:`.triton`: CUDA, float32/float64
 fp32 accumulation; CPU tensors only in Triton's interpreter, ``TRITON_INTERPRET=1``) and ``"cpp"``
 (:mod:`.cpp`, ``rkfast._C`` compiled by ``pip install``: CPU, float32/float64, OpenMP). ``"auto"`` picks the
 backend preferred for the tensors' device type (Triton for CUDA, C++ for CPU) when it can run them, else
-``"torch"``. :func:`available` tells which backends work here, :func:`runnable_targets` on which devices.
+``"torch"``, warning once when the preferred backend is unusable (e.g. ``rkfast._C`` was not built: no
+compiler at install time), with the reason and how to fix it. :func:`available` tells which backends work
+here, :func:`runnable_targets` on which devices.
 
 Every op is one pass over its inputs and one launch over all parameters (flat ``[N]`` / ``[T, N]``
 buffers). The ops are registered with ``torch.library`` (``torch.ops.rkfast.*``), so they compose with

@@ -2,29 +2,129 @@
 
 The extension sees only addresses and sizes; :mod:`rkfast.kernels` has checked dtype, device, shapes and
 contiguity before anything reaches it. Threads follow ``torch.get_num_threads()``.
+
+Without the extension this backend is unusable, and :func:`status` says why, telling apart "not built"
+(setup.py could not compile it when rkfast was installed: no working compiler, no pybind11, a compile error;
+it recorded the reason in ``rkfast/_build_info.json``) from "built but fails to load here" (another Python's
+build, a missing symbol or library); :data:`HINT` says how to build it.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from types import ModuleType
 from typing import Sequence
+from urllib.parse import unquote, urlparse
 
 import torch
 from torch import Tensor
 
-try:
-    from .. import _C
-except ImportError as exc:  # no compiler at install time: the pure-PyTorch kernels take over
-    _C = None
-    IMPORT_ERROR: ImportError | None = exc
-else:
-    IMPORT_ERROR = None
+EXTENSION = "rkfast._C"
+BUILD_RECORD = "_build_info.json"
+"""Written into the package by setup.py when it could not build the extension, with the reason."""
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NAME = "cpp"
 LABEL = "C++"
 DEVICE_TYPES: tuple[str, ...] | None = ("cpu",)
 DTYPES: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64)
 AUTO_FOR: tuple[str, ...] = ("cpu",)
-HINT = "reinstall rkfast where a C++ compiler is available"
+
+
+def read_build_record() -> dict | None:
+    """What setup.py recorded when it could not build the extension (``None``: no record, e.g. it was built)."""
+    try:
+        with open(os.path.join(_PACKAGE_DIR, BUILD_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def reinstall_command(locate: bool = True) -> str:
+    """How to rebuild the extension: the pip command, with RKFAST_REQUIRE_CPP=1 so that a failed build is an
+    error that shows the compiler's message. With ``locate``, for the source folder that rkfast was installed
+    from (pip's ``direct_url.json``) when that folder is still there."""
+    pip = "RKFAST_REQUIRE_CPP=1 pip install --force-reinstall --no-deps"
+    source = _install_source() if locate else None
+    if source is not None:
+        folder, editable = source
+        return f"`{pip} {'-e ' if editable else ''}{shlex.quote(folder)}`"
+    return f"`{pip} .` in rkfast's source folder (from an index: `{pip} --no-cache-dir rkfast`)"
+
+
+def _install_source() -> tuple[str, bool] | None:
+    """``(source folder, editable)`` when pip installed rkfast from a local folder that still holds setup.py."""
+    try:
+        from importlib.metadata import distributions
+
+        # the first install record that pip wrote (a source tree's rkfast.egg-info on sys.path has none)
+        texts = (dist.read_text("direct_url.json") for dist in distributions(name="rkfast"))
+        direct_url = json.loads(next(text for text in texts if text))
+        url = urlparse(direct_url["url"])
+        if url.scheme != "file" or "dir_info" not in direct_url:  # from an index, an archive or VCS
+            return None
+        folder = unquote(url.path)
+        if sys.platform == "win32":
+            folder = folder.lstrip("/")
+        if not os.path.isfile(os.path.join(folder, "setup.py")):
+            return None
+        return folder, bool(direct_url["dir_info"].get("editable"))
+    except Exception:  # noqa: BLE001 - no metadata: rkfast is imported from a source tree, not installed
+        return None
+
+
+def _load() -> tuple[ModuleType | None, ImportError | None, str]:
+    """``(the extension, None, hint)``, or ``(None, why it is not there, how to get it)``.
+
+    "Not built" (no module file: the compiler failed or was missing at install time, see setup.py) is told
+    apart from "built but fails to load" (a module file that does not import here).
+    """
+    def not_built_hint(locate: bool = True) -> str:
+        return (f"install a C++ compiler (g++ or clang) and reinstall rkfast: {reinstall_command(locate)} "
+                "(RKFAST_REQUIRE_CPP=1 makes a failed build an error)")
+
+    try:
+        spec = importlib.util.find_spec(EXTENSION)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        others = sorted(name for name in _listdir(_PACKAGE_DIR)
+                        if name.startswith("_C.") and name.endswith((".so", ".pyd")))
+        if others:
+            suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+            return None, ImportError(
+                f"rkfast._C was built for another Python: {_PACKAGE_DIR} holds {', '.join(others)}, and this "
+                f"Python loads _C{suffix}"), f"rebuild it for this Python: {reinstall_command()}"
+        record = read_build_record()
+        if record and record.get("reason"):
+            why = f"rkfast._C was not built when rkfast was installed: {record['reason']}"
+        else:
+            why = f"rkfast._C was not built when rkfast was installed (there is no rkfast._C in {_PACKAGE_DIR})"
+        return None, ImportError(why), not_built_hint()
+    try:
+        return importlib.import_module(EXTENSION), None, not_built_hint(locate=False)  # unused while _C imports
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError, ...: built, but unusable here
+        origin = f" ({spec.origin})" if spec.origin and spec.origin not in str(exc) else ""
+        return None, ImportError(f"rkfast._C was built but fails to load{origin}: {type(exc).__name__}: {exc}"), (
+            f"reinstall rkfast so that rkfast._C is rebuilt here: {reinstall_command()}")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+_C, IMPORT_ERROR, HINT = _load()
+"""The extension, or ``None`` with why not (``IMPORT_ERROR``); ``HINT`` completes "to use them, ..."."""
 
 
 def status() -> tuple[bool, str]:

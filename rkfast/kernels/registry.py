@@ -154,7 +154,8 @@ def _warn_fallback(module: KernelBackend, why: str, device_type: str) -> None:
     fallback = backend_module(FALLBACK)
     warnings.warn(
         f"rkfast's {module.LABEL} kernels are not available ({why}); {device_type.upper()} tensors use the "
-        f"{fallback.LABEL} kernels. To use them, {module.HINT}.",
+        f"{fallback.LABEL} kernels. To use them, {module.HINT}. (The {fallback.LABEL} kernels compute the same "
+        f"results, more slowly.)",
         RuntimeWarning,
         stacklevel=4,  # the caller of resolve_backend
     )

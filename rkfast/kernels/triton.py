@@ -16,6 +16,7 @@ and the pair keeps ~48 bits of a float64 coefficient for the float64 kernels.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from typing import Sequence
@@ -47,8 +48,18 @@ def status() -> tuple[bool, str]:
     return False, "no CUDA device, and Triton's interpreter is off"
 
 
+_FLOAT32_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)  # normal float32 magnitudes
+
+
 def _pair(x: float) -> tuple[float, float]:
-    """``x`` as float32 high + low parts (``hi + lo`` equals ``x`` to ~2^-48 relative)."""
+    """``x`` as float32 high + low parts (``hi + lo`` equals ``x`` to ~2^-48 relative).
+
+    Triton passes Python floats as float32 scalars, hence the pair; a finite coefficient outside float32's
+    normal range cannot be represented and is refused rather than rounded to 0 or infinity."""
+    low, high = _FLOAT32_RANGE
+    if math.isfinite(x) and x != 0.0 and not low <= abs(x) <= high:
+        raise ValueError(f"the Triton kernels take coefficients of magnitude {low:.3g} to {high:.3g} (or 0); "
+                         f"got {x:g}. Use backend='cpp' (CPU) or 'torch' for such coefficients")
     hi = struct.unpack("f", struct.pack("f", x))[0]
     lo = struct.unpack("f", struct.pack("f", x - hi))[0]
     return hi, lo

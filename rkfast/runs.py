@@ -1,0 +1,151 @@
+"""A run's folder on disk: which files it holds, checking it before training, atomic writes, checkpoints.
+
+A run folder holds ``results.json`` (the run as JSON, written at every checkpoint with its ``status``:
+``"running"``, ``"interrupted"``, ``"diverged"`` or ``"complete"``), ``checkpoint.pt`` (the latest state:
+enough to resume bit for bit), ``best.pt`` (the state at the best held-out evaluation) and the domain's
+plots. Every file is written through a temporary file in the same folder, flushed to disk and renamed over
+the old one, so an interrupted write never leaves half a file. :class:`RunFolder` checks every output
+path before training starts, so a run never trains for an hour and then fails to save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["RunError", "RunFolder", "atomic_write", "write_json", "save_payload", "load_checkpoint",
+           "CHECKPOINT_FORMAT", "READABLE_FORMATS", "RUN_FILES"]
+
+CHECKPOINT_FORMAT = "rkfast-run/2"
+READABLE_FORMATS = ("rkfast-run/1", CHECKPOINT_FORMAT)  # /1: written before resume existed (no random state)
+RUN_FILES = ("results.json", "checkpoint.pt", "best.pt")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp makes it private)
+
+
+class RunError(ValueError):
+    """A run folder or checkpoint that cannot be used as asked (the message names the file and why)."""
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write through a temporary file in the same folder, flushed to disk, then renamed over ``path``:
+    a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, written atomically."""
+    atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=1) + "\n"), "w")
+
+
+def save_payload(path: Path | str, payload: dict[str, Any]) -> None:
+    """A checkpoint dictionary at ``path`` (``torch.save``), written atomically."""
+    atomic_write(Path(path), lambda f: torch.save(payload, f), "wb")
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a run checkpoint; a missing, truncated or foreign file raises :class:`RunError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise RunError(f"{path} is not a readable rkfast checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        raise RunError(f"{path} is not an rkfast run checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
+class RunFolder:
+    """The folder of one run and the files it writes there.
+
+    Args:
+        path: the folder (created if needed).
+        extra_files: file names besides :data:`RUN_FILES` that the run writes there (its plots).
+    """
+
+    def __init__(self, path: Path | str, extra_files: Iterable[str] = ()) -> None:
+        self.path = Path(path)
+        self.files = (*RUN_FILES, *extra_files)
+
+    results = property(lambda self: self.path / "results.json", doc="``results.json``")
+    checkpoint = property(lambda self: self.path / "checkpoint.pt", doc="``checkpoint.pt``: the latest state")
+    best = property(lambda self: self.path / "best.pt", doc="``best.pt``: the best held-out evaluation's state")
+
+    def check_writable(self) -> None:
+        """Raise :class:`RunError` unless every output can be written: the folder is (or can be made) a
+        writable directory and none of its output names is taken by a directory. Creates the folder."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"output folder {self.path} is an existing file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunError(f"cannot create the output folder {self.path}: {err.strerror or err}") from None
+        for name in self.files:
+            target = self.path / name
+            if target.is_dir():
+                raise RunError(f"cannot write {target}: a folder of that name is in the way")
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test.")
+        except OSError as err:
+            raise RunError(f"cannot write into the output folder {self.path}: {err.strerror or err}") from None
+        os.close(fd)
+        os.unlink(probe)
+
+    def holds_run(self) -> bool:
+        """Whether an earlier run left its results or checkpoint here."""
+        return self.results.exists() or self.checkpoint.exists()
+
+    def describe_run(self) -> str:
+        """The earlier run in a few words (``"2000 of 20000 meta-steps, interrupted"``), for messages."""
+        try:
+            data = json.loads(self.results.read_text())
+            done, total = data["iteration"], data["config"]["iterations"]
+            return f"{done} of {total} meta-steps, {data['status']}"
+        except Exception:  # noqa: BLE001 - an old or damaged results.json still names a run
+            return "an earlier run"
+
+    def clear(self) -> None:
+        """Delete the files an earlier run wrote here (nothing else in the folder is touched)."""
+        for name in self.files:
+            (self.path / name).unlink(missing_ok=True)
