@@ -154,7 +154,8 @@ def check_task_set(tasks: TaskSet, *, device: torch.device) -> TaskSet:
     """
     for name in ("support_loss", "query_loss"):
         if not callable(getattr(tasks, name)):
-            raise TypeError(f"TaskSet.{name} must be callable as loss(model, data), got {type(getattr(tasks, name)).__name__}")
+            raise TypeError(f"TaskSet.{name} must be callable as loss(model, data), "
+                            f"got {type(getattr(tasks, name)).__name__}")
     if tasks.num_tasks is not None and (isinstance(tasks.num_tasks, bool) or not isinstance(tasks.num_tasks, int)
                                         or tasks.num_tasks < 1):
         raise TypeError(f"TaskSet.num_tasks must be a positive integer, got {tasks.num_tasks!r}")

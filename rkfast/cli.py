@@ -190,7 +190,8 @@ def _compare_state(out: Path, resume: bool, args: argparse.Namespace) -> tuple[d
             base = TrainConfig(**saved["config"])
             tableaus = [get_tableau(name) for name in saved["tableaus"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CommandError(f"{state_file} is not a readable rkfast comparison ({type(err).__name__}: {err})") from None
+            raise CommandError(f"{state_file} is not a readable rkfast comparison "
+                               f"({type(err).__name__}: {err})") from None
         cfg = _resumed_config(args, base, tableau=tableaus[0])
         if "tableaus" in _given(args) and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
             raise CommandError(f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; "
@@ -226,7 +227,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         folder = folders[tableau.name]
         cfg = TrainConfig(**{**config, "tableau": tableau})
         try:
-            if resume and folder.checkpoint.exists() and load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged"):
+            finished = resume and folder.checkpoint.exists() and \
+                load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged")
+            if finished:
                 run = load_result(folder.path)
             else:
                 run = _train(cfg, folder.path, resume and folder.checkpoint.exists(), args)

@@ -464,11 +464,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         """Meta-test: adapt the current parameters to each task with plain gradient steps.
 
         ``step_size`` defaults to ``tableau.test_step(inner_lr)``, the step the tableau's own stages take
-        (``h`` for ``maml(k)``, ``h/2`` for midpoint; ``docs/method.md``). Parameters are not modified. Returns per-task query losses (and
-        accuracies) before adaptation and after each count in ``steps``; ``.summary()`` gives means and
-        95% confidence intervals. ``keep_params`` also returns the adapted flat parameters
-        (``[len(steps), T, N]``; :attr:`layout` unflattens them). Works under ``torch.no_grad()``; raises
-        ``RuntimeError`` under ``torch.inference_mode()``, and as :meth:`step` does for malformed tasks.
+        (``h`` for ``maml(k)``, ``h/2`` for midpoint; ``docs/method.md``). Parameters are not modified.
+        Returns per-task query losses (and accuracies) before adaptation and after each count in ``steps``;
+        ``.summary()`` gives means and 95% confidence intervals. ``keep_params`` also returns the adapted
+        flat parameters (``[len(steps), T, N]``; :attr:`layout` unflattens them). Works under
+        ``torch.no_grad()``; raises ``RuntimeError`` under ``torch.inference_mode()``, and as :meth:`step`
+        does for malformed tasks.
         """
         tasks = self._check_tasks(tasks, "evaluate")
         alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size

@@ -363,7 +363,8 @@ class _Training:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def run(self, checkpoint_every: int, progress: bool, on_step: Callable[[int, torch.Tensor], None] | None) -> RunResult:
+    def run(self, checkpoint_every: int, progress: bool,
+            on_step: Callable[[int, torch.Tensor], None] | None) -> RunResult:
         cfg, opt = self.cfg, self.opt
         wall_start = time.perf_counter()
         with StopRequests() as stop:
