@@ -4,7 +4,7 @@ their validation (every problem is reported before a step changes anything)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -52,6 +52,100 @@ class TaskBatch(NamedTuple):
     def to(self, *args, **kwargs) -> TaskBatch:
         """Move every tensor, as :meth:`torch.Tensor.to` does; targets keep an integer dtype."""
         return TaskBatch(*(_move(t, *args, **kwargs) for t in self))
+
+    @classmethod
+    def from_torchmeta(cls, batch: Mapping[str, Sequence[Tensor]]) -> TaskBatch:
+        """The batch of a torchmeta ``BatchMetaDataLoader``: ``{"train": (x, y), "test": (x, y)}``.
+
+        torchmeta's ``"train"`` split is the support set and ``"test"`` the query set; every tensor already
+        has the task dimension first (``[T, K, ...]``), so nothing is copied. Other keys are ignored.
+
+        Raises:
+            TypeError: not a mapping, or a split that is not an ``(inputs, targets)`` pair of tensors.
+            KeyError: a missing ``"train"`` or ``"test"`` split.
+            ValueError: a tensor without task and example dimensions, or task dimensions that differ.
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError("a torchmeta batch is a dict {'train': (x, y), 'test': (x, y)}, "
+                            f"got {type(batch).__name__}")
+        missing = [split for split in ("train", "test") if split not in batch]
+        if missing:
+            raise KeyError(f"the torchmeta batch has no {' or '.join(map(repr, missing))} split "
+                           f"(keys: {list(batch)}); 'train' is the support set and 'test' the query set")
+        parts = (*_split_pair(batch, "train"), *_split_pair(batch, "test"))
+        num_tasks = {name: int(t.shape[0]) for name, t in zip(cls._fields, parts)}
+        if len(set(num_tasks.values())) != 1:
+            raise ValueError(f"task dimension (dim 0) differs across the torchmeta batch: {num_tasks}")
+        return cls(*parts)
+
+    @classmethod
+    def from_tasks(cls, tasks: Sequence[Sequence[Tensor]]) -> TaskBatch:
+        """Stack per-task ``(support_x, support_y, query_x, query_y)`` tuples (each ``[K, ...]``) into a batch.
+
+        Every task must have the same number of support examples and of query examples, and each field
+        the same dtype, device and example shape across tasks: a batch holds one tensor per field.
+
+        Raises:
+            TypeError: a task that is not four tensors, or a field whose dtype differs from task 0's.
+            ValueError: no tasks, a task whose inputs and targets have different example counts, example
+                counts or example shapes that differ from task 0's (the message says how to group tasks).
+            RuntimeError: a field on another device than task 0's.
+        """
+        fields = [_task_fields(i, task) for i, task in enumerate(tasks)]
+        if not fields:
+            raise ValueError("from_tasks needs at least one task")
+        for i, task in enumerate(fields):
+            _check_like_first(i, task, fields[0])
+        return cls(*(torch.stack(column) for column in zip(*fields)))
+
+
+def _split_pair(batch: Mapping[str, Sequence[Tensor]], split: str) -> tuple[Tensor, Tensor]:
+    """``batch[split]`` as an ``(inputs, targets)`` pair of ``[T, K, ...]`` tensors."""
+    pair = batch[split]
+    if isinstance(pair, Tensor) or len(pair) != 2 or not all(isinstance(t, Tensor) for t in pair):
+        raise TypeError(f"torchmeta batch[{split!r}] must be an (inputs, targets) pair of tensors, "
+                        f"got {type(pair).__name__}")
+    for name, t in zip(("inputs", "targets"), pair):
+        if t.dim() < 2:
+            raise ValueError(f"torchmeta batch[{split!r}] {name} need a task and an example dimension [T, K, ...], "
+                             f"got shape {tuple(t.shape)}")
+    return pair[0], pair[1]
+
+
+def _task_fields(index: int, task: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Task ``index`` of :meth:`TaskBatch.from_tasks` as four tensors with an example dimension."""
+    parts = tuple(task) if not isinstance(task, Tensor) and hasattr(task, "__iter__") else ()
+    if len(parts) != 4 or not all(isinstance(t, Tensor) for t in parts):
+        raise TypeError(f"task {index} must be (support_x, support_y, query_x, query_y) tensors, "
+                        f"got {type(task).__name__}" + (f" of {len(parts)}" if parts else ""))
+    for name, t in zip(TaskBatch._fields, parts):
+        if t.dim() < 1:
+            raise ValueError(f"task {index}'s {name} needs an example dimension [K, ...], got a 0-d tensor")
+    for side, x, y in (("support", parts[0], parts[1]), ("query", parts[2], parts[3])):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"task {index} has {x.shape[0]} {side} inputs but {y.shape[0]} {side} targets")
+    return parts  # type: ignore[return-value]
+
+
+def _check_like_first(index: int, task: Sequence[Tensor], first: Sequence[Tensor]) -> None:
+    """Task ``index`` stacks with task 0: same device, dtype, example counts and example shapes per field."""
+    for name, t, t0 in zip(TaskBatch._fields, task, first):
+        if t.device != t0.device:
+            raise RuntimeError(f"task {index}'s {name} is on {t.device}, task 0's on {t0.device}: "
+                               "move every task to one device")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"task {index}'s {name} has dtype {t.dtype}, task 0's {t0.dtype}: "
+                            "convert every task to one dtype")
+    for side, x, x0 in (("support", task[0], first[0]), ("query", task[2], first[2])):
+        if x.shape[0] != x0.shape[0]:
+            raise ValueError(
+                f"task {index} has {x.shape[0]} {side} examples, task 0 has {x0.shape[0]}: tasks of one TaskBatch "
+                "need equal counts; group tasks by shot count into separate batches (or pad)"
+            )
+    for name, t, t0 in zip(TaskBatch._fields, task, first):
+        if t.shape[1:] != t0.shape[1:]:
+            raise ValueError(f"task {index}'s {name} has examples of shape {tuple(t.shape[1:])}, task 0's "
+                             f"{tuple(t0.shape[1:])}: every task's examples need one shape")
 
 
 def _move(t: Tensor, *args, **kwargs) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 from . import kernels
 from .optim import NonFiniteLossError
 from .report import compare_report, compare_rows, run_line, step_source, test_report, train_report
+from .data.images import DataError
 from .runs import RunError, RunFolder, load_checkpoint, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Domain, domains, get_domain
@@ -95,7 +96,7 @@ def _options(args: argparse.Namespace, domain: Domain, only_given: bool = False)
             if not only_given or _OPTION_DEST + o.name in given}
 
 
-def _config(args: argparse.Namespace, tableau: Tableau) -> TrainConfig:
+def _config(args: argparse.Namespace, tableau: Tableau | None) -> TrainConfig:
     domain = get_domain(args.domain)
     common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k != "tableau"}
     return TrainConfig(**{**common, "options": _options(args, domain)}, tableau=tableau)
@@ -163,8 +164,13 @@ def _resume_hint(args: argparse.Namespace, out: Path) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``rkfast train DOMAIN``: one run, its table, ``results.json``, checkpoints and plots."""
-    out, resume = _run_folder(args, f"runs/{args.domain}-{slug(args.tableau.name)}")
-    cfg = _checked(_resumed_config(args, resume_config(out)) if resume else _config(args, args.tableau))
+    if args.resume is None:
+        cfg = _checked(_config(args, args.tableau))
+        tableau = get_tableau(cfg.resolved().tableau)  # type: ignore[arg-type]
+        out, resume = _run_folder(args, f"runs/{args.domain}-{slug(tableau.name)}")
+    else:
+        out, resume = _run_folder(args, "")
+        cfg = _checked(_resumed_config(args, resume_config(out)))
     try:
         run = _train(cfg, out, resume, args)
     except RunInterrupted as stop:
@@ -256,13 +262,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test_tasks = args.test_tasks or cfg.test_tasks
     test_seed = cfg.test_seed if args.test_seed is None else args.test_seed
     test_step = cfg.test_step if args.test_step is None else args.test_step
-    steps = args.steps or domain.defaults.test_steps
+    defaults = domain.defaults_for(cfg.options)
+    steps = args.steps or defaults.test_steps
     cfg = replace(cfg, test_tasks=test_tasks, test_seed=test_seed, test_step=test_step)
     out = Path(args.out) if args.out else run_dir / "eval.json"
     if out.is_dir():
         raise CommandError(f"cannot write {out}: it is a folder")
     sampler = domain.make_tasks(cfg.options, "test", opt.device)
-    chunks = task_chunks(sampler, test_tasks, domain.defaults.eval_chunk, task_generator(test_seed, "test"))
+    chunks = task_chunks(sampler, test_tasks, defaults.eval_chunk, task_generator(test_seed, "test"))
     result = evaluate_tasks(opt, chunks, steps, test_step)
     summary = result.summary()
     print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {opt.tableau.describe()}")
@@ -343,22 +350,26 @@ def _device_arg(text: str) -> str:
 
 def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
     d = domain.defaults
+    by_options = " with the default options" if domain.defaults_by_options else ""
     pos_int, count, pos_float = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
-    for flag, kind, default, text in [
-        ("--meta-batch", pos_int, d.meta_batch, "tasks per meta-step"),
-        ("--iterations", pos_int, d.iterations, "meta-steps"),
-        ("--inner-lr", pos_float, d.inner_lr, "the RK step h of the stages"),
-        ("--lr", pos_float, d.lr, "Adam's outer learning rate"),
-        ("--seed", count, 0, "seed of the initialization and the training tasks"),
-        ("--eval-every", count, d.eval_every, "meta-steps between held-out evaluations (0: at start and end only)"),
-        ("--eval-tasks", count, d.eval_tasks, "held-out tasks of those evaluations"),
-        ("--test-tasks", pos_int, d.test_tasks, "meta-test tasks"),
-        ("--test-seed", count, 0, "seed of the held-out and test tasks"),
-        ("--test-step", pos_float, None, "meta-test step size (default: the tableau's own step, see docs/method.md)"),
-        ("--device", _device_arg, "cpu", "torch device"),
+    # the domain's published settings stay None here, so that TrainConfig.resolved() fills them in for the
+    # options given (Omniglot 20-way has its own meta-batch and inner step)
+    for flag, kind, default, shown, text in [
+        ("--meta-batch", pos_int, None, d.meta_batch, "tasks per meta-step"),
+        ("--iterations", pos_int, None, d.iterations, "meta-steps"),
+        ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages"),
+        ("--lr", pos_float, None, d.lr, "Adam's outer learning rate"),
+        ("--seed", count, 0, 0, "seed of the initialization and the training tasks"),
+        ("--eval-every", count, None, d.eval_every, "meta-steps between held-out evaluations (0: at start and end only)"),
+        ("--eval-tasks", count, None, d.eval_tasks, "held-out tasks of those evaluations"),
+        ("--test-tasks", pos_int, None, d.test_tasks, "meta-test tasks"),
+        ("--test-seed", count, 0, 0, "seed of the held-out and test tasks"),
+        ("--test-step", pos_float, None, None, "meta-test step size (default: the tableau's own step, docs/method.md)"),
+        ("--device", _device_arg, "cpu", "cpu", "torch device"),
     ]:
+        where = by_options if default is None else ""
         p.add_argument(flag, type=kind, default=default, action=_Typed,
-                       help=text if default is None else f"{text} (default: %(default)s)")
+                       help=text if shown is None else f"{text} (default: {shown}{where})")
     _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
     p.add_argument("--backend", choices=kernels.backend_choices(), default="auto", action=_Typed,
                    help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
@@ -390,8 +401,9 @@ def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> Non
                            help="comma-separated tableaus (default: maml,heun,ralston,rk4)")
             p.add_argument("--out", help=f"output folder (default: runs/compare-{domain.name})")
         else:
-            p.add_argument("--tableau", type=_tableau_arg, default=_tableau_arg("maml"), action=_Typed,
-                           help="a name (maml, heun, rk4, ...) or a factory call (maml(3), rk2(0.75)); default: maml")
+            p.add_argument("--tableau", type=_tableau_arg, default=None, action=_Typed,
+                           help="a name (maml, heun, rk4, ...) or a factory call (maml(3), rk2(0.75)); default: "
+                                f"{domain.defaults.tableau}{' with the default options' if domain.defaults_by_options else ''}")
             p.add_argument("--out", help=f"output folder (default: runs/{domain.name}-<tableau>)")
         _add_training_options(p, domain)
 
@@ -434,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return args.func(args)
-    except (CommandError, RunError) as err:
+    except (CommandError, RunError, DataError) as err:
         print(f"rkfast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

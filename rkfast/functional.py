@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import norms
 from .batch import TaskBatch
 from .kernels import Backend, axpy_, combine, resolve_backend, stage_point
 from .layout import ParamLayout
+from .norms import PerStepBatchNorm, at_step, statistics_layers
 from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
 from .taskmap import (
@@ -67,6 +69,7 @@ __all__ = [
     "combine",
     "module_task_loss",
     "model_task_loss",
+    "model_call",
     "supervised_loss",
     "target_check",
     "has_norm_layers",
@@ -184,8 +187,9 @@ def stage_points(
 
     ``theta^(j) = theta - h sum_{l<j} A[j][l] k^(l)`` with the slopes ``k^(l) = grad L_S(theta^(l))``; a slope
     is computed only if a later stage reads it, and differentiably in ``theta`` (``create_graph``) for
-    second order. ``workspace`` (first order only: nothing is differentiated through the points then)
-    holds the stage points between steps.
+    second order, with :func:`rkfast.norms.current_step` at ``j`` (the caller sets it around what it
+    computes at a yielded stage). ``workspace`` (first order only: nothing is differentiated through the
+    points then) holds the stage points between steps.
     """
     slopes: list[Tensor | None] = [None] * tableau.stages
     last_reader, needs_slope, needs_query = tableau.last_reader, tableau.needs_support_grad, tableau.needs_query_loss
@@ -205,8 +209,9 @@ def stage_points(
                 if last_reader[l] == j:
                     slopes[l] = None
         if need_slope:
-            data = tasks.data(support_data, j, point, shared)
-            slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
+            with at_step(j):  # per-step layers (rkfast.norms) normalize for stage j
+                data = tasks.data(support_data, j, point, shared)
+                slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
         if need_query:
             yield Stage(j, point, shared)
 
@@ -360,8 +365,9 @@ def rk_meta_step(
         for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
                                   second_order=rule.second_order, backend=backend,
                                   workspace=workspace if first_order else None):
-            data = tasks.data(query_data, stage.index, stage.point, stage.shared)
-            direction.add(stage, tab.b[stage.index], query_loss, data)
+            with at_step(stage.index):
+                data = tasks.data(query_data, stage.index, stage.point, stage.shared)
+                direction.add(stage, tab.b[stage.index], query_loss, data)
         return direction.result()
 
 
@@ -383,7 +389,8 @@ def adapt(
 
     Reports every task's query loss (and metrics) before adaptation and after each count in ``steps``,
     and with ``keep_params`` the adapted parameters too. Callable data are called with the number of
-    steps taken so far as ``stage``. ``theta`` is not modified and no autograd graph is kept.
+    steps taken so far as ``stage``, which is also :func:`rkfast.norms.current_step` meanwhile (per-step
+    norm layers use its row). ``theta`` is not modified and no autograd graph is kept.
 
     ``step_size`` must be a finite number ``> 0`` (:func:`check_step`) and ``steps`` positive integers
     (:func:`check_step_counts`). The support losses are checked as in :func:`rk_meta_step` (0-d per task,
@@ -401,17 +408,18 @@ def adapt(
     params, shared = theta.detach(), True
     with torch.no_grad():
         for n in range(counts[-1] + 1):
-            if n in report:
-                q, m = tasks.values(query_loss, params, tasks.data(query_data, n, params, shared), shared)
-                losses.append(q.detach())
-                for name, value in m.items():
-                    metrics.setdefault(name, []).append(value.detach())
-                if keep_params:
-                    kept.append(params.expand(tasks.num_tasks, -1) if shared else params)
-            if n < counts[-1]:
-                data = tasks.data(support_data, n, params, shared)
-                params = params - alpha * tasks.grads(support_loss, params, data, shared, create_graph=False)
-                shared = False
+            with at_step(n):  # per-step layers (rkfast.norms) normalize for the n-th step
+                if n in report:
+                    q, m = tasks.values(query_loss, params, tasks.data(query_data, n, params, shared), shared)
+                    losses.append(q.detach())
+                    for name, value in m.items():
+                        metrics.setdefault(name, []).append(value.detach())
+                    if keep_params:
+                        kept.append(params.expand(tasks.num_tasks, -1) if shared else params)
+                if n < counts[-1]:
+                    data = tasks.data(support_data, n, params, shared)
+                    params = params - alpha * tasks.grads(support_loss, params, data, shared, create_graph=False)
+                    shared = False
     return AdaptationOutput(
         report,
         alpha,
@@ -424,28 +432,52 @@ def adapt(
 # -- losses over a module's functional call -------------------------------------------------------------
 
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, PerStepBatchNorm)
 
 
 def has_norm_layers(module: nn.Module) -> bool:
-    """Whether ``module`` has batch/instance/layer norm layers (their second derivatives need the exact
-    rewrite under ``vmap``: :mod:`rkfast._norms`)."""
+    """Whether ``module`` has batch/instance/layer norm layers, :class:`~rkfast.norms.PerStepBatchNorm`
+    included (their second derivatives need the exact rewrite under ``vmap``: :mod:`rkfast._norms`)."""
     return any(isinstance(m, _NORM_TYPES) for m in module.modules())
 
 
+def model_call(module: nn.Module, *, batch_statistics: bool = True) -> Callable[..., Any]:
+    """``call(params, *inputs, **kwargs)``: ``module`` run on ``params`` (names to tensors; the others are the
+    module's own) with ``torch.func.functional_call``.
+
+    With ``batch_statistics`` (MAML's convention) its BatchNorm/InstanceNorm layers normalize with each
+    call's batch statistics and neither read nor update their running statistics, which stay on the module
+    untouched (:func:`rkfast.norms.batch_statistics`, entered for the call only); ``False`` runs the layers
+    as they are configured (running statistics read in ``eval()`` and updated in ``train()`` mode, which
+    ``vmap`` cannot do).
+    """
+    layers = statistics_layers(module) if batch_statistics else ()
+
+    def call(params: dict[str, Tensor], *inputs: Any, **kwargs: Any) -> Any:
+        if not layers:
+            return functional_call(module, params, inputs, kwargs)
+        with norms.batch_statistics(layers):
+            return functional_call(module, params, inputs, kwargs)
+
+    return call
+
+
 def model_task_loss(module: nn.Module, loss: ModelLoss, layout: ParamLayout | None = None,
-                    *, norm_layers: bool | None = None) -> TaskLoss:
+                    *, norm_layers: bool | None = None, batch_statistics: bool = True) -> TaskLoss:
     """The per-task loss ``row, data -> loss(model, data)`` for the core functions.
 
     ``model(*inputs)`` runs ``module`` with ``torch.func.functional_call`` on the parameters viewed out of
     ``row`` (``layout`` says where each one lives; default: all of the module's parameters); its buffers
-    are its own. ``norm_layers`` (default: looked up in ``module``) says whether the model normalizes.
+    are its own. ``batch_statistics`` (default): norm layers use each call's batch statistics and leave
+    their running statistics alone (:func:`model_call`). ``norm_layers`` (default: looked up in ``module``)
+    says whether the model normalizes.
     """
     layout = layout or ParamLayout.from_module(module)
+    call = model_call(module, batch_statistics=batch_statistics)
 
     def task_loss(row: Tensor, data: Any) -> Any:
         params = layout.unflatten(row)
-        return loss(lambda *inputs, **kwargs: functional_call(module, params, inputs, kwargs), data)
+        return loss(lambda *inputs, **kwargs: call(params, *inputs, **kwargs), data)
 
     task_loss.has_norm_layers = has_norm_layers(module) if norm_layers is None else norm_layers  # type: ignore[attr-defined]
     return task_loss
@@ -555,10 +587,13 @@ def module_task_loss(
     module: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     layout: ParamLayout | None = None,
+    *,
+    batch_statistics: bool = True,
 ) -> TaskLoss:
     """The per-task loss ``row, (x, y) -> loss_fn(module(x; row), y)`` (plus ``accuracy`` for class
-    indices, see :func:`supervised_loss`) for the core functions."""
-    return model_task_loss(module, supervised_loss(loss_fn), layout)
+    indices, see :func:`supervised_loss`) for the core functions; ``batch_statistics`` as in
+    :func:`model_call`."""
+    return model_task_loss(module, supervised_loss(loss_fn), layout, batch_statistics=batch_statistics)
 
 
 def meta_step(
@@ -574,9 +609,11 @@ def meta_step(
     layout: ParamLayout | None = None,
     backend: Backend = "auto",
     workspace: Workspace | None = None,
+    batch_statistics: bool = True,
 ) -> MetaStepOutput:
-    """:func:`rk_meta_step` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`."""
-    loss = module_task_loss(module, loss_fn, layout)
+    """:func:`rk_meta_step` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`
+    (``batch_statistics``: see :func:`model_call`)."""
+    loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return rk_meta_step(
         theta, loss, loss, batch.support, batch.query, tableau, inner_lr,
         first_order=first_order, vectorize=vectorize, backend=backend, workspace=workspace,
@@ -594,20 +631,25 @@ def evaluate(
     vectorize: bool = True,
     layout: ParamLayout | None = None,
     keep_params: bool = False,
+    batch_statistics: bool = True,
 ) -> AdaptationOutput:
-    """:func:`adapt` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`."""
-    loss = module_task_loss(module, loss_fn, layout)
+    """:func:`adapt` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`
+    (``batch_statistics``: see :func:`model_call`)."""
+    loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return adapt(
         theta, loss, loss, batch.support, batch.query, step_size, steps, vectorize=vectorize, keep_params=keep_params
     )
 
 
 def use_batch_statistics(module: nn.Module) -> nn.Module:
-    """Make every normalization layer use per-call batch statistics and keep no running statistics.
+    """Make every normalization layer use per-call batch statistics for good, removing its running statistics.
 
-    MAML's convention: each task normalizes with its own batch statistics, and nothing is shared across
-    tasks through running averages (which ``vmap`` could not update in place anyway). Modifies ``module``
-    in place (``track_running_stats=False``, running buffers removed) and returns it.
+    Destructive: modifies ``module`` in place (``track_running_stats=False``, running buffers removed: a
+    ``state_dict`` saved before no longer loads strictly, and ``eval()`` normalizes with batch statistics
+    too) and returns it. rkfast does not need it: its own calls (:func:`model_call`, ``MetaOptimizer`` with
+    ``batch_statistics=True``) already normalize with each task's batch statistics and leave the running
+    statistics untouched; :func:`rkfast.norms.batch_statistics` does the same for a block of your code.
+    Use this only to make the switch permanent, e.g. for a model that should never use running statistics.
     """
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from . import functional as RF
 from . import kernels
@@ -90,8 +90,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             NaN/inf parameters after the outer update (e.g. from a NaN learning rate), and restore the
             parameters, ``.grad`` and optimizer state as they were before the step (one host
             synchronization per step: the check runs once, after the update).
-        batch_statistics: switch the model's normalization layers to per-task batch statistics with no
-            running statistics (MAML's convention, and required under ``vmap``); modifies ``model``.
+        batch_statistics: every model call of a step, of :meth:`evaluate` and of :meth:`task_models`
+            normalizes with each task's own batch statistics and neither reads nor updates the running
+            statistics of BatchNorm/InstanceNorm layers (MAML's convention, and what ``vmap`` needs). The
+            model is not modified: its ``track_running_stats``, running buffers and ``state_dict`` stay as
+            they are, and outside rkfast's calls it behaves as configured (``model.eval()`` uses its running
+            statistics). ``False``: the layers run as configured inside rkfast's calls too (running
+            statistics read in ``eval()``, updated in ``train()`` mode, which needs ``vectorize=False``).
         backend: kernels for the stage arithmetic and the plain outer step (:mod:`rkfast.kernels`):
             ``"auto"`` (C++ on CPU, Triton on CUDA, where available) or a backend name.
         capture: CUDA only. ``True``: after two eager warm-up steps, capture one whole step (every stage,
@@ -116,6 +121,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             (what :meth:`meta_parameters` returns and ``MetaStepOutput.direction`` is laid out as).
         backend: the kernel backend in use (``"auto"`` resolved).
         vectorize: whether the tasks run together under ``vmap`` (``"auto"`` resolved).
+        batch_statistics: as given.
         capture: ``False``, ``True`` or ``"auto"``.
         outer_optimizer: the ``torch.optim`` optimizer of the outer update.
     """
@@ -150,8 +156,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.check_finite = bool(check_finite)
         self.model, self.loss_fn = model, loss_fn
         self._vectorize_choice, self._backend_choice = vectorize, backend
-        if batch_statistics:
-            RF.use_batch_statistics(model)
+        self.batch_statistics = bool(batch_statistics)
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -178,7 +183,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.capture = self._capture.mode if self._capture is not None else False
         self._outer = OuterUpdate(optimizer, self._flat)
         self._norm_layers = RF.has_norm_layers(model)
-        self._batch_loss = RF.module_task_loss(model, loss_fn, self.layout) if loss_fn is not None else None
+        self._model_call = RF.model_call(model, batch_statistics=self.batch_statistics)
+        self._batch_loss = (RF.module_task_loss(model, loss_fn, self.layout, batch_statistics=self.batch_statistics)
+                            if loss_fn is not None else None)
         self._workspace = RF.Workspace()
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device) if self._capture else None
 
@@ -319,7 +326,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         """The per-task losses and data of ``tasks`` in the functional core's terms."""
         if isinstance(tasks, TaskBatch):
             return self._batch_loss, self._batch_loss, tasks.support, tasks.query, None  # type: ignore[return-value]
-        support, query = (RF.model_task_loss(self.model, loss, self.layout, norm_layers=self._norm_layers)
+        support, query = (RF.model_task_loss(self.model, loss, self.layout, norm_layers=self._norm_layers,
+                                             batch_statistics=self.batch_statistics)
                           for loss in (tasks.support_loss, tasks.query_loss))
         return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
 
@@ -432,11 +440,13 @@ class MetaOptimizer(torch.optim.Optimizer):
     def task_models(self, params: Tensor) -> Callable[..., Any]:
         """The model of every task at once: ``f(*inputs)`` with inputs ``[T, ...]`` runs task ``t``'s
         parameters ``params[t]`` (flat rows ``[T, N]``, e.g. a stage point given to a TaskSet data
-        callable) on ``inputs[t]`` under ``vmap``. For rollouts of each task's policy."""
-        layout, model = self.layout, self.model
+        callable) on ``inputs[t]`` under ``vmap``. For rollouts of each task's policy. Norm layers use batch
+        statistics as in a step (``batch_statistics``), and per-step layers (:mod:`rkfast.norms`) the row
+        of the stage being computed."""
+        layout, call = self.layout, self._model_call
 
         def run(*inputs: Any) -> Any:
-            return vmap(lambda row, *xs: functional_call(model, layout.unflatten(row), xs))(params, *inputs)
+            return vmap(lambda row, *xs: call(layout.unflatten(row), *xs))(params, *inputs)
 
         return run
 

@@ -76,7 +76,7 @@ def plot_training(run: RunResult, path: Path | str) -> None:
     loss_ax = ax.twinx() if metric.higher_is_better else ax  # a loss and an accuracy need their own axes
     loss_ax.plot(np.arange(1, len(run.losses) + 1), run.losses, color="C0", alpha=0.15, lw=0.5)
     loss_ax.plot(*_smooth(run.losses), color="C0", label="meta-loss (smoothed)")
-    steps = (0, *run.domain.defaults.eval_steps)
+    steps = (0, *run.defaults.eval_steps)
     markers = ("x", "o", "s", "^", "v", "D")
     for k, step in enumerate(steps):
         ax.plot(*_eval_curve(run, str(step)), marker=markers[k % len(markers)], ms=4, ls="--", color=f"C{k + 1}",
@@ -96,10 +96,10 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     training (after the first evaluation step). A run without a meta-test (diverged) has only its curve."""
     metric = runs[0].domain.metric
     tested = [run for run in runs if run.test is not None]
-    first = str(runs[0].domain.defaults.eval_steps[0])
+    first = str(runs[0].defaults.eval_steps[0])
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    steps = [0, *runs[0].domain.defaults.test_steps]
+    steps = [0, *runs[0].defaults.test_steps]
     for i, run in enumerate(runs):
         if run.test is not None:
             summary = run.test.summary()

@@ -78,7 +78,7 @@ def run_line(run: RunResult) -> str:
     """One line per finished (or diverged) run of a comparison."""
     if run.test is None:
         return f"{run.tableau.name}: {_not_tested(run)}: {run.error or ''} ({run.train_time_s:.1f} s)"
-    metric, first = run.domain.metric, run.domain.defaults.test_steps[0]
+    metric, first = run.domain.metric, run.defaults.test_steps[0]
     mean, ci = run.test.summary()[metric.source][first]
     return (f"{run.tableau.name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
             f"({run.train_time_s:.1f} s)")
@@ -88,7 +88,7 @@ def compare_report(runs: Sequence[RunResult]) -> str:
     """What ``rkfast compare`` prints: one row per tableau, the primary metric after each step count
     (a diverged tableau's row says where it diverged)."""
     domain = runs[0].domain
-    metric, steps = domain.metric, (0, *domain.defaults.test_steps)
+    metric, steps = domain.metric, (0, *runs[0].defaults.test_steps)
     headers = ["tableau", "order", "test step", *(f"{metric.short} @{n}" for n in steps), "train s", "ms/step"]
     rows = []
     for run in runs:

@@ -114,13 +114,17 @@ class RunFolder:
 
     def check_writable(self) -> None:
         """Raise :class:`RunError` unless every output can be written: the folder is (or can be made) a
-        writable directory and none of its output names is taken by a directory. Creates the folder."""
+        writable directory and none of its output names is taken by a directory. Creates nothing (the
+        first write creates the folder), so a run that fails before it saves leaves no trace."""
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"output folder {self.path} is an existing file, not a folder")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RunError(f"cannot create the output folder {self.path}: {err.strerror or err}") from None
+        if not self.path.exists():
+            ancestor = next(p for p in self.path.absolute().parents if p.exists())
+            if not ancestor.is_dir():
+                raise RunError(f"cannot create the output folder {self.path}: {ancestor} is a file")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise RunError(f"cannot create the output folder {self.path}: {ancestor} is not writable")
+            return
         for name in self.files:
             target = self.path / name
             if target.is_dir():

@@ -30,7 +30,7 @@ from .optim import MetaOptimizer, NonFiniteLossError
 from .results import AdaptationOutput
 from .runs import (CHECKPOINT_FORMAT, RunError, RunFolder, load_checkpoint, save_payload, write_json)
 from .tableau import Tableau, get_tableau
-from .tasks import Domain, TaskSampler, get_domain
+from .tasks import Defaults, Domain, TaskSampler, get_domain
 
 __all__ = ["TrainConfig", "RunResult", "RunInterrupted", "RunDiverged", "train", "evaluate_tasks",
            "task_generator", "load_checkpoint", "load_run", "load_result", "resume_config", "write_json", "slug",
@@ -65,7 +65,7 @@ class TrainConfig:
 
     Attributes:
         domain: a registered task domain (``"sinusoid"``...).
-        tableau: a tableau or its name.
+        tableau: a tableau or its name (default: the domain's, ``"maml"`` for most).
         iterations, meta_batch, inner_lr, lr: meta-steps, tasks per meta-step, the RK step h, Adam's rate.
         first_order: ignore second derivatives.
         seed: the initialization and the training tasks (an integer >= 0).
@@ -79,7 +79,7 @@ class TrainConfig:
     """
 
     domain: str = "sinusoid"
-    tableau: str | Tableau = "maml"
+    tableau: str | Tableau | None = None
     iterations: int | None = None
     meta_batch: int | None = None
     inner_lr: float | None = None
@@ -98,10 +98,13 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the domain's defaults filled in and everything checked (errors name the setting)."""
         domain = get_domain(self.domain)
-        filled = {name: getattr(domain.defaults, name) for name in
-                  ("iterations", "meta_batch", "inner_lr", "lr", "eval_every", "eval_tasks", "test_tasks")
+        options = domain.resolve_options(self.options)
+        defaults = domain.defaults_for(options)
+        filled = {name: getattr(defaults, name) for name in
+                  ("tableau", "iterations", "meta_batch", "inner_lr", "lr", "eval_every", "eval_tasks", "test_tasks")
                   if getattr(self, name) is None}
-        cfg = replace(self, **filled, options=domain.resolve_options(self.options))
+        cfg = replace(self, **filled, options=options)
+        get_tableau(cfg.tableau)  # type: ignore[arg-type]  # a bad name fails here, naming it
         _check_seed("seed", cfg.seed)
         _check_seed("test_seed", cfg.test_seed)
         for name in ("iterations", "meta_batch", "test_tasks"):
@@ -145,6 +148,11 @@ class RunResult:
     status: str = "complete"
     error: str | None = None
     best: dict[str, Any] | None = None  # {"iteration", "value"} of the best held-out evaluation
+
+    @property
+    def defaults(self) -> Defaults:
+        """The domain's published defaults for this run's options (evaluation and test step counts...)."""
+        return self.domain.defaults_for(self.config.options)
 
     @property
     def iteration(self) -> int:
@@ -260,11 +268,12 @@ class _Training:
 
     def __init__(self, cfg: TrainConfig, domain: Domain, folder: RunFolder | None, log: Callable[[str], None]) -> None:
         self.cfg, self.domain, self.folder, self.log = cfg, domain, folder, log
-        self.tableau = get_tableau(cfg.tableau)
+        self.tableau = get_tableau(cfg.tableau)  # type: ignore[arg-type]
+        self.defaults = domain.defaults_for(cfg.options)
         self.device = torch.device(cfg.device)
         self.opt = build_optimizer(cfg, domain)
         self.sampler = domain.make_tasks(cfg.options, "train", self.device)
-        chunk = domain.defaults.eval_chunk
+        chunk = self.defaults.eval_chunk
         val = domain.make_tasks(cfg.options, "val", self.device)
         self.val = (task_chunks(val, cfg.eval_tasks, chunk, task_generator(cfg.test_seed, "val"))
                     if cfg.eval_tasks else [])
@@ -283,13 +292,13 @@ class _Training:
         if not self.val:
             return
         domain, metric = self.domain, self.domain.metric
-        summary = evaluate_tasks(self.opt, self.val, domain.defaults.eval_steps, self.cfg.test_step).summary()
+        summary = evaluate_tasks(self.opt, self.val, self.defaults.eval_steps, self.cfg.test_step).summary()
         record: dict[str, Any] = {"iteration": self.done}
         for m in domain.metrics:
             record[m.name] = {str(n): mean for n, (mean, _) in summary[m.source].items()}
         self.evals.append(record)
         values = record[metric.name]
-        steps = domain.defaults.eval_steps
+        steps = self.defaults.eval_steps
         self.log(f"[{self.tableau.name}] step {self.done:>6}: held-out {metric.label} {values['0']:.3f} before, "
                  + ", ".join(f"{values[str(n)]:.3f} after {n} step{'s' if n > 1 else ''}" for n in steps))
         value = values[str(steps[-1])]
@@ -403,9 +412,9 @@ class _Training:
             bar.close()
             if self.test is None:
                 test = self.domain.make_tasks(cfg.options, "test", self.device)
-                chunks = task_chunks(test, cfg.test_tasks, self.domain.defaults.eval_chunk,
+                chunks = task_chunks(test, cfg.test_tasks, self.defaults.eval_chunk,
                                      task_generator(cfg.test_seed, "test"))
-                self.test = evaluate_tasks(opt, chunks, self.domain.defaults.test_steps, cfg.test_step)
+                self.test = evaluate_tasks(opt, chunks, self.defaults.test_steps, cfg.test_step)
             return self.save("complete", wall_start)
 
 

@@ -8,7 +8,7 @@ builds a :class:`Domain` and registers it. :mod:`rkfast.train` trains any regist
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
 
@@ -91,6 +91,7 @@ class Defaults:
     meta_batch: int
     inner_lr: float
     lr: float
+    tableau: str = "maml"  # several inner steps are maml(k)
     eval_every: int = 1000
     eval_tasks: int = 100
     test_tasks: int = 600
@@ -121,6 +122,8 @@ class Domain:
         describe_test: ``options -> str``, the meta-test protocol in words (``"10-shot support, ..."``).
         test_protocol: ``options -> dict``, the same for the results JSON.
         plots: ``{file name: plot(run, path)}``, made after training besides the training curve.
+        defaults_by_options: ``options -> {field: value}``, the published defaults that depend on the
+            options (Omniglot 20-way trains with 5 inner steps of 0.1, 5-way with one of 0.4).
     """
 
     name: str
@@ -134,6 +137,13 @@ class Domain:
     describe_test: Callable[[Mapping[str, Any]], str] = lambda options: ""
     test_protocol: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda options: {}
     plots: Mapping[str, PlotFn] = field(default_factory=dict)
+    defaults_by_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+
+    def defaults_for(self, options: Mapping[str, Any]) -> Defaults:
+        """The published defaults for these (resolved) options."""
+        if self.defaults_by_options is None:
+            return self.defaults
+        return replace(self.defaults, **self.defaults_by_options(options))
 
     def __post_init__(self) -> None:
         if not self.metrics:

@@ -116,7 +116,7 @@ def plot_test_tasks(run: RunResult, path: Path | str, tasks: int = 4, steps: Seq
 
     opt, step_size, options = run.opt, run.test.step_size, run.config.options
     sampler = _make_tasks(options, "test", opt.device)
-    first_chunk = sampler.sample_with_params(min(run.config.test_tasks, run.domain.defaults.eval_chunk),
+    first_chunk = sampler.sample_with_params(min(run.config.test_tasks, run.defaults.eval_chunk),
                                              run.task_generator("test"))  # the first meta-test tasks
     count = min(tasks, first_chunk.batch.num_tasks)
     data = SinusoidBatch(TaskBatch(*(t[:count] for t in first_chunk.batch)), first_chunk.amplitude[:count],
