@@ -386,7 +386,8 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
             kind = type(o.default)
             parse = _number(kind, 0, True) if kind in (int, float) and o.positive else kind
             group.add_argument(o.flag, dest=_OPTION_DEST + o.name, metavar=o.name.upper(), type=parse,
-                               default=o.default, action=_Typed, help=f"{o.help} (default: %(default)s)")
+                               default=o.default, action=_Typed,
+                               help=o.help if o.default == "" else f"{o.help} (default: %(default)s)")
 
 
 def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> None:

@@ -1,4 +1,5 @@
-"""Test session setup: the Triton interpreter on machines without a GPU, and a fresh, printed seed per run.
+"""Test session setup: the Triton interpreter on machines without a GPU, a private image cache, and a fresh,
+printed seed per run.
 
 Shared models and batches live in ``helpers.py`` (a plain module: ``from helpers import ...``)."""
 
@@ -13,7 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Decoded few-shot images go to a cache of this test session's own, not the user's ~/.cache/rkfast.
+os.environ.setdefault("RKFAST_CACHE", tempfile.mkdtemp(prefix="rkfast-test-cache-"))
 
 # Tests draw fresh random inputs each run; a failing seed is printed so it can be replayed.
 _SEED = int(os.environ.get("RKFAST_TEST_SEED", torch.seed() % 2**31))
