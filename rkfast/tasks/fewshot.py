@@ -254,20 +254,28 @@ ACCURACY = (Metric("accuracy", "accuracy", "query accuracy", "acc", higher_is_be
             Metric("loss", "loss", "query loss", "loss"))
 
 
+def _image_domain(name: str, description: str, load: Loader, channels: int, strided: bool, defaults: Defaults,
+                  options: tuple[Option, ...],
+                  defaults_by_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> Domain:
+    """A registered N-way K-shot domain: what the image domains share (loss, metrics, protocol, plots)."""
+    return register(Domain(
+        name=name, description=description, make_tasks=_sampler(load, channels), make_model=_model(channels, strided),
+        loss_fn=F.cross_entropy, metrics=ACCURACY, defaults=defaults, options=options, describe_test=_describe,
+        test_protocol=_protocol, plots={"episodes.png": plot_episodes}, defaults_by_options=defaults_by_options,
+    ))
+
+
 def _omniglot_defaults(o: Mapping[str, Any]) -> dict[str, Any]:
     if o["ways"] >= 20:  # Finn et al. 2017: 20-way with 5 inner steps of 0.1, 16 tasks per meta-batch
         return {"meta_batch": 16, "inner_lr": 0.1, "tableau": "maml(5)"}
     return {}
 
 
-OMNIGLOT = register(Domain(
-    name="omniglot",
-    description="Omniglot few-shot classification (Lake et al. 2015) from the original release's files; "
-                "characters in 4 rotations are the classes; conv4 with strided convolutions",
-    make_tasks=_sampler(_load_omniglot, 1),
-    make_model=_model(1, strided=True),
-    loss_fn=F.cross_entropy,
-    metrics=ACCURACY,
+OMNIGLOT = _image_domain(
+    "omniglot",
+    "Omniglot few-shot classification (Lake et al. 2015) from the original release's files; "
+    "characters in 4 rotations are the classes; conv4 with strided convolutions",
+    _load_omniglot, channels=1, strided=True,
     defaults=Defaults(iterations=60000, meta_batch=32, inner_lr=0.4, lr=1e-3, eval_every=1000, eval_tasks=300,
                       test_tasks=600, test_steps=(1, 3, 10), eval_steps=(1, 3), eval_chunk=100,
                       source="Finn et al. 2017: 5-way meta-batch 32, one inner step of 0.4; 20-way meta-batch 16, "
@@ -279,53 +287,38 @@ OMNIGLOT = register(Domain(
                                           "evaluation alphabets test", positive=False),
              Option("train_characters", 1100, "characters (each in 4 rotations) of the 'finn' training split"),
              Option("val_characters", 100, "characters of the 'finn' validation split (the rest, 423, test)")),
-    describe_test=_describe,
-    test_protocol=_protocol,
-    plots={"episodes.png": plot_episodes},
     defaults_by_options=_omniglot_defaults,
-))
+)
 
 
 def _miniimagenet_defaults(o: Mapping[str, Any]) -> dict[str, Any]:
     return {"meta_batch": 4 if o["shots"] == 1 else 2}  # Finn et al. 2017
 
 
-MINIIMAGENET = register(Domain(
-    name="miniimagenet",
-    description="MiniImageNet few-shot classification (Vinyals et al. 2016, the Ravi & Larochelle split) from "
-                "its CSV + images or pickled-cache files; conv4 with max-pooling",
-    make_tasks=_sampler(_load_miniimagenet, 3),
-    make_model=_model(3, strided=False),
-    loss_fn=F.cross_entropy,
-    metrics=ACCURACY,
+MINIIMAGENET = _image_domain(
+    "miniimagenet",
+    "MiniImageNet few-shot classification (Vinyals et al. 2016, the Ravi & Larochelle split) from "
+    "its CSV + images or pickled-cache files; conv4 with max-pooling",
+    _load_miniimagenet, channels=3, strided=False,
     defaults=Defaults(iterations=60000, meta_batch=4, inner_lr=0.01, lr=1e-3, tableau="maml(5)", eval_every=1000,
                       eval_tasks=300, test_tasks=600, test_steps=(1, 10), eval_steps=(1, 10), eval_chunk=50,
                       source="Finn et al. 2017: 5 inner steps of 0.01, meta-batch 4 (1-shot) / 2 (5-shot), "
                              "15 query images per class, 10 steps at meta-test; Adam 1e-3"),
     options=(Option("root", "", "the MiniImageNet folder", positive=False),
              *_common_options(5, 1, 15, 15, 32, 84)),
-    describe_test=_describe,
-    test_protocol=_protocol,
-    plots={"episodes.png": plot_episodes},
     defaults_by_options=_miniimagenet_defaults,
-))
+)
 
 
-GLYPHS = register(Domain(
-    name="glyphs",
-    description="built-in Omniglot-style benchmark rendered from the fonts matplotlib ships (alphabets = Unicode "
-                "blocks, classes = characters, drawings = random affine distortions); needs no data",
-    make_tasks=_sampler(_load_glyphs, 1),
-    make_model=_model(1, strided=True),
-    loss_fn=F.cross_entropy,
-    metrics=ACCURACY,
+GLYPHS = _image_domain(
+    "glyphs",
+    "built-in Omniglot-style benchmark rendered from the fonts matplotlib ships (alphabets = Unicode "
+    "blocks, classes = characters, drawings = random affine distortions); needs no data",
+    _load_glyphs, channels=1, strided=True,
     defaults=Defaults(iterations=3000, meta_batch=16, inner_lr=0.4, lr=1e-3, eval_every=500, eval_tasks=200,
                       test_tasks=600, test_steps=(1, 3, 10), eval_steps=(1, 3), eval_chunk=100,
                       source="Omniglot's (Finn et al. 2017: one inner step of 0.4, Adam 1e-3) at a CPU budget: "
                              "32 filters, meta-batch 16, 3000 meta-steps"),
     options=(Option("data_seed", 0, "seed of the rendered drawings", positive=False),
              *_common_options(5, 1, 1, 5, 32, 28)),
-    describe_test=_describe,
-    test_protocol=_protocol,
-    plots={"episodes.png": plot_episodes},
-))
+)
