@@ -61,7 +61,10 @@ def batch_statistics(layers: nn.Module | Iterable[_NormBase]) -> Iterator[None]:
     Not thread-safe with other code that calls the same module at the same time (the attributes are
     switched on the module object, as ``torch.func.functional_call`` switches its parameters).
     """
-    switched = statistics_layers(layers) if isinstance(layers, nn.Module) else tuple(layers)
+    candidates = statistics_layers(layers) if isinstance(layers, nn.Module) else tuple(layers)
+    # a layer that tracks nothing already normalizes with batch statistics: leave it alone (switching
+    # attributes costs a Module.__setattr__ per buffer, per call, per task)
+    switched = [m for m in candidates if m.track_running_stats or any(getattr(m, n) is not None for n in _SWITCHED)]
     saved = [(m, m.track_running_stats, [getattr(m, name) for name in _SWITCHED]) for m in switched]
     try:
         for m in switched:

@@ -222,9 +222,11 @@ class TaskMap:
         return data(stage, rows)
 
     def _rows(self, params: Tensor, data: Any, shared: bool) -> Iterator[tuple[Tensor, Any]]:
-        """Each task's parameters and data."""
-        for i in range(self.num_tasks):
-            yield (params if shared else params[i]), _task(data, i)
+        """Each task's parameters and data. The rows come from one ``unbind``: its backward stacks every task's
+        gradient once, where indexing ``params[i]`` would give each task a zero-filled ``[T, N]`` gradient."""
+        rows = [params] * self.num_tasks if shared else params.unbind(0)
+        for i, row in enumerate(rows):
+            yield row, _task(data, i)
 
     def _loop_grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool,
                     create_graph: bool) -> Iterator[Tensor]:
