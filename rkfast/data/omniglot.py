@@ -199,8 +199,8 @@ def _finn_split(count: int, root: Path, seed: int, train_characters: int,
     if count <= train_characters + val_characters:
         raise DataError(f"{root}: {count} characters, but split_rule='finn' takes {train_characters} for "
                         f"train and {val_characters} for val and needs at least one more for test (the "
-                        f"original release has 1623; set train_characters/val_characters for a smaller "
-                        f"data set)")
+                        f"original release has 1623; for a smaller data set set train_characters/"
+                        f"val_characters, on the command line --train-characters/--val-characters)")
     order = np.random.RandomState(seed).permutation(count)
     boundaries = {"train": (0, train_characters),
                   "val": (train_characters, train_characters + val_characters),
