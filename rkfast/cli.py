@@ -146,10 +146,10 @@ def _run_folder(args: argparse.Namespace, default: str) -> tuple[Path, bool]:
             raise CommandError("--resume continues a run and --overwrite replaces it: give one of them")
         return Path(args.resume), True
     out = Path(args.out or default)
-    for name in ("checkpoint.pt", "compare.json"):
-        if (out / name).is_file() and not args.overwrite:
-            raise CommandError(f"{out} holds an earlier run: --resume {shlex.quote(str(out))} continues it, "
-                               "--overwrite replaces it, --out DIR writes elsewhere")
+    # the same test train() applies, said here in the command line's terms
+    if not args.overwrite and (RunFolder(out).holds_run() or (out / "compare.json").is_file()):
+        raise CommandError(f"{out} holds an earlier run: --resume {shlex.quote(str(out))} continues it, "
+                           "--overwrite replaces it, --out DIR writes elsewhere")
     return out, False
 
 

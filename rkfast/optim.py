@@ -306,7 +306,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             self._flat.write_grad(out.direction)
             self._outer.update(self.backend)
             return out
-        ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)
+        ok = _all_finite(out.direction, out.loss)
         self._flat.write_grad(torch.where(ok, out.direction, 0.0))  # a skipped step updates with a zero gradient
         self._outer.update_if(ok, self.backend)
         self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]

@@ -138,7 +138,7 @@ class RunFolder:
 
     def holds_run(self) -> bool:
         """Whether an earlier run left its results or checkpoint here."""
-        return self.results.exists() or self.checkpoint.exists()
+        return self.results.is_file() or self.checkpoint.is_file()
 
     def describe_run(self) -> str:
         """The earlier run in a few words (``"2000 of 20000 meta-steps, interrupted"``), for messages."""

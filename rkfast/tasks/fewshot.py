@@ -126,15 +126,11 @@ class _SpatialMean(nn.Module):
 
 def _predictions(run: RunResult, batch: TaskBatch, steps: int) -> Tensor:
     """Query predictions ``[T, N*Q]`` of the run's model after ``steps`` adaptation steps on each support set."""
-    from torch.func import functional_call, vmap
-
     opt = run.opt
     adapted = opt.evaluate(batch, steps=(steps,), step_size=run.config.test_step, keep_params=True)
     rows = adapted.params[-1]  # type: ignore[index]  # [T, N]
     with torch.no_grad():
-        logits = torch.stack([functional_call(opt.model, opt.layout.unflatten(row), (x,))
-                              for row, x in zip(rows, batch.query_x)])
-    return logits.argmax(-1)
+        return opt.task_models(rows)(batch.query_x).argmax(-1)
 
 
 def plot_episodes(run: RunResult, path: Path | str, episodes: int = 3, queries: int = 10) -> None:
