@@ -164,8 +164,9 @@ def timed_calls(fn: Callable[[], object], count: int, device: torch.device | Non
     return times
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
-    """Milliseconds per call of ``fn``: the median of ``repeats`` timed calls after ``warmup`` untimed ones."""
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 10, device: torch.device | None = None) -> float:
+    """Milliseconds per call of ``fn``: the median of ``repeats`` timed calls after ``warmup`` untimed ones
+    (on a CUDA ``device``, synchronized around each call)."""
     for _ in range(warmup):
         fn()
-    return 1e3 * statistics.median(timed_calls(fn, repeats))
+    return 1e3 * statistics.median(timed_calls(fn, repeats, device))

@@ -16,7 +16,7 @@ query loss over the tasks, its gradient, and one outer ``Adam(lr=1e-3)`` step. C
   (``MAML(model, lr).clone().adapt(...)``): the peer libraries, each in its documented MAML pattern;
 * ``vmap``: a hand-written ``torch.func`` step (``vmap`` over tasks of ``grad``-adapted ``functional_call``,
   ``.backward()`` outside), written for any tableau from its ``A`` and ``b``. Models with normalization
-  layers compute their second-order support gradients under ``rkfast._norms.elementary_norms`` (as rkfast
+  layers compute their second-order support gradients under ``rkfast._norms.exact_norms`` (as rkfast
   does; first derivatives keep the fused norms): with PyTorch's fused batch norm the second-order
   vmap direction is wrong (0.6% relative on conv4; ``--contenders vmap-fused-norm`` shows the sanity check
   rejecting it);

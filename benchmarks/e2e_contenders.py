@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 import rkfast
-from rkfast._norms import elementary_norms
+from rkfast._norms import exact_norms
 from rkfast.optim import resolve_vectorize
 
 from e2e_peers import NotAvailable, load_peer
@@ -88,7 +88,7 @@ def _vmap_builder(exact_norms: bool) -> Callable[[Setup], Step]:
 
         # only a gradient that is itself differentiated (second-order support gradients) needs the exact
         # norms; first derivatives through the fused norms are exact under vmap, and faster
-        norms = elementary_norms if exact_norms and has_norm_layers(s.model) else contextlib.nullcontext
+        norms = exact_norms if exact_norms and has_norm_layers(s.model) else contextlib.nullcontext
 
         def task(theta: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
             def support_grad(point: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -6,7 +6,8 @@
 #
 #   check: build, the CUDA tests (kernels, capture), a short end-to-end smoke run (about 2 minutes on an H100)
 #   bench: build, the capture tests, the full end-to-end benchmark (every contender, workload, tableau and
-#          order), the kernel benchmark, profiles of one step (benchmarks/profile_step.py) (about 4 minutes)
+#          order), the kernel benchmark, the few-shot conv4 benchmark (exact-norm rows included), profiles
+#          of one step (benchmarks/profile_step.py) (about 6 minutes)
 #   all:   the CUDA tests and bench, without the smoke run (about 5 minutes)
 #
 # The peer libraries of the end-to-end benchmark (higher, torchopt + optree, learn2learn) are not on the GPU
@@ -59,6 +60,7 @@ if [ "$phase" = all ] || [ "$phase" = bench ]; then
     step 330 "end-to-end benchmark" python3 benchmarks/e2e.py --cell-budget 6 \
         --json "$OUT/e2e-$card.json" --png "$OUT/e2e-$card.png"
     step 120 "kernel benchmark" python3 benchmarks/kernels.py --target-s 0.1 --json "$OUT/kernels-$card.json"
+    step 120 "few-shot benchmark" python3 benchmarks/fewshot.py --device cuda --repeats 10 --json "$OUT/fewshot-$card.json"
     step 90 "profiles" bash -c "python3 benchmarks/profile_step.py --contenders vmap,rkfast --out $OUT/profile-$card.txt >/dev/null &&
         python3 benchmarks/profile_step.py --workload conv4 --contenders rkfast,rkfast-captured --out $OUT/profile-$card.txt >/dev/null"
 fi

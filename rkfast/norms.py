@@ -116,7 +116,7 @@ class PerStepBatchNorm(nn.Module):
     Input ``[B, C, *]`` is normalized per channel with the statistics of this call's batch (no running
     statistics are kept), then scaled and shifted by row ``min(current_step(), steps - 1)`` of ``weight``
     and ``bias``: stage ``j`` of a meta-step uses row ``j``, adaptation step ``n`` row ``n``, and steps
-    beyond the last row share it. Under ``vmap`` the second-order path computes it from elementary ops,
+    beyond the last row share it. Under ``vmap`` the second-order path computes it through group norm,
     as every batch norm (``rkfast._norms``), so its meta-gradients are exact.
 
     Args:

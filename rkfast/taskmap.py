@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._norms import elementary_norms
+from ._norms import exact_norms
 
 __all__ = [
     "Metrics",
@@ -185,8 +185,8 @@ class TaskMap:
 
     def _vmap(self, loss: TaskLoss, fn: Callable, shared: bool, differentiated_twice: bool) -> Callable:
         """``vmap(fn)``; with ``differentiated_twice`` (a gradient that is itself differentiated, i.e. the
-        second-order support gradients), norm layers run as elementary ops: the fused norms' backward has
-        a wrong batching rule for its own derivative (see rkfast._norms). Their first derivatives are
+        second-order support gradients), norm layers run through group norm (:func:`rkfast._norms.exact_norms`):
+        the fused batch norm's backward has a wrong batching rule for its own derivative. Their first derivatives are
         exact under vmap (the tests compare first-order directions through BatchNorm with the sequential
         path), so every other call keeps the fused, faster and leaner, kernels."""
         mapped = vmap(fn, in_dims=(None if shared else 0, 0), randomness=self.randomness)
@@ -194,7 +194,7 @@ class TaskMap:
             return mapped
 
         def run(params: Tensor, data: Any) -> Any:
-            with elementary_norms():
+            with exact_norms():
                 return mapped(params, data)
 
         return run

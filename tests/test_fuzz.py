@@ -521,9 +521,18 @@ def build_optimizer(model, outer, tableau, first_order, h, check_finite=True) ->
 
 def warm_up(opt: MetaOptimizer, batch: TaskBatch, steps: int, grads: str) -> None:
     """Some optimizer state and ``.grad`` to protect: ``steps`` valid steps, then ``.grad`` kept, zeroed
-    or set to ``None``."""
-    for k in range(steps):
-        opt.step(batch if k % 2 == 0 else TaskBatch(*(t.flip(0) for t in batch)))
+    or set to ``None``.
+
+    A drawn problem can diverge under plain SGD (a 0-d output scale and large targets took the
+    parameters to 1e12 in two steps, and the next step's query loss to inf): such an example is rejected,
+    since the tests below need an optimizer that still works on ``batch`` after the warm-up."""
+    try:
+        for k in range(steps):
+            opt.step(batch if k % 2 == 0 else TaskBatch(*(t.flip(0) for t in batch)))
+        if steps:
+            opt.compute(batch)  # leaves .grad set, as the last step did
+    except NonFiniteLossError:
+        assume(False)
     if grads != "kept":
         opt.zero_grad(set_to_none=grads == "none")
 
