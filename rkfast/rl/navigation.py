@@ -1,0 +1,197 @@
+"""2-D point navigation (Finn et al. 2017, section 5.3), vectorized over tasks, episodes and time steps.
+
+A point starts at the origin of the plane and must reach a goal drawn uniformly from a square; each task is
+one goal. An action is a displacement, clipped elementwise to ``[-max_action, max_action]``; the reward of a
+step is minus the Euclidean distance from the new position to the goal.
+
+Finn et al. describe the reward as the negative *squared* distance and end an episode once the point is
+within 0.01 of the goal. Here the reward is minus the distance and every episode lasts exactly ``horizon``
+steps: with no early termination every episode of a batch has the same length, so rollouts are dense
+``[T, E, H, ...]`` tensors without masks (a point that has arrived keeps collecting rewards close to 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["PointNavigation", "Trajectories"]
+
+
+class Trajectories(NamedTuple):
+    """Rollouts of ``E`` episodes of ``H`` steps in each of ``T`` tasks.
+
+    Attributes:
+        observations: ``[T, E, H, 2]``, the position before each action.
+        actions: ``[T, E, H, 2]``, the actions as the policy sampled them, *not* clipped: log-probabilities
+            of the policy are computed on these.
+        rewards: ``[T, E, H]``, minus the distance to the goal after each step.
+        final_positions: ``[T, E, 2]``, the position after the last step (``None`` when not recorded).
+    """
+
+    observations: Tensor
+    actions: Tensor
+    rewards: Tensor
+    final_positions: Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the number of tasks."""
+        return int(self.rewards.shape[0])
+
+    @property
+    def episodes(self) -> int:
+        """``E``, the number of episodes per task."""
+        return int(self.rewards.shape[1])
+
+    @property
+    def horizon(self) -> int:
+        """``H``, the number of steps per episode."""
+        return int(self.rewards.shape[2])
+
+    def returns(self) -> Tensor:
+        """The undiscounted return of every episode.
+
+        Returns:
+            ``[T, E]``, the sum of the rewards over time.
+        """
+        return self.rewards.sum(dim=-1)
+
+
+def _check_real(name: str, value: object) -> float:
+    """``value`` as a finite float, or a ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"PointNavigation.{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PointNavigation:
+    """The 2-D point navigation environment; stateless, so one instance serves every task and episode.
+
+    Every episode starts at the origin and lasts exactly ``horizon`` steps (no early termination).
+
+    Attributes:
+        horizon: ``H``, the number of steps of every episode.
+        max_action: actions are clipped elementwise to ``[-max_action, max_action]``.
+        goal_low, goal_high: goals are drawn uniformly from ``[goal_low, goal_high]^2``.
+
+    Raises:
+        ValueError: a ``horizon`` that is not a positive integer, a ``max_action`` that is not a positive
+            finite number, or goal bounds that are not finite with ``goal_low < goal_high``.
+    """
+
+    horizon: int = 100
+    max_action: float = 0.1
+    goal_low: float = -0.5
+    goal_high: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ValueError(f"PointNavigation.horizon must be a positive integer, got {self.horizon!r}")
+        if _check_real("max_action", self.max_action) <= 0:
+            raise ValueError(f"PointNavigation.max_action must be positive, got {self.max_action!r}")
+        low, high = _check_real("goal_low", self.goal_low), _check_real("goal_high", self.goal_high)
+        if not low < high:
+            raise ValueError(f"PointNavigation.goal_low must be below goal_high, got goal_low={self.goal_low!r} "
+                             f"and goal_high={self.goal_high!r}")
+
+    def sample_goals(
+        self,
+        num_tasks: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Draw one goal per task, uniformly from ``[goal_low, goal_high]^2``.
+
+        The goals are drawn in float64 on the generator's device (the CPU without a generator), then
+        converted and moved: the same generator state gives the same goals on every device, and goals of
+        another ``dtype`` are the same goals rounded.
+
+        Args:
+            num_tasks: ``T``, the number of goals.
+            generator: the random number generator; ``None`` uses torch's global one.
+            device: where the goals go.
+            dtype: a floating point dtype for the goals.
+
+        Returns:
+            ``[T, 2]`` goals.
+
+        Raises:
+            ValueError: a ``num_tasks`` that is not a positive integer, or a ``dtype`` that is not floating point.
+        """
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        unit = torch.rand((num_tasks, 2), generator=generator, dtype=torch.float64, device=draw_device)
+        goals = self.goal_low + (self.goal_high - self.goal_low) * unit
+        return goals.to(device=device, dtype=dtype)
+
+    def step(self, positions: Tensor, actions: Tensor, goals: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of any batch of points; the three inputs broadcast against each other.
+
+        Args:
+            positions: ``[..., 2]``, the positions before the step.
+            actions: ``[..., 2]``, the actions, clipped here to ``[-max_action, max_action]``.
+            goals: ``[..., 2]``, the goals.
+
+        Returns:
+            ``(new_positions [..., 2], rewards [...])``: ``positions + clipped actions``, and minus the
+            Euclidean distance from the new positions to the goals.
+        """
+        new_positions = positions + actions.clamp(-self.max_action, self.max_action)
+        rewards = -torch.linalg.vector_norm(new_positions - goals, dim=-1)
+        return new_positions, rewards
+
+    def rollout(self, act: Callable[[Tensor], Tensor], goals: Tensor, episodes: int) -> Trajectories:
+        """Run ``episodes`` episodes in each task, all at once, starting at the origin.
+
+        The only Python loop is over the ``horizon`` time steps; tasks and episodes are one batch. Runs
+        under ``torch.no_grad()``: rollouts are data, and the policy's log-probabilities are computed
+        afterwards from the recorded observations and actions.
+
+        Args:
+            act: ``act(observations [T, E, 2]) -> actions [T, E, 2]``, called once per time step (e.g.
+                :func:`rkfast.rl.policy.batched_actor`).
+            goals: ``[T, 2]``, one goal per task; the rollout's dtype and device are those of ``goals``.
+            episodes: ``E``, the number of episodes per task.
+
+        Returns:
+            The :class:`Trajectories`, ``[T, E, H, ...]``.
+
+        Raises:
+            ValueError: ``goals`` that are not a floating point ``[T, 2]`` tensor, an ``episodes`` that is not a
+                positive integer, or actions of another shape than ``[T, E, 2]``.
+        """
+        if goals.dim() != 2 or goals.shape[1] != 2 or goals.shape[0] == 0 or not goals.is_floating_point():
+            raise ValueError(f"goals must be a floating point [T, 2] tensor with T >= 1, got shape "
+                             f"{tuple(goals.shape)} and dtype {goals.dtype}")
+        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+            raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+        num_tasks, horizon = goals.shape[0], self.horizon
+        like = dict(dtype=goals.dtype, device=goals.device)
+        with torch.no_grad():
+            observations = torch.empty((num_tasks, episodes, horizon, 2), **like)
+            actions = torch.empty((num_tasks, episodes, horizon, 2), **like)
+            rewards = torch.empty((num_tasks, episodes, horizon), **like)
+            episode_goals = goals[:, None, :]
+            positions = torch.zeros((num_tasks, episodes, 2), **like)
+            for time in range(horizon):
+                observations[:, :, time] = positions
+                # the actor gets its own copy: one that keeps or edits its input cannot alter the record
+                step_actions = act(positions.clone())
+                if step_actions.shape != positions.shape:
+                    raise ValueError(f"act must return actions of shape {tuple(positions.shape)} [T, E, 2], "
+                                     f"got {tuple(step_actions.shape)}")
+                actions[:, :, time] = step_actions
+                positions, rewards[:, :, time] = self.step(positions, actions[:, :, time], episode_goals)
+        return Trajectories(observations, actions, rewards, positions)
