@@ -66,7 +66,7 @@ def toy():
 
 def test_registry_lookup_and_errors(toy):
     assert tasks.get_domain("toy-blobs") is toy and "sinusoid" in tasks.domains()
-    with pytest.raises(ValueError, match="unknown task domain 'nope'; registered: sinusoid, omniglot, miniimagenet, glyphs, toy-blobs"):
+    with pytest.raises(ValueError, match="unknown task domain 'nope'; registered: sinusoid, omniglot, miniimagenet, glyphs, navigation, halfcheetah-dir, halfcheetah-vel, toy-blobs"):
         tasks.get_domain("nope")
     with pytest.raises(ValueError, match="already registered"):
         tasks.register(toy_domain())

@@ -13,7 +13,7 @@ import rkfast
 from rkfast.cli import main
 from rkfast.rl.baseline import discounted_returns
 from rkfast.tasks import get_domain
-from rkfast.tasks.navigation import NavigationTasks, PolicyLoss, rollout_data
+from rkfast.tasks.rollouts import PolicyLoss, RolloutTasks, rollout_data
 from rkfast.rl.navigation import PointNavigation
 from rkfast.rl.policy import GaussianMLPPolicy
 from rkfast.train import TrainConfig, resume_config, train
@@ -25,12 +25,12 @@ SMALL_FLAGS = ["--episodes", "3", "--horizon", "6", "--hidden", "8", "--meta-bat
                "--test-tasks", "4", "--quiet"]
 
 
-def small_tasks(dtype: torch.dtype = torch.float64) -> NavigationTasks:
+def small_tasks(dtype: torch.dtype = torch.float64) -> RolloutTasks:
     policy = GaussianMLPPolicy(2, 2, hidden=(8, 8)).to(dtype)
-    return NavigationTasks(PointNavigation(horizon=6), policy, episodes=3, discount=0.9)
+    return RolloutTasks(PointNavigation(horizon=6), policy, episodes=3, discount=0.9)
 
 
-def optimizer(tasks: NavigationTasks, tableau: str, first_order: bool, vectorize: bool) -> rkfast.MetaOptimizer:
+def optimizer(tasks: RolloutTasks, tableau: str, first_order: bool, vectorize: bool) -> rkfast.MetaOptimizer:
     torch.manual_seed(0)
     model = GaussianMLPPolicy(2, 2, hidden=(8, 8)).to(tasks.policy_dtype)
     return rkfast.MetaOptimizer(model, None, tableau=tableau, inner_lr=0.1, outer="sgd", lr=0.1,

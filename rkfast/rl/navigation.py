@@ -90,6 +90,8 @@ class PointNavigation:
     max_action: float = 0.1
     goal_low: float = -0.5
     goal_high: float = 0.5
+    obs_dim = 2  # the position
+    act_dim = 2  # the velocity
 
     def __post_init__(self) -> None:
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
@@ -152,7 +154,14 @@ class PointNavigation:
         rewards = -torch.linalg.vector_norm(new_positions - goals, dim=-1)
         return new_positions, rewards
 
-    def rollout(self, act: Callable[[Tensor], Tensor], goals: Tensor, episodes: int) -> Trajectories:
+    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None, *,
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        """The tasks' parameters, ``[T, 2]``: their goals (:meth:`sample_goals`; the
+        :class:`~rkfast.rl.env.TaskEnvironment` interface)."""
+        return self.sample_goals(num_tasks, generator, device=device, dtype=dtype)
+
+    def rollout(self, act: Callable[[Tensor], Tensor], goals: Tensor, episodes: int,
+                seed: int | None = None) -> Trajectories:
         """Run ``episodes`` episodes in each task, all at once, starting at the origin.
 
         The only Python loop is over the ``horizon`` time steps; tasks and episodes are one batch. Runs
@@ -164,6 +173,8 @@ class PointNavigation:
                 :func:`rkfast.rl.policy.batched_actor`).
             goals: ``[T, 2]``, one goal per task; the rollout's dtype and device are those of ``goals``.
             episodes: ``E``, the number of episodes per task.
+            seed: unused: the dynamics have no randomness (the :class:`~rkfast.rl.env.TaskEnvironment`
+                interface, whose simulators may draw initial states).
 
         Returns:
             The :class:`Trajectories`, ``[T, E, H, ...]``.

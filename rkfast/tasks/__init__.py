@@ -7,7 +7,9 @@ Adding a domain = one module here that builds a :class:`~rkfast.tasks.registry.D
 from .registry import Defaults, Domain, Metric, Option, TaskSampler, domains, get_domain, register, unregister
 from .sinusoid import SinusoidTasks
 from .fewshot import EpisodeSampler  # noqa: E402  (registers omniglot, miniimagenet, glyphs)
-from .navigation import NavigationTasks  # noqa: E402  (registers navigation)
+from .rollouts import RolloutTasks
+from .navigation import NAVIGATION  # noqa: E402  (registers navigation)
+from .halfcheetah import HALFCHEETAH_DIRECTION, HALFCHEETAH_VELOCITY  # noqa: E402  (registers halfcheetah-dir, -vel)
 
-__all__ = ["SinusoidTasks", "EpisodeSampler", "NavigationTasks", "Domain", "Option", "Metric", "Defaults", "TaskSampler", "register", "unregister",
+__all__ = ["SinusoidTasks", "EpisodeSampler", "RolloutTasks", "Domain", "Option", "Metric", "Defaults", "TaskSampler", "register", "unregister",
            "get_domain", "domains"]
