@@ -8,14 +8,40 @@ step (MuJoCo through gymnasium).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import math
+from numbers import Real
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from .navigation import Trajectories
+if TYPE_CHECKING:
+    from .navigation import Trajectories
 
-__all__ = ["TaskEnvironment"]
+__all__ = ["TaskEnvironment", "unit_task_draws", "finite_field"]
+
+
+def finite_field(owner: str, name: str, value: object) -> float:
+    """An environment's field ``value`` as a finite float, or a ValueError naming ``owner.name``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{owner}.{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def unit_task_draws(num_tasks: int, width: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+    """``[num_tasks, width]`` float64 draws from U[0, 1) on the generator's device, from which an environment
+    makes its task parameters (drawn in float64 so that tasks in another dtype are the same tasks rounded).
+
+    Raises:
+        ValueError: a ``num_tasks`` that is not a positive integer, or a ``dtype`` (of the tasks to be made)
+            that is not floating point.
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand((num_tasks, width), generator=generator, dtype=torch.float64, device=draw_device)
 
 
 class TaskEnvironment(Protocol):

@@ -22,14 +22,14 @@ gymnasium and mujoco are an optional extra (``pip install 'rkfast[rl]'``); they 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .env import finite_field, unit_task_draws
 
 from ..data.images import DataError
 from .navigation import Trajectories
@@ -48,13 +48,6 @@ _EXTRA_HINT = "needs the optional MuJoCo extra: pip install 'rkfast[rl]' (gymnas
 # T tasks and E episodes uses the first T * E of the list, which grows when a rollout needs more. Each
 # rollout resets the ones it uses, so what earlier rollouts did to them does not matter.
 _SIMULATORS: dict[str, list[Any]] = {}
-
-
-def _check_real(name: str, value: object) -> float:
-    """``value`` as a finite float, or a ValueError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"HalfCheetahTasks.{name} must be a finite real number, got {value!r}")
-    return float(value)
 
 
 def _import_gymnasium() -> Any:
@@ -151,7 +144,8 @@ class HalfCheetahTasks:
                              f"got {self.kind!r}")
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
             raise ValueError(f"HalfCheetahTasks.horizon must be a positive integer, got {self.horizon!r}")
-        low, high = _check_real("velocity_low", self.velocity_low), _check_real("velocity_high", self.velocity_high)
+        low = finite_field("HalfCheetahTasks", "velocity_low", self.velocity_low)
+        high = finite_field("HalfCheetahTasks", "velocity_high", self.velocity_high)
         if not low < high:
             raise ValueError(f"HalfCheetahTasks.velocity_low must be below velocity_high, got "
                              f"velocity_low={self.velocity_low!r} and velocity_high={self.velocity_high!r}")
@@ -192,12 +186,7 @@ class HalfCheetahTasks:
         Raises:
             ValueError: a ``num_tasks`` that is not a positive integer, or a ``dtype`` that is not floating point.
         """
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        unit = torch.rand((num_tasks, 1), generator=generator, dtype=torch.float64, device=draw_device)
+        unit = unit_task_draws(num_tasks, 1, generator, dtype)
         if self.kind == "direction":
             tasks = torch.where(unit < 0.5, -1.0, 1.0)
         else:

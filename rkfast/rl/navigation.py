@@ -12,13 +12,13 @@ steps: with no early termination every episode of a batch has the same length, s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+
+from .env import finite_field, unit_task_draws
 
 __all__ = ["PointNavigation", "Trajectories"]
 
@@ -31,7 +31,8 @@ class Trajectories(NamedTuple):
         actions: ``[T, E, H, 2]``, the actions as the policy sampled them, *not* clipped: log-probabilities
             of the policy are computed on these.
         rewards: ``[T, E, H]``, minus the distance to the goal after each step.
-        final_positions: ``[T, E, 2]``, the position after the last step (``None`` when not recorded).
+        final_positions: ``[T, E, ...]``, the position after the last step (navigation: ``[T, E, 2]``;
+            half-cheetah: the torso's x, ``[T, E, 1]``; ``None`` when not recorded).
     """
 
     observations: Tensor
@@ -63,13 +64,6 @@ class Trajectories(NamedTuple):
         return self.rewards.sum(dim=-1)
 
 
-def _check_real(name: str, value: object) -> float:
-    """``value`` as a finite float, or a ValueError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"PointNavigation.{name} must be a finite real number, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class PointNavigation:
     """The 2-D point navigation environment; stateless, so one instance serves every task and episode.
@@ -96,9 +90,10 @@ class PointNavigation:
     def __post_init__(self) -> None:
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
             raise ValueError(f"PointNavigation.horizon must be a positive integer, got {self.horizon!r}")
-        if _check_real("max_action", self.max_action) <= 0:
+        if finite_field("PointNavigation", "max_action", self.max_action) <= 0:
             raise ValueError(f"PointNavigation.max_action must be positive, got {self.max_action!r}")
-        low, high = _check_real("goal_low", self.goal_low), _check_real("goal_high", self.goal_high)
+        low = finite_field("PointNavigation", "goal_low", self.goal_low)
+        high = finite_field("PointNavigation", "goal_high", self.goal_high)
         if not low < high:
             raise ValueError(f"PointNavigation.goal_low must be below goal_high, got goal_low={self.goal_low!r} "
                              f"and goal_high={self.goal_high!r}")
@@ -129,12 +124,7 @@ class PointNavigation:
         Raises:
             ValueError: a ``num_tasks`` that is not a positive integer, or a ``dtype`` that is not floating point.
         """
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        unit = torch.rand((num_tasks, 2), generator=generator, dtype=torch.float64, device=draw_device)
+        unit = unit_task_draws(num_tasks, 2, generator, dtype)
         goals = self.goal_low + (self.goal_high - self.goal_low) * unit
         return goals.to(device=device, dtype=dtype)
 

@@ -21,8 +21,9 @@ import torch
 
 from ..rl.halfcheetah import HalfCheetahTasks
 from ..rl.policy import GaussianMLPPolicy
-from .registry import Defaults, Domain, Metric, Option, register
-from .rollouts import RolloutTasks
+from .registry import Defaults, Domain, register
+from .rollouts import (RETURN, RolloutTasks, describe_rollout_test, rollout_options,
+                       rollout_test_protocol)
 
 __all__ = ["HALFCHEETAH_DIRECTION", "HALFCHEETAH_VELOCITY"]
 
@@ -53,51 +54,20 @@ _DEFAULTS = Defaults(
            "Adam outside (instead of TRPO) at 1e-2; 20 meta-steps keep a default run to CPU minutes (the "
            "published runs trained for hundreds of TRPO iterations)")
 
-_OPTIONS = (
-    Option("episodes", 20, "episodes per task and stage (support and query each)"),
-    Option("horizon", 200, "time steps per episode"),
-    Option("discount", 0.99, "discount of the returns (the baseline fits the discounted reward-to-go)"),
-    Option("hidden", 100, "units of each of the policy's two hidden layers"),
-)
-
-_METRICS = (Metric("return", "return", "average return", "return", higher_is_better=True),)
+def _domain(name: str, kind: str, description: str) -> Domain:
+    return register(Domain(
+        name=name, description=description, make_tasks=_tasks_of(kind), make_model=_policy, loss_fn=None,
+        metrics=(RETURN,), defaults=_DEFAULTS, options=rollout_options(horizon=200),
+        describe_test=describe_rollout_test, test_protocol=rollout_test_protocol, plots={},
+    ))
 
 
-def _describe_test(options: Mapping[str, Any]) -> str:
-    return f"{options['episodes']} episodes of {options['horizon']} steps per task and adaptation step"
+HALFCHEETAH_DIRECTION = _domain(
+    "halfcheetah-dir", "direction",
+    "MuJoCo half-cheetah (Finn et al. 2017; needs rkfast[rl]): run forward or backward, reward "
+    "direction * velocity - 0.05 |action|^2, horizon 200; Gaussian MLP policy, DiCE + linear baseline")
 
-
-def _test_protocol(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {"episodes": options["episodes"], "horizon": options["horizon"], "discount": options["discount"]}
-
-
-HALFCHEETAH_DIRECTION = register(Domain(
-    name="halfcheetah-dir",
-    description="MuJoCo half-cheetah (Finn et al. 2017; needs rkfast[rl]): run forward or backward, reward "
-                "direction * velocity - 0.05 |action|^2, horizon 200; Gaussian MLP policy, DiCE + linear baseline",
-    make_tasks=_tasks_of("direction"),
-    make_model=_policy,
-    loss_fn=None,
-    metrics=_METRICS,
-    defaults=_DEFAULTS,
-    options=_OPTIONS,
-    describe_test=_describe_test,
-    test_protocol=_test_protocol,
-    plots={},
-))
-
-HALFCHEETAH_VELOCITY = register(Domain(
-    name="halfcheetah-vel",
-    description="MuJoCo half-cheetah (Finn et al. 2017; needs rkfast[rl]): run at a target velocity ~ U[0, 2], "
-                "reward -|velocity - target| - 0.05 |action|^2, horizon 200; Gaussian MLP policy, DiCE + linear "
-                "baseline",
-    make_tasks=_tasks_of("velocity"),
-    make_model=_policy,
-    loss_fn=None,
-    metrics=_METRICS,
-    defaults=_DEFAULTS,
-    options=_OPTIONS,
-    describe_test=_describe_test,
-    test_protocol=_test_protocol,
-    plots={},
-))
+HALFCHEETAH_VELOCITY = _domain(
+    "halfcheetah-vel", "velocity",
+    "MuJoCo half-cheetah (Finn et al. 2017; needs rkfast[rl]): run at a target velocity ~ U[0, 2], "
+    "reward -|velocity - target| - 0.05 |action|^2, horizon 200; Gaussian MLP policy, DiCE + linear baseline")

@@ -16,8 +16,8 @@ import torch
 
 from ..rl.navigation import PointNavigation
 from ..rl.policy import GaussianMLPPolicy, batched_actor
-from .registry import Defaults, Domain, Metric, Option, register
-from .rollouts import RolloutTasks
+from .registry import Defaults, Domain, register
+from .rollouts import RETURN, RolloutTasks, describe_rollout_test, rollout_options, rollout_test_protocol
 
 if TYPE_CHECKING:
     from ..train import RunResult
@@ -89,18 +89,13 @@ NAVIGATION = register(Domain(
     make_tasks=_make_tasks,
     make_model=_policy,
     loss_fn=None,
-    metrics=(Metric("return", "return", "average return", "return", higher_is_better=True),),
+    metrics=(RETURN,),
     defaults=Defaults(iterations=500, meta_batch=20, inner_lr=0.1, lr=1e-2, eval_every=50, eval_tasks=40,
                       test_tasks=40, test_steps=(1, 2, 3), eval_steps=(1,), eval_chunk=40,
                       source="Finn et al. 2017: 20 tasks per meta-batch, 20 episodes per task, inner step 0.1; "
                              "Adam outside (instead of TRPO) at 1e-2"),
-    options=(
-        Option("episodes", 20, "episodes per task and stage (support and query each)"),
-        Option("horizon", 100, "time steps per episode"),
-        Option("discount", 0.99, "discount of the returns (the baseline fits the discounted reward-to-go)"),
-        Option("hidden", 100, "units of each of the policy's two hidden layers"),
-    ),
-    describe_test=lambda o: f"{o['episodes']} episodes of {o['horizon']} steps per goal and adaptation step",
-    test_protocol=lambda o: {"episodes": o["episodes"], "horizon": o["horizon"], "discount": o["discount"]},
+    options=rollout_options(horizon=100),
+    describe_test=describe_rollout_test,
+    test_protocol=rollout_test_protocol,
     plots={"trajectories.png": plot_trajectories},
 ))

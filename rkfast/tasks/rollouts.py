@@ -25,8 +25,31 @@ from ..rl.dice import dice_objective
 from ..rl.env import TaskEnvironment
 from ..rl.navigation import Trajectories
 from ..rl.policy import batched_actor, gaussian_log_prob
+from .registry import Metric, Option
 
-__all__ = ["RolloutTasks", "StageRollouts", "PolicyLoss", "rollout_data"]
+__all__ = ["RolloutTasks", "StageRollouts", "PolicyLoss", "rollout_data", "RETURN", "rollout_options",
+           "describe_rollout_test", "rollout_test_protocol"]
+
+RETURN = Metric("return", "return", "average return", "return", higher_is_better=True)
+"""The metric of every reinforcement-learning domain: the average undiscounted return of fresh rollouts."""
+
+
+def rollout_options(horizon: int) -> tuple[Option, ...]:
+    """The options every reinforcement-learning domain offers (``horizon``: the domain's default)."""
+    return (
+        Option("episodes", 20, "episodes per task and stage (support and query each)"),
+        Option("horizon", horizon, "time steps per episode"),
+        Option("discount", 0.99, "discount of the returns (the baseline fits the discounted reward-to-go)"),
+        Option("hidden", 100, "units of each of the policy's two hidden layers"),
+    )
+
+
+def describe_rollout_test(options: Mapping[str, Any]) -> str:
+    return f"{options['episodes']} episodes of {options['horizon']} steps per task and adaptation step"
+
+
+def rollout_test_protocol(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {"episodes": options["episodes"], "horizon": options["horizon"], "discount": options["discount"]}
 
 
 def _stream_seed(seed: int, *keys: int) -> int:
