@@ -6,7 +6,7 @@
 #
 #   check: build, the CUDA tests (kernels, capture), a short end-to-end smoke run (about 2 minutes on an H100)
 #   bench: build, the capture tests, the full end-to-end benchmark (every contender, workload, tableau and
-#          order), the kernel benchmark, the few-shot conv4 benchmark (exact-norm rows included), profiles
+#          order), the kernel benchmark, the few-shot conv4 and navigation benchmarks, profiles
 #          of one step (benchmarks/profile_step.py) (about 6 minutes)
 #   all:   the CUDA tests and bench, without the smoke run (about 5 minutes)
 #
@@ -61,6 +61,7 @@ if [ "$phase" = all ] || [ "$phase" = bench ]; then
         --json "$OUT/e2e-$card.json" --png "$OUT/e2e-$card.png"
     step 120 "kernel benchmark" python3 benchmarks/kernels.py --target-s 0.1 --json "$OUT/kernels-$card.json"
     step 120 "few-shot benchmark" python3 benchmarks/fewshot.py --device cuda --repeats 10 --json "$OUT/fewshot-$card.json"
+    step 90 "navigation benchmark" python3 benchmarks/navigation.py --device cuda --json "$OUT/navigation-$card.json"
     step 90 "profiles" bash -c "python3 benchmarks/profile_step.py --contenders vmap,rkfast --out $OUT/profile-$card.txt >/dev/null &&
         python3 benchmarks/profile_step.py --workload conv4 --contenders rkfast,rkfast-captured --out $OUT/profile-$card.txt >/dev/null"
 fi
