@@ -136,7 +136,8 @@ def run(w: Workload, repeats: int, device: torch.device) -> list[dict]:
             loop()
         flops = counter.get_total_flops()
         timings = {"hand-written loop": median_ms(loop, repeats, warmup=1, device=device),
-                   "hand-written vmap": median_ms(hand_vmap(model, batch, w.inner_lr, steps), repeats, warmup=1, device=device)}
+                   "hand-written vmap": median_ms(hand_vmap(model, batch, w.inner_lr, steps), repeats, warmup=1,
+                                                  device=device)}
         contenders = (("rkfast (auto)", "auto", exact_norms), ("rkfast vmap", True, exact_norms),
                       ("rkfast vmap, elementary norms", True, reference_norms))
         for label, vectorize, norms in contenders:
@@ -173,9 +174,10 @@ def norm_rows(w: Workload, repeats: int, device: torch.device) -> list[dict]:
 
         return step
 
-    timings = {"exact (group norm)": median_ms(second_order(exact_norms), repeats, warmup=1, device=device),
-               "elementary ops (reference)": median_ms(second_order(reference_norms), repeats, warmup=1, device=device),
-               "fused batch_norm (wrong under vmap)": median_ms(second_order(contextlib.nullcontext), repeats, warmup=1, device=device)}
+    implementations = {"exact (group norm)": exact_norms, "elementary ops (reference)": reference_norms,
+                       "fused batch_norm (wrong under vmap)": contextlib.nullcontext}
+    timings = {name: median_ms(second_order(norms), repeats, warmup=1, device=device)
+               for name, norms in implementations.items()}
     base = timings["elementary ops (reference)"]
     return [{"workload": w.name, "shape": list(x.shape), "impl": impl, "ms": ms, "x_elementary": ms / base}
             for impl, ms in timings.items()]

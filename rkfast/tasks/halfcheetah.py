@@ -8,7 +8,7 @@ the optional extra ``pip install 'rkfast[rl]'``):
 - ``halfcheetah-vel``: run at a target velocity ``~ U[0, 2]``.
 
 Both: a Gaussian MLP policy (2 x 100, ReLU, learned log-std), 40 tasks per meta-batch, 20 episodes of 200
-steps per task and stage, inner step 0.1 (Finn et al. 2017), Adam outside at 1e-2; meta-test on held-out
+steps per task and stage, inner step 0.1 (Finn et al. 2017), Adam outside at 3e-3; meta-test on held-out
 tasks with fresh rollouts after each adaptation step. Without the extra the domains are still registered;
 making their tasks raises a :class:`~rkfast.data.images.DataError` that names the extra.
 """
@@ -48,11 +48,12 @@ def _tasks_of(kind: str):
 
 
 _DEFAULTS = Defaults(
-    iterations=20, meta_batch=40, inner_lr=0.1, lr=1e-2, eval_every=10, eval_tasks=20, test_tasks=40,
+    iterations=20, meta_batch=40, inner_lr=0.1, lr=3e-3, eval_every=10, eval_tasks=20, test_tasks=40,
     test_steps=(1, 2, 3), eval_steps=(1,), eval_chunk=40,
     source="Finn et al. 2017: 40 tasks per meta-batch, 20 episodes of 200 steps per task, inner step 0.1; "
-           "Adam outside (instead of TRPO) at 1e-2; 20 meta-steps keep a default run to CPU minutes (the "
-           "published runs trained for hundreds of TRPO iterations)")
+           "Adam outside (instead of TRPO) at 3e-3, as navigation; 20 meta-steps keep a default run to CPU "
+           "minutes (the published runs trained for hundreds of TRPO iterations)")
+
 
 def _domain(name: str, kind: str, description: str) -> Domain:
     return register(Domain(
