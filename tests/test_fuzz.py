@@ -268,6 +268,9 @@ def test_adapt_batched_equals_sequential(problem, step, steps):
     seq = evaluate(model, F.mse_loss, theta, batch, step, steps, vectorize=False, keep_params=True)
     assert vec.steps == seq.steps == (0, *sorted(set(steps)))
     assume(bool(torch.isfinite(seq.losses).all()))
+    # a diverging adaptation (seen: float32, 4 steps of 0.3 took the parameters from ~3 to 1.6e6) amplifies
+    # the two paths' different roundings without bound: the comparison is only meaningful where it stays put
+    assume(float(seq.params.abs().max()) <= 100 * max(1.0, float(theta.abs().max())))
     rtol = META_RTOL[theta.dtype]
     assert_close_scaled(vec.losses, seq.losses, rtol, what="losses")
     assert_close_scaled(vec.params, seq.params, rtol, float(theta.abs().max()), "params")
