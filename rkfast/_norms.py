@@ -61,7 +61,8 @@ def _elementary(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
 
 
 def _group_norm(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
-    kept = [d for d in range(x.dim()) if d not in {d % x.dim() for d in dims}]
+    normalized = {d % x.dim() for d in dims}
+    kept = [d for d in range(x.dim()) if d not in normalized]
     if x.numel() == 0:
         return _elementary(x, dims, eps)
     if kept == [1]:  # batch norm: statistics per channel over the batch and space

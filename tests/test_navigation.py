@@ -42,7 +42,7 @@ def test_the_same_generator_replays_goals_and_every_stages_rollouts():
     a = tasks.sample(4, torch.Generator().manual_seed(3))
     b = tasks.sample(4, torch.Generator().manual_seed(3))
     params = torch.randn(4, tasks.layout.numel, dtype=torch.float64) * 0.1
-    assert torch.equal(a.support_data.goals, b.support_data.goals)
+    assert torch.equal(a.support_data.task_params, b.support_data.task_params)
     for stage in (0, 1, 2):
         first, again = a.support_data(stage, params), b.support_data(stage, params)
         assert all(torch.equal(first[k], again[k]) for k in first)

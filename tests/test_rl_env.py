@@ -26,14 +26,14 @@ def seeded(seed: int) -> torch.Generator:
 
 def test_goals_shape_range_and_determinism():
     env = PointNavigation(goal_low=-0.25, goal_high=0.75)
-    goals = env.sample_goals(500, seeded(3))
+    goals = env.sample_tasks(500, seeded(3))
     assert goals.shape == (500, 2) and goals.dtype == torch.float32
     assert goals.min() >= -0.25 and goals.max() <= 0.75
     # uniform over the square: both halves of each coordinate are hit
     assert (goals < 0.25).any(0).all() and (goals > 0.25).any(0).all()
-    assert torch.equal(env.sample_goals(500, seeded(3)), goals)
-    assert not torch.equal(env.sample_goals(500, seeded(4)), goals)
-    as_f64 = env.sample_goals(500, seeded(3), dtype=f64)
+    assert torch.equal(env.sample_tasks(500, seeded(3)), goals)
+    assert not torch.equal(env.sample_tasks(500, seeded(4)), goals)
+    as_f64 = env.sample_tasks(500, seeded(3), dtype=f64)
     assert as_f64.dtype == f64 and torch.equal(as_f64.float(), goals)
 
 
@@ -52,7 +52,7 @@ def test_step_clips_actions_and_rewards_minus_distance_after_the_move():
 def test_rollout_matches_a_loop_over_tasks_and_episodes():
     env = PointNavigation(horizon=7, max_action=0.1)
     num_tasks, episodes = 3, 4
-    goals = env.sample_goals(num_tasks, seeded(1), dtype=f64)
+    goals = env.sample_tasks(num_tasks, seeded(1), dtype=f64)
     offsets = 0.2 * torch.randn(episodes, 2, dtype=f64)  # makes episodes differ; often beyond max_action
 
     def act(observations):  # deterministic, batched: [T, E, 2]
@@ -86,7 +86,7 @@ def test_rollout_matches_a_loop_over_tasks_and_episodes():
 
 def test_moving_to_the_goal_beats_standing_still():
     env = PointNavigation(horizon=20)
-    goals = env.sample_goals(8, seeded(5))
+    goals = env.sample_tasks(8, seeded(5))
     goals = goals + 0.05 * torch.sign(goals)  # no goal at the origin, where standing still is optimal too
     to_goal = env.rollout(lambda obs: goals[:, None, :] - obs, goals, 2)
     still = env.rollout(torch.zeros_like, goals, 2)
@@ -105,7 +105,7 @@ def test_rollout_rejects_bad_inputs():
     with pytest.raises(ValueError, match="act must return"):
         env.rollout(lambda obs: obs[..., :1], goals, 2)
     with pytest.raises(ValueError, match="num_tasks"):
-        env.sample_goals(0)
+        env.sample_tasks(0)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -202,7 +202,7 @@ def test_policy_rollout_is_deterministic_given_the_generators():
     layout, rows = perturbed_rows(policy, 2)
 
     def run(seed):
-        goals = env.sample_goals(2, seeded(seed))
+        goals = env.sample_tasks(2, seeded(seed))
         return env.rollout(batched_actor(policy, layout, rows, seeded(seed + 1)), goals, 3)
 
     first, again, other = run(0), run(0), run(1)

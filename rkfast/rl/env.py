@@ -18,7 +18,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .navigation import Trajectories
 
-__all__ = ["TaskEnvironment", "unit_task_draws", "finite_field"]
+__all__ = ["TaskEnvironment", "unit_task_draws", "finite_field", "check_rollout_args"]
 
 
 def finite_field(owner: str, name: str, value: object) -> float:
@@ -26,6 +26,20 @@ def finite_field(owner: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ValueError(f"{owner}.{name} must be a finite real number, got {value!r}")
     return float(value)
+
+
+def check_rollout_args(tasks: Tensor, width: int, episodes: object, name: str = "tasks") -> None:
+    """What every :meth:`TaskEnvironment.rollout` checks first: ``tasks`` (called ``name`` in the message)
+    is a floating point ``[T, width]`` tensor with ``T >= 1``, and ``episodes`` a positive integer.
+
+    Raises:
+        ValueError: naming the argument and what it is.
+    """
+    if tasks.dim() != 2 or tasks.shape[1] != width or tasks.shape[0] == 0 or not tasks.is_floating_point():
+        raise ValueError(f"{name} must be a floating point [T, {width}] tensor with T >= 1, got shape "
+                         f"{tuple(tasks.shape)} and dtype {tasks.dtype}")
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
 
 
 def unit_task_draws(num_tasks: int, width: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .env import finite_field, unit_task_draws
+from .env import check_rollout_args, finite_field, unit_task_draws
 
 from ..data.images import DataError
 from .navigation import Trajectories
@@ -220,11 +220,7 @@ class HalfCheetahTasks:
                 positive integer, a bad ``seed``, or actions of another shape than ``[T, E, 6]``.
             DataError: gymnasium or mujoco cannot be imported, or an environment cannot be made.
         """
-        if tasks.dim() != 2 or tasks.shape[1] != 1 or tasks.shape[0] == 0 or not tasks.is_floating_point():
-            raise ValueError(f"tasks must be a floating point [T, 1] tensor with T >= 1, got shape "
-                             f"{tuple(tasks.shape)} and dtype {tasks.dtype}")
-        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-            raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+        check_rollout_args(tasks, 1, episodes)
         num_tasks, horizon = tasks.shape[0], self.horizon
         count = num_tasks * episodes
         seeds = episode_seeds(seed, count)

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .env import finite_field, unit_task_draws
+from .env import check_rollout_args, finite_field, unit_task_draws
 
 __all__ = ["PointNavigation", "Trajectories"]
 
@@ -98,7 +98,23 @@ class PointNavigation:
             raise ValueError(f"PointNavigation.goal_low must be below goal_high, got goal_low={self.goal_low!r} "
                              f"and goal_high={self.goal_high!r}")
 
-    def sample_goals(
+    def step(self, positions: Tensor, actions: Tensor, goals: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of any batch of points; the three inputs broadcast against each other.
+
+        Args:
+            positions: ``[..., 2]``, the positions before the step.
+            actions: ``[..., 2]``, the actions, clipped here to ``[-max_action, max_action]``.
+            goals: ``[..., 2]``, the goals.
+
+        Returns:
+            ``(new_positions [..., 2], rewards [...])``: ``positions + clipped actions``, and minus the
+            Euclidean distance from the new positions to the goals.
+        """
+        new_positions = positions + actions.clamp(-self.max_action, self.max_action)
+        rewards = -torch.linalg.vector_norm(new_positions - goals, dim=-1)
+        return new_positions, rewards
+
+    def sample_tasks(
         self,
         num_tasks: int,
         generator: torch.Generator | None = None,
@@ -106,7 +122,8 @@ class PointNavigation:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """Draw one goal per task, uniformly from ``[goal_low, goal_high]^2``.
+        """Draw one goal per task, uniformly from ``[goal_low, goal_high]^2`` (the tasks' parameters of the
+        :class:`~rkfast.rl.env.TaskEnvironment` interface).
 
         The goals are drawn in float64 on the generator's device (the CPU without a generator), then
         converted and moved: the same generator state gives the same goals on every device, and goals of
@@ -127,28 +144,6 @@ class PointNavigation:
         unit = unit_task_draws(num_tasks, 2, generator, dtype)
         goals = self.goal_low + (self.goal_high - self.goal_low) * unit
         return goals.to(device=device, dtype=dtype)
-
-    def step(self, positions: Tensor, actions: Tensor, goals: Tensor) -> tuple[Tensor, Tensor]:
-        """One step of any batch of points; the three inputs broadcast against each other.
-
-        Args:
-            positions: ``[..., 2]``, the positions before the step.
-            actions: ``[..., 2]``, the actions, clipped here to ``[-max_action, max_action]``.
-            goals: ``[..., 2]``, the goals.
-
-        Returns:
-            ``(new_positions [..., 2], rewards [...])``: ``positions + clipped actions``, and minus the
-            Euclidean distance from the new positions to the goals.
-        """
-        new_positions = positions + actions.clamp(-self.max_action, self.max_action)
-        rewards = -torch.linalg.vector_norm(new_positions - goals, dim=-1)
-        return new_positions, rewards
-
-    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None, *,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-        """The tasks' parameters, ``[T, 2]``: their goals (:meth:`sample_goals`; the
-        :class:`~rkfast.rl.env.TaskEnvironment` interface)."""
-        return self.sample_goals(num_tasks, generator, device=device, dtype=dtype)
 
     def rollout(self, act: Callable[[Tensor], Tensor], goals: Tensor, episodes: int,
                 seed: int | None = None) -> Trajectories:
@@ -173,11 +168,7 @@ class PointNavigation:
             ValueError: ``goals`` that are not a floating point ``[T, 2]`` tensor, an ``episodes`` that is not a
                 positive integer, or actions of another shape than ``[T, E, 2]``.
         """
-        if goals.dim() != 2 or goals.shape[1] != 2 or goals.shape[0] == 0 or not goals.is_floating_point():
-            raise ValueError(f"goals must be a floating point [T, 2] tensor with T >= 1, got shape "
-                             f"{tuple(goals.shape)} and dtype {goals.dtype}")
-        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-            raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+        check_rollout_args(goals, 2, episodes, "goals")
         num_tasks, horizon = goals.shape[0], self.horizon
         like = dict(dtype=goals.dtype, device=goals.device)
         with torch.no_grad():

@@ -51,7 +51,7 @@ def plot_trajectories(run: RunResult, path: Path | str, tasks: int = 4, steps: S
     count = taskset.num_tasks or 1
     step_size = run.test.step_size if run.test is not None else None
     adapted = opt.evaluate(taskset, steps=[n for n in steps if n > 0], step_size=step_size, keep_params=True)
-    goals = taskset.support_data.goals
+    goals = taskset.support_data.task_params
     fig = new_figure(figsize=(4.2 * count, 4.4))
     axes = [fig.add_subplot(1, count, i + 1) for i in range(count)]
     for k, n in enumerate(steps):

@@ -61,15 +61,15 @@ def _stream_seed(seed: int, *keys: int) -> int:
 
 @dataclass
 class StageRollouts:
-    """The data of one side (support or query) of a batch of navigation tasks, made per stage.
+    """The data of one side (support or query) of a batch of tasks, made per stage.
 
     Called as ``data(stage, params [T, N])`` by rkfast: rolls out ``episodes`` episodes of each task's
-    stage policy toward its goal, and returns per-task tensors (observations, actions, rewards and the
-    fitted baseline values) for :class:`PolicyLoss`.
+    stage policy in its task, and returns per-task tensors (observations, actions, rewards, the fitted
+    baseline values and the advantage scale) for :class:`PolicyLoss`.
     """
 
     tasks: RolloutTasks
-    goals: Tensor  # [T, ...]: the tasks' parameters (navigation: goals)
+    task_params: Tensor  # [T, ...]: what the environment's sample_tasks drew (navigation: the goals)
     seed: int
     side: int  # 0: support, 1: query
 
@@ -77,7 +77,7 @@ class StageRollouts:
         t = self.tasks
         seed = _stream_seed(self.seed, self.side, stage)
         act = batched_actor(t.policy, t.layout, params.to(t.policy_dtype), torch.Generator().manual_seed(seed))
-        traj = t.env.rollout(act, self.goals, t.episodes, seed=seed)
+        traj = t.env.rollout(act, self.task_params, t.episodes, seed=seed)
         return rollout_data(traj, t.discount)
 
 
@@ -124,7 +124,7 @@ class PolicyLoss:
 
 @dataclass
 class RolloutTasks:
-    """Reinforcement-learning tasks of one split: task parameters (goals) drawn with the task generator,
+    """Reinforcement-learning tasks of one split: task parameters (e.g. goals) drawn with the task generator,
     rollouts of each stage's policy made per stage.
 
     ``sample(T, generator)`` gives a :class:`~rkfast.batch.TaskSet`: ``T`` tasks and one rollout seed drawn
@@ -152,8 +152,8 @@ class RolloutTasks:
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskSet:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        goals = self.env.sample_tasks(num_tasks, generator, device=self.device, dtype=self.policy_dtype)
+        task_params = self.env.sample_tasks(num_tasks, generator, device=self.device, dtype=self.policy_dtype)
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         loss = PolicyLoss(self.discount)
-        return TaskSet(loss, loss, StageRollouts(self, goals, seed, 0), StageRollouts(self, goals, seed, 1),
-                       num_tasks=num_tasks)
+        support, query = (StageRollouts(self, task_params, seed, side) for side in (0, 1))
+        return TaskSet(loss, loss, support, query, num_tasks=num_tasks)
