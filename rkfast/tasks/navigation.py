@@ -90,7 +90,7 @@ NAVIGATION = register(Domain(
     make_model=_policy,
     loss_fn=None,
     metrics=(RETURN,),
-    defaults=Defaults(iterations=500, meta_batch=20, inner_lr=0.1, lr=3e-3, eval_every=50, eval_tasks=40,
+    defaults=Defaults(iterations=300, meta_batch=20, inner_lr=0.1, lr=3e-3, eval_every=50, eval_tasks=40,
                       test_tasks=40, test_steps=(1, 2, 3), eval_steps=(1,), eval_chunk=40,
                       source="Finn et al. 2017: 20 tasks per meta-batch, 20 episodes per task, inner step 0.1; "
                              "Adam outside (instead of TRPO) at 3e-3"),
