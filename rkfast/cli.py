@@ -317,13 +317,18 @@ def _tableau_list_arg(specs: str) -> list[Tableau]:
 
 
 def _number(kind: type, minimum: float | None, strict: bool) -> Callable[[str], Any]:
+    """A parser of ``kind`` (``int`` or ``float``) values ``> minimum`` (``strict``) or ``>= minimum``; floats
+    must also be finite. The rules are the ones :class:`~rkfast.train.TrainConfig` and the API apply."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
         if not math.isfinite(value) or (minimum is not None and (value < minimum or (strict and value == minimum))):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+            rule = "" if minimum is None else f"{'>' if strict else '>='} {minimum:g}"
+            if kind is float:
+                rule = f"a finite number {rule}".rstrip()
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
     return parse
@@ -352,19 +357,21 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
     d = domain.defaults
     by_options = " with the default options" if domain.defaults_by_options else ""
     pos_int, count, pos_float = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
+    rate = _number(float, 0, False)  # an outer learning rate may be 0, as for MetaOptimizer and torch
     # the domain's published settings stay None here, so that TrainConfig.resolved() fills them in for the
     # options given (Omniglot 20-way has its own meta-batch and inner step)
     for flag, kind, default, shown, text in [
         ("--meta-batch", pos_int, None, d.meta_batch, "tasks per meta-step"),
         ("--iterations", pos_int, None, d.iterations, "meta-steps"),
-        ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages"),
-        ("--lr", pos_float, None, d.lr, "Adam's outer learning rate"),
+        ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages, > 0"),
+        ("--lr", rate, None, d.lr, "Adam's outer learning rate, >= 0 (0 keeps the initialization)"),
         ("--seed", count, 0, 0, "seed of the initialization and the training tasks"),
         ("--eval-every", count, None, d.eval_every, "meta-steps between held-out evaluations (0: at start and end only)"),
         ("--eval-tasks", count, None, d.eval_tasks, "held-out tasks of those evaluations"),
         ("--test-tasks", pos_int, None, d.test_tasks, "meta-test tasks"),
         ("--test-seed", count, 0, 0, "seed of the held-out and test tasks"),
-        ("--test-step", pos_float, None, None, "meta-test step size (default: the tableau's own step, docs/method.md)"),
+        ("--test-step", pos_float, None, None, "meta-test step size, > 0 (default: the tableau's own step, "
+                                               "docs/method.md)"),
         ("--device", _device_arg, "cpu", "cpu", "torch device"),
     ]:
         where = by_options if default is None else ""

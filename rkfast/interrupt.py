@@ -3,7 +3,8 @@
 :class:`StopRequests` turns the first SIGINT/SIGTERM into a flag that the training loop checks after each
 meta-step; a second SIGINT raises ``KeyboardInterrupt`` as usual (for a run that is stuck). Handlers can
 only be installed from the main thread: elsewhere the context manager installs nothing and the flag stays
-down, so a run in a worker thread behaves as before.
+down, so a run in a worker thread behaves as before. ``StopRequests(active=False)`` installs nothing either:
+for a run that has nothing to save (no run folder), where deferring a signal would only delay the stop.
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "S
 class StopRequests:
     """Context manager: while active, SIGINT/SIGTERM set :attr:`signal` instead of stopping the process.
 
+    Args:
+        message: printed after the signal's name when the first signal arrives.
+        active: ``False``: install no handler (SIGINT and SIGTERM keep whatever effect they have, the
+            flag stays down).
+
     Attributes:
         signal: the number of the first signal received, or ``None``.
     """
 
     def __init__(self, message: str = "finishing the current step, then saving "
-                                      "(press Ctrl-C again to stop at once without saving)") -> None:
+                                      "(press Ctrl-C again to stop at once without saving)",
+                 active: bool = True) -> None:
         self.signal: int | None = None
+        self.active = active
         self._message = message
         self._previous: dict[int, Any] = {}
 
@@ -45,7 +53,7 @@ class StopRequests:
             print(f"\n{signal.Signals(signum).name} received: {self._message}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
+        if self.active and threading.current_thread() is threading.main_thread():
             for s in _SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self

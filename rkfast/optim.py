@@ -75,10 +75,12 @@ class MetaOptimizer(torch.optim.Optimizer):
             (e.g. ``F.mse_loss``, ``F.cross_entropy``); integer targets also report accuracy. ``None`` when
             every step gets a :class:`~rkfast.batch.TaskSet`, which carries its own losses.
         tableau: a :class:`~rkfast.tableau.Tableau` or a name: ``"maml"``, ``"heun"``, ``"rk4"``, ``"maml(3)"``...
-        inner_lr: the RK step ``h`` of the stages (MAML's inner learning rate for ``"maml"``).
+        inner_lr: the RK step ``h`` of the stages (MAML's inner learning rate for ``"maml"``): finite, ``> 0``.
         outer: ``"sgd"`` (the plain step ``theta <- theta - lr * d``), ``"adam"``, ``"adamw"`` or any
             ``torch.optim.Optimizer`` subclass; ``outer_kwargs`` go to its constructor.
-        lr: the outer learning rate (finite and non-negative, as every param group's).
+        lr: the outer learning rate: finite and ``>= 0`` (as every param group's; ``0``, which torch
+            accepts, leaves the parameters where they are). ``TrainConfig`` and ``rkfast train --lr``
+            apply the same rule.
         first_order: ignore second derivatives (first-order MAML and its RK analogues).
         params: parameters or param groups to meta-learn (default: every parameter of ``model`` that
             requires grad); the others stay fixed and are not adapted either.

@@ -72,6 +72,16 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _reason(err: OSError, path: Path) -> str:
+    """An ``OSError`` in a few words (``"Permission denied"``), naming the file when it is outside ``path``
+    (a parent folder that cannot be created, say; not a probe file inside it)."""
+    reason = err.strerror or str(err)
+    failed = None if err.filename is None else Path(err.filename)
+    if failed is not None and failed != path and path not in failed.parents:
+        reason += f" (at {failed})"
+    return reason
+
+
 def write_json(path: Path | str, data: Any) -> None:
     """``data`` as indented JSON at ``path``, written atomically."""
     atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=1) + "\n"), "w")
@@ -114,27 +124,47 @@ class RunFolder:
 
     def check_writable(self) -> None:
         """Raise :class:`RunError` unless every output can be written: the folder is (or can be made) a
-        writable directory and none of its output names is taken by a directory. Creates nothing (the
-        first write creates the folder), so a run that fails before it saves leaves no trace."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"output folder {self.path} is an existing file, not a folder")
-        if not self.path.exists():
-            ancestor = next(p for p in self.path.absolute().parents if p.exists())
-            if not ancestor.is_dir():
-                raise RunError(f"cannot create the output folder {self.path}: {ancestor} is a file")
-            if not os.access(ancestor, os.W_OK | os.X_OK):
-                raise RunError(f"cannot create the output folder {self.path}: {ancestor} is not writable")
-            return
-        for name in self.files:
-            target = self.path / name
-            if target.is_dir():
-                raise RunError(f"cannot write {target}: a folder of that name is in the way")
+        writable directory and none of its output names is taken by a directory.
+
+        Writability is established by doing it, not read from permission bits (which say nothing for root,
+        ``/proc``, ``/sys``, read-only mounts or ACLs): a missing folder is created with its missing parents,
+        and a probe file is created and deleted in it. The folders the check created are removed again (the
+        first write creates them for good), so a run that fails before it saves leaves no trace."""
+        created: list[Path] = []
         try:
+            if self.path.exists() and not self.path.is_dir():
+                raise RunError(f"output folder {self.path} is an existing file, not a folder")
+            if self.path.is_dir():
+                for name in self.files:
+                    target = self.path / name
+                    if target.is_dir():
+                        raise RunError(f"cannot write {target}: a folder of that name is in the way")
+            else:
+                self._create(created)
             fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test.")
-        except OSError as err:
-            raise RunError(f"cannot write into the output folder {self.path}: {err.strerror or err}") from None
-        os.close(fd)
-        os.unlink(probe)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:  # the probe, or a folder on the way that cannot even be looked at
+            raise RunError(f"cannot write into the output folder {self.path}: {_reason(err, self.path)}") from None
+        finally:
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()
+                except OSError:  # no longer empty (another process wrote there): it stays
+                    break
+
+    def _create(self, created: list[Path]) -> None:
+        """Create the missing folder and its missing parents, outermost first, appending each to ``created``
+        (for the caller to remove). Raises :class:`RunError` naming the folder and why it cannot be made."""
+        ancestor = next(p for p in self.path.absolute().parents if p.exists())
+        if not ancestor.is_dir():
+            raise RunError(f"cannot create the output folder {self.path}: {ancestor} is a file")
+        for folder in reversed([p for p in (self.path, *self.path.parents) if not p.exists()]):
+            try:
+                folder.mkdir()
+            except OSError as err:
+                raise RunError(f"cannot create the output folder {self.path}: {_reason(err, self.path)}") from None
+            created.append(folder)
 
     def holds_run(self) -> bool:
         """Whether an earlier run left its results or checkpoint here."""

@@ -8,7 +8,8 @@ A run given a folder (``train(config, out=...)``) never loses its work: it check
 ``checkpoint_every`` meta-steps, on a new best held-out evaluation (``best.pt``), when it diverges and at the
 end; SIGINT/SIGTERM finish the current step, save, and raise :class:`RunInterrupted`; and
 ``train(config, out=..., resume=True)`` continues from the checkpoint, on the CPU bit for bit as if never
-interrupted (the checkpoint holds the model, the optimizer, every random state and the history).
+interrupted (the checkpoint holds the model, the optimizer, every random state and the history). A run without
+a folder has nothing to save: it leaves SIGINT and SIGTERM alone (Ctrl-C raises ``KeyboardInterrupt`` at once).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .functional import check_step
 from .interrupt import StopRequests
 from .optim import MetaOptimizer, NonFiniteLossError
+from .outer import check_lr
 from .results import AdaptationOutput
 from .runs import (CHECKPOINT_FORMAT, RunError, RunFolder, load_checkpoint, save_payload, write_json)
 from .tableau import Tableau, get_tableau
@@ -66,13 +69,15 @@ class TrainConfig:
     Attributes:
         domain: a registered task domain (``"sinusoid"``...).
         tableau: a tableau or its name (default: the domain's, ``"maml"`` for most).
-        iterations, meta_batch, inner_lr, lr: meta-steps, tasks per meta-step, the RK step h, Adam's rate.
+        iterations, meta_batch, inner_lr, lr: meta-steps, tasks per meta-step, the RK step h (finite,
+            > 0), Adam's rate (finite, >= 0 as for :class:`~rkfast.optim.MetaOptimizer`; 0 keeps the
+            initialization).
         first_order: ignore second derivatives.
         seed: the initialization and the training tasks (an integer >= 0).
         eval_every, eval_tasks: meta-steps between held-out evaluations (0: at start and end only) and
             their task count (0: none).
         test_tasks, test_seed: the meta-test tasks and their seed (also the held-out tasks' seed).
-        test_step: the meta-test adaptation step (default: the tableau's own step,
+        test_step: the meta-test adaptation step, finite and > 0 (default: the tableau's own step,
             :meth:`~rkfast.tableau.Tableau.test_step`).
         device, backend: where the run computes and which kernels it uses.
         options: the domain's options (``{"shots": 5}``); unset ones take their defaults.
@@ -115,10 +120,14 @@ class TrainConfig:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("inner_lr", "lr", "test_step"):
+        for name in ("inner_lr", "test_step"):  # as MetaOptimizer's inner_lr and evaluate's step_size
             value = getattr(cfg, name)
-            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            if value is not None:
+                try:
+                    check_step(name, value)
+                except TypeError as err:  # a string or a bool: still a bad setting (ValueError, as documented)
+                    raise ValueError(str(err)) from None
+        check_lr(cfg.lr)  # as MetaOptimizer's (and torch's) lr: finite and >= 0
         check_device(cfg.device)
         return cfg
 
@@ -376,7 +385,8 @@ class _Training:
             on_step: Callable[[int, torch.Tensor], None] | None) -> RunResult:
         cfg, opt = self.cfg, self.opt
         wall_start = time.perf_counter()
-        with StopRequests() as stop:
+        # without a folder there is nothing to save, so a signal has nothing to wait for: it keeps its usual effect
+        with StopRequests(active=self.folder is not None) as stop:
             if self.done == 0:
                 self.evaluate_val()
                 self.save("running", wall_start)
@@ -440,8 +450,12 @@ def train(
         config: the run's configuration (domain defaults fill its ``None`` fields).
         out: the run folder (:class:`~rkfast.runs.RunFolder`). With it the run writes ``results.json`` and
             ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end, ``best.pt`` at each new best
-            held-out evaluation, and turns SIGINT/SIGTERM into a clean stop (:class:`RunInterrupted`).
-            Every output path is checked before training.
+            held-out evaluation, and turns SIGINT/SIGTERM into a clean stop: the current step finishes, the
+            run saves and raises :class:`RunInterrupted` (a second SIGINT raises ``KeyboardInterrupt`` at
+            once). Every output path is checked before training, by creating the folder and a file in it.
+            Without ``out`` nothing is saved and the signals keep their usual effect: SIGINT raises
+            ``KeyboardInterrupt`` at once, mid-step; SIGTERM does what the process's handler does (by
+            default it ends the process).
         resume: continue the run saved in ``out``; ``config`` must equal its configuration except for
             :data:`RESUMABLE_CHANGES` (:func:`resume_config` reads it).
         overwrite: a new run into a folder that holds an earlier run's files deletes them first (without
@@ -456,6 +470,7 @@ def train(
     Raises:
         RunError: a folder that cannot be written, holds another run, or a checkpoint that cannot be resumed.
         RunInterrupted: SIGINT/SIGTERM (with ``out``), after saving.
+        KeyboardInterrupt: SIGINT without ``out`` (nothing saved), or a second SIGINT with it.
         RunDiverged: a non-finite meta-step, after saving the last finite state (with ``out``).
         ValueError: an invalid configuration.
     """

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import classification_batch, flat_theta, regression_batch, smooth_mlp
+from helpers import assert_unchanged, classification_batch, flat_theta, regression_batch, smooth_mlp, snapshot
 from rkfast import MetaOptimizer, Tableau, TaskBatch
 from rkfast.functional import adapt, evaluate, meta_step, model_task_loss, rk_meta_step
 from rkfast.tableau import InconsistentTableauWarning
@@ -229,8 +229,11 @@ def test_bad_step_size_is_refused(value, error):
     if value is None:  # MetaOptimizer.evaluate: None is the tableau's default step
         return
     opt = MetaOptimizer(model, F.mse_loss, tableau="maml", inner_lr=H)
+    opt.step(batch)  # outer state and .grad to keep
+    snap = snapshot(model, opt)
     with pytest.raises(error, match="step_size"):
         opt.evaluate(batch, steps=(1,), step_size=value)
+    assert_unchanged(model, opt, snap)
 
 
 @pytest.mark.parametrize(
@@ -242,6 +245,13 @@ def test_bad_step_counts_are_refused(steps, error):
     model, batch, theta = regression()
     with pytest.raises(error, match="steps"):
         evaluate(model, F.mse_loss, theta, batch, H, steps=steps)
+    # and through MetaOptimizer.evaluate, which leaves everything as it was
+    opt = MetaOptimizer(model, F.mse_loss, tableau="heun", inner_lr=H)
+    opt.step(batch)
+    snap = snapshot(model, opt)
+    with pytest.raises(error, match="steps"):
+        opt.evaluate(batch, steps=steps)
+    assert_unchanged(model, opt, snap)
 
 
 def test_integer_like_step_counts_are_accepted():

@@ -3,8 +3,8 @@
 After any failure of ``step``/``compute``/``apply``/``evaluate`` the parameters, every ``.grad`` (``None``
 included) and the serialized optimizer state dict are bit-identical to what they were before
 (``snapshot``/``assert_unchanged``), and a later call works. The cases: inference mode and inference
-tensors, parameters moved to another dtype, failures inside the outer update, non-finite learning rates,
-0-d parameters, and re-binding parameters that cannot be re-bound.
+tensors, a non-scalar or detached loss, parameters moved to another dtype, failures inside the outer update,
+non-finite learning rates, 0-d parameters, and re-binding parameters that cannot be re-bound.
 """
 
 from __future__ import annotations
@@ -123,6 +123,48 @@ def test_no_grad_step_and_evaluate_equal_the_ones_without_it(first_order, vector
     with torch.no_grad():
         scores = twin.evaluate(batches[0], steps=(1, 3))
     assert same_bits(scores.losses, opt.evaluate(batches[0], steps=(1, 3)).losses)
+
+
+# -- 1b. a loss that gives no meta-gradient: refused, nothing changed --------------------------------------
+
+
+class SwitchableLoss:
+    """MSE, or while ``bad`` is set one that cannot be meta-trained on: per element (``reduction='none'``)
+    or detached from the parameters."""
+
+    def __init__(self) -> None:
+        self.bad: str | None = None
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.bad == "non-scalar":
+            return F.mse_loss(out, y, reduction="none")
+        if self.bad == "detached":
+            return F.mse_loss(out, y).detach()
+        return F.mse_loss(out, y)
+
+
+@pytest.mark.parametrize("call", ["step", "compute"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("bad, message", [("non-scalar", r"must be a scalar.*reduction='mean'"),
+                                          ("detached", r"does not depend on the parameters.*detach")])
+def test_a_non_scalar_or_detached_loss_is_refused_and_changes_nothing(bad, message, vectorize, first_order, call):
+    loss = SwitchableLoss()
+    model = smooth_mlp()
+    opt = MetaOptimizer(model, loss, tableau="rk4", inner_lr=0.1, outer="adam", lr=1e-2, first_order=first_order,
+                        vectorize=vectorize)
+    opt.step(regression_batch())  # Adam moments, a step count and .grad: all to keep
+    reference = twin_of(opt)
+    batch = regression_batch()
+    snap = snapshot(model, opt)
+    loss.bad = bad
+    with pytest.raises(ValueError, match=message):
+        CALLS[call](opt, batch)
+    assert_unchanged(model, opt, snap)
+    loss.bad = None  # and training goes on as if the refused call never happened
+    opt.step(batch)
+    reference.step(batch)
+    assert_same_training_state(opt, reference)
 
 
 # -- 2. parameters moved to another dtype: the outer state follows -----------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rkfast.cli import main
-from rkfast.runs import RunError, load_checkpoint
+from rkfast.runs import RunError, RunFolder, atomic_write, load_checkpoint, save_payload, write_json
 from rkfast.train import RunDiverged, RunInterrupted, TrainConfig, load_result, resume_config, train
 
 SMALL = dict(iterations=30, eval_every=10, eval_tasks=20, test_tasks=40, meta_batch=5)
@@ -149,6 +149,127 @@ def test_output_paths_are_checked_before_training(tmp_path: Path, capsys) -> Non
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (name, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "results.json"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_cannot_be_created_is_refused_before_training(capsys, monkeypatch) -> None:
+    # /proc takes no new folders, even from root, whose permission bits say it may write anywhere: only
+    # creating the folder tells
+    import rkfast.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(rkfast.train, "_Training", no_training)
+    out = Path("/proc/rkfast-no-such-folder/run")
+    with pytest.raises(RunError, match=r"cannot create the output folder /proc/rkfast-no-such-folder/run: "):
+        train(TrainConfig(**SMALL), out=out, progress=False)
+    capsys.readouterr()
+    assert main(["train", "sinusoid", *TINY, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"rkfast train: error: cannot create the output folder {out}: ")
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+    assert main(["compare", "sinusoid", "--tableaus", "maml,heun", *TINY, "--out", str(out)]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_the_writability_check_leaves_no_trace(tmp_path: Path) -> None:
+    # the check creates the missing folders and a probe file to be sure, then removes them again
+    RunFolder(tmp_path / "a" / "b" / "c").check_writable()
+    (tmp_path / "d").mkdir()
+    RunFolder(tmp_path / "d").check_writable()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d"]
+    with pytest.raises(RunError, match="no checkpoint"):  # refused after the check: no empty folder left behind
+        train(TrainConfig(**SMALL), out=tmp_path / "e" / "f", resume=True, progress=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d"]
+
+
+def test_atomic_write_that_fails_midway_keeps_the_old_file_and_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    write_json(target, {"old": True})
+    before = target.read_bytes()
+
+    def half_then_fail(f) -> None:
+        f.write('{"new": ')
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, half_then_fail, "w")
+    with pytest.raises(Exception):  # torch.save of something it cannot pickle fails while writing
+        save_payload(target, {"format": "x", "model": lambda: None})
+
+    def interrupted(f) -> None:
+        f.write("{")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted, "w")
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no .results.json.*.tmp left
+    write_json(target, {"new": True})  # and a later write replaces it whole
+    assert json.loads(target.read_text()) == {"new": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_without_a_folder_sigint_stops_training_at_once(capsys) -> None:
+    # nothing to save: SIGINT is Ctrl-C as usual (KeyboardInterrupt), not a request to finish and save
+    steps = []
+
+    def hook(done: int, loss: torch.Tensor) -> None:
+        steps.append(done)
+        if done == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**{**SMALL, "iterations": 1000}), progress=False, on_step=hook)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert steps[-1] == 3 and len(steps) == 3
+    assert "received" not in capsys.readouterr().err  # no promise of a save
+
+
+class Terminated(Exception):
+    pass
+
+
+def test_without_a_folder_sigterm_keeps_the_process_handler() -> None:
+    # train() without out= installs no handler: SIGTERM does what the process says (here: raise Terminated)
+    steps = []
+
+    def hook(done: int, loss: torch.Tensor) -> None:
+        steps.append(done)
+        if done == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(Terminated):
+            train(TrainConfig(**{**SMALL, "iterations": 1000}), progress=False, on_step=hook)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert steps == [1, 2, 3, 4]
+
+
+def test_without_a_folder_sigterm_ends_the_process_as_by_default() -> None:
+    script = (
+        "import os, signal\n"
+        "from rkfast.train import TrainConfig, train\n"
+        "def hook(done, loss):\n"
+        "    if done == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "train(TrainConfig(iterations=100000, eval_tasks=5, test_tasks=5), progress=False, on_step=hook)\n"
+        "print('trained on')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "trained on" not in proc.stdout and "received" not in proc.stderr
 
 
 @pytest.mark.filterwarnings("ignore::rkfast.tableau.InconsistentTableauWarning")
