@@ -81,10 +81,13 @@ def test_dims_match_the_environment_and_the_domains_model(mujoco_extra):
     env = mujoco_extra()
     assert env.env_id in ("HalfCheetah-v5", "HalfCheetah-v4")
     assert (env.obs_dim, env.act_dim) == (17, 6)
+    space = env._simulator().action_space
+    assert (space.low == -env.max_action).all() and (space.high == env.max_action).all()
     for name in ("halfcheetah-dir", "halfcheetah-vel"):
         domain = get_domain(name)
         policy = domain.make_model(domain.resolve_options({}))
         assert (policy.obs_dim, policy.act_dim) == (env.obs_dim, env.act_dim)
+        assert policy.bounded_mean and policy.max_action == env.max_action
 
 
 def test_an_environment_that_cannot_be_made_is_a_data_error(mujoco_extra, monkeypatch):

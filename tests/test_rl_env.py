@@ -130,9 +130,55 @@ def test_policy_shapes_and_expanded_log_std():
     assert linear(torch.randn(5, 2))[0].shape == (5, 2)
 
 
+def test_policy_acts_in_units_of_max_action_and_bounds_its_mean():
+    torch.manual_seed(0)
+    plain = GaussianMLPPolicy(hidden=(8,), init_std=0.5)
+    for bounded in (False, True):
+        torch.manual_seed(0)
+        scaled = GaussianMLPPolicy(hidden=(8,), init_std=0.5, max_action=0.1, bounded_mean=bounded)
+        with torch.no_grad():  # a mean far outside the clip, which only the bounded policy keeps inside
+            for module in (plain, scaled):
+                module.mean[-1].bias.fill_(30.0)
+        observations = torch.randn(64, 2)
+        mean, log_std = scaled(observations)
+        raw, _ = plain(observations)
+        torch.testing.assert_close(log_std, torch.full((64, 2), math.log(0.5 * 0.1)))  # std in the unit
+        if bounded:
+            torch.testing.assert_close(mean, 0.1 * torch.tanh(raw))
+            assert mean.abs().max() <= 0.1
+        else:
+            torch.testing.assert_close(mean, 0.1 * raw)
+            assert mean.min() > 2.0
+
+
+def test_a_drifted_bounded_policy_still_samples_unclipped_actions():
+    # what keeps the policy gradient informative: however far training pushes the mean's pre-activation
+    # (the collapse in docs/method.md), a bounded policy keeps sampling actions inside the clip, whose
+    # rewards depend on the noise; an unbounded one ends up with every action clipped to one corner
+    env = PointNavigation(horizon=20)
+    goals = env.sample_tasks(6, seeded(3), dtype=f64)
+    shares = {}
+    for bounded in (False, True):
+        policy = GaussianMLPPolicy(hidden=(8,), max_action=env.max_action, bounded_mean=bounded).double()
+        with torch.no_grad():
+            policy.mean[-1].bias.fill_(30.0)
+        layout = ParamLayout.from_module(policy)
+        rows = layout.flatten(dict(policy.named_parameters())).detach().expand(6, -1)
+        traj = env.rollout(batched_actor(policy, layout, rows, seeded(4)), goals, episodes=10)
+        shares[bounded] = (traj.actions.abs() < env.max_action).double().mean().item()
+        spread = traj.returns().std(dim=1)  # do the episodes of a task differ at all?
+        if bounded:
+            assert (spread > 1e-3).all()
+        else:
+            assert (spread < 1e-9).all()
+    assert shares[True] > 0.3 and shares[False] == 0.0
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"obs_dim": 0}, "obs_dim"), ({"act_dim": 1.5}, "act_dim"), ({"hidden": (4, 0)}, "hidden"),
     ({"hidden": 4}, "hidden"), ({"init_std": 0.0}, "init_std"), ({"init_std": math.nan}, "init_std"),
+    ({"max_action": 0.0}, "max_action"), ({"max_action": math.inf}, "max_action"),
+    ({"bounded_mean": 1}, "bounded_mean"),
 ])
 def test_policy_validates_its_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -65,11 +65,14 @@ class TaskEnvironment(Protocol):
         horizon: ``H``, the number of steps of every episode (episodes do not end early: rewards and
             observations are ``[T, E, H]``-shaped).
         obs_dim, act_dim: the sizes of an observation and of an action.
+        max_action: the environment clips every action dimension to ``[-max_action, max_action]`` (the unit
+            and bound of the domains' policies, :class:`~rkfast.rl.policy.GaussianMLPPolicy`).
     """
 
     horizon: int
     obs_dim: int
     act_dim: int
+    max_action: float
 
     def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None, *,
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:

@@ -23,7 +23,7 @@ gymnasium and mujoco are an optional extra (``pip install 'rkfast[rl]'``); they 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -123,6 +123,7 @@ class HalfCheetahTasks:
         horizon: ``H``, the number of steps of every episode (Finn et al.: 200).
         velocity_low, velocity_high: target velocities are drawn uniformly from ``[velocity_low,
             velocity_high]`` (Finn et al.: ``[0, 2]``).
+        max_action: every action dimension is clipped to ``[-max_action, max_action]`` (1).
         env_id: the gymnasium environment used (``"HalfCheetah-v5"``, or ``"HalfCheetah-v4"`` with a gymnasium
             that lacks v5); set when the instance is made.
 
@@ -132,6 +133,7 @@ class HalfCheetahTasks:
         DataError: gymnasium or mujoco cannot be imported, or the environment cannot be made.
     """
 
+    max_action: ClassVar[float] = 1.0  # HalfCheetah's action space is [-1, 1]^6 (a test checks it)
     kind: str = "direction"
     horizon: int = 200
     velocity_low: float = 0.0

@@ -22,19 +22,36 @@ class GaussianMLPPolicy(nn.Module):
     """A diagonal Gaussian policy: an MLP with ReLU hidden layers gives the mean, and a learned
     state-independent ``log_std [act_dim]`` the log standard deviation of every action dimension.
 
+    ``max_action`` is the bound at which the environment clips every action dimension, and the policy's
+    unit: the initial standard deviation is ``init_std * max_action`` (as when a policy acts in the
+    normalized action space ``[-1, 1]`` of rllab's ``normalize`` wrapper, which Finn et al. 2017's code put
+    around the point environment), and with ``bounded_mean`` the mean is ``max_action * tanh(mlp(obs))``.
+
+    Why the bound: the environment clips, so a mean beyond ``max_action`` changes nothing the reward sees,
+    and nothing pulls it back. With an unbounded mean and Adam outside, meta-training drifts there (the mean
+    action of a navigation policy reached 40x the clip), every sampled action ends up clipped to the same
+    corner, the rollouts no longer depend on the noise, and the policy gradient is left with nothing but
+    noise: runs collapsed to moving away from every goal after a few hundred meta-steps
+    (``docs/method.md``, "Reinforcement learning"). A mean inside the clip keeps a share of the actions
+    unclipped, so the gradient always has signal; the policy gets precise by shrinking its standard
+    deviation instead.
+
     Args:
         obs_dim: the size of an observation.
         act_dim: the size of an action.
         hidden: the widths of the hidden layers (empty: a linear mean).
-        init_std: the initial standard deviation of every action dimension.
+        init_std: the initial standard deviation of every action dimension, in units of ``max_action``.
+        max_action: the environment's clip bound of every action dimension (the policy's unit).
+        bounded_mean: keep the mean inside ``[-max_action, max_action]`` with a scaled tanh (``False``: the
+            plain linear output layer, scaled by ``max_action``).
 
     Raises:
         ValueError: an ``obs_dim``, ``act_dim`` or hidden width that is not a positive integer, or an
-            ``init_std`` that is not a positive finite number.
+            ``init_std`` or ``max_action`` that is not a positive finite number.
     """
 
     def __init__(self, obs_dim: int = 2, act_dim: int = 2, hidden: Sequence[int] = (100, 100),
-                 init_std: float = 1.0) -> None:
+                 init_std: float = 1.0, max_action: float = 1.0, bounded_mean: bool = False) -> None:
         super().__init__()
         for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim)):
             if not _is_positive_int(value):
@@ -42,16 +59,20 @@ class GaussianMLPPolicy(nn.Module):
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) \
                 or not all(_is_positive_int(width) for width in hidden):
             raise ValueError(f"GaussianMLPPolicy hidden must be a sequence of positive integers, got {hidden!r}")
-        if isinstance(init_std, bool) or not isinstance(init_std, Real) or not math.isfinite(float(init_std)) \
-                or init_std <= 0:
-            raise ValueError(f"GaussianMLPPolicy init_std must be a positive finite number, got {init_std!r}")
+        for name, value in (("init_std", init_std), ("max_action", max_action)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) \
+                    or value <= 0:
+                raise ValueError(f"GaussianMLPPolicy {name} must be a positive finite number, got {value!r}")
+        if not isinstance(bounded_mean, bool):
+            raise ValueError(f"GaussianMLPPolicy bounded_mean must be True or False, got {bounded_mean!r}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.max_action, self.bounded_mean = float(max_action), bounded_mean
         sizes = [obs_dim, *hidden]
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         self.mean = nn.Sequential(*layers, nn.Linear(sizes[-1], act_dim))
-        self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
+        self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std * max_action)))
 
     def forward(self, observations: Tensor) -> tuple[Tensor, Tensor]:
         """The action distribution at every observation.
@@ -63,7 +84,8 @@ class GaussianMLPPolicy(nn.Module):
             ``(mean [..., act_dim], log_std [..., act_dim])``; ``log_std`` is the parameter expanded to the
             mean's shape, so a per-task functional call gives both from that task's parameters.
         """
-        mean = self.mean(observations)
+        raw = self.mean(observations)
+        mean = (torch.tanh(raw) if self.bounded_mean else raw) * self.max_action
         return mean, self.log_std.expand_as(mean)
 
 

@@ -2,8 +2,9 @@
 
 Each task is a goal; each stage of the tableau has its own policy (the stage point), and the data of stage
 ``j`` are rollouts of that stage's policy (:mod:`rkfast.tasks.rollouts`). The registered ``navigation``
-domain: a Gaussian MLP policy (2 x 100, ReLU, learned log-std), 20 tasks per meta-batch, 20 episodes per
-task and stage, inner step 0.1 (Finn et al. 2017), Adam outside; meta-test on held-out goals with fresh
+domain: a Gaussian MLP policy (2 x 100, ReLU, learned log-std; acting in units of the clip 0.1, with its mean
+kept inside it), 20 tasks per meta-batch, 20 episodes per task and stage, inner step 0.1 (Finn et al. 2017),
+Adam outside; meta-test on held-out goals with fresh
 rollouts after each adaptation step, and a plot of trajectories before and after adaptation.
 """
 
@@ -29,7 +30,9 @@ __all__ = ["plot_trajectories", "NAVIGATION"]
 
 
 def _policy(options: Mapping[str, Any]) -> GaussianMLPPolicy:
-    return GaussianMLPPolicy(2, 2, hidden=(options["hidden"], options["hidden"]))
+    # in units of the clip, with the mean kept inside it (GaussianMLPPolicy says why)
+    return GaussianMLPPolicy(2, 2, hidden=(options["hidden"], options["hidden"]),
+                             max_action=PointNavigation.max_action, bounded_mean=True)
 
 
 def _make_tasks(options: Mapping[str, Any], split: str, device: torch.device) -> RolloutTasks:
@@ -90,10 +93,10 @@ NAVIGATION = register(Domain(
     make_model=_policy,
     loss_fn=None,
     metrics=(RETURN,),
-    defaults=Defaults(iterations=300, meta_batch=20, inner_lr=0.1, lr=3e-3, eval_every=50, eval_tasks=40,
+    defaults=Defaults(iterations=500, meta_batch=20, inner_lr=0.1, lr=1e-3, eval_every=50, eval_tasks=40,
                       test_tasks=40, test_steps=(1, 2, 3), eval_steps=(1,), eval_chunk=40,
                       source="Finn et al. 2017: 20 tasks per meta-batch, 20 episodes per task, inner step 0.1; "
-                             "Adam outside (instead of TRPO) at 3e-3"),
+                             "Adam outside (instead of TRPO) at 1e-3, as ProMP's DiCE-MAML"),
     options=rollout_options(horizon=100),
     describe_test=describe_rollout_test,
     test_protocol=rollout_test_protocol,
