@@ -4,8 +4,9 @@ Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"
 :class:`MetaOptimizer` and train as with any ``torch.optim`` optimizer.
 """
 
-from . import functional, kernels, models, tasks
+from . import distributed, functional, kernels, models, tasks
 from .batch import TaskBatch, TaskSet
+from .distributed import InconsistentParametersError, RankFailedError, TaskParallel
 from .optim import MetaOptimizer, NonFiniteLossError
 from .tableau import (InconsistentTableauWarning, Tableau, TableauTypeError, get_tableau, maml, maml_msl,
                      named_tableaus, rk2)
@@ -16,6 +17,9 @@ __version__ = "0.1.0"
 __all__ = [
     "MetaOptimizer",
     "NonFiniteLossError",
+    "RankFailedError",
+    "InconsistentParametersError",
+    "TaskParallel",
     "TaskBatch",
     "TaskSet",
     "Tableau",
@@ -27,6 +31,7 @@ __all__ = [
     "rk2",
     "maml",
     "maml_msl",
+    "distributed",
     "functional",
     "kernels",
     "models",

@@ -7,7 +7,7 @@ buffer in :mod:`rkfast.flat`, the outer update in :mod:`rkfast.outer`, whole-ste
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +17,15 @@ from . import functional as RF
 from . import kernels
 from .batch import TaskBatch, TaskSet, check_task_batch, check_task_set
 from .capture import CaptureMode, StepCapture, make_step_capture
+from .distributed import TaskParallel, is_ddp_wrapped, resolve_process_group
 from .flat import FlatParameters
 from .layout import ParamLayout
 from .outer import OuterUpdate, cast_state_to_params, check_lr, make_outer_optimizer, outer_class
 from .results import AdaptationOutput, MetaStepOutput
 from .tableau import Tableau, get_tableau
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["MetaOptimizer", "NonFiniteLossError", "resolve_vectorize"]
 
@@ -110,7 +114,24 @@ class MetaOptimizer(torch.optim.Optimizer):
             after changing it (e.g. a scheduler), call :meth:`release_capture`. Adam/AdamW are created
             with ``capturable=True``. Captured steps take :class:`~rkfast.batch.TaskBatch` es;
             :meth:`compute`/:meth:`apply` run eagerly. A :class:`~rkfast.capture.StepCapture` instance
-            is used as the capture engine as given.
+            is used as the capture engine as given. Not with a process group (``ValueError``).
+        process_group: task parallelism over ``torch.distributed`` (:mod:`rkfast.distributed`,
+            ``docs/distributed.md``). ``"auto"``: the default process group when torch.distributed is
+            initialized with more than one rank (as under ``torchrun``), else none; ``None``: never (a
+            rank-local optimizer, e.g. one built on rank 0 alone); or a ``torch.distributed.ProcessGroup``.
+            With a group, construction broadcasts the meta-parameters from the group's rank 0 (a collective:
+            every rank must build its optimizer), and each :meth:`step`/:meth:`compute` is a collective too:
+            every rank passes its own tasks (:meth:`TaskParallel.split <rkfast.distributed.TaskParallel.split>`
+            gives its share), computes their meta-direction, and one all-reduce makes it the task-weighted
+            mean over all ranks' tasks, identical on every rank, which every rank applies with the same outer
+            update. A failure on one rank makes the others raise :class:`~rkfast.distributed.RankFailedError`;
+            a non-finite meta-loss on one rank makes all raise :class:`NonFiniteLossError`. :meth:`apply` and
+            :meth:`evaluate` do not communicate. :attr:`distributed` is the group's
+            :class:`~rkfast.distributed.TaskParallel`.
+        check_consistency: with a process group, a debug check after every outer update (:meth:`step`,
+            :meth:`apply`): all ranks compare a checksum of the meta-parameters' bits (one small
+            ``all_gather``) and raise :class:`~rkfast.distributed.InconsistentParametersError`, naming the
+            ranks that differ from rank 0, if they are not identical (the update itself is kept).
 
     The meta-parameters are moved into one contiguous flat buffer (:class:`~rkfast.flat.FlatParameters`),
     and each parameter becomes a view into it (the same ``Parameter`` objects: the model, its
@@ -125,6 +146,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         vectorize: whether the tasks run together under ``vmap`` (``"auto"`` resolved).
         batch_statistics: as given.
         capture: ``False``, ``True`` or ``"auto"``.
+        distributed: the :class:`~rkfast.distributed.TaskParallel` of ``process_group``, or ``None``.
+        check_consistency: as given.
         outer_optimizer: the ``torch.optim`` optimizer of the outer update.
     """
 
@@ -144,10 +167,19 @@ class MetaOptimizer(torch.optim.Optimizer):
         batch_statistics: bool = True,
         backend: kernels.Backend = "auto",
         capture: CaptureMode | StepCapture = False,
+        process_group: ProcessGroup | Literal["auto"] | None = "auto",
+        check_consistency: bool = False,
         **outer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if is_ddp_wrapped(model):
+            raise ValueError(
+                "the model is wrapped in torch.nn.parallel.DistributedDataParallel: pass the unwrapped model "
+                "(model.module) to MetaOptimizer. MetaOptimizer all-reduces the meta-direction over the process "
+                "group itself (process_group='auto' uses the default group); DDP's gradient hooks never see "
+                "the meta-direction, so a DDP-wrapped model would silently drift apart across ranks."
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (or None for TaskSet steps), got {type(loss_fn).__name__}")
         if vectorize not in (True, False, "auto"):
@@ -163,6 +195,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         self._capture = make_step_capture(capture)
+        self._dist = resolve_process_group(process_group)
+        if self._dist is not None and self._capture is not None:
+            raise ValueError(
+                f"capture={self._capture.mode!r} with a process group is not supported: the all-reduce of the "
+                "meta-direction would have to be recorded in the CUDA graph (NCCL collectives can be captured, "
+                "but that path is not tested here; gloo's cannot). Use capture=False, or process_group=None "
+                "for a rank-local optimizer (docs/distributed.md)."
+            )
+        self.check_consistency = bool(check_consistency)
         graphed = self._capture is not None and self._capture.requires_cuda
         optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs, capturable=graphed)
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
@@ -190,6 +231,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                             if loss_fn is not None else None)
         self._workspace = RF.Workspace()
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device) if self._capture else None
+        if self._dist is not None:  # every rank starts from rank 0's meta-parameters
+            self._dist.broadcast_(self._flat.data)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
@@ -221,6 +264,11 @@ class MetaOptimizer(torch.optim.Optimizer):
                 parameters after the outer update (e.g. a NaN learning rate); not raised by a replayed
                 captured step, which skips the update on the device instead (see ``capture``).
             CaptureShapeError: with ``capture=True``, a batch whose shapes differ from the captured ones.
+            RankFailedError: with a process group, the step failed on another rank (which raises its own
+                exception), or the all-reduce failed (a rank died or stopped stepping: bounded by the
+                process group's timeout); see :mod:`rkfast.distributed`.
+            InconsistentParametersError: with ``check_consistency``, ranks whose parameters differ after
+                the update (raised after it).
             Any exception of the outer optimizer's own ``step``.
 
             In every case the parameters, every ``.grad`` (``None`` included) and the optimizer state are
@@ -230,6 +278,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             optimizer state cast to their new dtype and device once the tasks are checked; a later
             failure keeps that re-binding, which changes no value.)
         """
+        if self._dist is not None:
+            return self._distributed_step(tasks)
         tasks = self._check_tasks(tasks, "step", captured=self._capture is not None)
         if self._capture is not None:
             out = self._capture.run(tasks, self._eager_step, self._captured_step)
@@ -243,16 +293,58 @@ class MetaOptimizer(torch.optim.Optimizer):
                                    lambda: self._non_finite_direction_error(out))
         return out
 
+    # -- task-parallel steps (rkfast.distributed) ------------------------------------------------------
+
+    @property
+    def distributed(self) -> TaskParallel | None:
+        """The :class:`~rkfast.distributed.TaskParallel` this optimizer reduces its meta-direction over
+        (``process_group``), or ``None`` when it runs alone."""
+        return self._dist
+
+    def _reduced_direction(self, tasks: Tasks, call: str) -> tuple[MetaStepOutput, tuple[int, ...]]:
+        """This rank's tasks checked and their meta-direction computed, then reduced over the group (one
+        all-reduce): the meta-step of every rank's tasks, identical on every rank. A rank whose check or
+        computation raises still joins the all-reduce, then re-raises; the others raise RankFailedError."""
+        dist = self._dist
+        assert dist is not None
+
+        def local() -> tuple[MetaStepOutput, int]:
+            checked = self._check_tasks(tasks, call)
+            return self._meta_direction(checked), _task_count(checked)
+
+        # the reduced buffer's size is fixed (a re-bind keeps the layout); its dtype and device are the
+        # parameters' as they are now (a re-bind inside local() may change them)
+        like = self._flat.params[0].new_empty(self.layout.numel)
+        return dist.reduce_meta_step(local, like, self.tableau.stages)
+
+    def _distributed_step(self, tasks: Tasks) -> MetaStepOutput:
+        out, nonfinite = self._reduced_direction(tasks, "step")
+        # the reduced direction and loss are identical on every rank: so is every decision below
+        self._transactional_update(lambda: self._flat.write_grad(out.direction), out.direction, out.loss,
+                                   lambda: self._non_finite_direction_error(out, nonfinite))
+        if self.check_consistency:
+            self._dist.check_identical(self._flat.data)  # type: ignore[union-attr]
+        return out
+
     def compute(self, tasks: Tasks) -> MetaStepOutput:
         """The first half of :meth:`step`: the meta-direction of ``tasks`` into every ``.grad``, no update.
 
         Edit ``.grad`` as after any ``backward()`` (clip, log, all-reduce), then call :meth:`apply`.
         Raises as :meth:`step` does, before ``.grad`` changes (with ``check_finite``, a non-finite
         meta-loss or meta-direction is checked here, with one host synchronization).
+
+        With a process group (``process_group``) this is the collective half: ``.grad`` receives the
+        meta-direction already reduced over every rank's tasks (identical on every rank). Edits of
+        ``.grad`` before :meth:`apply` must then be identical on every rank (a deterministic function of
+        ``.grad``, such as ``clip_grad_norm_``, is); otherwise the ranks' parameters drift apart, which
+        ``check_consistency`` reports.
         """
-        out = self._meta_direction(self._check_tasks(tasks, "compute"))
+        if self._dist is not None:
+            out, nonfinite = self._reduced_direction(tasks, "compute")
+        else:
+            out, nonfinite = self._meta_direction(self._check_tasks(tasks, "compute")), ()
         if self.check_finite and not bool(_all_finite(out.direction, out.loss)):  # one host sync
-            raise self._non_finite_direction_error(out)
+            raise self._non_finite_direction_error(out, nonfinite)
         self._flat.write_grad(out.direction)
         return out
 
@@ -260,7 +352,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         """The second half of :meth:`step`: the outer update from the current ``.grad``.
 
         ``.grad`` edited in place or replaced by new tensors is used as it is; a ``.grad`` set to ``None``
-        is skipped as torch optimizers do (plain SGD: no change to that parameter).
+        is skipped as torch optimizers do (plain SGD: no change to that parameter). With a process group it
+        does not communicate (:meth:`compute` already reduced ``.grad``), except for the
+        ``check_consistency`` check after the update.
 
         Raises:
             RuntimeError: called under ``torch.inference_mode()`` (call it outside).
@@ -277,6 +371,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         grad = self._flat.grad  # .grad as the update reads it, once adopted
         self._transactional_update(self._flat.adopt_grads, grad, None, lambda: NonFiniteLossError(
             "non-finite .grad; parameters, .grad and optimizer state were left unchanged"))
+        if self._dist is not None and self.check_consistency:
+            self._dist.check_identical(self._flat.data)
 
     def _transactional_update(self, set_grad: Callable[[], None], direction: Tensor, loss: Tensor | None,
                               direction_error: Callable[[], NonFiniteLossError]) -> None:
@@ -364,10 +460,14 @@ class MetaOptimizer(torch.optim.Optimizer):
                 "(under torch.no_grad() it works as usual)."
             )
 
-    def _non_finite_direction_error(self, out: MetaStepOutput) -> NonFiniteLossError:
+    def _non_finite_direction_error(self, out: MetaStepOutput, ranks: Sequence[int] = ()) -> NonFiniteLossError:
         stages = {j: float(v) for j, v in out.stage_losses.items()}
+        where = ""
+        if self._dist is not None:
+            where = (f" (reduced over {self._dist.world_size} ranks; non-finite on rank(s) {list(ranks)}: every "
+                     "rank raises this error)" if ranks else f" (reduced over {self._dist.world_size} ranks)")
         return NonFiniteLossError(
-            f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction; "
+            f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction{where}; "
             "parameters and optimizer state were left unchanged. Lower inner_lr or lr, or check the batch."
         )
 
@@ -482,6 +582,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         flat parameters (``[len(steps), T, N]``; :attr:`layout` unflattens them). Works under
         ``torch.no_grad()``; raises ``RuntimeError`` under ``torch.inference_mode()``, and as :meth:`step`
         does for malformed tasks.
+
+        With a process group it does not communicate: each rank evaluates the tasks it is given. Gathering
+        is the caller's: ``AdaptationOutput.cat(opt.distributed.all_gather_object(result))``.
         """
         tasks = self._check_tasks(tasks, "evaluate")
         alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
@@ -532,6 +635,13 @@ class MetaOptimizer(torch.optim.Optimizer):
             f"MetaOptimizer(tableau={self.tableau.name}, inner_lr={self.inner_lr:g}, "
             f"first_order={self.first_order}, outer={self.outer_optimizer!r})"
         )
+
+
+def _task_count(tasks: TaskBatch | TaskSet) -> int:
+    """The number of tasks of checked ``tasks`` (a rank's weight in the reduced meta-direction)."""
+    if isinstance(tasks, TaskBatch):
+        return tasks.num_tasks
+    return RF.resolve_num_tasks(tasks.num_tasks, tasks.support_data, tasks.query_data)
 
 
 def _all_finite(*tensors: Tensor | None) -> Tensor:

@@ -1,0 +1,332 @@
+"""Task-parallel meta-steps over ``torch.distributed``: every rank computes the meta-direction of its own
+tasks, and one all-reduce per step makes it the meta-direction of all of them, on every rank.
+
+:class:`~rkfast.optim.MetaOptimizer` does this by itself inside an initialized process group
+(``process_group="auto"``, the default, or a group passed in); :class:`TaskParallel` is what it keeps in
+:attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the helpers a training
+loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
+own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or ``torch.distributed.init_process_group``.
+
+One step, on every rank (``docs/distributed.md``):
+
+1. the meta-direction ``d_r`` and meta-loss ``L_r`` of this rank's ``n_r`` tasks (the mean over them), or
+   an exception, caught;
+2. one ``all_reduce(SUM)`` of one flat buffer
+   ``[d_r * n_r, L_r * n_r, stage losses * n_r, n_r, failed one-hot [W], non-finite one-hot [W]]``;
+3. a rank that failed re-raises its own exception, the others raise :class:`RankFailedError` naming it;
+   otherwise ``d = sum_r d_r n_r / sum_r n_r``, the mean over all tasks, bit-identical on every rank, which
+   every rank then applies with the same outer update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .results import MetaStepOutput
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = [
+    "TaskParallel",
+    "RankFailedError",
+    "InconsistentParametersError",
+    "resolve_process_group",
+    "is_ddp_wrapped",
+]
+
+
+class RankFailedError(RuntimeError):
+    """A distributed meta-step failed on another rank (or the collective itself failed).
+
+    Raised on every rank that did not fail itself; the ranks that failed raise their own exception.
+    Parameters, ``.grad`` and optimizer state are left as they were on every rank.
+
+    Attributes:
+        ranks: the ranks (in the process group) that reported a failure; empty when the collective itself
+            failed (a rank died or stopped calling ``step``, and the process group's timeout expired).
+        rank: this process's rank in the group.
+    """
+
+    def __init__(self, message: str, ranks: Sequence[int] = (), rank: int = -1) -> None:
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+        self.rank = rank
+
+
+class InconsistentParametersError(RuntimeError):
+    """``check_consistency``: the meta-parameters differ across ranks after an outer update.
+
+    Attributes:
+        ranks: the ranks whose parameters differ from rank 0's.
+    """
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_ddp_wrapped(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is, or contains, a ``torch.nn.parallel.DistributedDataParallel`` module."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover - builds without distributed support
+        return False
+    return any(isinstance(m, DistributedDataParallel) for m in model.modules())
+
+
+def resolve_process_group(process_group: ProcessGroup | str | None) -> TaskParallel | None:
+    """The :class:`TaskParallel` of ``MetaOptimizer(process_group=...)``, or ``None`` for no distribution.
+
+    ``"auto"``: torch.distributed's default group when it is available, initialized and has more than one
+    rank; ``None``: never; a ``torch.distributed.ProcessGroup``: that group (this process must belong to it).
+
+    Raises:
+        TypeError: anything else.
+        ValueError: a group this process is not a member of.
+        RuntimeError: a group passed while torch.distributed is not available.
+    """
+    if process_group is None:
+        return None
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, "
+                             f"got {process_group!r}")
+        if not torch.distributed.is_available():
+            return None
+        dist = _dist()
+        if not dist.is_initialized() or dist.get_world_size() <= 1:
+            return None
+        return TaskParallel(None)
+    if not torch.distributed.is_available():
+        raise RuntimeError("process_group was given but this torch build has no torch.distributed")
+    if not isinstance(process_group, _dist().ProcessGroup):
+        raise TypeError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, "
+                        f"got {type(process_group).__name__}")
+    return TaskParallel(process_group)
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the reduced buffer: the parameters' own, at least float32 (task counts and rank flags
+    stay exact, and half-precision directions are summed in float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class TaskParallel:
+    """Task parallelism over one ``torch.distributed`` process group.
+
+    Each rank computes the meta-direction of its own tasks; :meth:`reduce_meta_step` turns them into the
+    meta-direction of all tasks with one all-reduce. Built by :class:`~rkfast.optim.MetaOptimizer` (see its
+    ``process_group``); a training loop uses :meth:`split`, :meth:`rank_seed` and the object helpers.
+
+    Every method that communicates is a collective: every rank of the group must call it, in the same order.
+
+    Args:
+        group: a ``torch.distributed.ProcessGroup``, or ``None`` for the default group (which must be
+            initialized).
+
+    Attributes:
+        group: the process group (the default group's object when ``None`` was given).
+        rank: this process's rank in ``group`` (``0 .. world_size - 1``).
+        world_size: the number of ranks in ``group``.
+    """
+
+    def __init__(self, group: ProcessGroup | None = None) -> None:
+        dist = _dist()
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
+                               "(torchrun sets up its environment) before building a TaskParallel")
+        self.group: ProcessGroup = dist.group.WORLD if group is None else group
+        self.rank: int = dist.get_rank(self.group)
+        self.world_size: int = dist.get_world_size(self.group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the given process group")
+        self.backend: str = str(dist.get_backend(self.group))
+
+    def __repr__(self) -> str:
+        return f"TaskParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
+
+    def global_rank(self, rank: int) -> int:
+        """The global (default-group) rank of ``rank`` of this group."""
+        if self.group is _dist().group.WORLD:
+            return rank
+        return _dist().get_global_rank(self.group, rank)
+
+    # -- what a training loop uses ----------------------------------------------------------------------
+
+    def split(self, count: int) -> tuple[int, int]:
+        """This rank's share of ``count`` tasks: ``(start, length)`` of a contiguous block.
+
+        The blocks of ranks ``0 .. world_size - 1`` tile ``range(count)`` in order; the first
+        ``count % world_size`` ranks get one task more (``split(5)`` over 2 ranks: ``(0, 3)`` and ``(3, 2)``).
+
+        Raises:
+            TypeError: ``count`` is not an integer.
+            ValueError: ``count < world_size`` (a rank without tasks has no meta-direction to contribute).
+        """
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"count must be an integer, got {type(count).__name__}")
+        if count < self.world_size:
+            raise ValueError(
+                f"cannot split {count} task(s) over {self.world_size} ranks: every rank needs at least one task "
+                f"per meta-step; use a meta-batch of at least {self.world_size} tasks (or fewer processes)"
+            )
+        base, extra = divmod(count, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, base + (1 if self.rank < extra else 0)
+
+    def rank_seed(self, seed: int) -> int:
+        """A reproducible seed for this rank derived from ``seed``: the same ``(seed, rank)`` always gives the
+        same value, different ranks (and different seeds) practically never collide. In ``[0, 2**32)``,
+        which ``torch.manual_seed``, ``torch.Generator.manual_seed``, ``random.seed`` and
+        ``numpy.random.seed`` all accept. Depends on the rank only, not on ``world_size``."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        digest = hashlib.sha256(f"rkfast-rank-seed:{seed}:{self.rank}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (e.g. evaluation results, which
+        :meth:`~rkfast.optim.MetaOptimizer.evaluate` computes per rank: join them with
+        ``AdaptationOutput.cat``). Tensors come back on the device they were sent from; move them to the CPU
+        first for gloo (``torch.distributed.all_gather_object`` pickles them)."""
+        out: list[Any] = [None] * self.world_size
+        _dist().all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` (picklable) on every rank (the others' ``obj`` is ignored); ``src`` is a rank
+        of this group."""
+        if not 0 <= src < self.world_size:
+            raise ValueError(f"src must be a rank in 0..{self.world_size - 1}, got {src}")
+        box = [obj if self.rank == src else None]
+        _dist().broadcast_object_list(box, src=self.global_rank(src), group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank of the group has called it."""
+        _dist().barrier(group=self.group)
+
+    # -- what MetaOptimizer uses --------------------------------------------------------------------------
+
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``tensor`` in place with rank ``src``'s (a collective); returns ``tensor``."""
+        with torch.no_grad():
+            _dist().broadcast(tensor, src=self.global_rank(src), group=self.group)
+        return tensor
+
+    def reduce_meta_step(self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor,
+                         stages: int) -> tuple[MetaStepOutput, tuple[int, ...]]:
+        """The meta-step of all ranks' tasks: ``compute()`` on this rank, then one all-reduce.
+
+        Args:
+            compute: this rank's part: returns its :class:`~rkfast.results.MetaStepOutput` (the mean over
+                its tasks) and its task count ``n``. Any exception it raises is caught, reported to the
+                other ranks through the same all-reduce, and re-raised here afterwards.
+            like: a tensor of the meta-parameters' dtype, device and size ``[N]``.
+            stages: the tableau's stage count (the stage losses' slots in the buffer).
+
+        Returns:
+            The task-weighted mean over ranks: ``direction``, ``loss`` and ``stage_losses`` of all tasks,
+            identical on every rank (``stage_metrics`` are this rank's own); and the ranks whose own
+            direction or loss was non-finite (the reduced ones are non-finite then too).
+
+        Raises:
+            Exception: this rank's own, from ``compute`` (after the all-reduce, so no rank waits for it).
+            RankFailedError: another rank failed (its ranks in ``.ranks``), or the all-reduce itself failed.
+        """
+        n_params, world = like.numel(), self.world_size
+        dtype = _reduce_dtype(like.dtype)
+        loss_at, stages_at, count_at = n_params, n_params + 1, n_params + 1 + stages
+        failed_at, nonfinite_at = count_at + 1, count_at + 1 + world
+        buf = torch.zeros(nonfinite_at + world, dtype=dtype, device=like.device)
+        error: BaseException | None = None
+        out: MetaStepOutput | None = None
+        try:
+            out, n = compute()
+            with torch.no_grad():
+                scale = float(n)
+                buf[:n_params].copy_(out.direction.reshape(-1)).mul_(scale)
+                buf[loss_at] = out.loss.to(dtype) * scale
+                for j, value in out.stage_losses.items():
+                    buf[stages_at + j - 1] = value.to(dtype) * scale
+                buf[count_at] = scale
+                ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)  # on the device
+                buf[nonfinite_at + self.rank] = (~ok).to(dtype)
+        except Exception as err:  # reported through the all-reduce, re-raised below
+            error = err
+            buf.zero_()
+            buf[failed_at + self.rank] = 1.0
+        try:
+            with torch.no_grad():
+                _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=self.group)
+        except Exception as err:
+            if error is not None:
+                raise error
+            raise RankFailedError(
+                f"the meta-step's all-reduce over {world} ranks failed on rank {self.rank}: {err}. Another rank "
+                "has probably died, or stopped calling step(); the wait is bounded by the process group's "
+                "timeout (init_process_group(timeout=...)). Parameters, .grad and optimizer state are unchanged "
+                "on this rank.", (), self.rank) from err
+        tail = buf[count_at:].tolist()  # one host synchronization: the task count and the rank flags
+        total = tail[0]
+        failed = [r for r in range(world) if tail[1 + r] > 0]
+        if failed:
+            if error is not None:
+                others = [r for r in failed if r != self.rank]
+                if others and hasattr(error, "add_note"):
+                    error.add_note(f"(rkfast: the distributed meta-step also failed on rank(s) {others})")
+                raise error
+            raise RankFailedError(
+                f"the distributed meta-step failed on rank(s) {failed} of {world} (each raises its own exception "
+                f"there: see its log); rank {self.rank} raises this error so that no rank waits for it. "
+                "Parameters, .grad and optimizer state are unchanged on every rank.", failed, self.rank)
+        assert out is not None
+        direction = (buf[:n_params] / total).to(like.dtype)
+        loss = (buf[loss_at] / total).to(out.loss.dtype)
+        stage_losses = {j: (buf[stages_at + j - 1] / total).to(v.dtype) for j, v in out.stage_losses.items()}
+        nonfinite = tuple(r for r in range(world) if tail[1 + world + r] > 0)
+        return MetaStepOutput(direction, loss, stage_losses, out.stage_metrics), nonfinite
+
+    def check_identical(self, tensor: Tensor, what: str = "meta-parameters") -> None:
+        """Raise :class:`InconsistentParametersError` on every rank unless ``tensor`` is bit-identical on
+        every rank (compared by an integer checksum of the bits: one ``all_gather`` of three float64 slots per
+        rank, the sum and sum of squares only for the message)."""
+        dist = _dist()
+        summary = _checksum(tensor)
+        gathered = [torch.empty_like(summary) for _ in range(self.world_size)]
+        dist.all_gather(gathered, summary, group=self.group)
+        rows = [g.cpu() for g in gathered]
+        keys = [r[2:].numpy().tobytes() for r in rows]  # the bit checksum: float sums may differ in rounding
+        differ = [r for r in range(self.world_size) if keys[r] != keys[0]]
+        if differ:
+            stats = "; ".join(f"rank {r}: sum {float(rows[r][0])!r}, sum of squares {float(rows[r][1])!r}"
+                              for r in [0, *differ])
+            raise InconsistentParametersError(
+                f"check_consistency: the {what} differ across ranks after the outer update: rank(s) {differ} "
+                f"differ from rank 0 ({stats}). Something changed them on some ranks only: an edit of the "
+                "parameters outside the optimizer, a rank-dependent .grad edit between compute() and apply(), "
+                "a checkpoint or outer-optimizer state loaded on some ranks only. The update was applied.", differ)
+
+
+def _checksum(tensor: Tensor) -> Tensor:
+    """``[sum, sum of squares, bit checksum]`` of ``tensor`` as float64 ``[3]`` on its device: the bit
+    checksum (the raw bits as integers, position-weighted, summed with int64 wrap-around, its bits stored in a
+    float64 slot) tells apart values that differ in their last bit."""
+    flat = tensor.detach().reshape(-1)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[flat.element_size()]
+    bits = flat.contiguous().view(ints).to(torch.int64)
+    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+    bit_sum = (bits * weights).sum().reshape(1)
+    values = flat.to(torch.float64)
+    return torch.cat([values.sum().reshape(1), (values * values).sum().reshape(1), bit_sum.view(torch.float64)])
