@@ -7,23 +7,34 @@
     rkfast compare sinusoid --tableaus maml,heun,rk4    # same seeds for every tableau, one table and plot
     rkfast eval runs/sinusoid-rk4 --test-tasks 1000     # meta-test a finished run again
     rkfast train DOMAIN --help                          # a domain's options and published defaults
+    torchrun --nproc-per-node 2 -m rkfast train sinusoid   # the same run, task-parallel over 2 processes
 
 Every run is seeded: ``--seed`` fixes the initialization and the stream of training tasks; the held-out
 validation tasks and the meta-test tasks come from ``--test-seed`` (independent streams), so runs with
 different tableaus or training seeds are tested on the very same tasks.
+
+Under a launcher that sets ``WORLD_SIZE`` > 1 (``torchrun``), ``train`` and ``compare`` initialize
+torch.distributed's default process group themselves (unless it already is): gloo, plus NCCL for CUDA
+tensors where CUDA is available, with a timeout of ``RKFAST_DIST_TIMEOUT`` seconds (default 300) for every
+collective, so a rank that stops answering ends the job instead of hanging it. Rank 0 alone prints and
+writes; the other ranks print only their own errors. ``eval`` runs in one process and refuses a launcher.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
 import shlex
 import sys
+import traceback
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -31,6 +42,7 @@ from . import kernels
 from .optim import NonFiniteLossError
 from .report import compare_report, compare_rows, run_line, step_source, test_report, train_report
 from .data.images import DataError
+from .distributed import RankFailedError, TaskParallel, resolve_process_group
 from .runs import RunError, RunFolder, load_checkpoint, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Domain, domains, get_domain
@@ -41,6 +53,7 @@ from .train import (
     TrainConfig,
     check_device,
     evaluate_tasks,
+    lead_decides,
     load_result,
     load_run,
     resume_config,
@@ -54,6 +67,8 @@ __all__ = ["build_parser", "main"]
 
 _OPTION_DEST = "domain_option_"  # argparse dest prefix of a domain's own options
 _GIVEN = "_given_options"  # where the parser records which options were typed (resuming keeps the others)
+DIST_TIMEOUT_ENV = "RKFAST_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
+DEFAULT_DIST_TIMEOUT_S = 300.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,28 +173,155 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, args: argparse.Namespace) 
                  progress=not args.quiet)
 
 
+# -- many processes (torchrun) ------------------------------------------------------------------------
+
+
+def launched_world() -> tuple[int, int]:
+    """``(world size, rank)`` as a launcher such as torchrun sets them in the environment (``WORLD_SIZE``,
+    ``RANK``); ``(1, 0)`` without one."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 1, 0
+    return (world, rank) if world > 1 else (1, 0)
+
+
+def dist_timeout() -> timedelta:
+    """How long a collective may wait for the other processes: ``RKFAST_DIST_TIMEOUT`` seconds (default 300)."""
+    text = os.environ.get(DIST_TIMEOUT_ENV)
+    if text is None or not text.strip():
+        return timedelta(seconds=DEFAULT_DIST_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise CommandError(f"{DIST_TIMEOUT_ENV}={text!r}: must be a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+def _local_gpu(device: str | None) -> None:
+    """A CUDA run under a launcher: this process computes on GPU ``LOCAL_RANK`` (``--device cuda`` names the
+    current device), before anything touches CUDA. A device with an index is left as given."""
+    if device is None or not device.startswith("cuda") or ":" in device or not torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    torch.cuda.set_device(local % torch.cuda.device_count())
+
+
+def _peek_device(argv: Sequence[str]) -> str | None:
+    """The value of ``--device`` on the command line, before parsing (which already touches the device)."""
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under a launcher (``WORLD_SIZE`` > 1): torch.distributed's default group, initialized here unless it
+    already is (gloo, plus NCCL for CUDA tensors where CUDA is available; :func:`dist_timeout`) and destroyed
+    at the end if it was initialized here. ``args.parallel`` is the run's task parallelism meanwhile
+    (``None`` for one process)."""
+    world, _ = launched_world()
+    args.parallel = None
+    if world == 1:
+        yield
+        return
+    if not torch.distributed.is_available():
+        raise CommandError(f"WORLD_SIZE={world} asks for {world} processes (a launcher such as torchrun), but "
+                           "this torch build has no torch.distributed")
+    dist = torch.distributed
+    created = False
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and dist.is_nccl_available()
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=dist_timeout())
+        created = True
+    try:
+        args.parallel = resolve_process_group("auto")
+        yield
+    finally:
+        args.parallel = None
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+            # the last references to the group (the run's optimizers, in reference cycles too) go now, while
+            # the interpreter is whole: a gloo group destroyed during interpreter shutdown can abort the process
+            # ("terminate called without an active exception", seen with Triton imported)
+            gc.collect()
+
+
+def _parallel(args: argparse.Namespace) -> TaskParallel | None:
+    return getattr(args, "parallel", None)
+
+
+def _is_lead(args: argparse.Namespace) -> bool:
+    parallel = _parallel(args)
+    return parallel is None or parallel.rank == 0
+
+
+def _check_parallel(cfg: TrainConfig, parallel: TaskParallel | None) -> None:
+    """What a run over several processes needs of its configuration (the same on every rank)."""
+    if parallel is None:
+        return
+    world, resolved = parallel.world_size, cfg.resolved()
+    if resolved.meta_batch < world:  # type: ignore[operator]
+        raise CommandError(f"--meta-batch {resolved.meta_batch} is smaller than the {world} processes of the run: "
+                           f"every process needs at least one task per meta-step; give --meta-batch {world} or "
+                           "more, or start fewer processes")
+    device = str(resolved.device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if device.startswith("cuda:") and local_world > 1:
+        raise CommandError(f"--device {device} would put all {local_world} processes of this machine on one GPU: "
+                           "give --device cuda (process LOCAL_RANK computes on GPU LOCAL_RANK)")
+    _local_gpu(device)
+
+
 def _resume_hint(args: argparse.Namespace, out: Path) -> str:
-    return f"rkfast {args.command} {args.domain} --resume {shlex.quote(str(out))}"
+    command = f"rkfast {args.command} {args.domain} --resume {shlex.quote(str(out))}"
+    parallel = _parallel(args)
+    if parallel is None:
+        return command
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) == parallel.world_size:  # one machine
+        return f"torchrun --nproc-per-node {parallel.world_size} -m {command}"
+    return f"{command} (launched on {parallel.world_size} processes again, as this run was)"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``rkfast train DOMAIN``: one run, its table, ``results.json``, checkpoints and plots."""
-    if args.resume is None:
-        cfg = _checked(_config(args, args.tableau))
-        tableau = get_tableau(cfg.resolved().tableau)  # type: ignore[arg-type]
-        out, resume = _run_folder(args, f"runs/{args.domain}-{slug(tableau.name)}")
-    else:
-        out, resume = _run_folder(args, "")
-        cfg = _checked(_resumed_config(args, resume_config(out)))
+    """``rkfast train DOMAIN``: one run, its table, ``results.json``, checkpoints and plots (distributed: rank
+    0 reads the command's files and decides, every rank trains, rank 0 prints and writes)."""
+
+    def decide() -> tuple[TrainConfig, Path, bool]:
+        if args.resume is None:
+            cfg = _checked(_config(args, args.tableau))
+            tableau = get_tableau(cfg.resolved().tableau)  # type: ignore[arg-type]
+            out, resume = _run_folder(args, f"runs/{args.domain}-{slug(tableau.name)}")
+        else:
+            out, resume = _run_folder(args, "")
+            cfg = _checked(_resumed_config(args, resume_config(out)))
+        return cfg, out, resume
+
+    cfg, out, resume = lead_decides(_parallel(args), decide)
+    _check_parallel(cfg, _parallel(args))
+    lead = _is_lead(args)
     try:
         run = _train(cfg, out, resume, args)
     except RunInterrupted as stop:
-        print(f"{stop}; resume with: {_resume_hint(args, out)}", file=sys.stderr)
+        if lead:
+            print(f"{stop}; resume with: {_resume_hint(args, out)}", file=sys.stderr)
         return 130
     except RunDiverged as err:
-        print(f"rkfast: training diverged: {err}", file=sys.stderr)
+        if lead:
+            print(f"rkfast: training diverged: {err}", file=sys.stderr)
         return 1
+    if not lead:
+        return 0
     print(train_report(run))
+    if run.distributed is not None:
+        d = run.distributed
+        print(f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
+              f"{', '.join(map(str, d['meta_batch_per_rank']))}")
     written = [out / "results.json", out / "checkpoint.pt", *_write_plots(run, out)]
     if run.best is not None:
         written.insert(2, out / "best.pt")
@@ -212,14 +354,22 @@ def _compare_state(out: Path, resume: bool, args: argparse.Namespace) -> tuple[d
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``rkfast compare DOMAIN``: every tableau with the same seeds, each run in its own subfolder; one
-    table, JSON and plot. A diverged tableau is reported as such; the others keep their results."""
+    table, JSON and plot. A diverged tableau is reported as such; the others keep their results.
+    Distributed: every run is task-parallel; rank 0 reads and writes the files and prints."""
     from . import plots
 
-    out, resume = _run_folder(args, f"runs/compare-{args.domain}")
-    config, tableaus = _compare_state(out, resume, args)
+    parallel, lead = _parallel(args), _is_lead(args)
+
+    def setup() -> tuple[Path, bool, dict[str, Any], list[Tableau]]:
+        out, resume = _run_folder(args, f"runs/compare-{args.domain}")
+        config, tableaus = _compare_state(out, resume, args)
+        for f in [RunFolder(out, ("compare.json", "compare.png")), *(RunFolder(out / slug(t.name)) for t in tableaus)]:
+            f.check_writable()
+        return out, resume, config, tableaus
+
+    out, resume, config, tableaus = lead_decides(parallel, setup)
+    _check_parallel(TrainConfig(**{**config, "tableau": tableaus[0]}), parallel)
     folders = {t.name: RunFolder(out / slug(t.name)) for t in tableaus}
-    for f in [RunFolder(out, ("compare.json", "compare.png")), *folders.values()]:
-        f.check_writable()
     base = {**config, "tableau": None}
 
     def write(status: str, runs: list[RunResult]) -> None:
@@ -228,25 +378,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                           "runs": [r.to_json() for r in runs]})
 
     runs: list[RunResult] = []
-    write("running", runs)
+    lead_decides(parallel, lambda: write("running", runs), f"write {out / 'compare.json'}")
     for tableau in tableaus:
         folder = folders[tableau.name]
         cfg = TrainConfig(**{**config, "tableau": tableau})
+        loaded: dict[str, RunResult] = {}
+
+        def saved_state() -> tuple[bool, bool]:
+            """(finished, has a checkpoint): a finished run's result is read here, on rank 0."""
+            has_checkpoint = resume and folder.checkpoint.exists()
+            finished = has_checkpoint and load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged")
+            if finished and lead:
+                loaded["run"] = load_result(folder.path)
+            return finished, has_checkpoint
+
         try:
-            finished = resume and folder.checkpoint.exists() and \
-                load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged")
-            if finished:
-                run = load_result(folder.path)
-            else:
-                run = _train(cfg, folder.path, resume and folder.checkpoint.exists(), args)
+            finished, has_checkpoint = lead_decides(parallel, saved_state)
+            run = loaded.get("run") if finished else _train(cfg, folder.path, has_checkpoint, args)
         except RunInterrupted as stop:
-            write("interrupted", runs)
-            print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}", file=sys.stderr)
+            if lead:
+                write("interrupted", runs)
+                print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}",
+                      file=sys.stderr)
             return 130
         except RunDiverged as err:
             run = err.result
-        print(run_line(run), flush=True)
-        runs.append(run)
+        if lead:
+            assert run is not None
+            print(run_line(run), flush=True)
+            runs.append(run)
+    if not lead:
+        return 0
     print(compare_report(runs))
     write("complete", runs)
     plots.plot_compare(runs, out / "compare.png")
@@ -418,7 +580,11 @@ def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rkfast`` argument parser: ``train``/``compare`` per registered domain, ``eval``, ``tableaus``."""
-    parser = _Parser(prog="rkfast", description="Runge-Kutta meta-learning (RK-MAML) in PyTorch.")
+    parser = _Parser(prog="rkfast", description="Runge-Kutta meta-learning (RK-MAML) in PyTorch.",
+                     epilog="Many processes: torchrun --nproc-per-node N -m rkfast train|compare DOMAIN ... splits "
+                            "every meta-batch over N processes (gloo on CPU, NCCL on CUDA; rank 0 prints and writes). "
+                            f"{DIST_TIMEOUT_ENV}=SECONDS (default {DEFAULT_DIST_TIMEOUT_S:g}) bounds every wait for "
+                            "another process.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,tableaus}")
 
     train_cmd = sub.add_parser("train", help="meta-train one tableau on a task domain and meta-test it")
@@ -446,23 +612,106 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silenced(streams: Sequence[str], active: bool) -> contextlib.ExitStack:
+    """Redirect ``sys.stdout``/``sys.stderr`` (the named ``streams``) to ``os.devnull`` while ``active``."""
+    stack = contextlib.ExitStack()
+    if active:
+        sink = stack.enter_context(open(os.devnull, "w"))
+        for name in streams:
+            stack.enter_context((contextlib.redirect_stdout if name == "stdout" else contextlib.redirect_stderr)(sink))
+    return stack
+
+
+def _shown_by_this_rank(err: BaseException, rank: int) -> bool:
+    """Whether this rank reports ``err``: rank 0 reports everything; another rank only what may be its alone (a
+    data error, a lost connection, its own failure), not the errors every rank raises alike (configuration,
+    folder checks and writes that rank 0 decides, divergence, another rank's failure that rank 0 names)."""
+    if rank == 0:
+        return True
+    if isinstance(err, RankFailedError):
+        return not err.ranks  # the collective itself failed: this rank may be the one left to say so
+    return not isinstance(err, (CommandError, RunError, NonFiniteLossError, KeyboardInterrupt))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``rkfast`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the ``rkfast`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Under a launcher (``WORLD_SIZE`` > 1 in the environment, as torchrun sets it) ``train`` and ``compare``
+    run task-parallel over its processes (see the module's documentation); ranks other than 0 print only
+    the errors that may be theirs alone, with their rank. There an unexpected exception is printed with its
+    traceback and ends the process with code 1 after the process group is gone (not during interpreter
+    shutdown, where a gloo group's last reference can abort the process)."""
+    world, rank = launched_world()
+    if world == 1:
+        return _main(argv, world, rank)
     try:
-        args = build_parser().parse_args(argv)
+        return _main(argv, world, rank)
+    except Exception:  # noqa: BLE001 - printed as Python would, then the frames holding the group are dropped
+        traceback.print_exc()
+        return 1
+    finally:
+        gc.collect()
+
+
+def _main(argv: Sequence[str] | None, world: int, rank: int) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if world > 1:
+        _local_gpu(_peek_device(argv))  # before parsing, which checks the device on the current GPU
+    try:
+        with _silenced(("stdout", "stderr"), rank != 0):  # usage errors and --help: rank 0's alone
+            args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse errors (code 2) and --help (code 0)
         return int(exit_.code or 0)
+    where = f" [rank {rank} of {world}]" if rank != 0 else ""  # rank 0 speaks for the run
     try:
-        return args.func(args)
-    except (CommandError, RunError, DataError) as err:
-        print(f"rkfast {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"rkfast: training diverged: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint is what was saved
-        print("interrupted", file=sys.stderr)
-        return 130
+        with _silenced(("stdout",), rank != 0):
+            if world > 1 and args.command == "eval":
+                raise CommandError("rkfast eval meta-tests in one process: run it without torchrun "
+                                   "(rkfast eval RUN_DIR)")
+            if args.command not in ("train", "compare"):
+                return args.func(args)
+            with _process_group(args):
+                try:
+                    return args.func(args)
+                except (Exception, KeyboardInterrupt) as err:
+                    # reported while the process group lives: once another process has exited, the launcher
+                    # may end this one at any moment (torchrun sends SIGTERM), so say it first
+                    code = _reported(err, args.command, rank, where)
+                    if code is None and world > 1 and not isinstance(err, BrokenPipeError):
+                        traceback.print_exc()
+                        code = 1
+                    if code is None:
+                        raise
+                    return code
     except BrokenPipeError:  # output piped into `head` & co., which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (Exception, KeyboardInterrupt) as err:
+        code = _reported(err, args.command, rank, where)
+        if code is None:
+            raise
+        return code
+
+
+def _reported(err: BaseException, command: str, rank: int, where: str) -> int | None:
+    """Report ``err`` as the command line does (one line on stderr, when this rank shows it: see
+    :func:`_shown_by_this_rank`) and return the exit code; ``None`` for an exception it does not handle."""
+    dist_error = getattr(torch.distributed, "DistError", None) if torch.distributed.is_available() else None
+    if isinstance(err, (CommandError, RunError, DataError)):
+        message, code = f"rkfast {command}{where}: error: {err}", 2
+    elif isinstance(err, NonFiniteLossError):
+        message, code = f"rkfast{where}: training diverged: {err}", 1
+    elif isinstance(err, RankFailedError):
+        message, code = f"rkfast {command}{where}: error: {err}", 1
+    elif isinstance(err, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, the last checkpoint is what was saved
+        message, code = "interrupted", 130
+    elif dist_error is not None and isinstance(err, dist_error):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message, code = (f"rkfast {command}{where}: error: lost contact with the other processes of the run "
+                         f"({type(err).__name__}: {first}); another process has probably failed (see its error) "
+                         "or the launcher stopped the job"), 1
+    else:
+        return None
+    if _shown_by_this_rank(err, rank):
+        print(message, file=sys.stderr, flush=True)
+    return code

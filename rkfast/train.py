@@ -10,22 +10,37 @@ end; SIGINT/SIGTERM finish the current step, save, and raise :class:`RunInterrup
 ``train(config, out=..., resume=True)`` continues from the checkpoint, on the CPU bit for bit as if never
 interrupted (the checkpoint holds the model, the optimizer, every random state and the history). A run without
 a folder has nothing to save: it leaves SIGINT and SIGTERM alone (Ctrl-C raises ``KeyboardInterrupt`` at once).
+
+Inside an initialized ``torch.distributed`` process group of more than one rank (``torchrun``; see
+``process_group`` of :func:`train`) every rank runs this loop together: each samples its share of the
+meta-batch (:meth:`~rkfast.distributed.TaskParallel.split`) from its own reproducible stream
+(:meth:`~rkfast.distributed.TaskParallel.rank_seed` of ``seed``), the optimizer reduces the meta-direction
+over the ranks, held-out and test evaluations are split across the ranks and gathered in task order (the
+very tasks a single process evaluates), and rank 0 alone prints, writes ``results.json``, plots and
+checkpoints. Every decision that ends or saves the run (a stop signal, a non-finite step, a new best
+evaluation, a failed check or write) is taken together, so that no rank waits for another. Checkpoints hold
+every rank's random state: a run resumes, bit for bit on the CPU, with the same number of processes.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import pickle
 import re
+import signal as signal_module
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .batch import TaskBatch
+from .distributed import RankFailedError, TaskParallel, resolve_process_group
 from .functional import check_step
 from .interrupt import StopRequests
 from .optim import MetaOptimizer, NonFiniteLossError
@@ -37,11 +52,13 @@ from .tasks import Defaults, Domain, TaskSampler, get_domain
 
 __all__ = ["TrainConfig", "RunResult", "RunInterrupted", "RunDiverged", "train", "evaluate_tasks",
            "task_generator", "load_checkpoint", "load_run", "load_result", "resume_config", "write_json", "slug",
-           "task_chunks", "build_optimizer", "check_device", "RESUMABLE_CHANGES", "CHECKPOINT_FORMAT"]
+           "task_chunks", "eval_pieces", "build_optimizer", "check_device", "lead_decides", "RESUMABLE_CHANGES",
+           "CHECKPOINT_FORMAT"]
 
 LOG_EVERY = 50  # steps between progress-bar postfix updates (one host sync each)
 STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams of a seed
 RESUMABLE_CHANGES = ("iterations", "device", "backend")  # what a resumed run may set differently
+REPEAT_SIGNAL_S = 2.0  # a rank of a distributed run takes a signal repeated within this many seconds as one
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -142,7 +159,8 @@ class RunResult:
     """A run: the training curve, the meta-test result and timings (plus the optimizer).
 
     ``status`` is ``"complete"`` (``test`` holds the meta-test), ``"interrupted"`` or ``"diverged"``
-    (``test`` is ``None``; ``error`` says what happened).
+    (``test`` is ``None``; ``error`` says what happened). ``distributed`` describes a run over several
+    processes (``world_size``, ``backend``, ``meta_batch_per_rank``); ``None`` for one process.
     """
 
     config: TrainConfig  # resolved
@@ -157,6 +175,12 @@ class RunResult:
     status: str = "complete"
     error: str | None = None
     best: dict[str, Any] | None = None  # {"iteration", "value"} of the best held-out evaluation
+    distributed: dict[str, Any] | None = None  # {"world_size", "backend", "meta_batch_per_rank"}; None: one process
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes that trained the run (1 without ``torch.distributed``)."""
+        return 1 if self.distributed is None else int(self.distributed["world_size"])
 
     @property
     def defaults(self) -> Defaults:
@@ -197,6 +221,8 @@ class RunResult:
             "domain": self.domain.name,
             "config": cfg.to_json(),
             "backend": self.opt.backend,
+            "world_size": self.world_size,
+            "distributed": self.distributed,
             "tableau": {**tab.to_dict(), "order": tab.order, "stages": tab.stages, "describe": tab.describe()},
             "metrics": [asdict(m) for m in self.domain.metrics],
             "training": {"meta_loss": [float(f"{x:.5g}") for x in self.losses], "eval": self.evals,
@@ -247,23 +273,95 @@ def task_generator(seed: int, split: str) -> torch.Generator:
 
 
 def task_chunks(sampler: TaskSampler, count: int, chunk: int, gen: torch.Generator) -> list[Any]:
+    """``count`` tasks drawn from ``sampler`` with ``gen``, in batches of ``chunk`` tasks (the last one smaller)."""
     return [sampler.sample(min(chunk, count - i), gen) for i in range(0, count, chunk)]
+
+
+def eval_pieces(chunks: Sequence[Any], parts: int) -> list[Any]:
+    """``chunks`` cut for ``parts`` ranks: every task once, in task order.
+
+    Each :class:`~rkfast.batch.TaskBatch` chunk is cut into ``parts`` contiguous slices of its tasks (fewer
+    when it has fewer tasks), so that with pieces dealt round robin (piece ``i`` to rank ``i % parts``) every
+    rank adapts a slice of every chunk: equal work, whatever the number of chunks. Every task is adapted on
+    its own, so a slice gives each task the result it gets in the whole chunk (up to floating-point
+    reassociation). Any other kind of chunk (a :class:`~rkfast.batch.TaskSet`, whose tasks may share data such
+    as one rollout seed) stays whole and goes to one rank.
+    """
+    if parts <= 1:
+        return list(chunks)
+    pieces: list[Any] = []
+    for chunk in chunks:
+        if not isinstance(chunk, TaskBatch) or chunk.num_tasks < 2:
+            pieces.append(chunk)
+            continue
+        count = min(parts, chunk.num_tasks)
+        base, extra = divmod(chunk.num_tasks, count)
+        start = 0
+        for i in range(count):
+            stop = start + base + (1 if i < extra else 0)
+            pieces.append(TaskBatch(*(t[start:stop] for t in chunk)))
+            start = stop
+    return pieces
+
+
+def _output_to(out: AdaptationOutput, device: torch.device | str) -> AdaptationOutput:
+    return AdaptationOutput(out.steps, out.step_size, out.losses.to(device),
+                            {k: v.to(device) for k, v in out.metrics.items()},
+                            None if out.params is None else out.params.to(device))
 
 
 def evaluate_tasks(opt: MetaOptimizer, chunks: Sequence[Any], steps: Sequence[int],
                    step_size: float | None) -> AdaptationOutput:
-    """Meta-test ``opt`` on every chunk of tasks and join the per-task results."""
-    return AdaptationOutput.cat([opt.evaluate(t, steps=steps, step_size=step_size) for t in chunks])
+    """Meta-test ``opt`` on every chunk of tasks and join the per-task results.
+
+    With a distributed ``opt`` (:attr:`~rkfast.optim.MetaOptimizer.distributed`, more than one rank) this is a
+    collective: every rank passes the same chunks, the pieces of :func:`eval_pieces` are adapted round robin
+    (piece ``i`` on rank ``i % world_size``), gathered, and joined in task order, so that every rank returns
+    the same result, which covers every task once, in the order one process gives. A rank whose evaluation
+    raises re-raises its exception after the gather; the others raise
+    :class:`~rkfast.distributed.RankFailedError` naming it.
+    """
+    parallel = opt.distributed
+    if parallel is None or parallel.world_size == 1:
+        return AdaptationOutput.cat([opt.evaluate(t, steps=steps, step_size=step_size) for t in chunks])
+    world, rank = parallel.world_size, parallel.rank
+    pieces = eval_pieces(chunks, world)
+    mine: list[tuple[int, AdaptationOutput]] = []
+    error: Exception | None = None
+    try:
+        for i in range(rank, len(pieces), world):
+            mine.append((i, _output_to(opt.evaluate(pieces[i], steps=steps, step_size=step_size), "cpu")))
+    except Exception as err:  # reported through the gather, re-raised below: no rank waits for this one
+        error = err
+    sent: tuple[str, Any] = ("failed", f"{type(error).__name__}: {error}") if error is not None else ("ok", mine)
+    gathered = parallel.all_gather_object(sent)
+    failed = {r: what for r, (status, what) in enumerate(gathered) if status == "failed"}
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailedError(
+            f"the distributed evaluation failed on rank(s) {sorted(failed)} of {world} (each raises its own "
+            f"exception there): " + "; ".join(f"rank {r}: {what}" for r, what in sorted(failed.items())),
+            sorted(failed), rank)
+    parts = sorted((pair for _, got in gathered for pair in got), key=lambda pair: pair[0])
+    if [i for i, _ in parts] != list(range(len(pieces))):  # pragma: no cover - a bug, not a user error
+        raise RuntimeError(f"the distributed evaluation gathered pieces {[i for i, _ in parts]} of {len(pieces)}")
+    return _output_to(AdaptationOutput.cat([out for _, out in parts]), opt.device)
 
 
-def build_optimizer(cfg: TrainConfig, domain: Domain) -> MetaOptimizer:
-    """The run's model (initialized under ``cfg.seed``, the global RNG left alone) and its optimizer."""
+def build_optimizer(cfg: TrainConfig, domain: Domain, process_group: Any = "auto") -> MetaOptimizer:
+    """The run's model (initialized under ``cfg.seed``, the global RNG left alone) and its optimizer.
+
+    ``process_group`` is :class:`~rkfast.optim.MetaOptimizer`'s: ``"auto"`` reduces the meta-direction over
+    torch.distributed's default group when it is initialized with more than one rank, ``None`` keeps the
+    optimizer to this process, or a ``ProcessGroup``.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = domain.make_model(cfg.options).to(torch.device(cfg.device))
     return MetaOptimizer(
         model, domain.loss_fn, tableau=get_tableau(cfg.tableau), inner_lr=cfg.inner_lr, outer="adam", lr=cfg.lr,
-        first_order=cfg.first_order, backend=cfg.backend,  # type: ignore[arg-type]
+        first_order=cfg.first_order, backend=cfg.backend, process_group=process_group,  # type: ignore[arg-type]
     )
 
 
@@ -272,21 +370,116 @@ def run_files(domain: Domain) -> tuple[str, ...]:
     return ("training.png", *domain.plots)
 
 
-class _Training:
-    """The state of one run between meta-steps, and what saves and restores it."""
+_T = TypeVar("_T")
 
-    def __init__(self, cfg: TrainConfig, domain: Domain, folder: RunFolder | None, log: Callable[[str], None]) -> None:
+
+def lead_decides(parallel: TaskParallel | None, decide: Callable[[], _T], what: str | None = None) -> _T:
+    """``decide()`` on rank 0 alone, and its outcome on every rank: its value, or its exception.
+
+    For what rank 0 alone does or sees (the run folder, the files it reads and writes): the other ranks wait
+    for its answer instead of looking for themselves, and fail with it instead of waiting for it forever.
+    Without ``parallel`` this is just ``decide()``; with it, a collective (every rank calls it).
+
+    Args:
+        parallel: the run's task parallelism, or ``None``.
+        decide: what rank 0 does; its value must be picklable (it is broadcast).
+        what: how the other ranks' error names a failure (``"save the checkpoint"``): they raise
+            :class:`~rkfast.distributed.RankFailedError` ``"rank 0 failed to <what>: ..."``. Without it they raise
+            a copy of rank 0's exception (the same type and message: for checks every rank fails alike).
+
+    Raises:
+        Exception: ``decide``'s, on rank 0 as raised and on the others as described.
+    """
+    if parallel is None:
+        return decide()
+    outcome: tuple[str, Any] | None = None
+    own: Exception | None = None
+    if parallel.rank == 0:
+        try:
+            outcome = ("ok", decide())
+        except Exception as err:  # broadcast, then re-raised on every rank
+            own = err
+            outcome = ("error", _portable(err, what))
+    status, value = parallel.broadcast_object(outcome)
+    if status == "ok":
+        return value
+    if own is not None:
+        raise own
+    if isinstance(value, RankFailedError):
+        value.rank = parallel.rank
+    raise value
+
+
+def _portable(err: Exception, what: str | None) -> Exception:
+    """What the other ranks raise for rank 0's ``err`` (see :func:`lead_decides`); picklable."""
+    if what is None:
+        try:
+            return pickle.loads(pickle.dumps(err))  # the same exception, if it survives the trip
+        except Exception:  # noqa: BLE001 - an exception type that does not pickle: say it in words
+            pass
+    return RankFailedError(f"rank 0 failed to {what or 'decide'}: {type(err).__name__}: {err}", (0,), -1)
+
+
+class _RankStopRequests(StopRequests):
+    """:class:`~rkfast.interrupt.StopRequests` for one rank of a distributed run.
+
+    Only rank 0 announces the signal (``announce``). A signal repeated within :data:`REPEAT_SIGNAL_S` seconds of
+    the first is the same request: where a launcher leaves its workers in the terminal's process group, one
+    Ctrl-C reaches every worker twice (from the terminal, and forwarded by the launcher), which must not count
+    as the second Ctrl-C that stops at once without saving. (torchrun starts its workers in sessions of their
+    own and forwards the signal once.)
+    """
+
+    def __init__(self, announce: bool, active: bool = True) -> None:
+        super().__init__(active=active)
+        self.announce = announce
+        self._first = 0.0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self._first = signum, now
+            if self.announce:
+                print(f"\n{signal_module.Signals(signum).name} received: {self._message}", file=sys.stderr, flush=True)
+        elif now - self._first >= REPEAT_SIGNAL_S and signum == signal_module.SIGINT:
+            raise KeyboardInterrupt
+
+
+def _per_rank(count: int, world: int) -> list[int]:
+    """How :meth:`~rkfast.distributed.TaskParallel.split` shares ``count`` tasks among ``world`` ranks."""
+    base, extra = divmod(count, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+class _Training:
+    """The state of one run between meta-steps, and what saves and restores it.
+
+    With ``parallel`` (more than one rank), every method that saves or evaluates is a collective: all ranks
+    call it at the same points of the loop.
+    """
+
+    def __init__(self, cfg: TrainConfig, domain: Domain, folder: RunFolder | None, log: Callable[[str], None],
+                 parallel: TaskParallel | None = None) -> None:
         self.cfg, self.domain, self.folder, self.log = cfg, domain, folder, log
+        self.parallel = parallel
+        self.rank = 0 if parallel is None else parallel.rank
+        self.lead = self.rank == 0  # prints and writes
         self.tableau = get_tableau(cfg.tableau)  # type: ignore[arg-type]
         self.defaults = domain.defaults_for(cfg.options)
         self.device = torch.device(cfg.device)
-        self.opt = build_optimizer(cfg, domain)
+        self.opt = build_optimizer(cfg, domain, None if parallel is None else parallel.group)
+        # this rank's share of every meta-batch, from its own stream of training tasks
+        self.meta_batch = cfg.meta_batch if parallel is None else parallel.split(cfg.meta_batch)[1]
+        self.distributed: dict[str, Any] | None = None if parallel is None else {
+            "world_size": parallel.world_size, "backend": parallel.backend,
+            "meta_batch_per_rank": _per_rank(cfg.meta_batch, parallel.world_size)}
         self.sampler = domain.make_tasks(cfg.options, "train", self.device)
         chunk = self.defaults.eval_chunk
         val = domain.make_tasks(cfg.options, "val", self.device)
+        # every rank draws every held-out task; evaluate_tasks shares them out
         self.val = (task_chunks(val, cfg.eval_tasks, chunk, task_generator(cfg.test_seed, "val"))
                     if cfg.eval_tasks else [])
-        self.gen = task_generator(cfg.seed, "train")
+        self.gen = task_generator(cfg.seed if parallel is None else parallel.rank_seed(cfg.seed), "train")
         self.losses = torch.empty(cfg.iterations, device=self.device)  # no host sync per step
         self.done = 0
         self.evals: list[dict[str, Any]] = []
@@ -297,7 +490,9 @@ class _Training:
     # -- held-out evaluation ----------------------------------------------------------------------
 
     def evaluate_val(self) -> None:
-        """The held-out metrics after ``defaults.eval_steps`` adaptation steps; a new best saves ``best.pt``."""
+        """The held-out metrics after ``defaults.eval_steps`` adaptation steps; a new best saves ``best.pt``.
+
+        Distributed: every rank gets the same gathered result, so every rank takes the same decision."""
         if not self.val:
             return
         domain, metric = self.domain, self.domain.metric
@@ -316,16 +511,31 @@ class _Training:
         if better and math.isfinite(value):
             self.best = {"iteration": self.done, "value": value, "steps": steps[-1], "metric": metric.name}
             if self.folder is not None:
-                save_payload(self.folder.best, self.payload("running"))
+                payload, path = self.payload("running"), self.folder.best
+                lead_decides(self.parallel, lambda: save_payload(path, payload), f"write {path}")
 
     # -- saving and restoring ---------------------------------------------------------------------
 
-    def payload(self, status: str, error: str | None = None) -> dict[str, Any]:
-        """Everything needed to resume (or to re-create the result) as a checkpoint dictionary."""
-        random = {"train_tasks": self.gen.get_state(), "torch": torch.get_rng_state()}
+    def random_state(self) -> dict[str, Any]:
+        """This rank's random state: its training-task generator, torch's (and CUDA's) RNG, its sampler."""
+        state: dict[str, Any] = {"train_tasks": self.gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
-            random["cuda"] = torch.cuda.get_rng_state(self.device)
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         sampler_state = getattr(self.sampler, "state_dict", None)
+        state["sampler"] = sampler_state() if callable(sampler_state) else None
+        return state
+
+    def payload(self, status: str, error: str | None = None) -> dict[str, Any]:
+        """Everything needed to resume (or to re-create the result) as a checkpoint dictionary.
+
+        Distributed, a collective: ``random`` holds rank 0's state (as a one-process checkpoint does), the
+        world size, and every rank's state under ``"ranks"`` (gathered)."""
+        own = self.random_state()
+        ranks = None if self.parallel is None else self.parallel.all_gather_object(own)
+        first = own if ranks is None else ranks[0]
+        random = {k: v for k, v in first.items() if k != "sampler"}
+        if ranks is not None:
+            random.update(world_size=len(ranks), ranks=ranks)
         test = None if self.test is None else {
             "steps": list(self.test.steps), "step_size": self.test.step_size, "losses": self.test.losses.cpu(),
             "metrics": {k: v.cpu() for k, v in self.test.metrics.items()}}
@@ -338,23 +548,30 @@ class _Training:
             "model": self.opt.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "random": random,
-            "sampler": sampler_state() if callable(sampler_state) else None,
+            "sampler": first["sampler"],
+            "distributed": self.distributed,
             "history": {"losses": self.losses[:self.done].to("cpu", copy=True), "evals": self.evals, "best": self.best,
                         "train_time_s": self.train_time, "wall_time_s": self.wall_before},
             "test": test,
         }
 
     def restore(self, payload: dict[str, Any]) -> None:
-        """Continue from a checkpoint: model, optimizer, random states, sampler and history."""
+        """Continue from a checkpoint: model, optimizer, random states, sampler and history (distributed: this
+        rank's own random state; the world size was checked by :func:`_resumable_checkpoint`)."""
         self.opt.model.load_state_dict(payload["model"])  # copies into the flat buffer's views
         self.opt.load_state_dict(payload["optimizer"])
         random = payload["random"]
-        self.gen.set_state(random["train_tasks"])
-        torch.set_rng_state(random["torch"])
-        if "cuda" in random and self.device.type == "cuda":
-            torch.cuda.set_rng_state(random["cuda"], self.device)
-        if payload.get("sampler") is not None:
-            self.sampler.load_state_dict(payload["sampler"])  # type: ignore[attr-defined]
+        if self.parallel is not None:
+            mine = random["ranks"][self.rank]
+        else:  # a one-process run, or re-creating a distributed run's result: rank 0's state
+            mine = {**random, "sampler": payload.get("sampler")}
+            self.distributed = payload.get("distributed")
+        self.gen.set_state(mine["train_tasks"])
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        if mine.get("sampler") is not None:
+            self.sampler.load_state_dict(mine["sampler"])  # type: ignore[attr-defined]
         history = payload["history"]
         self.done = int(payload["iteration"])
         self.losses[:self.done] = history["losses"].to(self.device)
@@ -367,26 +584,71 @@ class _Training:
     def result(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
         return RunResult(self.cfg, self.domain, self.tableau, self.losses[:self.done].tolist(), list(self.evals),
                          self.test, self.train_time, self.wall_before + time.perf_counter() - wall_start, self.opt,
-                         status, error, self.best)
+                         status, error, self.best, self.distributed)
 
     def save(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
-        """Checkpoint and ``results.json`` with ``status`` (nothing without a folder); returns the result."""
+        """Checkpoint and ``results.json`` with ``status`` (nothing without a folder); returns the result.
+
+        Distributed, a collective: rank 0 writes (with every rank's random state), the others wait for the
+        outcome, so a failed write fails every rank."""
         result = self.result(status, wall_start, error)
         if self.folder is not None:
-            payload = self.payload(status, error)
+            folder, payload = self.folder, self.payload(status, error)
             payload["history"]["wall_time_s"] = result.wall_time_s
-            save_payload(self.folder.checkpoint, payload)
-            write_json(self.folder.results, result.to_json())
+
+            def write() -> None:
+                save_payload(folder.checkpoint, payload)
+                write_json(folder.results, result.to_json())
+
+            lead_decides(self.parallel, write, f"save the checkpoint in {folder.path}")
         return result
 
     # -- the loop ---------------------------------------------------------------------------------
+
+    def sample(self) -> Any:
+        """This rank's share of the next meta-batch. Distributed, a failure to sample is reported through the
+        meta-step's own all-reduce, which the other ranks are waiting in: they raise
+        :class:`~rkfast.distributed.RankFailedError` naming this rank, and this rank raises its error."""
+        try:
+            return self.sampler.sample(self.meta_batch, self.gen)
+        except Exception as err:
+            if self.parallel is None:
+                raise
+            failure = err
+
+        def fail() -> Any:
+            raise failure
+
+        self.parallel.reduce_meta_step(fail, self.opt.flat_parameters.detach(), self.opt.tableau.stages)
+        raise failure  # pragma: no cover - reduce_meta_step re-raises it
+
+    def agreed_stop(self, stop: StopRequests) -> int | None:
+        """The signal that stops the run after this step, or ``None``: distributed (and saving), a signal that
+        reached any rank stops every rank after the same step (one all-reduce of one integer per step)."""
+        parallel = self.parallel
+        if parallel is None or self.folder is None:
+            return stop.signal
+        dist = torch.distributed
+        on_cpu = "gloo" in parallel.backend or "nccl" not in parallel.backend
+        device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([stop.signal or 0], dtype=torch.int64, device=device)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=parallel.group)
+        except Exception as err:
+            raise RankFailedError(
+                f"rank {parallel.rank} lost contact with the other {parallel.world_size - 1} rank(s) of the run "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}): another "
+                "rank has probably failed (see its error) or was stopped", (), parallel.rank) from err
+        return int(flag.item()) or None
 
     def run(self, checkpoint_every: int, progress: bool,
             on_step: Callable[[int, torch.Tensor], None] | None) -> RunResult:
         cfg, opt = self.cfg, self.opt
         wall_start = time.perf_counter()
         # without a folder there is nothing to save, so a signal has nothing to wait for: it keeps its usual effect
-        with StopRequests(active=self.folder is not None) as stop:
+        saving = self.folder is not None
+        stop = StopRequests(active=saving) if self.parallel is None else _RankStopRequests(self.lead, active=saving)
+        with stop:
             if self.done == 0:
                 self.evaluate_val()
                 self.save("running", wall_start)
@@ -395,8 +657,8 @@ class _Training:
             step_start = time.perf_counter()
             for it in bar:
                 try:
-                    self.losses[it] = opt.step(self.sampler.sample(cfg.meta_batch, self.gen)).loss
-                except NonFiniteLossError as err:
+                    self.losses[it] = opt.step(self.sample()).loss
+                except NonFiniteLossError as err:  # distributed: every rank raises it, after the same step
                     self.train_time += time.perf_counter() - step_start
                     bar.close()
                     raise RunDiverged(self.save("diverged", wall_start, str(err)),
@@ -406,17 +668,18 @@ class _Training:
                     on_step(done, self.losses[it])
                 if done % LOG_EVERY == 0:
                     bar.set_postfix(loss=f"{self.losses[done - LOG_EVERY:done].mean().item():.3f}", refresh=False)
+                stop_signal = self.agreed_stop(stop)
                 evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations
-                checkpoint = done % checkpoint_every == 0 or stop.requested
+                checkpoint = done % checkpoint_every == 0 or stop_signal is not None
                 if evaluate or checkpoint:
                     self.train_time += time.perf_counter() - step_start
                     if evaluate:
                         self.evaluate_val()
                     if checkpoint and done < cfg.iterations:
-                        result = self.save("interrupted" if stop.requested else "running", wall_start)
-                        if stop.requested and self.folder is not None:
+                        result = self.save("interrupted" if stop_signal is not None else "running", wall_start)
+                        if stop_signal is not None and self.folder is not None:
                             bar.close()
-                            raise RunInterrupted(result, self.folder.path, stop.signal or 0)
+                            raise RunInterrupted(result, self.folder.path, stop_signal)
                     step_start = time.perf_counter()
             self.train_time += time.perf_counter() - step_start
             bar.close()
@@ -438,6 +701,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    process_group: Any = "auto",
 ) -> RunResult:
     """Meta-train the domain's model with the RK tableau of ``config`` and meta-test it.
 
@@ -457,7 +721,8 @@ def train(
             ``KeyboardInterrupt`` at once, mid-step; SIGTERM does what the process's handler does (by
             default it ends the process).
         resume: continue the run saved in ``out``; ``config`` must equal its configuration except for
-            :data:`RESUMABLE_CHANGES` (:func:`resume_config` reads it).
+            :data:`RESUMABLE_CHANGES` (:func:`resume_config` reads it), and a distributed run resumes with
+            the same number of processes.
         overwrite: a new run into a folder that holds an earlier run's files deletes them first (without
             it such a folder is refused).
         checkpoint_every: meta-steps between checkpoints (default: ``eval_every``, or 1000 when that is 0).
@@ -466,45 +731,107 @@ def train(
             ``progress`` is off).
         on_step: called after every meta-step with the number of steps done and the meta-loss (a device
             tensor: reading it synchronizes).
+        process_group: task parallelism (:class:`~rkfast.optim.MetaOptimizer`'s ``process_group``):
+            ``"auto"`` (default) runs over torch.distributed's default group when it is initialized with more
+            than one rank (``torchrun``), ``None`` trains in this process alone, or a ``ProcessGroup``. Every
+            rank then calls ``train`` with the same arguments (checked: different settings raise
+            ``ValueError`` on every rank); ``meta_batch`` is split over the ranks (at least one task each),
+            each rank draws its share from its own stream of ``seed``, the evaluations are shared out and
+            gathered, and rank 0 alone shows progress, logs (``log`` is not called on the other ranks) and
+            writes ``out``. A stop signal on any rank stops every rank after the same step; rank 0 saves
+            and every rank raises :class:`RunInterrupted`.
 
     Raises:
-        RunError: a folder that cannot be written, holds another run, or a checkpoint that cannot be resumed.
+        RunError: a folder that cannot be written, holds another run, or a checkpoint that cannot be resumed
+            (one written by another number of processes, too).
         RunInterrupted: SIGINT/SIGTERM (with ``out``), after saving.
         KeyboardInterrupt: SIGINT without ``out`` (nothing saved), or a second SIGINT with it.
         RunDiverged: a non-finite meta-step, after saving the last finite state (with ``out``).
-        ValueError: an invalid configuration.
+        ValueError: an invalid configuration (distributed: also a meta-batch smaller than the number of
+            ranks, or ranks given different settings).
+        rkfast.distributed.RankFailedError: distributed, another rank failed (the one that failed raises
+            its own error).
     """
     domain = get_domain(config.domain)
     cfg = config.resolved()
-    if log is None:
-        log = tqdm.write if progress else (lambda _: None)
     every = checkpoint_every if checkpoint_every is not None else (cfg.eval_every or 1000)
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-    folder = None if out is None else RunFolder(out, run_files(domain))
-    saved = None
-    if folder is not None:
-        folder.check_writable()
-        if resume:
-            saved = _resumable_checkpoint(folder, cfg)
-        elif folder.holds_run():
-            if not overwrite:
-                raise RunError(f"{folder.path} holds an earlier run ({folder.describe_run()}): resume it, "
-                               "overwrite it, or choose another output folder")
-            folder.clear()
-    elif resume:
+    if resume and out is None:
         raise ValueError("resume=True needs out=, the folder of the run to continue")
-    training = _Training(cfg, domain, folder, log)
+    parallel = resolve_process_group(process_group)
+    if parallel is not None and parallel.world_size == 1:
+        parallel = None  # a group of one: nothing to share
+    if parallel is not None:
+        _check_same_settings(parallel, cfg, int(every), out is not None, resume, overwrite)
+        if cfg.meta_batch < parallel.world_size:
+            raise ValueError(f"meta_batch {cfg.meta_batch} is smaller than the {parallel.world_size} processes of "
+                             f"the run: every process needs at least one task per meta-step; use a meta-batch of "
+                             f"at least {parallel.world_size} or fewer processes")
+    lead = parallel is None or parallel.rank == 0
+    progress = progress and lead
+    if not lead:
+        log = lambda _: None  # noqa: E731
+    elif log is None:
+        log = tqdm.write if progress else (lambda _: None)
+    folder = None if out is None else RunFolder(out, run_files(domain))
+    world = 1 if parallel is None else parallel.world_size
+    saved = lead_decides(parallel, lambda: _prepare_folder(folder, cfg, resume, overwrite, world))
+    training = _Training(cfg, domain, folder, log, parallel)
     if saved is not None:
         training.restore(saved)
     return training.run(int(every), progress, on_step)
 
 
-def _resumable_checkpoint(folder: RunFolder, cfg: TrainConfig) -> dict[str, Any]:
-    """The folder's checkpoint, if ``cfg`` may continue it (else :class:`RunError` saying why)."""
+def _prepare_folder(folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool,
+                    world_size: int) -> dict[str, Any] | None:
+    """Check the run folder before training: writable, and either the checkpoint to resume (returned) or
+    free for a new run (an earlier run's files deleted with ``overwrite``). Raises :class:`RunError`."""
+    if folder is None:
+        return None
+    folder.check_writable()
+    if resume:
+        return _resumable_checkpoint(folder, cfg, world_size)
+    if folder.holds_run():
+        if not overwrite:
+            raise RunError(f"{folder.path} holds an earlier run ({folder.describe_run()}): resume it, "
+                           "overwrite it, or choose another output folder")
+        folder.clear()
+    return None
+
+
+def _check_same_settings(parallel: TaskParallel, cfg: TrainConfig, every: int, saving: bool, resume: bool,
+                         overwrite: bool) -> None:
+    """``ValueError`` on every rank unless every rank was given the same run (the device may differ)."""
+    config = cfg.to_json()
+    config["tableau"] = get_tableau(cfg.tableau).to_dict()  # type: ignore[arg-type]
+    config.pop("device")
+    mine = {**{f"config.{k}": v for k, v in config.items()}, "checkpoint_every": every, "out": saving,
+            "resume": resume, "overwrite": overwrite}
+    every_rank = parallel.all_gather_object(mine)
+    for r, theirs in enumerate(every_rank):
+        differ = [k for k in mine if theirs.get(k) != every_rank[0].get(k)]
+        if differ:
+            raise ValueError(f"the processes of the run were given different settings: rank {r} differs from rank 0 "
+                             f"in {', '.join(differ)}; every rank of a distributed run must run the same configuration")
+
+
+def _resumable_checkpoint(folder: RunFolder, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The folder's checkpoint, if ``cfg`` may continue it with ``world_size`` processes (else
+    :class:`RunError` saying why)."""
     payload = load_checkpoint(folder.checkpoint)
     if payload["format"] != CHECKPOINT_FORMAT:
         raise RunError(f"{folder.checkpoint} was written by an older rkfast without the state needed to resume")
+    saved_world = int(payload["random"].get("world_size", 1))
+    if saved_world != world_size:
+        def procs(n: int) -> str:
+            return f"{n} process{'es' if n > 1 else ''}"
+
+        how = ("without torchrun" if saved_world == 1 else f"torchrun --nproc-per-node {saved_world} -m rkfast ..."
+               if world_size == 1 else f"{procs(saved_world)} in all")
+        raise RunError(f"{folder.path} was trained by {procs(saved_world)} and this run has {procs(world_size)}: "
+                       f"resume it with {procs(saved_world)} ({how}); every process continues its own stream "
+                       "of training tasks, saved in the checkpoint")
     saved = _config_from_payload(payload)
     ours, theirs = cfg.to_json(), saved.to_json()
     ours["tableau"] = get_tableau(cfg.tableau).to_dict()
@@ -545,10 +872,11 @@ def resume_config(run_dir: Path | str) -> TrainConfig:
 def load_run(run_dir: Path | str, device: str | None = None, checkpoint: str = "checkpoint.pt"
              ) -> tuple[TrainConfig, MetaOptimizer, int]:
     """The configuration, the trained optimizer (with its model) and the iteration count of a run folder
-    (``checkpoint="best.pt"``: the state at the best held-out evaluation)."""
+    (``checkpoint="best.pt"``: the state at the best held-out evaluation). The optimizer belongs to this
+    process alone (``process_group=None``), even inside a distributed job."""
     payload = load_checkpoint(Path(run_dir) / checkpoint)
     cfg = _config_from_payload(payload, device).resolved()
-    opt = build_optimizer(cfg, get_domain(cfg.domain))
+    opt = build_optimizer(cfg, get_domain(cfg.domain), process_group=None)
     opt.model.load_state_dict(payload["model"])  # copies into the flat buffer's views
     opt.load_state_dict(payload["optimizer"])
     return cfg, opt, int(payload["iteration"])
