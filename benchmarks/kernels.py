@@ -5,13 +5,19 @@
     python benchmarks/kernels.py --device cpu --json benchmarks/results/kernels-cpu.json
     python benchmarks/kernels.py --ops combine --sizes 20,23 --max-gb 8 --threads 2
 
-For every op (``stage_point``, ``combine``, ``axpy_``), every backend that runs on the device (cpu:
-``torch``, ``cpp``; cuda: ``torch``, ``triton``) and every size ``N``, task count ``T`` and stream count
-``s'``, the script times the op (median of many calls), and the naive PyTorch code it replaces:
+For every op (``stage_point``, ``combine``, ``axpy_``; ``sp_elem`` and ``sp_elem_bwd``: the forward and the
+backward kernel of ``stage_point_elementwise``, per-element coefficient vectors), every backend that runs on
+the device (cpu: ``torch``, ``cpp``; cuda: ``torch``, ``triton``) and every size ``N``, task count ``T`` and
+stream count ``s'``, the script times the op (median of many calls), and the naive PyTorch code it replaces:
 
 * ``chain``: one ``add_`` per input (stage_point: ``out.copy_(theta.expand(T, N))`` then one ``add_`` per
   slope; combine: ``out.zero_()`` then one ``add_`` per task row of every gradient; axpy_: ``theta.add_``,
   the same single op);
+* for ``sp_elem``: ``out.copy_(theta.expand(T, N))`` then one ``out.addcmul_(c_l, K_l, value=-1)`` per slope;
+  for ``sp_elem_bwd`` what autograd runs for ``theta - sum_l c_l * K_l``: ``g.sum(0)``, ``-g``, then per
+  slope ``(-g) * c_l`` and ``((-g) * K_l).sum(0)`` (into preallocated buffers). The fused backward is timed as
+  the backend's kernel (``stage_point_elementwise_backward_``) writing theta's, the slopes' and the
+  coefficients' gradients into preallocated buffers;
 * ``gemv`` (combine only): ``out.addmv_(G_l.T, w_l * ones(T))`` per gradient, the best one-pass reduction
   over tasks stock PyTorch offers. (A ``torch._foreach_add_`` variant does not fit combine: every row
   accumulates into the same ``out``, and a foreach list that repeats one tensor races in the CUDA fast path;
@@ -53,6 +59,7 @@ import torch
 from torch import Tensor
 
 from rkfast import kernels
+from rkfast.kernels.registry import backend_module
 
 # benchmarks/ is on sys.path when run as a script
 from _common import RESULTS_DIR, available_memory_bytes, device_name, other_cores, slug, timed_calls
@@ -76,6 +83,8 @@ class Case:
     out: Tensor
     snapshot: Tensor | None = None  # the initial value of an in-place output, to undo a call
     extra: dict[str, Tensor] = field(default_factory=dict)  # baseline-specific constants
+    vectors: list[Tensor] = field(default_factory=list)  # per-element coefficient vectors (sp_elem*)
+    grads: tuple = ()  # sp_elem_bwd: (grad_theta, grad_slopes, grad_coefs), views of ``out``
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,49 @@ def _combine_gemv(c: Case) -> None:
         c.out.addmv_(g.t(), c.extra[f"w{l}"])
 
 
+def _make_stage_point_elementwise(n: int, tasks: int, streams: int, dtype: torch.dtype,
+                                  device: torch.device) -> Case:
+    case = _make_stage_point(n, tasks, streams, dtype, device)
+    case.vectors = [_random((n,), dtype, device).mul_(c) for c in case.scalars]
+    return case
+
+
+def _stage_point_elementwise_chain(c: Case) -> None:
+    c.out.copy_(c.theta.expand_as(c.out))
+    for k, v in zip(c.streams, c.vectors):
+        c.out.addcmul_(v, k, value=-1)
+
+
+def _make_stage_point_elementwise_backward(n: int, tasks: int, streams: int, dtype: torch.dtype,
+                                           device: torch.device) -> Case:
+    slopes = [_random((tasks, n), dtype, device) for _ in range(streams)]
+    vectors = [_random((n,), dtype, device).mul_(c) for c in _coefs(streams)]
+    out = torch.empty((n + streams * tasks * n + streams * n,), dtype=dtype, device=device)  # every gradient
+    grad_theta, rest = out[:n], out[n:]
+    grad_slopes = [rest[l * tasks * n:(l + 1) * tasks * n].view(tasks, n) for l in range(streams)]
+    rest = rest[streams * tasks * n:]
+    grad_coefs = [rest[l * n:(l + 1) * n] for l in range(streams)]
+    extra = {"grad_out": _random((tasks, n), dtype, device),
+             "negated": torch.empty((tasks, n), dtype=dtype, device=device),
+             "product": torch.empty((tasks, n), dtype=dtype, device=device)}
+    return Case(theta=None, streams=slopes, scalars=_coefs(streams), out=out, extra=extra, vectors=vectors,
+                grads=(grad_theta, grad_slopes, grad_coefs))
+
+
+def _stage_point_elementwise_backward_fused(c: Case, backend: str) -> None:
+    backend_module(backend).stage_point_elementwise_backward_(c.extra["grad_out"], c.streams, c.vectors, *c.grads)
+
+
+def _stage_point_elementwise_backward_chain(c: Case) -> None:
+    grad_theta, grad_slopes, grad_coefs = c.grads
+    g, negated, product = c.extra["grad_out"], c.extra["negated"], c.extra["product"]
+    torch.sum(g, 0, out=grad_theta)
+    torch.neg(g, out=negated)
+    for k, v, gk, gc in zip(c.streams, c.vectors, grad_slopes, grad_coefs):
+        torch.mul(negated, v, out=gk)
+        torch.sum(torch.mul(negated, k, out=product), 0, out=gc)
+
+
 def _make_axpy(n: int, tasks: int, streams: int, dtype: torch.dtype, device: torch.device) -> Case:
     theta = _random((n,), dtype, device)
     return Case(theta=theta, streams=[_random((n,), dtype, device)], scalars=[-1e-3], out=theta,
@@ -153,6 +205,25 @@ OPS: tuple[OpSpec, ...] = (
         make=_make_stage_point,
         fused=lambda c, b: kernels.stage_point(c.theta, c.streams, c.scalars, out=c.out, backend=b),
         baselines={"chain": _stage_point_chain},
+    ),
+    OpSpec(
+        name="sp_elem", tasks=(1, 32), streams=(1, 3),
+        bytes_moved=lambda n, t, s: n + s * n + s * t * n + t * n,
+        chain_moved=lambda n, t, s: n + t * n + s * (3 * t * n + n),
+        elements=lambda n, t, s: n + s * n + s * t * n + 2 * t * n,  # + the reference output
+        make=_make_stage_point_elementwise,
+        fused=lambda c, b: kernels.stage_point_elementwise(c.theta, c.streams, c.vectors, out=c.out, backend=b),
+        baselines={"chain": _stage_point_elementwise_chain},
+    ),
+    OpSpec(
+        name="sp_elem_bwd", tasks=(1, 32), streams=(1, 3),
+        # reads grad_out, the slopes, the coefficients; writes theta's, the slopes', the coefficients' gradients
+        bytes_moved=lambda n, t, s: t * n + 2 * s * t * n + 2 * s * n + n,
+        chain_moved=lambda n, t, s: n + 3 * t * n + s * (6 * t * n + 2 * n),
+        elements=lambda n, t, s: 3 * t * n + s * t * n + s * n + 2 * (n + s * t * n + s * n),  # + the reference
+        make=_make_stage_point_elementwise_backward,
+        fused=_stage_point_elementwise_backward_fused,
+        baselines={"chain": _stage_point_elementwise_backward_chain},
     ),
     OpSpec(
         name="combine", tasks=(1, 32), streams=(1, 3, 4),

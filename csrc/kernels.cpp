@@ -94,6 +94,34 @@ PYBIND11_MODULE(_C, m) {
         },
         nogil, "grad_theta = sum_t grad_out[t] (skipped for address 0); grad_slopes[l] = -coefs[l] * grad_out");
     m.def(
+        "stage_point_elementwise",
+        [](const std::string& dtype, uintptr_t theta, const Addresses& slopes, const Addresses& coefs, uintptr_t out,
+           int64_t tasks, int64_t n, int nthreads) {
+            if (slopes.size() != coefs.size()) throw std::invalid_argument("one coefficient vector per slope");
+            if (is_double(dtype))
+                RKFAST_DISPATCH(stage_point_elementwise, double, theta, slopes, coefs, out, tasks, n, nthreads);
+            else
+                RKFAST_DISPATCH(stage_point_elementwise, float, theta, slopes, coefs, out, tasks, n, nthreads);
+        },
+        nogil, "out[t] = theta - sum_l coefs[l] * slopes[l][t] with [N] coefficient vectors (elementwise)");
+    m.def(
+        "stage_point_elementwise_backward",
+        [](const std::string& dtype, uintptr_t grad_out, const Addresses& slopes, const Addresses& coefs,
+           uintptr_t grad_theta, const Addresses& grad_slopes, const Addresses& grad_coefs, int64_t tasks, int64_t n,
+           int nthreads) {
+            if ((!grad_slopes.empty() && coefs.size() != grad_slopes.size()) ||
+                (!grad_coefs.empty() && slopes.size() != grad_coefs.size()))
+                throw std::invalid_argument("grad_slopes needs the coefficient vectors, grad_coefs the slopes");
+            if (is_double(dtype))
+                RKFAST_DISPATCH(stage_point_elementwise_backward, double, grad_out, slopes, coefs, grad_theta,
+                                grad_slopes, grad_coefs, tasks, n, nthreads);
+            else
+                RKFAST_DISPATCH(stage_point_elementwise_backward, float, grad_out, slopes, coefs, grad_theta,
+                                grad_slopes, grad_coefs, tasks, n, nthreads);
+        },
+        nogil, "grad_theta = sum_t grad_out[t] (skipped for address 0); grad_slopes[l] = -coefs[l] * grad_out; "
+               "grad_coefs[l] = -sum_t grad_out[t] * slopes[l][t] (empty lists skip them)");
+    m.def(
         "combine",
         [](const std::string& dtype, const Addresses& grads, const std::vector<double>& weights, uintptr_t out,
            int64_t tasks, int64_t n, int nthreads) {

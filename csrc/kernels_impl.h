@@ -205,3 +205,137 @@ void axpy(uintptr_t theta_addr, uintptr_t d_addr, double alpha, int64_t n, int n
         for (int64_t i = 0; i < len; ++i) x[i] += a * y[i];
     }
 }
+
+// -- stage_point_elementwise: one coefficient per element (an [N] vector per slope, shared by the tasks) --
+
+// One pass of up to four slopes: o = base - c0*k0 - c1*k1 - c2*k2 - c3*k3 with per-element coefficients
+// (left to right, as the reference's chain of addcmul rounds). IN_PLACE: the base is o itself.
+template <typename T, int M, bool IN_PLACE>
+inline void fold_slopes_elementwise(T* __restrict__ o, const T* __restrict__ base, const T* const* k,
+                                    const T* const* c, int64_t len) {
+    const T* __restrict__ k0 = k[0];
+    const T* __restrict__ k1 = M > 1 ? k[1] : k[0];
+    const T* __restrict__ k2 = M > 2 ? k[2] : k[0];
+    const T* __restrict__ k3 = M > 3 ? k[3] : k[0];
+    const T* __restrict__ c0 = c[0];
+    const T* __restrict__ c1 = M > 1 ? c[1] : c[0];
+    const T* __restrict__ c2 = M > 2 ? c[2] : c[0];
+    const T* __restrict__ c3 = M > 3 ? c[3] : c[0];
+    for (int64_t i = 0; i < len; ++i) {
+        T v = (IN_PLACE ? o[i] : base[i]) - c0[i] * k0[i];
+        if constexpr (M > 1) v -= c1[i] * k1[i];
+        if constexpr (M > 2) v -= c2[i] * k2[i];
+        if constexpr (M > 3) v -= c3[i] * k3[i];
+        o[i] = v;
+    }
+}
+
+template <typename T, bool IN_PLACE>
+inline void fold_group_elementwise(T* o, const T* base, const T* const* k, const T* const* c, int64_t m,
+                                   int64_t len) {
+    switch (m) {
+        case 1: fold_slopes_elementwise<T, 1, IN_PLACE>(o, base, k, c, len); break;
+        case 2: fold_slopes_elementwise<T, 2, IN_PLACE>(o, base, k, c, len); break;
+        case 3: fold_slopes_elementwise<T, 3, IN_PLACE>(o, base, k, c, len); break;
+        default: fold_slopes_elementwise<T, 4, IN_PLACE>(o, base, k, c, len); break;
+    }
+}
+
+// out[t, :] = theta - sum_l coefs[l] * slopes[l][t, :] (coefs[l] an [N] vector). Work items are ordered
+// block-major (the tasks of one column block are consecutive), so under the static schedule a thread reuses
+// the block of theta and of every coefficient vector from cache for all tasks.
+template <typename T>
+void stage_point_elementwise(uintptr_t theta_addr, const Addresses& slope_addrs, const Addresses& coef_addrs,
+                             uintptr_t out_addr, int64_t tasks, int64_t n, int nthreads) {
+    const T* theta = at<const T>(theta_addr);
+    T* out = at<T>(out_addr);
+    const int64_t num = static_cast<int64_t>(slope_addrs.size());
+    std::vector<const T*> slopes(num), coefs(num);
+    for (int64_t l = 0; l < num; ++l) {
+        slopes[l] = at<const T>(slope_addrs[l]);
+        coefs[l] = at<const T>(coef_addrs[l]);
+    }
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    const int64_t items = tasks * blocks;
+    const int nt = threads_for(tasks * n * (num + 1) + n * num, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t t = item % tasks;
+        const int64_t start = (item / tasks) * kBlock;
+        const int64_t len = std::min(kBlock, n - start);
+        const int64_t offset = t * n + start;
+        T* o = out + offset;
+        const T* rows[4];
+        const T* cs[4];
+        for (int64_t g = 0; g < num; g += 4) {
+            const int64_t m = std::min<int64_t>(4, num - g);
+            for (int64_t l = 0; l < m; ++l) {
+                rows[l] = slopes[g + l] + offset;
+                cs[l] = coefs[g + l] + start;
+            }
+            if (g == 0) fold_group_elementwise<T, false>(o, theta + start, rows, cs, m, len);
+            else fold_group_elementwise<T, true>(o, nullptr, rows, cs, m, len);
+        }
+    }
+}
+
+// grad_theta = sum_t grad_out[t, :];  grad_slopes[l][t, :] = -coefs[l] * grad_out[t, :];
+// grad_coefs[l] = -sum_t grad_out[t, :] * slopes[l][t, :]. One pass over grad_out (each row block is read
+// once, from L1, for every output); the column sums accumulate in the output blocks, which are negated at
+// the end (-(a + b) == -a - b exactly). An empty address list (or address 0 for grad_theta) skips an output.
+template <typename T>
+void stage_point_elementwise_backward(uintptr_t grad_out_addr, const Addresses& slope_addrs,
+                                      const Addresses& coef_addrs, uintptr_t grad_theta_addr,
+                                      const Addresses& grad_slope_addrs, const Addresses& grad_coef_addrs,
+                                      int64_t tasks, int64_t n, int nthreads) {
+    const T* grad_out = at<const T>(grad_out_addr);
+    T* grad_theta = grad_theta_addr ? at<T>(grad_theta_addr) : nullptr;
+    const int64_t num_slopes = static_cast<int64_t>(grad_slope_addrs.size());  // 0 or s'
+    const int64_t num_coefs = static_cast<int64_t>(grad_coef_addrs.size());   // 0 or s'
+    std::vector<const T*> slopes(num_coefs), coefs(num_slopes);
+    std::vector<T*> grad_slopes(num_slopes), grad_coefs(num_coefs);
+    for (int64_t l = 0; l < num_slopes; ++l) {
+        coefs[l] = at<const T>(coef_addrs[l]);
+        grad_slopes[l] = at<T>(grad_slope_addrs[l]);
+    }
+    for (int64_t l = 0; l < num_coefs; ++l) {
+        slopes[l] = at<const T>(slope_addrs[l]);
+        grad_coefs[l] = at<T>(grad_coef_addrs[l]);
+    }
+    constexpr int64_t block = 2048;  // a row block stays in L1 while the gradients are written
+    const int64_t blocks = (n + block - 1) / block;
+    const int nt = threads_for(tasks * n * (1 + num_slopes + num_coefs), nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * block;
+        const int64_t len = std::min(block, n - start);
+        T* __restrict__ acc = grad_theta ? grad_theta + start : nullptr;
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t offset = t * n + start;
+            const T* __restrict__ g = grad_out + offset;
+            if (acc && t == 0) {
+                for (int64_t i = 0; i < len; ++i) acc[i] = g[i];
+            } else if (acc) {
+                for (int64_t i = 0; i < len; ++i) acc[i] += g[i];
+            }
+            for (int64_t l = 0; l < num_slopes; ++l) {
+                const T* __restrict__ c = coefs[l] + start;
+                T* __restrict__ o = grad_slopes[l] + offset;
+                for (int64_t i = 0; i < len; ++i) o[i] = -(c[i] * g[i]);
+            }
+            for (int64_t l = 0; l < num_coefs; ++l) {
+                const T* __restrict__ k = slopes[l] + offset;
+                T* __restrict__ o = grad_coefs[l] + start;
+                if (t == 0) {
+                    for (int64_t i = 0; i < len; ++i) o[i] = g[i] * k[i];
+                } else {
+                    for (int64_t i = 0; i < len; ++i) o[i] += g[i] * k[i];
+                }
+            }
+        }
+        for (int64_t l = 0; l < num_coefs; ++l) {
+            T* __restrict__ o = grad_coefs[l] + start;
+            for (int64_t i = 0; i < len; ++i) o[i] = -o[i];
+        }
+    }
+}

@@ -437,6 +437,12 @@ def test_a_backend_is_one_module_and_one_registry_line(monkeypatch):
         leaf = theta.clone().requires_grad_()
         kernels.stage_point(leaf, slopes, coefs, backend=backend).sum().backward()
         torch.testing.assert_close(leaf.grad, torch.full_like(theta, 3.0))
+        # the per-element coefficients' op, forward and fused backward
+        vectors = [torch.full_like(theta, c).requires_grad_() for c in coefs]
+        point = kernels.stage_point_elementwise(theta, slopes, vectors, backend=backend)
+        torch.testing.assert_close(point, kernels.stage_point(theta, slopes, coefs, backend="torch"))
+        point.sum().backward()
+        torch.testing.assert_close(vectors[1].grad, -slopes[1].sum(0))
         assert set(toy.calls) == set(KERNEL_NAMES), toy.calls
 
 

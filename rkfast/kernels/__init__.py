@@ -4,6 +4,8 @@
 op                 computes                                    notes
 =================  ==========================================  ==========================================
 ``stage_point``    ``out[t] = theta - sum_l coefs[l] K_l[t]``  ``theta [N]``, ``K_l [T, N]``; differentiable
+``stage_point_``   ``out[t] = theta - sum_l c_l * K_l[t]``      ``c_l [N]`` vectors (per-element rates,
+``elementwise``                                                Meta-SGD); differentiable in theta, K, c
 ``combine``        ``out = sum_l weights[l] sum_t G_l[t]``     ``G_l [T, N]`` -> ``[N]``; the first-order
                                                                meta-direction (1/T folded into weights)
 ``axpy_``          ``theta += alpha * d``                      the plain RK outer step, in place
@@ -22,8 +24,9 @@ here, :func:`runnable_targets` on which devices.
 Every op is one pass over its inputs and one launch over all parameters (flat ``[N]`` / ``[T, N]``
 buffers). The ops are registered with ``torch.library`` (``torch.ops.rkfast.*``), so they compose with
 autograd and ``torch.compile``. Eager calls skip the op dispatcher, whose Python overhead is large next to
-these kernels: without autograd they call the backend directly; with autograd, ``stage_point`` goes
-through an ``autograd.Function`` with the same kernels and the same backward (:mod:`.dispatch`).
+these kernels: without autograd they call the backend directly; with autograd, ``stage_point`` and
+``stage_point_elementwise`` go through an ``autograd.Function`` with the same kernels and the same backward
+(:mod:`.dispatch`).
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ from torch import Tensor
 
 from . import dispatch, registry
 from .backend import KernelBackend
-from .checks import check_float, check_like, check_list, check_out, floats
+from .checks import check_float, check_like, check_list, check_out, check_vectors, floats
 from .registry import Backend, available, backend_choices, resolve_backend, runnable_targets
 
 __all__ = [
     "Backend", "BACKENDS", "KernelBackend", "available", "backend_choices", "resolve_backend", "runnable_targets",
-    "stage_point", "combine", "axpy_",
+    "stage_point", "stage_point_elementwise", "combine", "axpy_",
 ]
 
 BACKENDS: tuple[str, ...] = tuple(registry.REGISTRY)
@@ -81,6 +84,45 @@ def stage_point(
         check_out(out, slopes[0].shape, theta)
     differentiable = torch.is_grad_enabled() and (theta.requires_grad or any(k.requires_grad for k in slopes))
     return dispatch.run(dispatch.STAGE_POINT, resolved, (theta.contiguous(), slopes, coefs), out=out,
+                        differentiable=differentiable)
+
+
+def stage_point_elementwise(
+    theta: Tensor,
+    slopes: Sequence[Tensor],
+    coefs: Sequence[Tensor],
+    *,
+    out: Tensor | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """One RK stage point with per-element coefficients: ``out[t] = theta - sum_l coefs[l] * slopes[l][t]``
+    (``*`` elementwise), ``[T, N]``: learned per-parameter inner rates (Meta-SGD), ``coefs[l] = h A[j][l] * rate``.
+
+    Args:
+        theta: the meta-parameters ``[N]``, broadcast over the tasks.
+        slopes: ``s'`` per-task slopes ``[T, N]``.
+        coefs: ``s'`` coefficient vectors ``[N]`` (theta's dtype and device), shared by the tasks.
+        out: a preallocated ``[T, N]`` buffer to write into (no allocation); the result is then not
+            differentiable. Without ``out`` the result is a new tensor, differentiable w.r.t. ``theta``,
+            ``slopes`` and ``coefs`` (one fused backward pass; ``coefs``' gradient sums over the tasks).
+        backend: ``"auto"`` or a registered backend name (see the module docstring).
+    """
+    theta = check_float("theta", theta)
+    if isinstance(coefs, Tensor) or not isinstance(coefs, Sequence):
+        raise ValueError(f"coefs must be a list of [N] tensors, one per slope; got {type(coefs).__name__} "
+                         "(for scalar coefficients use stage_point)")
+    slopes = check_list("slopes", slopes, coefs, "coefs")
+    if theta.dim() != 1 or theta.shape[0] != slopes[0].shape[1]:
+        raise ValueError(f"theta must be [N] with N = {slopes[0].shape[1]} (the slopes' last dimension), "
+                         f"got shape {tuple(theta.shape)}")
+    check_like("theta", theta, slopes[0], "slopes[0]")
+    coefs = check_vectors("coefs", coefs, len(slopes), "slopes", theta, "theta")
+    resolved = resolve_backend(backend, theta.device, theta.dtype)
+    if out is not None:
+        check_out(out, slopes[0].shape, theta)
+    differentiable = torch.is_grad_enabled() and (
+        theta.requires_grad or any(k.requires_grad for k in slopes) or any(c.requires_grad for c in coefs))
+    return dispatch.run(dispatch.STAGE_POINT_ELEMENTWISE, resolved, (theta.contiguous(), slopes, coefs), out=out,
                         differentiable=differentiable)
 
 

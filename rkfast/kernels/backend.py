@@ -1,15 +1,17 @@
 """What a kernel backend is: :class:`KernelBackend`, the interface every backend module satisfies.
 
 A backend is a module, listed by one line in :mod:`rkfast.kernels.registry`, that declares at module level
-where it runs and whether it is usable, and defines the four kernels. Modules satisfy the protocol
+where it runs and whether it is usable, and defines the kernels. Modules satisfy the protocol
 structurally: nothing subclasses it.
 
 The kernels write into buffers the caller allocated. :mod:`rkfast.kernels` has checked every argument
 before a kernel runs, so a kernel may assume: all tensors share one device, whose type it runs on, and one
 dtype that it supports; ``theta``, ``d`` and ``out`` of ``combine_`` are contiguous ``[N]``, every other
-tensor is a contiguous ``[T, N]``; there is one coefficient (a Python float) per ``[T, N]`` input, and at
-least one input. Results must follow the reference's order of operations (:mod:`.reference`) closely
-enough that float32 results agree to a few ulps.
+tensor is a contiguous ``[T, N]``, except the coefficient vectors of the ``stage_point_elementwise``
+kernels and their gradients, contiguous ``[N]``; there is one coefficient (a Python float, or an ``[N]``
+vector for the elementwise kernels) per ``[T, N]`` input, and at least one input. Results must follow
+the reference's order of operations (:mod:`.reference`) closely enough that float32 results agree to a few
+ulps.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ __all__ = ["KernelBackend"]
 
 @runtime_checkable
 class KernelBackend(Protocol):
-    """A module computing the RK stage arithmetic: its declarations, then its four kernels."""
+    """A module computing the RK stage arithmetic: its declarations, then its kernels."""
 
     NAME: str
     """The ``backend=`` value that selects it; equal to its key in the registry."""
@@ -50,6 +52,18 @@ class KernelBackend(Protocol):
     def stage_point_backward_(self, grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
                               grad_slopes: Sequence[Tensor]) -> None:
         """``grad_theta = sum_t grad_out[t]`` (skipped when ``None``); ``grad_slopes[l] = -coefs[l] * grad_out``."""
+        ...
+
+    def stage_point_elementwise_(self, theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
+                                 out: Tensor) -> None:
+        """``out[t] = theta - sum_l coefs[l] * slopes[l][t]`` with ``[N]`` coefficient vectors (elementwise)."""
+        ...
+
+    def stage_point_elementwise_backward_(self, grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
+                                          grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
+                                          grad_coefs: Sequence[Tensor] | None) -> None:
+        """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``;
+        ``grad_coefs[l] = -sum_t grad_out[t] * slopes[l][t]``; each output skipped when ``None``."""
         ...
 
     def combine_(self, grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_float", "check_like", "check_list", "check_out", "floats"]
+__all__ = ["check_float", "check_like", "check_list", "check_out", "check_vectors", "floats"]
 
 
 def check_float(name: str, t: object) -> Tensor:
@@ -42,6 +42,24 @@ def check_list(name: str, tensors: Sequence[Tensor], scalars: Sequence[float], s
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, {name}[0] has {tuple(first.shape)}")
         check_like(f"{name}[{i}]", t, first, f"{name}[0]")
     return [t.contiguous() for t in tensors]
+
+
+def check_vectors(name: str, vectors: Sequence[Tensor], count: int, count_name: str, ref: Tensor,
+                  ref_name: str) -> list[Tensor]:
+    """A list of ``count`` (one per ``count_name``) ``[N]`` tensors with ``ref``'s length (``ref`` is ``[N]``),
+    dtype and device; made contiguous."""
+    if isinstance(vectors, Tensor) or not isinstance(vectors, Sequence):
+        raise ValueError(f"{name} must be a list of [N] tensors, one per {count_name.removesuffix('s')}; "
+                         f"got {type(vectors).__name__}")
+    if len(vectors) != count:
+        raise ValueError(f"{count} {count_name} but {len(vectors)} {name}: one per tensor")
+    for i, v in enumerate(vectors):
+        check_float(f"{name}[{i}]", v)
+        if v.shape != ref.shape:
+            raise ValueError(f"{name}[{i}] must be [N] like {ref_name}, shape {tuple(ref.shape)}; "
+                             f"got shape {tuple(v.shape)}")
+        check_like(f"{name}[{i}]", v, ref, ref_name)
+    return [v.contiguous() for v in vectors]
 
 
 def check_out(out: Tensor, shape: torch.Size, ref: Tensor) -> None:

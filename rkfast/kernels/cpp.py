@@ -154,6 +154,23 @@ def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: 
                             [g.data_ptr() for g in grad_slopes], tasks, n, torch.get_num_threads())
 
 
+def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor) -> None:
+    tasks, n = _tasks_and_n(out)
+    _C.stage_point_elementwise(_dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes],
+                               [c.data_ptr() for c in coefs], out.data_ptr(), tasks, n, torch.get_num_threads())
+
+
+def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
+                                      grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
+                                      grad_coefs: Sequence[Tensor] | None) -> None:
+    tasks, n = _tasks_and_n(grad_out)
+    _C.stage_point_elementwise_backward(
+        _dtype(grad_out), grad_out.data_ptr(), [k.data_ptr() for k in slopes] if grad_coefs else [],
+        [c.data_ptr() for c in coefs] if grad_slopes else [], 0 if grad_theta is None else grad_theta.data_ptr(),
+        [g.data_ptr() for g in grad_slopes or ()], [g.data_ptr() for g in grad_coefs or ()], tasks, n,
+        torch.get_num_threads())
+
+
 def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
     tasks, n = _tasks_and_n(grads[0])
     _C.combine(_dtype(out), [g.data_ptr() for g in grads], [float(w) for w in weights], out.data_ptr(),

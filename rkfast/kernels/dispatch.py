@@ -21,7 +21,7 @@ from torch import Tensor
 from . import ops
 from .registry import backend_module
 
-__all__ = ["OpPaths", "STAGE_POINT", "COMBINE", "AXPY", "run"]
+__all__ = ["OpPaths", "STAGE_POINT", "STAGE_POINT_ELEMENTWISE", "COMBINE", "AXPY", "run"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class OpPaths:
 
 STAGE_POINT = OpPaths("stage_point", "stage_point_", ops.stage_point_out, ops.stage_point,
                       ops.stage_point_autograd, ops.new_stage_point)
+STAGE_POINT_ELEMENTWISE = OpPaths("stage_point_elementwise", "stage_point_elementwise_",
+                                  ops.stage_point_elementwise_out, ops.stage_point_elementwise,
+                                  ops.stage_point_elementwise_autograd, ops.new_stage_point)
 COMBINE = OpPaths("combine", "combine_", ops.combine_out, ops.combine, ops.combine, ops.new_combine)
 AXPY = OpPaths("axpy_", "axpy_", ops.axpy_)
 

@@ -40,6 +40,28 @@ def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: 
         torch.mul(grad_out, -c, out=g)
 
 
+def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor) -> None:
+    """``out[t] = theta - sum_l coefs[l] * slopes[l][t]``, ``coefs[l]`` an ``[N]`` vector (elementwise)."""
+    torch.addcmul(theta, coefs[0], slopes[0], value=-1, out=out)
+    for k, c in zip(slopes[1:], coefs[1:]):
+        out.addcmul_(c, k, value=-1)
+
+
+def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
+                                      grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
+                                      grad_coefs: Sequence[Tensor] | None) -> None:
+    """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``;
+    ``grad_coefs[l] = -sum_t grad_out[t] * slopes[l][t]`` (each skipped when ``None``)."""
+    if grad_theta is not None:
+        torch.sum(grad_out, 0, out=grad_theta)
+    for g, c in zip(grad_slopes or (), coefs):
+        torch.mul(grad_out, c, out=g).neg_()
+    if grad_coefs:
+        product = torch.empty_like(grad_out)  # one temporary for all slopes
+        for g, k in zip(grad_coefs, slopes):
+            torch.sum(torch.mul(grad_out, k, out=product), 0, out=g).neg_()
+
+
 def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
     """``out = sum_l weights[l] * sum_t grads[l][t]``."""
     torch.sum(grads[0], 0, out=out)

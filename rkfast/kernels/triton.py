@@ -10,7 +10,13 @@ program per block of the parameter dimension, looping over tasks, so each output
 takes up to four input streams; the wrappers process longer lists in chunks of four, each chunk folding
 into the previous partial result, in the reference's order of operations.
 
-Coefficients travel as two float32 scalars (high and low part): Triton passes Python floats as float32,
+``stage_point_elementwise`` has the same layout, with an ``[N]`` coefficient vector loaded per stream
+(its blocks of theta and the coefficients are shared by the T programs of a block); its backward runs one
+program per block, looping over tasks, with the coefficients' blocks loaded once, writing theta's and the
+slopes' gradients and accumulating the coefficients' (a sum over tasks) in registers, so every output is
+written once.
+
+Scalar coefficients travel as two float32 scalars (high and low part): Triton passes Python floats as float32,
 and the pair keeps ~48 bits of a float64 coefficient for the float64 kernels.
 """
 
@@ -176,6 +182,90 @@ def _stage_point_backward_kernel(
         tl.store(grad_theta + offs, total.to(grad_theta.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["theta_task_stride", "tasks", "n"])
+def _stage_point_elementwise_kernel(
+    theta_ptr, theta_task_stride, k0, k1, k2, k3, c0, c1, c2, c3,
+    out_ptr, tasks, n,
+    NUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # task-minor program order, as _stage_point_kernel: theta's and the coefficients' blocks come from L2
+    pid = tl.program_id(0).to(tl.int64)
+    task = pid % tasks
+    offs = (pid // tasks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    row = task * n + offs
+    acc = tl.load(theta_ptr + task * theta_task_stride + offs, mask=mask).to(ACC)
+    acc -= tl.load(c0 + offs, mask=mask).to(ACC) * tl.load(k0 + row, mask=mask).to(ACC)
+    if NUM > 1:
+        acc -= tl.load(c1 + offs, mask=mask).to(ACC) * tl.load(k1 + row, mask=mask).to(ACC)
+    if NUM > 2:
+        acc -= tl.load(c2 + offs, mask=mask).to(ACC) * tl.load(k2 + row, mask=mask).to(ACC)
+    if NUM > 3:
+        acc -= tl.load(c3 + offs, mask=mask).to(ACC) * tl.load(k3 + row, mask=mask).to(ACC)
+    tl.store(out_ptr + row, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coef_block(c_ptr, offs, mask, WRITE_SLOPES: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """A block of a coefficient vector, loaded once for all tasks (zeros when the slopes' gradient is off)."""
+    if WRITE_SLOPES:
+        return tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return tl.zeros([BLOCK], dtype=ACC)
+
+
+@triton.jit
+def _elementwise_stream(g, c, row, mask, k_ptr, o_ptr, total,
+                        WRITE_SLOPES: tl.constexpr, WRITE_COEFS: tl.constexpr, ACC: tl.constexpr):
+    """One stream's share of a task row: stores ``-c * g`` and returns ``total + g * k``."""
+    if WRITE_SLOPES:
+        tl.store(o_ptr + row, (-(c * g)).to(o_ptr.dtype.element_ty), mask=mask)
+    if WRITE_COEFS:
+        total += g * tl.load(k_ptr + row, mask=mask, other=0.0).to(ACC)
+    return total
+
+
+@triton.jit(do_not_specialize=["tasks", "n"])
+def _stage_point_elementwise_backward_kernel(
+    grad_out, grad_theta, k0, k1, k2, k3, c0, c1, c2, c3, o0, o1, o2, o3, gc0, gc1, gc2, gc3,
+    tasks, n,
+    NUM: tl.constexpr, WRITE_THETA: tl.constexpr, WRITE_SLOPES: tl.constexpr, WRITE_COEFS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    n64 = n.to(tl.int64)
+    v0 = _coef_block(c0, offs, mask, WRITE_SLOPES, ACC, BLOCK)
+    v1 = _coef_block(c1, offs, mask, WRITE_SLOPES and NUM > 1, ACC, BLOCK)
+    v2 = _coef_block(c2, offs, mask, WRITE_SLOPES and NUM > 2, ACC, BLOCK)
+    v3 = _coef_block(c3, offs, mask, WRITE_SLOPES and NUM > 3, ACC, BLOCK)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    s0 = tl.zeros([BLOCK], dtype=ACC)
+    s1 = tl.zeros([BLOCK], dtype=ACC)
+    s2 = tl.zeros([BLOCK], dtype=ACC)
+    s3 = tl.zeros([BLOCK], dtype=ACC)
+    for t in range(tasks):
+        row = t * n64 + offs
+        g = tl.load(grad_out + row, mask=mask, other=0.0).to(ACC)
+        total += g
+        s0 = _elementwise_stream(g, v0, row, mask, k0, o0, s0, WRITE_SLOPES, WRITE_COEFS, ACC)
+        if NUM > 1:
+            s1 = _elementwise_stream(g, v1, row, mask, k1, o1, s1, WRITE_SLOPES, WRITE_COEFS, ACC)
+        if NUM > 2:
+            s2 = _elementwise_stream(g, v2, row, mask, k2, o2, s2, WRITE_SLOPES, WRITE_COEFS, ACC)
+        if NUM > 3:
+            s3 = _elementwise_stream(g, v3, row, mask, k3, o3, s3, WRITE_SLOPES, WRITE_COEFS, ACC)
+    if WRITE_THETA:
+        tl.store(grad_theta + offs, total.to(grad_theta.dtype.element_ty), mask=mask)
+    if WRITE_COEFS:
+        tl.store(gc0 + offs, (-s0).to(gc0.dtype.element_ty), mask=mask)
+        if NUM > 1:
+            tl.store(gc1 + offs, (-s1).to(gc1.dtype.element_ty), mask=mask)
+        if NUM > 2:
+            tl.store(gc2 + offs, (-s2).to(gc2.dtype.element_ty), mask=mask)
+        if NUM > 3:
+            tl.store(gc3 + offs, (-s3).to(gc3.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["n"])
 def _axpy_kernel(theta_ptr, d_ptr, ah, al, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -223,6 +313,52 @@ def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: 
         _stage_point_backward_kernel[grid](grad_out, grad_theta if write_theta else grad_out, *group, *pairs,
                                            tasks, n, NUM=num, WRITE_THETA=write_theta, ACC=acc,
                                            BLOCK=block, num_warps=warps)
+
+
+def _groups(*lists: Sequence[Tensor] | None, fill: Tensor):
+    """``(start, num, [list0's group of four, padded], [list1's ...], ...)`` over chunks of four streams;
+    a list that is ``None`` or empty (an output that is skipped) is all ``fill``."""
+    count = max(len(x) for x in lists if x)
+    for start in range(0, count, MAX_STREAMS):
+        num = min(MAX_STREAMS, count - start)
+        groups = []
+        for x in lists:
+            group = list(x[start : start + MAX_STREAMS]) if x else [fill] * num
+            groups.append(group + [group[0]] * (MAX_STREAMS - num))
+        yield start, num, groups
+
+
+def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor) -> None:
+    tasks, n = _tasks_and_n(out)
+    block, warps = _config(n, per_block_grid=False)
+    grid = (triton.cdiv(n, block) * tasks,)
+    acc = _acc(out.dtype)
+    for start, num, (ks, cs) in _groups(slopes, coefs, fill=out):
+        # later chunks continue from the partial stage point already in `out` (row stride n, not 0)
+        base, stride = (theta, 0) if start == 0 else (out, n)
+        _stage_point_elementwise_kernel[grid](base, stride, *ks, *cs, out, tasks, n,
+                                              NUM=num, ACC=acc, BLOCK=block, num_warps=warps)
+
+
+def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
+                                      grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
+                                      grad_coefs: Sequence[Tensor] | None) -> None:
+    tasks, n = _tasks_and_n(grad_out)
+    block, warps = _config(n, per_block_grid=True)
+    grid = (triton.cdiv(n, block),)
+    acc = _acc(grad_out.dtype)
+    write_slopes, write_coefs = bool(grad_slopes), bool(grad_coefs)
+    if grad_theta is None and not write_slopes and not write_coefs:
+        return
+    lists = (slopes if write_coefs else None, coefs if write_slopes else None, grad_slopes, grad_coefs)
+    if not (write_slopes or write_coefs):  # theta's gradient alone: one launch that touches no stream
+        lists = ([grad_out], None, None, None)
+    for start, num, (ks, cs, os_, gcs) in _groups(*lists, fill=grad_out):
+        write_theta = start == 0 and grad_theta is not None
+        _stage_point_elementwise_backward_kernel[grid](
+            grad_out, grad_theta if write_theta else grad_out, *ks, *cs, *os_, *gcs, tasks, n,
+            NUM=num, WRITE_THETA=write_theta, WRITE_SLOPES=write_slopes, WRITE_COEFS=write_coefs,
+            ACC=acc, BLOCK=block, num_warps=warps)
 
 
 def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
