@@ -32,18 +32,21 @@ from torch.func import functional_call
 
 from . import norms
 from .batch import TaskBatch
-from .kernels import Backend, axpy_, combine, resolve_backend, stage_point
+from .kernels import Backend, axpy_, combine, resolve_backend, stage_point, stage_point_elementwise
 from .layout import ParamLayout
+from .learned import LearnedRates, RatesStepOutput
 from .norms import PerStepBatchNorm, at_step, statistics_layers
 from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
 from .taskmap import (
+    DETACHED_LOSS,
     Metrics,
     Randomness,
     TaskData,
     TaskLoss,
     TaskMap,
     VmapUnsupportedError,
+    _tracked,
     loss_gradient,
     resolve_num_tasks,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "check_step",
     "check_step_counts",
     "stage_point",
+    "elementwise_stage_point",
     "combine",
     "module_task_loss",
     "model_task_loss",
@@ -164,11 +168,24 @@ def _step_count(n: Any, steps: tuple) -> int:
 @dataclass
 class Stage:
     """Stage ``index`` (0-based) of every task: its point ``theta [N]`` (``shared``: stage 1, or a stage
-    whose row of ``A`` is zero, sits at theta for every task) or ``theta^(j) [T, N]``."""
+    whose row of ``A`` is zero, sits at theta for every task) or ``theta^(j) [T, N]``. With learned rates,
+    ``terms`` are the ``(l, A[j][l], k^(l) [T, N])`` the point was built from (what the first-order rate
+    direction needs); empty otherwise."""
 
     index: int
     point: Tensor
     shared: bool
+    terms: tuple[tuple[int, float, Tensor], ...] = ()
+
+
+def elementwise_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
+                            backend: str = "torch") -> Tensor:
+    """``out[t] = theta - sum_l coefs[l] ⊙ slopes[l][t]`` with per-element coefficient vectors ``coefs[l] [N]``
+    (the stage point with learned rates, ``coefs[l] = A[j][l] * r_l``), differentiable in all three.
+
+    The fused :func:`rkfast.kernels.stage_point_elementwise` of ``backend`` (``"torch"``: its pure-PyTorch
+    reference)."""
+    return stage_point_elementwise(theta, list(slopes), list(coefs), backend=backend)
 
 
 def stage_points(
@@ -182,6 +199,7 @@ def stage_points(
     second_order: bool,
     backend: str,
     workspace: Workspace | None = None,
+    rates: Callable[[int], Tensor] | None = None,
 ) -> Iterator[Stage]:
     """The stages whose query loss the meta-loss weighs (``b_j != 0``), in order.
 
@@ -190,6 +208,10 @@ def stage_points(
     second order, with :func:`rkfast.norms.current_step` at ``j`` (the caller sets it around what it
     computes at a yielded stage). ``workspace`` (first order only: nothing is differentiated through the
     points then) holds the stage points between steps.
+
+    ``rates`` (learned inner rates, :mod:`rkfast.learned`): ``rates(l)`` is the rate vector ``r_l [N]`` of
+    slope ``l``, and ``theta^(j) = theta - sum_{l<j} A[j][l] (r_l ⊙ k^(l))`` replaces the step ``h``
+    (:func:`elementwise_stage_point`; differentiable in the rates, the yielded stages carry their ``terms``).
     """
     slopes: list[Tensor | None] = [None] * tableau.stages
     last_reader, needs_slope, needs_query = tableau.last_reader, tableau.needs_support_grad, tableau.needs_query_loss
@@ -199,8 +221,16 @@ def stage_points(
             continue
         coefs = tableau.coefficients(j)
         shared = not coefs
+        terms: tuple[tuple[int, float, Tensor], ...] = ()
         if shared:
             point = theta
+        elif rates is not None:
+            terms = tuple((l, a, slopes[l]) for l, a in coefs)  # type: ignore[misc]
+            point = elementwise_stage_point(theta, [k for _, _, k in terms], [a * rates(l) for l, a, _ in terms],
+                                            backend)
+            for l, _ in coefs:
+                if last_reader[l] == j:
+                    slopes[l] = None
         else:
             out = workspace.get(("point", j), (tasks.num_tasks, theta.shape[0]), theta) if workspace else None
             point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
@@ -213,7 +243,7 @@ def stage_points(
                 data = tasks.data(support_data, j, point, shared)
                 slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
         if need_query:
-            yield Stage(j, point, shared)
+            yield Stage(j, point, shared, terms)
 
 
 # -- the meta-direction, second and first order ----------------------------------------------------------
@@ -240,12 +270,15 @@ class _MetaLoss:
 
 class SecondOrderDirection(_MetaLoss):
     """``d = grad_theta sum_j b_j mean_i L_Q,i(theta_i^(j)(theta))``: one backward through every stage point,
-    the slopes included (their Hessian-vector products)."""
+    the slopes included (their Hessian-vector products). With learned ``rates`` the same backward also gives
+    the meta-loss's gradient with respect to the rate tensors (:class:`~rkfast.learned.RatesStepOutput`)."""
 
     second_order = True
 
-    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None) -> None:
+    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
+                 rates: LearnedRates | None = None) -> None:
         self.theta = theta.detach().requires_grad_()  # a fresh leaf: the caller's theta is left alone
+        self.rates = rates
         super().__init__(self.theta, tasks)
 
     def grad_mode(self) -> ContextManager:
@@ -256,10 +289,23 @@ class SecondOrderDirection(_MetaLoss):
         self.record(stage, weight, q, metrics)
 
     def result(self) -> MetaStepOutput:
+        if self.rates is not None:
+            return self._result_with_rates(self.rates)
         if not self.stage_losses:  # every b_j == 0: no query loss, the meta-loss is constant
             return self.output(torch.zeros_like(self.theta))
         with self.tasks.vmap_errors():
             return self.output(loss_gradient(self.loss, self.theta))
+
+    def _result_with_rates(self, rates: LearnedRates) -> MetaStepOutput:
+        leaves = rates.tensors
+        if not self.stage_losses:
+            return RatesStepOutput(self.output(torch.zeros_like(self.theta)), [torch.zeros_like(t) for t in leaves])
+        with self.tasks.vmap_errors():
+            grads = torch.autograd.grad(_tracked(self.loss), [self.theta, *leaves], allow_unused=True)
+        if grads[0] is None:
+            raise ValueError(DETACHED_LOSS)
+        rate_grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, grads[1:])]
+        return RatesStepOutput(self.output(grads[0]), rate_grads)
 
 
 class FirstOrderDirection(_MetaLoss):
@@ -272,10 +318,13 @@ class FirstOrderDirection(_MetaLoss):
 
     second_order = False
 
-    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None) -> None:
+    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
+                 rates: LearnedRates | None = None) -> None:
         self.theta = theta.detach()
         super().__init__(self.theta, tasks)
         self.backend, self.workspace = backend, workspace
+        self.rates = rates
+        self.rate_grads: dict[int, Tensor] = {}  # d meta-loss / d r_set [N], slopes held constant
         self.per_task: list[tuple[Tensor, float]] = []  # query gradients [T, N] and their weights b_j / T
         self.summed: list[tuple[Tensor, float]] = []  # at a shared point the backward already summed the tasks
 
@@ -289,6 +338,12 @@ class FirstOrderDirection(_MetaLoss):
             with self.tasks.vmap_errors():
                 g = loss_gradient(q.sum(), leaf)
         (self.summed if stage.shared else self.per_task).append((g, weight / self.tasks.num_tasks))
+        if self.rates is not None and self.rates.learned:
+            # d/d r_l of b_j mean_i L_Q,i(theta - sum_l A_jl r_l ⊙ k_il) = -(b_j / T) A_jl sum_i g_ij ⊙ k_il
+            for l, a, k in stage.terms:
+                s = min(l, self.rates.sets - 1)
+                term = (g * k).sum(0) * (-a * weight / self.tasks.num_tasks)
+                self.rate_grads[s] = term if s not in self.rate_grads else self.rate_grads[s] + term
         self.record(stage, weight, q.detach(), metrics)
 
     def result(self) -> MetaStepOutput:
@@ -300,6 +355,8 @@ class FirstOrderDirection(_MetaLoss):
             direction = out.zero_() if out is not None else torch.zeros_like(self.theta)
         for g, w in self.summed:
             axpy_(direction, g, w, backend=self.backend)
+        if self.rates is not None:
+            return RatesStepOutput(self.output(direction), self.rates.reduce(self.rate_grads))
         return self.output(direction)
 
 
@@ -321,6 +378,7 @@ def rk_meta_step(
     randomness: Randomness = "different",
     backend: Backend = "auto",
     workspace: Workspace | None = None,
+    rates: LearnedRates | None = None,
 ) -> MetaStepOutput:
     """One Runge-Kutta meta-step over a batch of tasks (``docs/method.md``).
 
@@ -344,6 +402,13 @@ def rk_meta_step(
         backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`).
         workspace: reuse its buffers for the first-order stage points and meta-direction (no allocation
             for them after the first step of a shape); the returned direction is then one of them.
+        rates: learned (or fixed per-tensor) inner rates, :class:`~rkfast.learned.LearnedRates`: the stage
+            points become ``theta - sum_l A[j][l] (r_l ⊙ k^(l))`` with ``r_l = rates.vector(l)`` in place of
+            ``h`` (``docs/method.md``, "Learned inner rates"), and the result is a
+            :class:`~rkfast.learned.RatesStepOutput` whose ``rate_directions`` are the meta-loss's gradients
+            with respect to ``rates.tensors``: exact for second order (the same backward as theta's), with
+            the slopes held constant for first order,
+            ``sum_j b_j mean_i sum_l (-A[j][l] g_ij ⊙ k_il)`` reduced to the granularity.
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
@@ -360,11 +425,17 @@ def rk_meta_step(
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
     tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     rule = FirstOrderDirection if first_order else SecondOrderDirection
-    direction = rule(theta, tasks, backend, workspace)
+    direction = rule(theta, tasks, backend, workspace, rates) if rates is not None else \
+        rule(theta, tasks, backend, workspace)
     with direction.grad_mode():
+        rate_of = None
+        if rates is not None:
+            with torch.no_grad() if first_order else nullcontext():  # first order: nothing through the rates
+                vectors = [rates.vector(s) for s in range(rates.sets)]
+            rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
         for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
                                   second_order=rule.second_order, backend=backend,
-                                  workspace=workspace if first_order else None):
+                                  workspace=workspace if first_order else None, rates=rate_of):
             with at_step(stage.index):
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
                 direction.add(stage, tab.b[stage.index], query_loss, data)
@@ -384,8 +455,14 @@ def adapt(
     num_tasks: int | None = None,
     randomness: Randomness = "different",
     keep_params: bool = False,
+    rates: Callable[[int], Tensor] | None = None,
 ) -> AdaptationOutput:
     """Meta-test adaptation: from ``theta``, plain gradient steps on each task's support set.
+
+    ``rates`` (learned inner rates): ``rates(n)`` is a per-element rate vector ``[N]`` for step ``n``
+    (0-based: the step from the parameters after ``n`` steps), and that step is
+    ``params - (step_size * rates(n)) ⊙ grad``: ``step_size`` is then the factor that scales the rates
+    (``MetaOptimizer.evaluate`` passes ``Tableau.test_step(h) / h``), and is what the output reports.
 
     Reports every task's query loss (and metrics) before adaptation and after each count in ``steps``,
     and with ``keep_params`` the adapted parameters too. Callable data are called with the number of
@@ -418,7 +495,8 @@ def adapt(
                         kept.append(params.expand(tasks.num_tasks, -1) if shared else params)
                 if n < counts[-1]:
                     data = tasks.data(support_data, n, params, shared)
-                    params = params - alpha * tasks.grads(support_loss, params, data, shared, create_graph=False)
+                    g = tasks.grads(support_loss, params, data, shared, create_graph=False)
+                    params = params - (alpha if rates is None else alpha * rates(n).detach()) * g
                     shared = False
     return AdaptationOutput(
         report,
@@ -610,13 +688,14 @@ def meta_step(
     backend: Backend = "auto",
     workspace: Workspace | None = None,
     batch_statistics: bool = True,
+    rates: LearnedRates | None = None,
 ) -> MetaStepOutput:
     """:func:`rk_meta_step` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`
-    (``batch_statistics``: see :func:`model_call`)."""
+    (``batch_statistics``: see :func:`model_call`; ``rates``: learned inner rates, see :func:`rk_meta_step`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return rk_meta_step(
         theta, loss, loss, batch.support, batch.query, tableau, inner_lr,
-        first_order=first_order, vectorize=vectorize, backend=backend, workspace=workspace,
+        first_order=first_order, vectorize=vectorize, backend=backend, workspace=workspace, rates=rates,
     )
 
 
@@ -632,12 +711,14 @@ def evaluate(
     layout: ParamLayout | None = None,
     keep_params: bool = False,
     batch_statistics: bool = True,
+    rates: Callable[[int], Tensor] | None = None,
 ) -> AdaptationOutput:
     """:func:`adapt` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`
-    (``batch_statistics``: see :func:`model_call`)."""
+    (``batch_statistics``: see :func:`model_call`; ``rates``: per-step rate vectors, see :func:`adapt`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return adapt(
-        theta, loss, loss, batch.support, batch.query, step_size, steps, vectorize=vectorize, keep_params=keep_params
+        theta, loss, loss, batch.support, batch.query, step_size, steps, vectorize=vectorize, keep_params=keep_params,
+        rates=rates,
     )
 
 

@@ -7,7 +7,8 @@ buffer in :mod:`rkfast.flat`, the outer update in :mod:`rkfast.outer`, whole-ste
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence, Union
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from .capture import CaptureMode, StepCapture, make_step_capture
 from .distributed import TaskParallel, is_ddp_wrapped, resolve_process_group
 from .flat import FlatParameters
 from .layout import ParamLayout
+from .learned import GRANULARITIES, LearnedRates, RateSnapshot
 from .outer import OuterUpdate, cast_state_to_params, check_lr, make_outer_optimizer, outer_class
 from .results import AdaptationOutput, MetaStepOutput
 from .tableau import Tableau, get_tableau
@@ -132,6 +134,22 @@ class MetaOptimizer(torch.optim.Optimizer):
             :meth:`apply`): all ranks compare a checksum of the meta-parameters' bits (one small
             ``all_gather``) and raise :class:`~rkfast.distributed.InconsistentParametersError`, naming the
             ranks that differ from rank 0, if they are not identical (the update itself is kept).
+        learn_rates: learn the inner rates by the same meta-gradient (``docs/method.md``, "Learned inner
+            rates"): ``"scalar"`` (one rate), ``"tensor"`` (one per parameter tensor: MAML++'s per-layer
+            rates) or ``"element"`` (one per element: Meta-SGD); ``None`` (default): the fixed step
+            ``inner_lr``. Stage ``j``'s point becomes ``theta - sum_l A[j][l] (r_l ⊙ k_l)``. The rates start
+            at ``inner_lr`` (the first step equals the fixed-step one exactly) and are unconstrained (a rate
+            may become zero or negative). They are leaf tensors in their own, last, param group of the outer
+            optimizer (``lr=rate_lr``, ``weight_decay=0`` where the optimizer has one), so schedulers, the
+            outer update and its state dict cover them; :attr:`rates` reads them. Meta-test
+            (:meth:`evaluate`) adapts with them. Not with ``capture`` or a process group (``ValueError``).
+        per_stage_rates: one set of rates per slope of the tableau (for ``maml(k)``: one per inner step,
+            MAML++'s per-step rates); needs ``learn_rates``.
+        rate_lr: the outer learning rate of the rates (default: ``lr``): finite, ``>= 0``; needs ``learn_rates``.
+        frozen_rates: ``{parameter name or glob: rate}``: fixed, not learned, rates for the matching
+            parameter tensors (``{"features.*": 0.0}``: ANIL, those tensors are meta-learned by the outer
+            update but not adapted in the inner loop or at meta-test). Works with ``learn_rates=None`` too
+            (fixed per-tensor rates, ``inner_lr`` elsewhere). A pattern that matches nothing is a ``ValueError``.
 
     The meta-parameters are moved into one contiguous flat buffer (:class:`~rkfast.flat.FlatParameters`),
     and each parameter becomes a view into it (the same ``Parameter`` objects: the model, its
@@ -169,6 +187,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         capture: CaptureMode | StepCapture = False,
         process_group: ProcessGroup | Literal["auto"] | None = "auto",
         check_consistency: bool = False,
+        learn_rates: Literal["scalar", "tensor", "element"] | None = None,
+        per_stage_rates: bool = False,
+        rate_lr: float | None = None,
+        frozen_rates: Mapping[str, float] | None = None,
         **outer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -204,6 +226,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 "for a rank-local optimizer (docs/distributed.md)."
             )
         self.check_consistency = bool(check_consistency)
+        self._check_rate_options(learn_rates, per_stage_rates, rate_lr, frozen_rates)
         graphed = self._capture is not None and self._capture.requires_cuda
         optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs, capturable=graphed)
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
@@ -224,6 +247,18 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self._capture is not None:
             self._capture.check_device(self.device)
         self.capture = self._capture.mode if self._capture is not None else False
+        self._rates: LearnedRates | None = None
+        if learn_rates is not None or frozen_rates is not None:
+            self._rates = LearnedRates(self.layout, self.inner_lr, learn_rates, per_stage=per_stage_rates,
+                                       stages=self.tableau.stages, frozen=frozen_rates, dtype=self.dtype,
+                                       device=self.device)
+            if self._rates.learned:
+                group: dict[str, Any] = {"params": list(self._rates.tensors),
+                                         "lr": lr if rate_lr is None else float(rate_lr)}
+                if "weight_decay" in optimizer.defaults:
+                    group["weight_decay"] = 0.0
+                optimizer.add_param_group(group)
+        self._rate_snapshot = RateSnapshot(optimizer, self._rates.tensors if self._rates is not None else ())
         self._outer = OuterUpdate(optimizer, self._flat)
         self._norm_layers = RF.has_norm_layers(model)
         self._model_call = RF.model_call(model, batch_statistics=self.batch_statistics)
@@ -233,6 +268,37 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device) if self._capture else None
         if self._dist is not None:  # every rank starts from rank 0's meta-parameters
             self._dist.broadcast_(self._flat.data)
+
+    def _check_rate_options(self, learn_rates: Any, per_stage_rates: Any, rate_lr: Any, frozen_rates: Any) -> None:
+        """The learned-rate arguments, refused with a ``ValueError`` that names the argument."""
+        if learn_rates is not None and learn_rates not in GRANULARITIES:
+            raise ValueError(f"learn_rates must be one of {', '.join(map(repr, GRANULARITIES))} or None, "
+                             f"got {learn_rates!r}")
+        if learn_rates is None and per_stage_rates:
+            raise ValueError("per_stage_rates=True needs learn_rates ('scalar', 'tensor' or 'element')")
+        if rate_lr is not None:
+            if learn_rates is None:
+                raise ValueError("rate_lr is the learning rate of learned rates: it needs learn_rates")
+            if isinstance(rate_lr, bool):
+                raise ValueError(f"rate_lr must be a finite, non-negative number, got {rate_lr!r}")
+            check_lr(rate_lr, "rate_lr")
+        if frozen_rates is not None and not isinstance(frozen_rates, Mapping):
+            raise ValueError(f"frozen_rates must be a mapping {{name or glob: rate}}, got {frozen_rates!r}")
+        if learn_rates is not None or frozen_rates is not None:
+            what = f"learn_rates={learn_rates!r}" if learn_rates is not None else "frozen_rates"
+            if self._capture is not None:
+                raise ValueError(f"{what} with capture={self._capture.mode!r} is not supported yet: the rate "
+                                 "tensors, their meta-direction and their outer update are not captured in the "
+                                 "CUDA graph. Use capture=False.")
+            if self._dist is not None and learn_rates is not None:
+                raise ValueError(f"{what} with a process group is not supported yet: the rates' meta-direction "
+                                 "would have to be all-reduced with the parameters'. Use process_group=None.")
+
+    @property
+    def rates(self) -> LearnedRates | None:
+        """The inner rates (:class:`~rkfast.learned.LearnedRates`: ``.values()``, ``.vector(stage)``,
+        ``.tensors``), or ``None`` without ``learn_rates``/``frozen_rates``."""
+        return self._rates
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
@@ -289,9 +355,16 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _eager_step(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         out = self._meta_direction(tasks)  # stage losses -> rk_meta_step (raises before anything changes)
-        self._transactional_update(lambda: self._flat.write_grad(out.direction), out.direction, out.loss,
-                                   lambda: self._non_finite_direction_error(out))
+        self._transactional_update(lambda: self._write_grads(out), out.direction, out.loss,
+                                   lambda: self._non_finite_direction_error(out), _rate_directions(out))
         return out
+
+    def _write_grads(self, out: MetaStepOutput) -> None:
+        """The meta-direction into every ``.grad``: the parameters' flat buffer and the learned rates'."""
+        self._flat.write_grad(out.direction)
+        if self._rates is not None:
+            for t, d in zip(self._rates.tensors, _rate_directions(out)):
+                t.grad = d
 
     # -- task-parallel steps (rkfast.distributed) ------------------------------------------------------
 
@@ -343,9 +416,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             out, nonfinite = self._reduced_direction(tasks, "compute")
         else:
             out, nonfinite = self._meta_direction(self._check_tasks(tasks, "compute")), ()
-        if self.check_finite and not bool(_all_finite(out.direction, out.loss)):  # one host sync
+        if self.check_finite and not bool(_all_finite(out.direction, out.loss, *_rate_directions(out))):  # one sync
             raise self._non_finite_direction_error(out, nonfinite)
-        self._flat.write_grad(out.direction)
+        self._write_grads(out)
         return out
 
     def apply(self) -> None:
@@ -369,13 +442,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._refuse_inference_mode("apply")
         self._rebind_if_replaced()
         grad = self._flat.grad  # .grad as the update reads it, once adopted
+        rate_grads = [t.grad for t in self._rates.tensors] if self._rates is not None else []
         self._transactional_update(self._flat.adopt_grads, grad, None, lambda: NonFiniteLossError(
-            "non-finite .grad; parameters, .grad and optimizer state were left unchanged"))
+            "non-finite .grad; parameters, .grad and optimizer state were left unchanged"), rate_grads)
         if self._dist is not None and self.check_consistency:
             self._dist.check_identical(self._flat.data)
 
     def _transactional_update(self, set_grad: Callable[[], None], direction: Tensor, loss: Tensor | None,
-                              direction_error: Callable[[], NonFiniteLossError]) -> None:
+                              direction_error: Callable[[], NonFiniteLossError],
+                              rate_directions: Sequence[Tensor | None] = ()) -> None:
         """``set_grad()`` (the new ``.grad``) and the outer update as one transaction: any exception, and with
         ``check_finite`` a non-finite ``direction``/``loss`` or non-finite updated parameters, restores the
         parameters, ``.grad`` and optimizer state and raises.
@@ -383,19 +458,36 @@ class MetaOptimizer(torch.optim.Optimizer):
         The finiteness of the inputs and of the result is read once, after the update (the step's one host
         synchronization): a non-finite direction makes the update produce garbage, which is then undone."""
         inputs_ok: Tensor | None = None
+        rates = self._rates.tensors if self._rates is not None else []
         try:
-            with self._outer.transaction():
+            with self._outer.transaction(), self._rates_transaction():
                 set_grad()
                 if self.check_finite:
-                    inputs_ok = _all_finite(direction, loss)  # on the device: no synchronization yet
+                    inputs_ok = _all_finite(direction, loss, *rate_directions)  # on the device: no sync yet
                 self._outer.update(self.backend)
-                if inputs_ok is not None and not bool(inputs_ok & _all_finite(self._flat.data)):  # one host sync
+                if inputs_ok is not None and not bool(inputs_ok & _all_finite(self._flat.data, *rates)):  # one sync
                     raise direction_error() if not bool(inputs_ok) else self._non_finite_update_error()
         except Exception as err:
             # an optimizer that refuses a non-finite gradient itself: report what was non-finite
             if isinstance(err, NonFiniteLossError) or inputs_ok is None or bool(inputs_ok):
                 raise
             raise direction_error() from err
+
+    @contextmanager
+    def _rates_transaction(self) -> Iterator[None]:
+        """The learned rates' side of the outer update's transaction: their values, ``.grad`` and optimizer
+        state are put back if the block raises (the parameters' side is :meth:`OuterUpdate.transaction`)."""
+        if self._rates is None or not self._rates.learned:
+            yield
+            return
+        self._rate_snapshot.save()
+        try:
+            yield
+        except BaseException:
+            self._rate_snapshot.restore()
+            raise
+        finally:
+            self._rate_snapshot.forget()
 
     def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
         """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""
@@ -414,10 +506,12 @@ class MetaOptimizer(torch.optim.Optimizer):
         """The RK meta-direction of ``tasks`` (checked, so the flat buffer is bound) at the current parameters;
         its finiteness is the caller's to check (after the update, before ``.grad``, or on the device)."""
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
+        if self._rates is not None:
+            self._rates.inner_lr = self.inner_lr  # the rate of tensors neither learned nor frozen
         return RF.rk_meta_step(
             self._flat.data.detach(), support_loss, query_loss, support_data, query_data, self.tableau,
             self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
-            backend=self.backend, workspace=self._workspace,
+            backend=self.backend, workspace=self._workspace, rates=self._rates,
         )
 
     def _stage_losses(self, tasks: TaskBatch | TaskSet) -> tuple[RF.TaskLoss, RF.TaskLoss, Any, Any, int | None]:
@@ -513,6 +607,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         reads and writes the old buffers)."""
         with torch.inference_mode(False):  # the new buffers and state must stay trainable
             if (self.dtype, self.device) != (self._flat.dtype, self._flat.device):
+                if self._rates is not None:
+                    self._rates.to_(self.dtype, self.device)  # the same tensors: their param group holds them
                 cast_state_to_params(self.outer_optimizer)
                 self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
             self._flat.rebind()
@@ -583,29 +679,52 @@ class MetaOptimizer(torch.optim.Optimizer):
         ``torch.no_grad()``; raises ``RuntimeError`` under ``torch.inference_mode()``, and as :meth:`step`
         does for malformed tasks.
 
+        With learned (or frozen) rates (:attr:`rates`) and no ``step_size``, step ``n`` (0-based) adapts with
+        the rate vector of set ``min(n, sets - 1)`` times the tableau's test-step factor
+        ``tableau.test_step(h) / h`` (1 for ``maml(k)``, 1/2 for midpoint), and the output's ``step_size``
+        is that factor. An explicit ``step_size`` replaces the learned rates by that scalar, as without
+        them; tensors with ``frozen_rates`` keep their fixed rate scaled by ``step_size / inner_lr`` (a
+        rate frozen at 0 stays 0: ANIL's body is not adapted at meta-test either).
+
         With a process group it does not communicate: each rank evaluates the tasks it is given. Gathering
         is the caller's: ``AdaptationOutput.cat(opt.distributed.all_gather_object(result))``.
         """
         tasks = self._check_tasks(tasks, "evaluate")
         alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
+        rates = None
+        if self._rates is not None:
+            self._rates.inner_lr = self.inner_lr
+            with torch.no_grad():
+                if step_size is None:
+                    alpha = self.tableau.test_step(self.inner_lr) / self.inner_lr
+                    vectors = [self._rates.vector(s).detach() for s in range(self._rates.sets)]
+                    rates = lambda n: vectors[min(n, len(vectors) - 1)]  # noqa: E731
+                elif self._rates.frozen:
+                    scaled = self._rates.fixed_vector() / self.inner_lr  # 1 where not frozen: step_size exactly
+                    rates = lambda n: scaled  # noqa: E731
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
         return RF.adapt(
             self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, alpha, steps,
-            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params,
+            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params, rates=rates,
         )
 
     # -- state ----------------------------------------------------------------------------------------
 
     def _meta_state(self) -> dict[str, Any]:
-        return {
+        meta = {
             "tableau": self.tableau.to_dict(),
             "inner_lr": self.inner_lr,
             "first_order": self.first_order,
             "outer": type(self.outer_optimizer).__name__,
         }
+        if self._rates is not None:
+            meta["rates"] = self._rates.state()
+        return meta
 
     def state_dict(self) -> dict[str, Any]:
-        """The outer optimizer's state dict plus ``"rkfast"``: tableau, ``inner_lr``, ``first_order``."""
+        """The outer optimizer's state dict plus ``"rkfast"``: tableau, ``inner_lr``, ``first_order`` and,
+        with learned or frozen rates, ``"rates"`` (their configuration and values; their outer-optimizer
+        state is in the outer state dict, as their param group)."""
         sd = self.outer_optimizer.state_dict()
         sd["rkfast"] = self._meta_state()
         return sd
@@ -623,12 +742,19 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {outer!r}")
         tableau = Tableau.from_dict(meta["tableau"])
         inner_lr = RF.check_step("inner_lr", meta["inner_lr"])
+        if self._rates is None and meta.get("rates") is not None:
+            raise ValueError("the state dict has learned/frozen rates (learn_rates or frozen_rates), this "
+                             "MetaOptimizer has none")
+        rate_values = self._rates.check_state(meta.get("rates")) if self._rates is not None else None
         for i, group in enumerate(state_dict.get("param_groups", ())):
             if "lr" in group:
                 check_lr(group["lr"], f"lr of param group {i}")
         self.outer_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
         self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
         self.tableau, self.inner_lr, self.first_order = tableau, inner_lr, bool(meta["first_order"])
+        if self._rates is not None:
+            self._rates.inner_lr = inner_lr
+            self._rates.load(rate_values)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return (
@@ -642,6 +768,11 @@ def _task_count(tasks: TaskBatch | TaskSet) -> int:
     if isinstance(tasks, TaskBatch):
         return tasks.num_tasks
     return RF.resolve_num_tasks(tasks.num_tasks, tasks.support_data, tasks.query_data)
+
+
+def _rate_directions(out: MetaStepOutput) -> list[Tensor]:
+    """The learned rates' meta-directions of a step's output (none without learned rates)."""
+    return list(getattr(out, "rate_directions", ()))
 
 
 def _all_finite(*tensors: Tensor | None) -> Tensor:
