@@ -7,6 +7,7 @@ Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"
 from . import distributed, functional, kernels, models, tasks
 from .batch import TaskBatch, TaskSet
 from .distributed import InconsistentParametersError, RankFailedError, TaskParallel
+from .learned import LearnedRates
 from .optim import MetaOptimizer, NonFiniteLossError
 from .tableau import (InconsistentTableauWarning, Tableau, TableauTypeError, get_tableau, maml, maml_msl,
                      named_tableaus, rk2)
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MetaOptimizer",
+    "LearnedRates",
     "NonFiniteLossError",
     "RankFailedError",
     "InconsistentParametersError",

@@ -6,6 +6,7 @@
     rkfast train sinusoid --tableau rk4                 # one run: table, results.json, checkpoint, plots
     rkfast compare sinusoid --tableaus maml,heun,rk4    # same seeds for every tableau, one table and plot
     rkfast eval runs/sinusoid-rk4 --test-tasks 1000     # meta-test a finished run again
+    rkfast train sinusoid --learn-rates element         # Meta-SGD: learned per-element inner rates (rates.png)
     rkfast train DOMAIN --help                          # a domain's options and published defaults
     torchrun --nproc-per-node 2 -m rkfast train sinusoid   # the same run, task-parallel over 2 processes
 
@@ -40,7 +41,8 @@ import torch
 
 from . import kernels
 from .optim import NonFiniteLossError
-from .report import compare_report, compare_rows, run_line, step_source, test_report, train_report
+from .learned import GRANULARITIES
+from .report import compare_report, compare_rows, rates_line, run_line, step_source, test_report, train_report
 from .data.images import DataError
 from .distributed import RankFailedError, TaskParallel, resolve_process_group
 from .runs import RunError, RunFolder, load_checkpoint, write_json
@@ -56,6 +58,8 @@ from .train import (
     lead_decides,
     load_result,
     load_run,
+    rates_info,
+    refuse_learned_rates_in_group,
     resume_config,
     slug,
     task_chunks,
@@ -147,6 +151,8 @@ def _write_plots(run: RunResult, out: Path) -> list[Path]:
     from . import plots
 
     makers = {"training.png": plots.plot_training, **run.domain.plots}
+    if run.rate_history:  # learned inner rates
+        makers["rates.png"] = plots.plot_rates
     for name, make in makers.items():
         make(run, out / name)
     return [out / name for name in makers]
@@ -265,6 +271,12 @@ def _check_parallel(cfg: TrainConfig, parallel: TaskParallel | None) -> None:
     """What a run over several processes needs of its configuration (the same on every rank)."""
     if parallel is None:
         return
+    try:
+        refuse_learned_rates_in_group(cfg, parallel.world_size)
+    except ValueError:
+        raise CommandError(f"--learn-rates {cfg.learn_rates} is not supported under torchrun ({parallel.world_size} "
+                           "processes) yet: the learned rates' meta-direction is not all-reduced; run it in one "
+                           "process (without torchrun); --frozen-rates alone works task-parallel") from None
     world, resolved = parallel.world_size, cfg.resolved()
     if resolved.meta_batch < world:  # type: ignore[operator]
         raise CommandError(f"--meta-batch {resolved.meta_batch} is smaller than the {world} processes of the run: "
@@ -435,11 +447,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_tasks(opt, chunks, steps, test_step)
     summary = result.summary()
     print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {opt.tableau.describe()}")
-    print(test_report(domain, cfg, summary, result.losses.shape[1], step_source(cfg, opt.tableau, args.test_step)))
+    print(test_report(domain, cfg, summary, result.losses.shape[1], step_source(cfg, opt.tableau, test_step)))
+    rates = rates_info(opt)
+    line = rates_line(rates)
+    if line:
+        print(line)
     write_json(out, {"run": str(run_dir), "checkpoint": f"{args.checkpoint}.pt", "domain": domain.name,
                      "iterations": iterations, "config": cfg.to_json(),
                      "test": {"tasks": int(result.losses.shape[1]), "seed": test_seed,
-                              **domain.test_protocol(cfg.options), **summary}})
+                              **domain.test_protocol(cfg.options), **summary},
+                     **({"rates": rates} if rates is not None else {})})
     print(f"wrote {out}")
     return 0
 
@@ -496,6 +513,31 @@ def _number(kind: type, minimum: float | None, strict: bool) -> Callable[[str], 
     return parse
 
 
+def _frozen_rates_arg(text: str) -> dict[str, float]:
+    """``PATTERN=VALUE[,PATTERN=VALUE...]`` as ``{pattern: rate}`` (``'features.*=0'``: ANIL). Whether a
+    pattern names a parameter of the domain's model is checked with the rest of the configuration."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        pattern, eq, value = part.partition("=")
+        pattern = pattern.strip()
+        if not eq or not pattern:
+            raise argparse.ArgumentTypeError(f"expected PATTERN=VALUE[,PATTERN=VALUE...], got {part.strip()!r}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"the rate of {pattern!r} is not a number: {value.strip()!r}") from None
+        if not math.isfinite(rate):
+            raise argparse.ArgumentTypeError(f"the rate of {pattern!r} must be a finite number, got {value.strip()}")
+        if pattern in out and out[pattern] != rate:
+            raise argparse.ArgumentTypeError(f"{pattern!r} is given two rates, {out[pattern]:g} and {rate:g}")
+        out[pattern] = rate
+    if not out:
+        raise argparse.ArgumentTypeError("no PATTERN=VALUE given")
+    return out
+
+
 def _steps_arg(text: str) -> tuple[int, ...]:
     parse = _number(int, 0, True)
     steps = tuple(sorted({parse(part) for part in text.split(",") if part.strip()}))
@@ -540,6 +582,18 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
         p.add_argument(flag, type=kind, default=default, action=_Typed,
                        help=text if shown is None else f"{text} (default: {shown}{where})")
     _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+    rates = p.add_argument_group("learned inner rates (docs/method.md)")
+    rates.add_argument("--learn-rates", choices=GRANULARITIES, default=None, action=_Typed,
+                       help="learn the inner rates, starting at --inner-lr: one scalar, one per parameter tensor "
+                            "(MAML++'s per-layer rates) or one per element (Meta-SGD); writes rates.png")
+    _flag(rates, "--per-stage-rates", help="one set of rates per stage slope (with --tableau 'maml(k)': MAML++'s "
+                                           "per-step rates); needs --learn-rates")
+    rates.add_argument("--rate-lr", type=rate, default=None, action=_Typed, metavar="X",
+                       help="Adam's learning rate of the rates, >= 0 (default: --lr); needs --learn-rates")
+    rates.add_argument("--frozen-rates", type=_frozen_rates_arg, default=None, action=_Typed,
+                       metavar="PATTERN=VALUE[,...]",
+                       help="fixed, not learned, rates of the parameter tensors whose names match a glob "
+                            "(e.g. '0.*=0,2.*=0' adapts only the sinusoid MLP's head: ANIL)")
     p.add_argument("--backend", choices=kernels.backend_choices(), default="auto", action=_Typed,
                    help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")

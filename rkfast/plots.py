@@ -14,12 +14,12 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 if TYPE_CHECKING:
     from .train import RunResult
 
-__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare"]
+__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare", "plot_rates"]
 
 
 def new_figure(**kwargs: Any) -> Figure:
@@ -121,4 +121,47 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
         _scale(ax, metric.higher_is_better)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_rates(run: RunResult, path: Path | str) -> None:
+    """The learned inner rates vs meta-step, from the values recorded at every held-out evaluation: one line
+    per parameter tensor (and rate set, with per-stage rates); element rates show their mean with a min-max
+    band. Frozen tensors (fixed rates) are named in the title; scalar rates are one line."""
+    history = run.rate_history
+    info = run.rates or {}
+    frozen = set(info.get("frozen", {}))
+    iterations = np.array([h["iteration"] for h in history])
+    names = [n for n in (history[0]["values"] if history else {}) if n not in frozen]
+    if info.get("granularity") == "scalar":
+        names = names[:1]  # every learned tensor shares the one rate
+    sets = int(info.get("sets", 1))
+    fig = new_figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    k = 0
+    for name in names:
+        for s in range(sets):
+            entries = [h["values"][name][s] for h in history]
+            label = "all tensors" if info.get("granularity") == "scalar" else name
+            label += f", set {s}" if sets > 1 else ""
+            color = f"C{k % 10}"
+            if entries and isinstance(entries[0], dict):
+                mean = np.array([e["mean"] for e in entries])
+                ax.fill_between(iterations, [e["min"] for e in entries], [e["max"] for e in entries],
+                                color=color, alpha=0.06 if len(names) * sets > 3 else 0.15, lw=0)
+                ax.plot(iterations, mean, marker="o", ms=3, color=color, label=label)
+            else:
+                ax.plot(iterations, entries, marker="o", ms=3, color=color, label=label)
+            k += 1
+    ax.axhline(float(info.get("inner_lr", run.config.inner_lr or 0.0)), color="k", ls=":", lw=1, label="inner_lr")
+    fixed = "" if not frozen else (f"\nfixed: {', '.join(f'{n}={v:g}' for n, v in info['frozen'].items())}"
+                                   if len(frozen) <= 4 else f"\n{len(frozen)} tensors fixed")
+    per_stage = ", per stage" if info.get("per_stage") else ""
+    per_stage += ": mean and min-max band" if info.get("granularity") == "element" else ""
+    ax.set(xlabel="meta-step", ylabel="inner rate",
+           title=f"learned rates ({info.get('granularity')}{per_stage}), tableau {run.tableau.name}{fixed}")
+    ax.title.set_fontsize(10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best", ncol=2 if k > 8 else 1)
     save_figure(fig, path)

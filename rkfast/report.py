@@ -6,9 +6,10 @@ from typing import Any, Mapping, Sequence
 
 from .tableau import Tableau
 from .tasks import Domain
-from .train import RunResult, TrainConfig
+from .train import RunResult, TrainConfig, describe_rates
 
-__all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source"]
+__all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source",
+           "rates_line"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -27,8 +28,25 @@ def _protocol(domain: Domain, cfg: TrainConfig, tasks: int) -> str:
             f"{domain.metric.label} after n plain gradient steps on the support set")
 
 
+def _learned_rates_used(cfg: TrainConfig) -> bool:
+    """Whether the meta-test of ``cfg`` (its ``test_step`` the one used) adapts with the learned rates."""
+    return getattr(cfg, "learn_rates", None) is not None and cfg.test_step is None
+
+
+def _rates_name(cfg: TrainConfig) -> str:
+    return f"{cfg.learn_rates}{', per stage' if cfg.per_stage_rates else ''}"
+
+
+def rates_line(info: Mapping[str, Any] | None) -> str | None:
+    """One line on the learned rates (:func:`~rkfast.train.rates_info`), or ``None`` when none are learned."""
+    return describe_rates(info)
+
+
 def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], tasks: int, step_source: str) -> str:
-    """The protocol, the step size and a table of every metric after each number of adaptation steps."""
+    """The protocol, the step size and a table of every metric after each number of adaptation steps.
+
+    With learned inner rates (and no ``test_step``) the step line says that the adaptation used them, times
+    the tableau's test-step factor (``summary["step_size"]``)."""
     headers = ["test steps"]
     for m in domain.metrics:
         headers += [m.label, "95% CI"]
@@ -39,27 +57,30 @@ def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], ta
             mean, ci = summary[m.source][n]
             row += [f"{mean:.4f}", f"± {ci:.4f}"]
         rows.append(row)
-    return "\n".join([
-        _protocol(domain, cfg, tasks),
-        f"test step size {summary['step_size']:.4g} ({step_source})",
-        table(headers, rows),
-    ])
+    step = (f"test step: the learned inner rates ({_rates_name(cfg)}) x {summary['step_size']:.4g} ({step_source})"
+            if _learned_rates_used(cfg) else f"test step size {summary['step_size']:.4g} ({step_source})")
+    return "\n".join([_protocol(domain, cfg, tasks), step, table(headers, rows)])
 
 
 def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None) -> str:
     """Where the meta-test step size came from, in words."""
+    learned = getattr(run_cfg, "learn_rates", None) is not None
     if test_step is not None:
-        return "--test-step"
+        return "--test-step, in place of the learned rates" if learned else "--test-step"
+    if learned:
+        return "the tableau's test-step factor, docs/method.md"
     return f"the tableau's own step at h = {run_cfg.inner_lr:g}, docs/method.md"
 
 
 def train_report(run: RunResult) -> str:
-    """What ``rkfast train`` prints: the tableau, the meta-test table and the training time."""
+    """What ``rkfast train`` prints: the tableau, the meta-test table, the learned rates and the training time."""
     cfg = run.config
+    rates = rates_line(run.rates)
     return "\n".join([
         run.tableau.describe(),
         test_report(run.domain, cfg, run.test.summary(), run.test.losses.shape[1],  # type: ignore[union-attr]
                     step_source(cfg, run.tableau, cfg.test_step)),
+        *([rates] if rates else []),
         f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
         f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
     ])
@@ -80,8 +101,9 @@ def run_line(run: RunResult) -> str:
         return f"{run.tableau.name}: {_not_tested(run)}: {run.error or ''} ({run.train_time_s:.1f} s)"
     metric, first = run.domain.metric, run.defaults.test_steps[0]
     mean, ci = run.test.summary()[metric.source][first]
+    rates = rates_line(run.rates)
     return (f"{run.tableau.name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
-            f"({run.train_time_s:.1f} s)")
+            f"({run.train_time_s:.1f} s){'; ' + rates if rates else ''}")
 
 
 def compare_report(runs: Sequence[RunResult]) -> str:
@@ -98,7 +120,7 @@ def compare_report(runs: Sequence[RunResult]) -> str:
         else:
             s = run.test.summary()
             cells = [_mean_ci(s[metric.source][n]) for n in s["steps"]]
-            step = f"{s['step_size']:.4g}"
+            step = f"rates x {s['step_size']:.4g}" if _learned_rates_used(run.config) else f"{s['step_size']:.4g}"
         rows.append([run.tableau.name, str(run.tableau.order), step, *cells,
                      f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"])
     tested = [r for r in runs if r.test is not None]

@@ -33,7 +33,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ from .batch import TaskBatch
 from .distributed import RankFailedError, TaskParallel, resolve_process_group
 from .functional import check_step
 from .interrupt import StopRequests
+from .layout import ParamLayout
+from .learned import LearnedRates
 from .optim import MetaOptimizer, NonFiniteLossError
 from .outer import check_lr
 from .results import AdaptationOutput
@@ -53,12 +56,14 @@ from .tasks import Defaults, Domain, TaskSampler, get_domain
 __all__ = ["TrainConfig", "RunResult", "RunInterrupted", "RunDiverged", "train", "evaluate_tasks",
            "task_generator", "load_checkpoint", "load_run", "load_result", "resume_config", "write_json", "slug",
            "task_chunks", "eval_pieces", "build_optimizer", "check_device", "lead_decides", "RESUMABLE_CHANGES",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "rate_summary", "rates_info", "describe_rates", "RATES_PLOT"]
 
 LOG_EVERY = 50  # steps between progress-bar postfix updates (one host sync each)
 STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams of a seed
 RESUMABLE_CHANGES = ("iterations", "device", "backend")  # what a resumed run may set differently
 REPEAT_SIGNAL_S = 2.0  # a rank of a distributed run takes a signal repeated within this many seconds as one
+RATES_PLOT = "rates.png"  # written by runs with learned inner rates (a run folder's files always name it)
+_NO_GROUP = SimpleNamespace(_capture=None, _dist=None)  # MetaOptimizer's rate checks, for a run's configuration
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -98,6 +103,12 @@ class TrainConfig:
             :meth:`~rkfast.tableau.Tableau.test_step`).
         device, backend: where the run computes and which kernels it uses.
         options: the domain's options (``{"shots": 5}``); unset ones take their defaults.
+        learn_rates, per_stage_rates, rate_lr, frozen_rates: learned (or fixed per-tensor) inner rates, as
+            :class:`~rkfast.optim.MetaOptimizer` takes them (``docs/method.md``, "Learned inner rates"):
+            ``"scalar"``, ``"tensor"`` (MAML++'s per-layer rates; per step with ``per_stage_rates`` and
+            ``maml(k)``) or ``"element"`` (Meta-SGD); ``rate_lr`` their Adam rate (default: ``lr``);
+            ``frozen_rates`` ``{name or glob: rate}`` (``{"features.*": 0.0}``: ANIL). Not with a process
+            group (``torchrun``) when rates are learned.
     """
 
     domain: str = "sinusoid"
@@ -116,6 +127,10 @@ class TrainConfig:
     device: str = "cpu"
     backend: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    learn_rates: str | None = None
+    per_stage_rates: bool = False
+    rate_lr: float | None = None
+    frozen_rates: dict[str, float] | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the domain's defaults filled in and everything checked (errors name the setting)."""
@@ -146,12 +161,84 @@ class TrainConfig:
                     raise ValueError(str(err)) from None
         check_lr(cfg.lr)  # as MetaOptimizer's (and torch's) lr: finite and >= 0
         check_device(cfg.device)
-        return cfg
+        return _check_rates(cfg, domain)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (the tableau by name)."""
         name = self.tableau.name if isinstance(self.tableau, Tableau) else self.tableau
         return asdict(replace(self, tableau=name))
+
+
+def _check_rates(cfg: TrainConfig, domain: Domain) -> TrainConfig:
+    """``cfg`` with its rate settings checked by MetaOptimizer's own rules (``ValueError`` naming the setting)
+    and ``frozen_rates`` as plain ``{str: float}``. The patterns are matched against the names of the domain's
+    model, built on the meta device (no memory, no random numbers drawn)."""
+    if not isinstance(cfg.per_stage_rates, bool):
+        raise ValueError(f"per_stage_rates must be True or False, got {cfg.per_stage_rates!r}")
+    MetaOptimizer._check_rate_options(_NO_GROUP, cfg.learn_rates, cfg.per_stage_rates, cfg.rate_lr,  # type: ignore[arg-type]
+                                      cfg.frozen_rates)
+    if cfg.learn_rates is None and cfg.frozen_rates is None:
+        return cfg
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = domain.make_model(cfg.options)
+    layout = ParamLayout.from_named((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    try:
+        rates = LearnedRates(layout, 1.0, cfg.learn_rates, per_stage=cfg.per_stage_rates,  # type: ignore[arg-type]
+                             stages=get_tableau(cfg.tableau).stages, frozen=cfg.frozen_rates, device="meta")
+    except TypeError as err:  # a pattern that is not a string: still a bad setting
+        raise ValueError(str(err)) from None
+    del rates
+    frozen = None if cfg.frozen_rates is None else {str(k): float(v) for k, v in cfg.frozen_rates.items()}
+    rate_lr = None if cfg.rate_lr is None else float(cfg.rate_lr)
+    return replace(cfg, frozen_rates=frozen, rate_lr=rate_lr)
+
+
+def _rate(value: Any) -> float:
+    """A rate for JSON: 7 significant digits (a float32 rate's precision; ``0.01``, not ``0.009999999776``)."""
+    return float(f"{float(value):.7g}")
+
+
+def rate_summary(rates: LearnedRates) -> dict[str, list[Any]]:
+    """``{parameter name: one entry per rate set}``: the rate (a number) of a scalar, per-tensor or frozen
+    rate, ``{"mean", "min", "max"}`` over the tensor's elements for element rates (7 significant digits)."""
+    out: dict[str, list[Any]] = {}
+    for name, values in rates.values().items():
+        if values.dim() == 1:
+            out[name] = [_rate(v) for v in values.cpu()]
+        else:
+            rows = values.reshape(values.shape[0], -1).cpu()
+            out[name] = [{"mean": _rate(r.mean()), "min": _rate(r.min()), "max": _rate(r.max())} for r in rows]
+    return out
+
+
+def rates_info(opt: MetaOptimizer) -> dict[str, Any] | None:
+    """The inner rates of ``opt`` as ``results.json`` reports them (``None`` without learned or frozen
+    rates): their settings and :func:`rate_summary`."""
+    rates = opt.rates
+    if rates is None:
+        return None
+    return {"granularity": rates.granularity, "per_stage": rates.per_stage, "sets": rates.sets,
+            "inner_lr": opt.inner_lr, "rate_lr": opt.param_groups[-1]["lr"] if rates.learned else None,
+            "frozen": dict(rates.frozen), "values": rate_summary(rates)}
+
+
+def describe_rates(info: Mapping[str, Any] | None) -> str | None:
+    """One line on the learned rates of :func:`rates_info` (``None`` when nothing is learned)."""
+    if info is None or info["granularity"] is None:
+        return None
+    frozen = set(info["frozen"])
+    learned = [(name, entries) for name, entries in info["values"].items() if name not in frozen]
+    means = [e["mean"] if isinstance(e, dict) else e for _, entries in learned for e in entries]
+    lows = [e["min"] if isinstance(e, dict) else e for _, entries in learned for e in entries]
+    highs = [e["max"] if isinstance(e, dict) else e for _, entries in learned for e in entries]
+    sets = f", per stage ({info['sets']} sets)" if info["per_stage"] else ""
+    fixed = info["frozen"]
+    frozen_text = ("" if not fixed else f"; fixed: {', '.join(f'{n}={v:g}' for n, v in fixed.items())}"
+                   if len(fixed) <= 4 else f"; {len(fixed)} tensors fixed at {', '.join(sorted({f'{v:g}' for v in fixed.values()}))}")
+    spread = f"range {min(lows):.4g} to {max(highs):.4g}; " if min(lows) != max(highs) else ""
+    what = "final mean" if spread else "final value"
+    return (f"learned rates: {info['granularity']}{sets}; {what} {sum(means) / len(means):.4g} "
+            f"({spread}started at inner_lr {info['inner_lr']:g}){frozen_text}")
 
 
 @dataclass
@@ -176,6 +263,12 @@ class RunResult:
     error: str | None = None
     best: dict[str, Any] | None = None  # {"iteration", "value"} of the best held-out evaluation
     distributed: dict[str, Any] | None = None  # {"world_size", "backend", "meta_batch_per_rank"}; None: one process
+    rate_history: list[dict[str, Any]] = field(default_factory=list)  # learned rates: {"iteration", "values"}
+
+    @property
+    def rates(self) -> dict[str, Any] | None:
+        """The inner rates as they are now (:func:`rates_info`; ``None`` without learned or frozen rates)."""
+        return rates_info(self.opt)
 
     @property
     def world_size(self) -> int:
@@ -226,7 +319,8 @@ class RunResult:
             "tableau": {**tab.to_dict(), "order": tab.order, "stages": tab.stages, "describe": tab.describe()},
             "metrics": [asdict(m) for m in self.domain.metrics],
             "training": {"meta_loss": [float(f"{x:.5g}") for x in self.losses], "eval": self.evals,
-                         "best": self.best},
+                         "best": self.best, **({"rates": self.rate_history} if self.rate_history else {})},
+            "rates": self.rates,
             "test": test,
             "train_time_s": self.train_time_s,
             "wall_time_s": self.wall_time_s,
@@ -362,12 +456,15 @@ def build_optimizer(cfg: TrainConfig, domain: Domain, process_group: Any = "auto
     return MetaOptimizer(
         model, domain.loss_fn, tableau=get_tableau(cfg.tableau), inner_lr=cfg.inner_lr, outer="adam", lr=cfg.lr,
         first_order=cfg.first_order, backend=cfg.backend, process_group=process_group,  # type: ignore[arg-type]
+        learn_rates=cfg.learn_rates, per_stage_rates=cfg.per_stage_rates, rate_lr=cfg.rate_lr,  # type: ignore[arg-type]
+        frozen_rates=cfg.frozen_rates,
     )
 
 
 def run_files(domain: Domain) -> tuple[str, ...]:
-    """The plot files a run of ``domain`` writes besides results and checkpoints."""
-    return ("training.png", *domain.plots)
+    """The plot files a run of ``domain`` may write besides results and checkpoints (``rates.png`` only with
+    learned inner rates; named always, so that its path is checked and an earlier run's copy is cleared)."""
+    return ("training.png", *domain.plots, RATES_PLOT)
 
 
 _T = TypeVar("_T")
@@ -483,6 +580,7 @@ class _Training:
         self.losses = torch.empty(cfg.iterations, device=self.device)  # no host sync per step
         self.done = 0
         self.evals: list[dict[str, Any]] = []
+        self.rate_history: list[dict[str, Any]] = []  # learned rates at every held-out evaluation
         self.best: dict[str, Any] | None = None
         self.train_time = self.wall_before = 0.0
         self.test: AdaptationOutput | None = None
@@ -492,7 +590,11 @@ class _Training:
     def evaluate_val(self) -> None:
         """The held-out metrics after ``defaults.eval_steps`` adaptation steps; a new best saves ``best.pt``.
 
-        Distributed: every rank gets the same gathered result, so every rank takes the same decision."""
+        Distributed: every rank gets the same gathered result, so every rank takes the same decision.
+        Learned rates are recorded (:func:`rate_summary`) at every evaluation, held-out tasks or not."""
+        rates = self.opt.rates
+        if rates is not None and rates.learned:
+            self.rate_history.append({"iteration": self.done, "values": rate_summary(rates)})
         if not self.val:
             return
         domain, metric = self.domain, self.domain.metric
@@ -551,7 +653,7 @@ class _Training:
             "sampler": first["sampler"],
             "distributed": self.distributed,
             "history": {"losses": self.losses[:self.done].to("cpu", copy=True), "evals": self.evals, "best": self.best,
-                        "train_time_s": self.train_time, "wall_time_s": self.wall_before},
+                        "rates": self.rate_history, "train_time_s": self.train_time, "wall_time_s": self.wall_before},
             "test": test,
         }
 
@@ -576,6 +678,7 @@ class _Training:
         self.done = int(payload["iteration"])
         self.losses[:self.done] = history["losses"].to(self.device)
         self.evals, self.best = list(history["evals"]), history["best"]
+        self.rate_history = list(history.get("rates", ()))  # none in checkpoints from before learned rates
         self.train_time, self.wall_before = float(history["train_time_s"]), float(history["wall_time_s"])
         test = payload.get("test")
         if test is not None and self.done == self.cfg.iterations:
@@ -584,7 +687,7 @@ class _Training:
     def result(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
         return RunResult(self.cfg, self.domain, self.tableau, self.losses[:self.done].tolist(), list(self.evals),
                          self.test, self.train_time, self.wall_before + time.perf_counter() - wall_start, self.opt,
-                         status, error, self.best, self.distributed)
+                         status, error, self.best, self.distributed, list(self.rate_history))
 
     def save(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
         """Checkpoint and ``results.json`` with ``status`` (nothing without a folder); returns the result.
@@ -764,6 +867,7 @@ def train(
         parallel = None  # a group of one: nothing to share
     if parallel is not None:
         _check_same_settings(parallel, cfg, int(every), out is not None, resume, overwrite)
+        refuse_learned_rates_in_group(cfg, parallel.world_size)
         if cfg.meta_batch < parallel.world_size:
             raise ValueError(f"meta_batch {cfg.meta_batch} is smaller than the {parallel.world_size} processes of "
                              f"the run: every process needs at least one task per meta-step; use a meta-batch of "
@@ -781,6 +885,15 @@ def train(
     if saved is not None:
         training.restore(saved)
     return training.run(int(every), progress, on_step)
+
+
+def refuse_learned_rates_in_group(cfg: TrainConfig, world_size: int) -> None:
+    """``ValueError`` for learned inner rates in a run over ``world_size`` > 1 processes (not supported yet:
+    MetaOptimizer refuses them with a process group). Fixed ``frozen_rates`` alone are fine."""
+    if world_size > 1 and cfg.learn_rates is not None:
+        raise ValueError(f"learned inner rates (learn_rates={cfg.learn_rates!r}) are not supported in a run over "
+                         f"{world_size} processes (torchrun) yet: the rates' meta-direction is not all-reduced; "
+                         "train them in one process (fixed frozen_rates alone work task-parallel)")
 
 
 def _prepare_folder(folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool,

@@ -52,7 +52,7 @@ def plot_trajectories(run: RunResult, path: Path | str, tasks: int = 4, steps: S
     sampler = _make_tasks(options, "test", opt.device)
     taskset = sampler.sample(min(tasks, run.config.test_tasks), task_generator(run.config.test_seed, "test"))
     count = taskset.num_tasks or 1
-    step_size = run.test.step_size if run.test is not None else None
+    step_size = run.config.test_step  # None: evaluate's default (the tableau's own step, or learned rates)
     adapted = opt.evaluate(taskset, steps=[n for n in steps if n > 0], step_size=step_size, keep_params=True)
     goals = taskset.support_data.task_params
     fig = new_figure(figsize=(4.2 * count, 4.4))

@@ -94,10 +94,12 @@ class SinusoidTasks:
 
 
 def adapted_predictions(
-    opt: MetaOptimizer, tasks: SinusoidBatch, x: Tensor, steps: Sequence[int], step_size: float
+    opt: MetaOptimizer, tasks: SinusoidBatch, x: Tensor, steps: Sequence[int], step_size: float | None
 ) -> Tensor:
     """Predictions ``[len(steps), T, len(x), 1]`` on the grid ``x [M, 1]`` of the meta-learned model after
-    ``n`` plain gradient steps on each task's support set, for each ``n`` in ``steps`` (0: before)."""
+    ``n`` plain gradient steps on each task's support set, for each ``n`` in ``steps`` (0: before);
+    ``step_size=None`` adapts as :meth:`MetaOptimizer.evaluate` does by default (the tableau's own step, or
+    the learned inner rates)."""
     from torch.func import functional_call, vmap
 
     T = tasks.batch.num_tasks
@@ -114,7 +116,8 @@ def plot_test_tasks(run: RunResult, path: Path | str, tasks: int = 4, steps: Seq
     """A few meta-test tasks: the true sine, the support points and the fit before and after adaptation."""
     from ..plots import new_figure, save_figure
 
-    opt, step_size, options = run.opt, run.test.step_size, run.config.options
+    # the run's own meta-test adaptation: --test-step if given, else evaluate's default (learned rates too)
+    opt, step_size, options = run.opt, run.config.test_step, run.config.options
     sampler = _make_tasks(options, "test", opt.device)
     first_chunk = sampler.sample_with_params(min(run.config.test_tasks, run.defaults.eval_chunk),
                                              run.task_generator("test"))  # the first meta-test tasks
@@ -140,7 +143,11 @@ def plot_test_tasks(run: RunResult, path: Path | str, tasks: int = 4, steps: Seq
         ax.set_title(f"A={float(data.amplitude[i]):.2f}, phase={float(data.phase[i]):.2f}", fontsize=9)
         if i == 0:
             ax.legend(fontsize=7)
-    fig.suptitle(f"meta-test tasks, tableau {run.tableau.name}, step size {step_size:.4g}")
+    if step_size is None and opt.rates is not None:
+        how = "the learned inner rates" if opt.rates.granularity else "the fixed per-tensor rates"
+    else:
+        how = f"step size {run.test.step_size if step_size is None and run.test else step_size:.4g}"
+    fig.suptitle(f"meta-test tasks, tableau {run.tableau.name}, {how}")
     save_figure(fig, path)
 
 
