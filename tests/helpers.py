@@ -67,3 +67,24 @@ def assert_unchanged(model: nn.Module, opt: torch.optim.Optimizer, snap) -> None
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     assert buf.getvalue() == state, "the optimizer state changed"
+
+
+# -- kernel tests: poisoned outputs and a cancellation-aware tolerance ------------------------------------
+
+KERNEL_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def nan_filled(shape, dtype, device) -> torch.Tensor:
+    """An output buffer poisoned with NaN: an element a kernel forgets to write stays NaN."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype) -> None:
+    """``|out - ref| <= rtol |ref| + 8 eps * bound`` elementwise, where ``bound`` is the same sum taken over
+    absolute values (so cancellation does not make a correct float32 result look wrong)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not torch.isnan(out).any(), "an element was not written (NaN poison left)"
+    err = (out.double() - ref.double()).abs()
+    tol = KERNEL_RTOL[dtype] * ref.double().abs() + 8 * torch.finfo(dtype).eps * bound.double()
+    worst = (err - tol).argmax()
+    assert bool((err <= tol).all()), f"max excess at {int(worst)}: |{out.flatten()[worst]} - {ref.flatten()[worst]}|"

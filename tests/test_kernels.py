@@ -29,13 +29,13 @@ from rkfast.functional import rk_meta_step
 from rkfast.kernels import cpp, reference, registry
 from rkfast.kernels.backend import KernelBackend
 
-from helpers import flat_theta, regression_batch, smooth_mlp
+from helpers import KERNEL_RTOL, assert_kernel_close, flat_theta, nan_filled, regression_batch, smooth_mlp
 
 SIZES = (1, 7, 1000, 2**16 + 3)
 TASKS = (1, 5, 9)  # 9: the C++ reduction's four-row passes plus a remainder
 STREAMS = (1, 2, 4, 5)  # 5: more inputs than one Triton launch takes (chunked)
 DTYPES = (torch.float32, torch.float64)
-RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+RTOL = KERNEL_RTOL
 
 
 FUSED = kernels.runnable_targets()  # (backend, device) of every fused backend this machine can run
@@ -46,19 +46,6 @@ def _ids(targets):
     return [f"{b}-{d}" for b, d in targets]
 
 
-def _nan(shape, dtype, device) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype) -> None:
-    """``|out - ref| <= rtol |ref| + 8 eps * bound`` elementwise, where ``bound`` is the same sum taken over
-    absolute values (so cancellation does not make a correct float32 result look wrong)."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert not torch.isnan(out).any(), "an element was not written (NaN poison left)"
-    err = (out.double() - ref.double()).abs()
-    tol = RTOL[dtype] * ref.double().abs() + 8 * torch.finfo(dtype).eps * bound.double()
-    worst = (err - tol).argmax()
-    assert bool((err <= tol).all()), f"max excess at {int(worst)}: |{out.flatten()[worst]} - {ref.flatten()[worst]}|"
 
 
 def _inputs(n: int, tasks: int, streams: int, dtype: torch.dtype, device: str):
@@ -103,22 +90,22 @@ def every_case(test):
 @every_case
 def test_stage_point_matches_reference(backend, device, dtype, streams, tasks, n):
     theta, slopes, coefs = _inputs(n, tasks, streams, dtype, device)
-    out = kernels.stage_point(theta, slopes, coefs, out=_nan((tasks, n), dtype, device), backend=backend)
-    ref = kernels.stage_point(theta, slopes, coefs, out=_nan((tasks, n), dtype, device), backend="torch")
+    out = kernels.stage_point(theta, slopes, coefs, out=nan_filled((tasks, n), dtype, device), backend=backend)
+    ref = kernels.stage_point(theta, slopes, coefs, out=nan_filled((tasks, n), dtype, device), backend="torch")
     bound = theta.abs().double() + sum(abs(c) * k.abs().double() for c, k in zip(coefs, slopes))
-    _assert_close(out, ref, bound, dtype)
+    assert_kernel_close(out, ref, bound, dtype)
     # the allocating (differentiable) form computes the same
-    _assert_close(kernels.stage_point(theta, slopes, coefs, backend=backend), ref, bound, dtype)
+    assert_kernel_close(kernels.stage_point(theta, slopes, coefs, backend=backend), ref, bound, dtype)
 
 
 @every_case
 def test_combine_matches_reference(backend, device, dtype, streams, tasks, n):
     _, grads, weights = _inputs(n, tasks, streams, dtype, device)
-    out = kernels.combine(grads, weights, out=_nan((n,), dtype, device), backend=backend)
-    ref = kernels.combine(grads, weights, out=_nan((n,), dtype, device), backend="torch")
+    out = kernels.combine(grads, weights, out=nan_filled((n,), dtype, device), backend=backend)
+    ref = kernels.combine(grads, weights, out=nan_filled((n,), dtype, device), backend="torch")
     bound = sum(abs(w) * g.abs().double().sum(0) for w, g in zip(weights, grads))
-    _assert_close(out, ref, bound, dtype)
-    _assert_close(kernels.combine(grads, weights, backend=backend), ref, bound, dtype)
+    assert_kernel_close(out, ref, bound, dtype)
+    assert_kernel_close(kernels.combine(grads, weights, backend=backend), ref, bound, dtype)
 
 
 @every_case
@@ -127,14 +114,14 @@ def test_stage_point_backward_matches_reference(backend, device, dtype, streams,
     coefs = (torch.randn(streams, dtype=torch.float64) * 0.7).tolist()
     results = {}
     for name in (backend, "torch"):
-        grad_theta = _nan((n,), dtype, device)
-        grad_slopes = [_nan((tasks, n), dtype, device) for _ in range(streams)]
+        grad_theta = nan_filled((n,), dtype, device)
+        grad_slopes = [nan_filled((tasks, n), dtype, device) for _ in range(streams)]
         registry.backend_module(name).stage_point_backward_(grad_out, coefs, grad_theta, grad_slopes)
         results[name] = (grad_theta, grad_slopes)
     (gt, gs), (rt, rs) = results[backend], results["torch"]
-    _assert_close(gt, rt, grad_out.abs().double().sum(0), dtype)
+    assert_kernel_close(gt, rt, grad_out.abs().double().sum(0), dtype)
     for g, r in zip(gs, rs):
-        _assert_close(g, r, grad_out.abs().double(), dtype)
+        assert_kernel_close(g, r, grad_out.abs().double(), dtype)
 
 
 @pytest.mark.parametrize("backend,device", FUSED, ids=_ids(FUSED))
@@ -146,7 +133,7 @@ def test_axpy_matches_reference(backend, device, dtype, n):
     fused, ref = theta.clone(), theta.clone()
     assert kernels.axpy_(fused, d, alpha, backend=backend) is fused
     kernels.axpy_(ref, d, alpha, backend="torch")
-    _assert_close(fused, ref, theta.abs().double() + abs(alpha) * d.abs().double(), dtype)
+    assert_kernel_close(fused, ref, theta.abs().double() + abs(alpha) * d.abs().double(), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half-precision storage is a GPU (Triton) feature")
@@ -155,10 +142,10 @@ def test_axpy_matches_reference(backend, device, dtype, n):
 def test_triton_half_storage_accumulates_in_float32(dtype, n):
     theta, slopes, coefs = _inputs(n, 5, 4, dtype, "cuda")
     eps = torch.finfo(dtype).eps
-    out = kernels.stage_point(theta, slopes, coefs, out=_nan((5, n), dtype, "cuda"), backend="triton")
+    out = kernels.stage_point(theta, slopes, coefs, out=nan_filled((5, n), dtype, "cuda"), backend="triton")
     exact = kernels.stage_point(theta.float(), [k.float() for k in slopes], coefs, backend="torch")
     torch.testing.assert_close(out.float(), exact, rtol=eps, atol=eps * exact.abs().max().item())
-    comb = kernels.combine(slopes, coefs, out=_nan((n,), dtype, "cuda"), backend="triton")
+    comb = kernels.combine(slopes, coefs, out=nan_filled((n,), dtype, "cuda"), backend="triton")
     exact = kernels.combine([k.float() for k in slopes], coefs, backend="torch")
     torch.testing.assert_close(comb.float(), exact, rtol=eps, atol=eps * exact.abs().max().item())
 

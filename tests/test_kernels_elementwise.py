@@ -21,12 +21,14 @@ import torch
 from rkfast import kernels
 from rkfast.kernels import registry
 
+from helpers import KERNEL_RTOL, assert_kernel_close, nan_filled
+
 SIZES = (1, 7, 1000, 4099)  # 4099: past one 4096 block (Triton interpreter) and two 2048 blocks (C++ backward)
 LARGE = 3 * 8192 + 5  # the C++ forward's 8192-element work items, with a tail
 TASKS = (1, 3)
 STREAMS = (1, 2, 3, 4, 5)  # 5: more than one Triton launch takes (chunked) and more than one C++ fold group
 DTYPES = (torch.float32, torch.float64)
-RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+RTOL = KERNEL_RTOL
 
 ALL = kernels.runnable_targets(fused_only=False)
 FUSED = kernels.runnable_targets()
@@ -37,18 +39,6 @@ def _ids(targets):
     return [f"{b}-{d}" for b, d in targets]
 
 
-def _nan(shape, dtype, device) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype) -> None:
-    """``|out - ref| <= rtol |ref| + 8 eps * bound`` elementwise, ``bound`` the same sum over absolute values."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert not torch.isnan(out).any(), "an element was not written (NaN poison left)"
-    err = (out.double() - ref.double()).abs()
-    tol = RTOL[dtype] * ref.double().abs() + 8 * torch.finfo(dtype).eps * bound.double()
-    worst = (err - tol).argmax()
-    assert bool((err <= tol).all()), f"max excess at {int(worst)}: |{out.flatten()[worst]} - {ref.flatten()[worst]}|"
 
 
 def _inputs(n: int, tasks: int, streams: int, dtype: torch.dtype, device: str):
@@ -77,21 +67,21 @@ CASES = list(_cases())
 @pytest.mark.parametrize("backend,device,dtype,streams,tasks,n", CASES)
 def test_forward_matches_reference(backend, device, dtype, streams, tasks, n):
     theta, slopes, coefs = _inputs(n, tasks, streams, dtype, device)
-    out = kernels.stage_point_elementwise(theta, slopes, coefs, out=_nan((tasks, n), dtype, device), backend=backend)
-    ref = kernels.stage_point_elementwise(theta, slopes, coefs, out=_nan((tasks, n), dtype, device), backend="torch")
+    out = kernels.stage_point_elementwise(theta, slopes, coefs, out=nan_filled((tasks, n), dtype, device), backend=backend)
+    ref = kernels.stage_point_elementwise(theta, slopes, coefs, out=nan_filled((tasks, n), dtype, device), backend="torch")
     bound = theta.abs().double() + sum(c.abs().double() * k.abs().double() for c, k in zip(coefs, slopes))
-    _assert_close(out, ref, bound, dtype)
+    assert_kernel_close(out, ref, bound, dtype)
     # the allocating (differentiable) form computes the same
-    _assert_close(kernels.stage_point_elementwise(theta, slopes, coefs, backend=backend), ref, bound, dtype)
+    assert_kernel_close(kernels.stage_point_elementwise(theta, slopes, coefs, backend=backend), ref, bound, dtype)
 
 
 def _backward(name, grad_out, slopes, coefs, wanted=(True, True, True)):
     """The backend's backward kernel into NaN-poisoned buffers (the unwanted outputs are ``None``)."""
     tasks, n = grad_out.shape
     like = dict(dtype=grad_out.dtype, device=grad_out.device)
-    grad_theta = _nan((n,), **like) if wanted[0] else None
-    grad_slopes = [_nan((tasks, n), **like) for _ in slopes] if wanted[1] else None
-    grad_coefs = [_nan((n,), **like) for _ in coefs] if wanted[2] else None
+    grad_theta = nan_filled((n,), **like) if wanted[0] else None
+    grad_slopes = [nan_filled((tasks, n), **like) for _ in slopes] if wanted[1] else None
+    grad_coefs = [nan_filled((n,), **like) for _ in coefs] if wanted[2] else None
     registry.backend_module(name).stage_point_elementwise_backward_(grad_out, slopes, coefs, grad_theta,
                                                                     grad_slopes, grad_coefs)
     return grad_theta, grad_slopes, grad_coefs
@@ -103,11 +93,11 @@ def test_backward_matches_reference(backend, device, dtype, streams, tasks, n):
     grad_out = torch.randn(tasks, n, dtype=dtype, device=device)
     gt, gs, gc = _backward(backend, grad_out, slopes, coefs)
     rt, rs, rc = _backward("torch", grad_out, slopes, coefs)
-    _assert_close(gt, rt, grad_out.abs().double().sum(0), dtype)
+    assert_kernel_close(gt, rt, grad_out.abs().double().sum(0), dtype)
     for g, r, c in zip(gs, rs, coefs):
-        _assert_close(g, r, c.abs().double() * grad_out.abs().double(), dtype)
+        assert_kernel_close(g, r, c.abs().double() * grad_out.abs().double(), dtype)
     for g, r, k in zip(gc, rc, slopes):
-        _assert_close(g, r, (grad_out.abs().double() * k.abs().double()).sum(0), dtype)
+        assert_kernel_close(g, r, (grad_out.abs().double() * k.abs().double()).sum(0), dtype)
 
 
 @pytest.mark.parametrize("backend,device", ALL, ids=_ids(ALL))
@@ -192,7 +182,7 @@ def test_constant_vectors_give_the_scalar_op(backend, device, dtype):
     scalar_out = kernels.stage_point(theta, slopes, scalars, backend=backend)
     elementwise_out = kernels.stage_point_elementwise(theta, slopes, vectors, backend=backend)
     bound = theta.abs().double() + sum(abs(c) * k.abs().double() for c, k in zip(scalars, slopes))
-    _assert_close(elementwise_out, scalar_out, bound, dtype)
+    assert_kernel_close(elementwise_out, scalar_out, bound, dtype)
     # and the gradients of theta and the slopes agree with the scalar op's
     grad_out = torch.randn_like(scalar_out)
     grads = []
