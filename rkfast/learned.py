@@ -33,7 +33,7 @@ from torch import Tensor
 from .layout import ParamLayout
 from .results import MetaStepOutput
 
-__all__ = ["GRANULARITIES", "Granularity", "LearnedRates", "RatesStepOutput", "RateSnapshot", "resolve_frozen"]
+__all__ = ["GRANULARITIES", "Granularity", "LearnedRates", "RatesStepOutput", "resolve_frozen"]
 
 Granularity = Literal["scalar", "tensor", "element"]
 GRANULARITIES: tuple[str, ...] = ("scalar", "tensor", "element")
@@ -244,45 +244,3 @@ class LearnedRates:
     def __repr__(self) -> str:
         return (f"LearnedRates(granularity={self.granularity!r}, per_stage={self.per_stage}, sets={self.sets}, "
                 f"frozen={self.frozen})")
-
-
-class RateSnapshot:
-    """Values, ``.grad`` and outer-optimizer state of the learned rate tensors, saved before an outer update
-    so that a failed one can be undone exactly (the parameters' side is :class:`rkfast.outer.UpdateSnapshot`)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> None:
-        self.optimizer, self.tensors = optimizer, list(tensors)
-        self._saved: list[tuple[Tensor, Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, Any]]] = []
-
-    def save(self) -> None:
-        state = self.optimizer.state
-        self._saved = []
-        for t in self.tensors:
-            entries = state.get(t)
-            items = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in (entries or {}).items()}
-            grad = t.grad
-            self._saved.append((t.detach().clone(), grad, None if grad is None else grad.detach().clone(),
-                                entries, items))
-
-    def restore(self) -> None:
-        state = self.optimizer.state
-        with torch.no_grad():
-            for t, (value, grad, grad_value, entries, items) in zip(self.tensors, self._saved):
-                t.copy_(value)
-                if grad is not None:
-                    grad.copy_(grad_value)
-                t.grad = grad
-                if entries is None:
-                    state.pop(t, None)
-                else:
-                    for k, v in items.items():
-                        if isinstance(v, Tensor) and isinstance(entries.get(k), Tensor) \
-                                and entries[k].shape == v.shape:
-                            entries[k].copy_(v)
-                            items[k] = entries[k]
-                    entries.clear()
-                    entries.update(items)
-                    state[t] = entries
-
-    def forget(self) -> None:
-        self._saved = []

@@ -7,8 +7,7 @@ buffer in :mod:`rkfast.flat`, the outer update in :mod:`rkfast.outer`, whole-ste
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +20,7 @@ from .capture import CaptureMode, StepCapture, make_step_capture
 from .distributed import TaskParallel, is_ddp_wrapped, resolve_process_group
 from .flat import FlatParameters
 from .layout import ParamLayout
-from .learned import GRANULARITIES, LearnedRates, RateSnapshot
+from .learned import GRANULARITIES, LearnedRates
 from .outer import OuterUpdate, cast_state_to_params, check_lr, make_outer_optimizer, outer_class
 from .results import AdaptationOutput, MetaStepOutput
 from .tableau import Tableau, get_tableau
@@ -258,8 +257,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                 if "weight_decay" in optimizer.defaults:
                     group["weight_decay"] = 0.0
                 optimizer.add_param_group(group)
-        self._rate_snapshot = RateSnapshot(optimizer, self._rates.tensors if self._rates is not None else ())
-        self._outer = OuterUpdate(optimizer, self._flat)
+        self._outer = OuterUpdate(optimizer, self._flat, self._rates.tensors if self._rates is not None else ())
         self._norm_layers = RF.has_norm_layers(model)
         self._model_call = RF.model_call(model, batch_statistics=self.batch_statistics)
         self._batch_loss = (RF.module_task_loss(model, loss_fn, self.layout, batch_statistics=self.batch_statistics)
@@ -460,7 +458,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         inputs_ok: Tensor | None = None
         rates = self._rates.tensors if self._rates is not None else []
         try:
-            with self._outer.transaction(), self._rates_transaction():
+            with self._outer.transaction():
                 set_grad()
                 if self.check_finite:
                     inputs_ok = _all_finite(direction, loss, *rate_directions)  # on the device: no sync yet
@@ -472,22 +470,6 @@ class MetaOptimizer(torch.optim.Optimizer):
             if isinstance(err, NonFiniteLossError) or inputs_ok is None or bool(inputs_ok):
                 raise
             raise direction_error() from err
-
-    @contextmanager
-    def _rates_transaction(self) -> Iterator[None]:
-        """The learned rates' side of the outer update's transaction: their values, ``.grad`` and optimizer
-        state are put back if the block raises (the parameters' side is :meth:`OuterUpdate.transaction`)."""
-        if self._rates is None or not self._rates.learned:
-            yield
-            return
-        self._rate_snapshot.save()
-        try:
-            yield
-        except BaseException:
-            self._rate_snapshot.restore()
-            raise
-        finally:
-            self._rate_snapshot.forget()
 
     def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
         """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from itertools import zip_longest
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -100,12 +100,14 @@ class OuterUpdate:
         optimizer: the outer ``torch.optim`` optimizer over ``flat.params`` (its param groups and state are
             the ones the user's schedulers and ``state_dict`` see).
         flat: the flat parameter and gradient buffers.
+        extra: other leaf tensors the optimizer updates beside ``flat.params`` (learned inner rates,
+            :mod:`rkfast.learned`); a failed transaction restores them too.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters, extra: Sequence[Tensor] = ()) -> None:
         self.optimizer = optimizer
         self.flat = flat
-        self._snapshot = UpdateSnapshot(optimizer, flat)
+        self._snapshot = UpdateSnapshot(optimizer, flat, extra)
 
     def plain_sgd(self) -> bool:
         """``theta <- theta - lr * d`` over the whole flat buffer: SGD with one group and no extras."""
@@ -157,8 +159,9 @@ class UpdateSnapshot:
     that replaces state tensors are both undone.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters, extra: Sequence[Tensor] = ()) -> None:
         self.optimizer, self.flat = optimizer, flat
+        self.extra = list(extra)  # leaf tensors outside the flat buffer: values and .grad saved one by one
         self._buffers: list[Tensor] = []
         self._forget_structure()
 
@@ -171,10 +174,13 @@ class UpdateSnapshot:
     def save(self) -> None:
         """Save the current parameters, gradients, optimizer state and groups."""
         state = self.optimizer.state
-        self._grads = [p.grad for p in self.flat.params]
-        self._state = [(p, state.get(p), dict(state.get(p, {}))) for p in self.flat.params]
+        params = [*self.flat.params, *self.extra]
+        self._grads = [p.grad for p in params]
+        self._state = [(p, state.get(p), dict(state.get(p, {}))) for p in params]
         self._groups = [(group, dict(group)) for group in self.optimizer.param_groups]
-        self._tensors = [self.flat.grad, *written_tensors(self.optimizer, self.flat)]
+        extra_grads = [g for g in self._grads[len(self.flat.params):] if g is not None]
+        self._tensors = [self.flat.grad, *written_tensors(self.optimizer, self.flat), *self.extra, *extra_grads,
+                         *state_tensors(self.optimizer, self.extra)]
         self._buffers = [_reuse(buf, t) for buf, t in zip_longest(self._buffers, self._tensors) if t is not None]
         copy_all(self._buffers, self._tensors)
 
@@ -194,7 +200,7 @@ class UpdateSnapshot:
                 entries.update(items)
                 state[p] = entries
         copy_all(self._tensors, self._buffers)
-        for p, g in zip(self.flat.params, self._grads):
+        for p, g in zip([*self.flat.params, *self.extra], self._grads):
             p.grad = g
 
     def forget(self) -> None:
