@@ -36,6 +36,7 @@ __all__ = [
     "RankFailedError",
     "InconsistentParametersError",
     "resolve_process_group",
+    "block_sizes",
     "is_ddp_wrapped",
 ]
 
@@ -116,6 +117,14 @@ def resolve_process_group(process_group: ProcessGroup | str | None) -> TaskParal
     return TaskParallel(process_group)
 
 
+def block_sizes(count: int, parts: int) -> list[int]:
+    """How ``count`` tasks are shared by ``parts`` contiguous blocks, in order: the first ``count % parts``
+    blocks get one task more (``block_sizes(5, 2) == [3, 2]``). The one rule behind
+    :meth:`TaskParallel.split` and the evaluation slices of :mod:`rkfast.train`."""
+    base, extra = divmod(count, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
 def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the reduced buffer: the parameters' own, at least float32 (task counts and rank flags
     stay exact, and half-precision directions are summed in float32)."""
@@ -181,9 +190,8 @@ class TaskParallel:
                 f"cannot split {count} task(s) over {self.world_size} ranks: every rank needs at least one task "
                 f"per meta-step; use a meta-batch of at least {self.world_size} tasks (or fewer processes)"
             )
-        base, extra = divmod(count, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, base + (1 if self.rank < extra else 0)
+        sizes = block_sizes(count, self.world_size)
+        return sum(sizes[: self.rank]), sizes[self.rank]
 
     def rank_seed(self, seed: int) -> int:
         """A reproducible seed for this rank derived from ``seed``: the same ``(seed, rank)`` always gives the

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batch import TaskBatch
-from .distributed import RankFailedError, TaskParallel, resolve_process_group
+from .distributed import RankFailedError, TaskParallel, block_sizes, resolve_process_group
 from .functional import check_step
 from .interrupt import StopRequests
 from .layout import ParamLayout
@@ -388,13 +388,10 @@ def eval_pieces(chunks: Sequence[Any], parts: int) -> list[Any]:
         if not isinstance(chunk, TaskBatch) or chunk.num_tasks < 2:
             pieces.append(chunk)
             continue
-        count = min(parts, chunk.num_tasks)
-        base, extra = divmod(chunk.num_tasks, count)
         start = 0
-        for i in range(count):
-            stop = start + base + (1 if i < extra else 0)
-            pieces.append(TaskBatch(*(t[start:stop] for t in chunk)))
-            start = stop
+        for size in block_sizes(chunk.num_tasks, min(parts, chunk.num_tasks)):
+            pieces.append(TaskBatch(*(t[start:start + size] for t in chunk)))
+            start += size
     return pieces
 
 
@@ -542,12 +539,6 @@ class _RankStopRequests(StopRequests):
             raise KeyboardInterrupt
 
 
-def _per_rank(count: int, world: int) -> list[int]:
-    """How :meth:`~rkfast.distributed.TaskParallel.split` shares ``count`` tasks among ``world`` ranks."""
-    base, extra = divmod(count, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
-
-
 class _Training:
     """The state of one run between meta-steps, and what saves and restores it.
 
@@ -569,7 +560,7 @@ class _Training:
         self.meta_batch = cfg.meta_batch if parallel is None else parallel.split(cfg.meta_batch)[1]
         self.distributed: dict[str, Any] | None = None if parallel is None else {
             "world_size": parallel.world_size, "backend": parallel.backend,
-            "meta_batch_per_rank": _per_rank(cfg.meta_batch, parallel.world_size)}
+            "meta_batch_per_rank": block_sizes(cfg.meta_batch, parallel.world_size)}
         self.sampler = domain.make_tasks(cfg.options, "train", self.device)
         chunk = self.defaults.eval_chunk
         val = domain.make_tasks(cfg.options, "val", self.device)
