@@ -34,7 +34,7 @@ from . import norms
 from .batch import TaskBatch
 from .kernels import Backend, axpy_, combine, resolve_backend, stage_point, stage_point_elementwise
 from .layout import ParamLayout
-from .learned import LearnedRates, RatesStepOutput
+from .learned import LearnedRates, LearnedTableau, RatesStepOutput
 from .norms import PerStepBatchNorm, at_step, statistics_layers
 from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
@@ -168,14 +168,15 @@ def _step_count(n: Any, steps: tuple) -> int:
 @dataclass
 class Stage:
     """Stage ``index`` (0-based) of every task: its point ``theta [N]`` (``shared``: stage 1, or a stage
-    whose row of ``A`` is zero, sits at theta for every task) or ``theta^(j) [T, N]``. With learned rates,
-    ``terms`` are the ``(l, A[j][l], k^(l) [T, N])`` the point was built from (what the first-order rate
-    direction needs); empty otherwise."""
+    whose row of ``A`` is zero, sits at theta for every task) or ``theta^(j) [T, N]``. With learned rates
+    or a learned tableau, ``terms`` are the ``(l, A[j][l], r_l [N], k^(l) [T, N])`` the point was built from
+    (what the first-order directions of the coefficients need; ``A[j][l]`` a float or a 0-d tensor); empty
+    otherwise."""
 
     index: int
     point: Tensor
     shared: bool
-    terms: tuple[tuple[int, float, Tensor], ...] = ()
+    terms: tuple[tuple[int, Any, Tensor, Tensor], ...] = ()
 
 
 def elementwise_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
@@ -200,6 +201,7 @@ def stage_points(
     backend: str,
     workspace: Workspace | None = None,
     rates: Callable[[int], Tensor] | None = None,
+    matrix: Tensor | None = None,
 ) -> Iterator[Stage]:
     """The stages whose query loss the meta-loss weighs (``b_j != 0``), in order.
 
@@ -212,6 +214,8 @@ def stage_points(
     ``rates`` (learned inner rates, :mod:`rkfast.learned`): ``rates(l)`` is the rate vector ``r_l [N]`` of
     slope ``l``, and ``theta^(j) = theta - sum_{l<j} A[j][l] (r_l ⊙ k^(l))`` replaces the step ``h``
     (:func:`elementwise_stage_point`; differentiable in the rates, the yielded stages carry their ``terms``).
+    ``matrix`` (a learned tableau, with ``rates``): the values ``A [s, s]`` (a tensor, differentiable) that
+    replace ``tableau``'s at its non-zero positions (``tableau`` then gives the pattern only).
     """
     slopes: list[Tensor | None] = [None] * tableau.stages
     last_reader, needs_slope, needs_query = tableau.last_reader, tableau.needs_support_grad, tableau.needs_query_loss
@@ -225,8 +229,9 @@ def stage_points(
         if shared:
             point = theta
         elif rates is not None:
-            terms = tuple((l, a, slopes[l]) for l, a in coefs)  # type: ignore[misc]
-            point = elementwise_stage_point(theta, [k for _, _, k in terms], [a * rates(l) for l, a, _ in terms],
+            terms = tuple((l, a if matrix is None else matrix[j, l], rates(l), slopes[l])  # type: ignore[misc]
+                          for l, a in coefs)
+            point = elementwise_stage_point(theta, [k for *_, k in terms], [a * r for _, a, r, _ in terms],
                                             backend)
             for l, _ in coefs:
                 if last_reader[l] == j:
@@ -276,9 +281,9 @@ class SecondOrderDirection(_MetaLoss):
     second_order = True
 
     def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None) -> None:
+                 rates: LearnedRates | None = None, learned: LearnedTableau | None = None) -> None:
         self.theta = theta.detach().requires_grad_()  # a fresh leaf: the caller's theta is left alone
-        self.rates = rates
+        self.rates, self.learned = rates, learned
         super().__init__(self.theta, tasks)
 
     def grad_mode(self) -> ContextManager:
@@ -289,23 +294,26 @@ class SecondOrderDirection(_MetaLoss):
         self.record(stage, weight, q, metrics)
 
     def result(self) -> MetaStepOutput:
-        if self.rates is not None:
-            return self._result_with_rates(self.rates)
+        if self.rates is not None or self.learned is not None:
+            return self._result_with_coefficients()
         if not self.stage_losses:  # every b_j == 0: no query loss, the meta-loss is constant
             return self.output(torch.zeros_like(self.theta))
         with self.tasks.vmap_errors():
             return self.output(loss_gradient(self.loss, self.theta))
 
-    def _result_with_rates(self, rates: LearnedRates) -> MetaStepOutput:
-        leaves = rates.tensors
+    def _result_with_coefficients(self) -> MetaStepOutput:
+        rate_leaves = self.rates.tensors if self.rates is not None else []
+        leaves = [*rate_leaves, *(self.learned.tensors if self.learned is not None else [])]
         if not self.stage_losses:
-            return RatesStepOutput(self.output(torch.zeros_like(self.theta)), [torch.zeros_like(t) for t in leaves])
-        with self.tasks.vmap_errors():
-            grads = torch.autograd.grad(_tracked(self.loss), [self.theta, *leaves], allow_unused=True)
-        if grads[0] is None:
-            raise ValueError(DETACHED_LOSS)
-        rate_grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, grads[1:])]
-        return RatesStepOutput(self.output(grads[0]), rate_grads)
+            grads: Sequence[Tensor | None] = [torch.zeros_like(self.theta), *([None] * len(leaves))]
+        else:
+            with self.tasks.vmap_errors():
+                grads = torch.autograd.grad(_tracked(self.loss), [self.theta, *leaves], allow_unused=True)
+            if grads[0] is None:
+                raise ValueError(DETACHED_LOSS)
+        extra = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, grads[1:])]
+        n = len(rate_leaves)
+        return RatesStepOutput(self.output(grads[0]), extra[:n], extra[n:])  # type: ignore[arg-type]
 
 
 class FirstOrderDirection(_MetaLoss):
@@ -319,12 +327,15 @@ class FirstOrderDirection(_MetaLoss):
     second_order = False
 
     def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None) -> None:
+                 rates: LearnedRates | None = None, learned: LearnedTableau | None = None) -> None:
         self.theta = theta.detach()
         super().__init__(self.theta, tasks)
         self.backend, self.workspace = backend, workspace
-        self.rates = rates
+        self.rates, self.learned = rates, learned
         self.rate_grads: dict[int, Tensor] = {}  # d meta-loss / d r_set [N], slopes held constant
+        if learned is not None:  # d meta-loss / d A [s, s] (slopes held constant) and / d b [s]
+            self.grad_A = theta.new_zeros(learned.stages, learned.stages)
+            self.grad_b = theta.new_zeros(learned.stages)
         self.per_task: list[tuple[Tensor, float]] = []  # query gradients [T, N] and their weights b_j / T
         self.summed: list[tuple[Tensor, float]] = []  # at a shared point the backward already summed the tasks
 
@@ -338,12 +349,21 @@ class FirstOrderDirection(_MetaLoss):
             with self.tasks.vmap_errors():
                 g = loss_gradient(q.sum(), leaf)
         (self.summed if stage.shared else self.per_task).append((g, weight / self.tasks.num_tasks))
-        if self.rates is not None and self.rates.learned:
-            # d/d r_l of b_j mean_i L_Q,i(theta - sum_l A_jl r_l ⊙ k_il) = -(b_j / T) A_jl sum_i g_ij ⊙ k_il
-            for l, a, k in stage.terms:
-                s = min(l, self.rates.sets - 1)
-                term = (g * k).sum(0) * (-a * weight / self.tasks.num_tasks)
-                self.rate_grads[s] = term if s not in self.rate_grads else self.rate_grads[s] + term
+        learn_rates = self.rates is not None and self.rates.learned
+        if learn_rates or self.learned is not None:
+            # with u_jl = sum_i g_ij ⊙ k_il, the meta-loss b_j mean_i L_Q,i(theta - sum_l A_jl r_l ⊙ k_il) has
+            # d/d r_l = -(b_j / T) A_jl u_jl and d/d A_jl = -(b_j / T) <r_l, u_jl>
+            scale = -weight / self.tasks.num_tasks
+            for l, a, r, k in stage.terms:
+                u = (g * k).sum(0)
+                if learn_rates:
+                    s = min(l, self.rates.sets - 1)  # type: ignore[union-attr]
+                    term = u * (a * scale)
+                    self.rate_grads[s] = term if s not in self.rate_grads else self.rate_grads[s] + term
+                if self.learned is not None:
+                    self.grad_A[stage.index, l] += scale * torch.dot(r, u)
+        if self.learned is not None:
+            self.grad_b[stage.index] = q.detach().mean()  # d/d b_j: the stage's mean query loss
         self.record(stage, weight, q.detach(), metrics)
 
     def result(self) -> MetaStepOutput:
@@ -355,8 +375,10 @@ class FirstOrderDirection(_MetaLoss):
             direction = out.zero_() if out is not None else torch.zeros_like(self.theta)
         for g, w in self.summed:
             axpy_(direction, g, w, backend=self.backend)
-        if self.rates is not None:
-            return RatesStepOutput(self.output(direction), self.rates.reduce(self.rate_grads))
+        if self.rates is not None or self.learned is not None:
+            rate_grads = self.rates.reduce(self.rate_grads) if self.rates is not None else []
+            tableau_grads = self.learned.reduce(self.grad_A, self.grad_b) if self.learned is not None else []
+            return RatesStepOutput(self.output(direction), rate_grads, tableau_grads)
         return self.output(direction)
 
 
@@ -369,7 +391,7 @@ def rk_meta_step(
     query_loss: TaskLoss,
     support_data: TaskData,
     query_data: TaskData,
-    tableau: Tableau | str,
+    tableau: Tableau | LearnedTableau | str,
     inner_lr: float,
     *,
     first_order: bool = False,
@@ -393,7 +415,12 @@ def rk_meta_step(
         theta: flat meta-parameters ``[N]`` (not modified).
         support_loss, query_loss: per-task losses ``loss(row, data)`` (see :mod:`rkfast.taskmap`).
         support_data, query_data: task data, pytrees with the task dimension first or stage callables.
-        tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...).
+        tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), or a
+            :class:`~rkfast.learned.LearnedTableau`: its entries of ``A`` (and ``b``, with ``weights="order"``)
+            are its tensors' current values, and the result's ``tableau_directions`` are the meta-loss's
+            gradients with respect to them (exact for second order; for first order with the slopes held
+            constant, ``-(b_j / T) sum_i <h g_ij, k_il>`` for ``A[j][l]`` plus ``mean_i L_Q,i(theta^(j))``
+            through ``db_j/dA``).
         inner_lr: the RK step ``h`` of the stages, a finite number ``> 0`` (:func:`check_step`).
         first_order: treat the support gradients as constants (no Hessian-vector products).
         vectorize: all tasks at once under ``vmap``; ``False`` runs them one by one with plain autograd.
@@ -420,25 +447,34 @@ def rk_meta_step(
             (:mod:`rkfast.taskmap`); ``vectorize=False`` runs it.
     """
     check_theta(theta)
-    tab = get_tableau(tableau)
+    learned = tableau if isinstance(tableau, LearnedTableau) else None
+    tab = learned.structure if learned is not None else get_tableau(tableau)
     h = check_step("inner_lr", inner_lr)
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
     tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     rule = FirstOrderDirection if first_order else SecondOrderDirection
-    direction = rule(theta, tasks, backend, workspace, rates) if rates is not None else \
-        rule(theta, tasks, backend, workspace)
+    direction = rule(theta, tasks, backend, workspace, rates, learned) if rates is not None or learned is not None \
+        else rule(theta, tasks, backend, workspace)
     with direction.grad_mode():
-        rate_of = None
-        if rates is not None:
-            with torch.no_grad() if first_order else nullcontext():  # first order: nothing through the rates
+        rate_of, matrix, weights = None, None, list(tab.b)
+        # first order: nothing is differentiated through the coefficients (their directions are formulas)
+        with torch.no_grad() if first_order else nullcontext():
+            if rates is not None:
                 vectors = [rates.vector(s) for s in range(rates.sets)]
-            rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
+                rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
+            if learned is not None:
+                matrix = learned.matrix().to(theta.dtype)
+                b = learned.weights(matrix)
+                weights = b.tolist() if first_order else list(b.unbind())  # first order: plain weights for combine
+                if rate_of is None:  # the fixed step h as a rate vector: the points' coefficients are A's tensors
+                    step = theta.new_full(theta.shape, h)
+                    rate_of = lambda l: step  # noqa: E731
         for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
                                   second_order=rule.second_order, backend=backend,
-                                  workspace=workspace if first_order else None, rates=rate_of):
+                                  workspace=workspace if first_order else None, rates=rate_of, matrix=matrix):
             with at_step(stage.index):
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
-                direction.add(stage, tab.b[stage.index], query_loss, data)
+                direction.add(stage, weights[stage.index], query_loss, data)
         return direction.result()
 
 

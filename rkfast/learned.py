@@ -1,5 +1,5 @@
-"""Learned inner rates: Meta-SGD, MAML++ per-layer per-step rates and ANIL (``docs/method.md``, "Learned
-inner rates").
+"""Learned inner rates (Meta-SGD, MAML++ per-layer per-step rates, ANIL) and learned tableaus
+(``docs/method.md``, "Learned inner rates" and "Learned tableaus").
 
 With learned rates the stage points of a meta-step are
 
@@ -19,12 +19,16 @@ unconstrained, as in Meta-SGD: the outer update may drive a rate to zero or belo
 the support gradient there). ``frozen`` fixes the rate of matching parameter tensors to a constant that is
 not learned (``{"features.*": 0.0}``: ANIL, those tensors are meta-learned by the outer update but not
 adapted). The learned tensors are ordinary leaf tensors (``requires_grad``) that an outer optimizer updates.
+
+:class:`LearnedTableau` makes the entries of ``A`` on a sparsity pattern meta-parameters too, with ``b``
+either fixed or derived from ``A`` by the order conditions (:func:`order_weights`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -32,20 +36,30 @@ from torch import Tensor
 
 from .layout import ParamLayout
 from .results import MetaStepOutput
+from .tableau import InconsistentTableauWarning, Tableau
 
-__all__ = ["GRANULARITIES", "Granularity", "LearnedRates", "RatesStepOutput", "resolve_frozen"]
+__all__ = ["GRANULARITIES", "Granularity", "LearnedRates", "RatesStepOutput", "resolve_frozen",
+           "LearnedTableau", "TABLEAU_PATTERNS", "TABLEAU_WEIGHTS", "order_weights", "OrderConditionsError"]
 
 Granularity = Literal["scalar", "tensor", "element"]
 GRANULARITIES: tuple[str, ...] = ("scalar", "tensor", "element")
 
 
 class RatesStepOutput(MetaStepOutput):
-    """A :class:`~rkfast.results.MetaStepOutput` that also carries the meta-direction of the learned rate
-    tensors (``rate_directions``, one per tensor of :attr:`LearnedRates.tensors`, detached)."""
+    """A :class:`~rkfast.results.MetaStepOutput` that also carries the meta-directions of the learned
+    coefficients (detached): ``rate_directions``, one per tensor of :attr:`LearnedRates.tensors`, and
+    ``tableau_directions``, one per tensor of :attr:`LearnedTableau.tensors`."""
 
-    def __init__(self, out: MetaStepOutput, rate_directions: list[Tensor]) -> None:
+    def __init__(self, out: MetaStepOutput, rate_directions: list[Tensor],
+                 tableau_directions: list[Tensor] | None = None) -> None:
         super().__init__(out.direction, out.loss, out.stage_losses, out.stage_metrics)
         self.rate_directions = rate_directions
+        self.tableau_directions = list(tableau_directions or [])
+
+    @property
+    def coefficient_directions(self) -> list[Tensor]:
+        """``rate_directions + tableau_directions``: in the order of the optimizer's learned tensors."""
+        return [*self.rate_directions, *self.tableau_directions]
 
 
 def resolve_frozen(layout: ParamLayout, frozen: Mapping[str, float] | None) -> dict[str, float]:
@@ -142,7 +156,13 @@ class LearnedRates:
         self._index_cpu = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         self._identity = granularity == "element" and not self.frozen
         self._dtype, self._device = dtype, torch.device(device)
+        self._place()
+
+    def _place(self) -> None:
+        """The index and the frozen rates on the learned tensors' device (a CUDA graph cannot copy them from
+        the host while it captures a step)."""
         self._index = self._index_cpu.to(self._device)
+        self._frozen = torch.tensor(self._frozen_values, dtype=self._dtype).to(self._device)
 
     @property
     def learned(self) -> bool:
@@ -157,7 +177,7 @@ class LearnedRates:
                 if t.grad is not None:
                     t.grad = t.grad.to(dtype=dtype, device=device)
         self._dtype, self._device = dtype, torch.device(device)
-        self._index = self._index_cpu.to(self._device)
+        self._place()
 
     def _row(self, s: int, like: Tensor | None) -> Tensor:
         if self.granularity is None:
@@ -174,7 +194,7 @@ class LearnedRates:
         if self._identity:
             return row
         if self._frozen_values:
-            row = torch.cat([row, row.new_tensor(self._frozen_values)])
+            row = torch.cat([row, self._frozen.to(row.dtype)])
         return row.index_select(0, self._index)
 
     def fixed_vector(self) -> Tensor:
@@ -244,3 +264,199 @@ class LearnedRates:
     def __repr__(self) -> str:
         return (f"LearnedRates(granularity={self.granularity!r}, per_stage={self.per_stage}, sets={self.sets}, "
                 f"frozen={self.frozen})")
+
+
+# -- learned tableaus -----------------------------------------------------------------------------------
+
+TABLEAU_PATTERNS: tuple[str, ...] = ("pattern", "full")
+TABLEAU_WEIGHTS: tuple[str, ...] = ("fixed", "order")
+
+# The order conditions that are linear in b, by order (Butcher): sum b = 1; b.c = 1/2; b.c^2 = 1/3,
+# b.Ac = 1/6; b.c^3 = 1/4, b.(c*Ac) = 1/8, b.Ac^2 = 1/12, b.AAc = 1/24.
+_CONDITIONS_UP_TO_ORDER = (1, 2, 4, 8)
+_ORDER_RESIDUAL_TOL = 1e-6
+
+
+class OrderConditionsError(ValueError):
+    """The order conditions that define a learned tableau's ``b`` (``tableau_weights="order"``) have no
+    solution at the current ``A`` (e.g. a node ``c_j`` learned to 0 in a 2-stage tableau)."""
+
+
+def order_conditions_used(stages: int) -> tuple[int, int]:
+    """``(order p, number of conditions)``: the highest order whose conditions linear in ``b`` number at
+    most ``stages`` (1 stage: order 1; 2-3 stages: order 2; 4-7: order 3; 8 or more: order 4)."""
+    order = max(p for p, count in enumerate(_CONDITIONS_UP_TO_ORDER, start=1) if count <= stages)
+    return order, _CONDITIONS_UP_TO_ORDER[order - 1]
+
+
+def order_weights(A: Tensor) -> Tensor:
+    """The weights ``b`` of a stage matrix ``A [s, s]`` (strictly lower triangular): the minimum-norm
+    solution of the order conditions linear in ``b`` up to the order of :func:`order_conditions_used`,
+    computed in float64 and differentiable in ``A``. For ``s = 2`` it is ``b = (1 - 1/(2c), 1/(2c))``
+    with ``c = A[1][0]`` (the second-order family ``rk2(c)``); for ``s = 4`` the four conditions of order
+    3 fix ``b`` (``rk4``'s ``A`` gives ``rk4``'s ``b``).
+
+    Raises:
+        OrderConditionsError: the conditions are singular at this ``A`` (no ``b`` satisfies them to 1e-6).
+    """
+    A64 = A.to(torch.float64)
+    s = A64.shape[0]
+    _, count = order_conditions_used(s)
+    c = A64.sum(1)
+    Ac = A64 @ c
+    rows = [torch.ones_like(c), c, c * c, Ac, c ** 3, c * Ac, A64 @ (c * c), A64 @ Ac][:count]
+    targets = A64.new_tensor([1.0, 1 / 2, 1 / 3, 1 / 6, 1 / 4, 1 / 8, 1 / 12, 1 / 24][:count])
+    M = torch.stack(rows)  # [count, s]
+    try:  # as many conditions as stages (2 and 4 stages): one solve; else the minimum-norm solution
+        b = torch.linalg.solve(M, targets) if count == s else torch.linalg.pinv(M) @ targets
+        residual = float((M.detach() @ b.detach() - targets).abs().max())
+    except RuntimeError:  # torch.linalg.LinAlgError: a singular system
+        residual = math.inf
+    if not math.isfinite(residual) or residual > _ORDER_RESIDUAL_TOL:
+        raise OrderConditionsError(
+            f"no weights b satisfy the order conditions at the learned stage matrix (nodes c = "
+            f"{[round(x, 6) for x in c.detach().tolist()]}; residual {residual:.3g}): the learned A has made them "
+            "singular. Lower the tableau's learning rate (tableau_lr), or keep b fixed (tableau_weights='fixed')")
+    return b
+
+
+class LearnedTableau:
+    """A tableau whose entries of ``A`` on a sparsity pattern are learned tensors (``docs/method.md``,
+    "Learned tableaus").
+
+    Args:
+        tableau: the tableau the entries start from (their initial values) and whose stage count is kept.
+        pattern: ``"pattern"``: the non-zero entries of ``tableau.A`` are learned (the zeros stay zero, so
+            the method keeps its cost: ``rk4`` stays a 4-stage scheme with 3 slopes read once each);
+            ``"full"``: every strictly-lower entry (zeros start at 0 but may move: every slope is kept until
+            the last stage, and every stage point reads every earlier slope).
+        weights: ``"fixed"``: ``b`` stays ``tableau.b``; ``"order"``: ``b = order_weights(A)``, the weights
+            that satisfy the order conditions linear in ``b`` (:func:`order_weights`). A free ``b`` learned
+            by the same meta-loss is not offered: the meta-loss is linear in ``b``, so its minimum over any
+            normalized set of weights is a vertex (all weight on the stage of lowest query loss), and the
+            learned scheme would collapse onto one stage. Tying ``b`` to ``A`` keeps it a consistent RK
+            method (``sum b = 1``, ``b.c = 1/2``...) whatever ``A`` learns.
+        dtype, device: of the learned tensor.
+
+    Attributes:
+        tensors: ``[entries]``: the one learned leaf tensor ``[E]``, in :attr:`entries` order.
+        entries: the ``(j, l)`` positions of ``A`` it holds (0-based).
+        structure: a fixed :class:`~rkfast.tableau.Tableau` with the pattern's non-zeros, from which the
+            meta-step reads which slopes and query losses it computes (every stage's query loss with
+            ``weights="order"``, whose ``b`` may move off zero).
+        base: the starting tableau.
+    """
+
+    def __init__(self, tableau: Tableau, pattern: str = "pattern", weights: str = "fixed", *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if pattern not in TABLEAU_PATTERNS:
+            raise ValueError(f"learn_tableau must be one of {TABLEAU_PATTERNS} or None, got {pattern!r}")
+        if weights not in TABLEAU_WEIGHTS:
+            raise ValueError(f"tableau_weights must be one of {TABLEAU_WEIGHTS}, got {weights!r}")
+        s = tableau.stages
+        below = [(j, l) for j in range(s) for l in range(j)]
+        entries = below if pattern == "full" else [(j, l) for j, l in below if tableau.A[j][l] != 0.0]
+        if not entries:
+            raise ValueError(f"tableau {tableau.name!r} has no entry of A to learn (pattern={pattern!r}: "
+                             + ("a 1-stage scheme has none)" if s == 1 else "A is zero; use learn_tableau='full')"))
+        self.base, self.pattern, self.weights_mode = tableau, pattern, weights
+        self.entries: tuple[tuple[int, int], ...] = tuple(entries)
+        self.stages = s
+        self.tensors: list[Tensor] = [torch.tensor([tableau.A[j][l] for j, l in entries], dtype=dtype,
+                                                   device=device).requires_grad_()]
+        self._flat_index_cpu = torch.tensor([j * s + l for j, l in entries], dtype=torch.long)
+        self._flat_index = self._flat_index_cpu.to(device)
+        marked = [[1.0 if (j, l) in self.entries else 0.0 for l in range(s)] for j in range(s)]
+        b_struct = tableau.b if weights == "fixed" else [1.0 / s] * s
+        with warnings.catch_warnings():  # a fixed b that does not sum to 1 warned when the base was built
+            warnings.simplefilter("ignore", InconsistentTableauWarning)
+            self.structure = Tableau(tuple(map(tuple, marked)), tuple(b_struct), name=self.name)
+        if weights == "order":
+            order_weights(self.matrix().detach())  # the starting A must admit the weights
+
+    @property
+    def name(self) -> str:
+        return f"learned-{self.base.name}"
+
+    @property
+    def tensor(self) -> Tensor:
+        return self.tensors[0]
+
+    def to_(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Move the learned tensor (in place: the same tensor object) to ``dtype`` and ``device``."""
+        with torch.no_grad():
+            for t in self.tensors:
+                t.data = t.data.to(dtype=dtype, device=device)
+                if t.grad is not None:
+                    t.grad = t.grad.to(dtype=dtype, device=device)
+        self._flat_index = self._flat_index_cpu.to(device)
+
+    def matrix(self) -> Tensor:
+        """``A [s, s]``: the learned entries at their positions, zeros elsewhere (differentiable)."""
+        t = self.tensor
+        flat = t.new_zeros(self.stages * self.stages).index_put((self._flat_index,), t)
+        return flat.view(self.stages, self.stages)
+
+    def weights(self, A: Tensor | None = None) -> Tensor:
+        """``b [s]`` for the stage matrix ``A`` (default: :meth:`matrix`), in ``A``'s dtype: the fixed
+        weights, or :func:`order_weights` (differentiable in ``A``)."""
+        A = self.matrix() if A is None else A
+        if self.weights_mode == "fixed":
+            return A.new_tensor(self.base.b)
+        return order_weights(A).to(A.dtype)
+
+    def current(self) -> Tableau:
+        """The tableau at the current values (detached, float64 weights): what meta-test adaptation
+        (:meth:`~rkfast.tableau.Tableau.test_step`) and the results report read."""
+        with torch.no_grad():
+            A = self.matrix().to(torch.float64)
+            b = self.weights(A)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InconsistentTableauWarning)
+            return Tableau.from_arrays(A.cpu(), b.cpu(), self.name)
+
+    def reduce(self, grad_A: Tensor, grad_b: Tensor) -> list[Tensor]:
+        """The gradient of :attr:`tensors` from gradients with respect to ``A [s, s]`` and ``b [s]`` (the
+        chain through :meth:`weights` for ``"order"``)."""
+        with torch.enable_grad():
+            A = self.matrix()
+            total = (grad_A.to(A.dtype) * A).sum() + (grad_b.to(A.dtype) * self.weights(A)).sum()
+            (g,) = torch.autograd.grad(total, self.tensors, allow_unused=True)
+        return [torch.zeros_like(self.tensor) if g is None else g]
+
+    def config(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "pattern": self.pattern, "weights": self.weights_mode,
+                "entries": [list(e) for e in self.entries]}
+
+    def state(self) -> dict[str, Any]:
+        """What ``MetaOptimizer.state_dict`` saves: the configuration and the learned values (a copy)."""
+        return {**self.config(), "values": [t.detach().clone() for t in self.tensors]}
+
+    def check_state(self, state: Any) -> list[Tensor]:
+        """The values of a :meth:`state`, checked against this configuration (``ValueError`` otherwise)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the state dict has no learned tableau, but this MetaOptimizer has "
+                             f"learn_tableau={self.pattern!r}")
+        theirs = {k: state.get(k) for k in self.config()}
+        if theirs != self.config():
+            raise ValueError(f"the state dict's learned tableau is configured as {theirs}, this MetaOptimizer's as "
+                             f"{self.config()}")
+        values = list(state.get("values", ()))
+        if len(values) != 1 or not isinstance(values[0], Tensor) or values[0].shape != self.tensor.shape:
+            raise ValueError("the state dict's learned tableau values do not match this MetaOptimizer's "
+                             f"({tuple(self.tensor.shape)})")
+        return values
+
+    def load(self, values: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            for t, v in zip(self.tensors, values):
+                t.copy_(v)
+
+    def values(self) -> dict[str, Any]:
+        """``{"A": [[...]], "b": [...]}``: the current tableau as plain lists (for logs and results)."""
+        tab = self.current()
+        return {"A": [list(r) for r in tab.A], "b": list(tab.b)}
+
+    def __repr__(self) -> str:
+        return (f"LearnedTableau(base={self.base.name!r}, pattern={self.pattern!r}, weights={self.weights_mode!r}, "
+                f"entries={list(self.entries)})")

@@ -20,7 +20,7 @@ from .capture import CaptureMode, StepCapture, make_step_capture
 from .distributed import TaskParallel, is_ddp_wrapped, resolve_process_group
 from .flat import FlatParameters
 from .layout import ParamLayout
-from .learned import GRANULARITIES, LearnedRates
+from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS, LearnedRates, LearnedTableau, RatesStepOutput
 from .outer import OuterUpdate, cast_state_to_params, check_lr, make_outer_optimizer, outer_class
 from .results import AdaptationOutput, MetaStepOutput
 from .tableau import Tableau, get_tableau
@@ -149,6 +149,18 @@ class MetaOptimizer(torch.optim.Optimizer):
             parameter tensors (``{"features.*": 0.0}``: ANIL, those tensors are meta-learned by the outer
             update but not adapted in the inner loop or at meta-test). Works with ``learn_rates=None`` too
             (fixed per-tensor rates, ``inner_lr`` elsewhere). A pattern that matches nothing is a ``ValueError``.
+        learn_tableau: learn the tableau's coefficients by the same meta-gradient (``docs/method.md``,
+            "Learned tableaus"): ``"pattern"`` (the non-zero entries of ``tableau.A``, starting at their
+            values; the zeros stay zero, so the step costs what the named tableau costs) or ``"full"`` (every
+            entry below the diagonal); ``None`` (default): the tableau is fixed. The entries are one tensor
+            in their own param group (``lr=tableau_lr``, ``weight_decay=0``); :attr:`learned_tableau` and
+            :meth:`current_tableau` read them, and meta-test adaptation uses the current tableau's step.
+        tableau_weights: ``"fixed"`` (default): ``b`` stays the tableau's; ``"order"``: ``b`` follows ``A``
+            as the solution of the order conditions linear in ``b`` (``rkfast.learned.order_weights``: for
+            2 stages the second-order family, for 4 stages order 3), so the scheme stays consistent. A free
+            ``b`` trained on the same meta-loss is not offered: the meta-loss is linear in ``b``, and its
+            minimum puts all weight on one stage. Needs ``learn_tableau``.
+        tableau_lr: the outer learning rate of the learned tableau (default: ``lr``): finite, ``>= 0``.
 
     The meta-parameters are moved into one contiguous flat buffer (:class:`~rkfast.flat.FlatParameters`),
     and each parameter becomes a view into it (the same ``Parameter`` objects: the model, its
@@ -190,6 +202,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         per_stage_rates: bool = False,
         rate_lr: float | None = None,
         frozen_rates: Mapping[str, float] | None = None,
+        learn_tableau: Literal["pattern", "full"] | None = None,
+        tableau_weights: Literal["fixed", "order"] = "fixed",
+        tableau_lr: float | None = None,
         **outer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -226,6 +241,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             )
         self.check_consistency = bool(check_consistency)
         self._check_rate_options(learn_rates, per_stage_rates, rate_lr, frozen_rates)
+        self._check_tableau_options(learn_tableau, tableau_weights, tableau_lr)
         graphed = self._capture is not None and self._capture.requires_cuda
         optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs, capturable=graphed)
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
@@ -257,7 +273,15 @@ class MetaOptimizer(torch.optim.Optimizer):
                 if "weight_decay" in optimizer.defaults:
                     group["weight_decay"] = 0.0
                 optimizer.add_param_group(group)
-        self._outer = OuterUpdate(optimizer, self._flat, self._rates.tensors if self._rates is not None else ())
+        self._learned_tableau: LearnedTableau | None = None
+        if learn_tableau is not None:
+            self._learned_tableau = LearnedTableau(self.tableau, learn_tableau, tableau_weights, dtype=self.dtype,
+                                                   device=self.device)
+            group = {"params": list(self._learned_tableau.tensors), "lr": lr if tableau_lr is None else float(tableau_lr)}
+            if "weight_decay" in optimizer.defaults:
+                group["weight_decay"] = 0.0
+            optimizer.add_param_group(group)
+        self._outer = OuterUpdate(optimizer, self._flat, self._coefficient_tensors())
         self._norm_layers = RF.has_norm_layers(model)
         self._model_call = RF.model_call(model, batch_statistics=self.batch_statistics)
         self._batch_loss = (RF.module_task_loss(model, loss_fn, self.layout, batch_statistics=self.batch_statistics)
@@ -282,15 +306,43 @@ class MetaOptimizer(torch.optim.Optimizer):
             check_lr(rate_lr, "rate_lr")
         if frozen_rates is not None and not isinstance(frozen_rates, Mapping):
             raise ValueError(f"frozen_rates must be a mapping {{name or glob: rate}}, got {frozen_rates!r}")
-        if learn_rates is not None or frozen_rates is not None:
-            what = f"learn_rates={learn_rates!r}" if learn_rates is not None else "frozen_rates"
-            if self._capture is not None:
-                raise ValueError(f"{what} with capture={self._capture.mode!r} is not supported yet: the rate "
-                                 "tensors, their meta-direction and their outer update are not captured in the "
-                                 "CUDA graph. Use capture=False.")
-            if self._dist is not None and learn_rates is not None:
-                raise ValueError(f"{what} with a process group is not supported yet: the rates' meta-direction "
-                                 "would have to be all-reduced with the parameters'. Use process_group=None.")
+
+    def _check_tableau_options(self, learn_tableau: Any, tableau_weights: Any, tableau_lr: Any) -> None:
+        """The learned-tableau arguments, refused with a ``ValueError`` that names the argument."""
+        if learn_tableau is not None and learn_tableau not in TABLEAU_PATTERNS:
+            raise ValueError(f"learn_tableau must be one of {', '.join(map(repr, TABLEAU_PATTERNS))} or None, "
+                             f"got {learn_tableau!r}")
+        if tableau_weights not in TABLEAU_WEIGHTS:
+            raise ValueError(f"tableau_weights must be one of {', '.join(map(repr, TABLEAU_WEIGHTS))}, "
+                             f"got {tableau_weights!r}")
+        if learn_tableau is None and tableau_weights != "fixed":
+            raise ValueError(f"tableau_weights={tableau_weights!r} needs learn_tableau ('pattern' or 'full')")
+        if tableau_lr is not None:
+            if learn_tableau is None:
+                raise ValueError("tableau_lr is the learning rate of a learned tableau: it needs learn_tableau")
+            if isinstance(tableau_lr, bool):
+                raise ValueError(f"tableau_lr must be a finite, non-negative number, got {tableau_lr!r}")
+            check_lr(tableau_lr, "tableau_lr")
+        if learn_tableau is not None and self._capture is not None:
+            raise ValueError(f"learn_tableau={learn_tableau!r} with capture={self._capture.mode!r} is not supported "
+                             "yet: the weights b and the first-order step read the tableau's values on the host, "
+                             "which a CUDA graph cannot replay. Use capture=False.")
+
+    def _coefficient_tensors(self) -> list[Tensor]:
+        """The learned coefficients' leaf tensors, updated beside the meta-parameters: the learned rates',
+        then the learned tableau's."""
+        rates = self._rates.tensors if self._rates is not None else []
+        return [*rates, *(self._learned_tableau.tensors if self._learned_tableau is not None else [])]
+
+    @property
+    def learned_tableau(self) -> LearnedTableau | None:
+        """The learned tableau (:class:`~rkfast.learned.LearnedTableau`: ``.current()`` is the tableau at its
+        current values, ``.tensors`` its learned entries), or ``None`` without ``learn_tableau``."""
+        return self._learned_tableau
+
+    def current_tableau(self) -> Tableau:
+        """The tableau the next step uses: :attr:`tableau`, or the learned tableau at its current values."""
+        return self._learned_tableau.current() if self._learned_tableau is not None else self.tableau
 
     @property
     def rates(self) -> LearnedRates | None:
@@ -354,15 +406,14 @@ class MetaOptimizer(torch.optim.Optimizer):
     def _eager_step(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         out = self._meta_direction(tasks)  # stage losses -> rk_meta_step (raises before anything changes)
         self._transactional_update(lambda: self._write_grads(out), out.direction, out.loss,
-                                   lambda: self._non_finite_direction_error(out), _rate_directions(out))
+                                   lambda: self._non_finite_direction_error(out), _coefficient_directions(out))
         return out
 
     def _write_grads(self, out: MetaStepOutput) -> None:
-        """The meta-direction into every ``.grad``: the parameters' flat buffer and the learned rates'."""
+        """The meta-direction into every ``.grad``: the parameters' flat buffer and the learned coefficients'."""
         self._flat.write_grad(out.direction)
-        if self._rates is not None:
-            for t, d in zip(self._rates.tensors, _rate_directions(out)):
-                t.grad = d
+        for t, d in zip(self._coefficient_tensors(), _coefficient_directions(out)):
+            t.grad = d
 
     # -- task-parallel steps (rkfast.distributed) ------------------------------------------------------
 
@@ -383,16 +434,25 @@ class MetaOptimizer(torch.optim.Optimizer):
             checked = self._check_tasks(tasks, call)
             return self._meta_direction(checked), _task_count(checked)
 
+        def local_joined() -> tuple[MetaStepOutput, int]:
+            out, count = local()
+            return _joined(out), count
+
         # the reduced buffer's size is fixed (a re-bind keeps the layout); its dtype and device are the
-        # parameters' as they are now (a re-bind inside local() may change them)
-        like = self._flat.params[0].new_empty(self.layout.numel)
-        return dist.reduce_meta_step(local, like, self.tableau.stages)
+        # parameters' as they are now (a re-bind inside local() may change them). The learned coefficients'
+        # directions ride in the same buffer, after the parameters' (still one all-reduce).
+        sizes = [t.numel() for t in self._coefficient_tensors()]
+        like = self._flat.params[0].new_empty(self.layout.numel + sum(sizes))
+        out, nonfinite = dist.reduce_meta_step(local_joined if sizes else local, like, self.tableau.stages)
+        rates = len(self._rates.tensors) if self._rates is not None else 0
+        return (_split(out, self.layout.numel, self._coefficient_tensors(), rates) if sizes else out), nonfinite
 
     def _distributed_step(self, tasks: Tasks) -> MetaStepOutput:
         out, nonfinite = self._reduced_direction(tasks, "step")
         # the reduced direction and loss are identical on every rank: so is every decision below
-        self._transactional_update(lambda: self._flat.write_grad(out.direction), out.direction, out.loss,
-                                   lambda: self._non_finite_direction_error(out, nonfinite))
+        self._transactional_update(lambda: self._write_grads(out), out.direction, out.loss,
+                                   lambda: self._non_finite_direction_error(out, nonfinite),
+                                   _coefficient_directions(out))
         if self.check_consistency:
             self._dist.check_identical(self._flat.data)  # type: ignore[union-attr]
         return out
@@ -414,7 +474,7 @@ class MetaOptimizer(torch.optim.Optimizer):
             out, nonfinite = self._reduced_direction(tasks, "compute")
         else:
             out, nonfinite = self._meta_direction(self._check_tasks(tasks, "compute")), ()
-        if self.check_finite and not bool(_all_finite(out.direction, out.loss, *_rate_directions(out))):  # one sync
+        if self.check_finite and not bool(_all_finite(out.direction, out.loss, *_coefficient_directions(out))):  # one sync
             raise self._non_finite_direction_error(out, nonfinite)
         self._write_grads(out)
         return out
@@ -440,15 +500,15 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._refuse_inference_mode("apply")
         self._rebind_if_replaced()
         grad = self._flat.grad  # .grad as the update reads it, once adopted
-        rate_grads = [t.grad for t in self._rates.tensors] if self._rates is not None else []
+        coefficient_grads = [t.grad for t in self._coefficient_tensors()]
         self._transactional_update(self._flat.adopt_grads, grad, None, lambda: NonFiniteLossError(
-            "non-finite .grad; parameters, .grad and optimizer state were left unchanged"), rate_grads)
+            "non-finite .grad; parameters, .grad and optimizer state were left unchanged"), coefficient_grads)
         if self._dist is not None and self.check_consistency:
             self._dist.check_identical(self._flat.data)
 
     def _transactional_update(self, set_grad: Callable[[], None], direction: Tensor, loss: Tensor | None,
                               direction_error: Callable[[], NonFiniteLossError],
-                              rate_directions: Sequence[Tensor | None] = ()) -> None:
+                              coefficient_directions: Sequence[Tensor | None] = ()) -> None:
         """``set_grad()`` (the new ``.grad``) and the outer update as one transaction: any exception, and with
         ``check_finite`` a non-finite ``direction``/``loss`` or non-finite updated parameters, restores the
         parameters, ``.grad`` and optimizer state and raises.
@@ -456,14 +516,14 @@ class MetaOptimizer(torch.optim.Optimizer):
         The finiteness of the inputs and of the result is read once, after the update (the step's one host
         synchronization): a non-finite direction makes the update produce garbage, which is then undone."""
         inputs_ok: Tensor | None = None
-        rates = self._rates.tensors if self._rates is not None else []
+        coefficients = self._coefficient_tensors()
         try:
             with self._outer.transaction():
                 set_grad()
                 if self.check_finite:
-                    inputs_ok = _all_finite(direction, loss, *rate_directions)  # on the device: no sync yet
+                    inputs_ok = _all_finite(direction, loss, *coefficient_directions)  # on the device: no sync yet
                 self._outer.update(self.backend)
-                if inputs_ok is not None and not bool(inputs_ok & _all_finite(self._flat.data, *rates)):  # one sync
+                if inputs_ok is not None and not bool(inputs_ok & _all_finite(self._flat.data, *coefficients)):  # one sync
                     raise direction_error() if not bool(inputs_ok) else self._non_finite_update_error()
         except Exception as err:
             # an optimizer that refuses a non-finite gradient itself: report what was non-finite
@@ -472,14 +532,18 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise direction_error() from err
 
     def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
-        """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device."""
+        """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device. Learned
+        rates are part of it: their ``.grad`` are the graph's tensors, and a skipped step keeps them too."""
         out = self._meta_direction(batch)
         if not self.check_finite:
-            self._flat.write_grad(out.direction)
+            self._write_grads(out)
             self._outer.update(self.backend)
             return out
-        ok = _all_finite(out.direction, out.loss)
+        extra = _coefficient_directions(out)
+        ok = _all_finite(out.direction, out.loss, *extra)
         self._flat.write_grad(torch.where(ok, out.direction, 0.0))  # a skipped step updates with a zero gradient
+        for t, d in zip(self._coefficient_tensors(), extra):
+            t.grad = torch.where(ok, d, 0.0)
         self._outer.update_if(ok, self.backend)
         self._skipped.add_((~ok).to(self._skipped.dtype))  # type: ignore[union-attr]
         return out
@@ -490,8 +554,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
         if self._rates is not None:
             self._rates.inner_lr = self.inner_lr  # the rate of tensors neither learned nor frozen
+        tableau = self._learned_tableau if self._learned_tableau is not None else self.tableau
         return RF.rk_meta_step(
-            self._flat.data.detach(), support_loss, query_loss, support_data, query_data, self.tableau,
+            self._flat.data.detach(), support_loss, query_loss, support_data, query_data, tableau,
             self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
             backend=self.backend, workspace=self._workspace, rates=self._rates,
         )
@@ -591,6 +656,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             if (self.dtype, self.device) != (self._flat.dtype, self._flat.device):
                 if self._rates is not None:
                     self._rates.to_(self.dtype, self.device)  # the same tensors: their param group holds them
+                if self._learned_tableau is not None:
+                    self._learned_tableau.to_(self.dtype, self.device)
                 cast_state_to_params(self.outer_optimizer)
                 self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
             self._flat.rebind()
@@ -672,13 +739,14 @@ class MetaOptimizer(torch.optim.Optimizer):
         is the caller's: ``AdaptationOutput.cat(opt.distributed.all_gather_object(result))``.
         """
         tasks = self._check_tasks(tasks, "evaluate")
-        alpha = self.tableau.test_step(self.inner_lr) if step_size is None else step_size
+        tableau = self.current_tableau()
+        alpha = tableau.test_step(self.inner_lr) if step_size is None else step_size
         rates = None
         if self._rates is not None:
             self._rates.inner_lr = self.inner_lr
             with torch.no_grad():
                 if step_size is None:
-                    alpha = self.tableau.test_step(self.inner_lr) / self.inner_lr
+                    alpha = tableau.test_step(self.inner_lr) / self.inner_lr
                     vectors = [self._rates.vector(s).detach() for s in range(self._rates.sets)]
                     rates = lambda n: vectors[min(n, len(vectors) - 1)]  # noqa: E731
                 elif self._rates.frozen:
@@ -701,6 +769,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         }
         if self._rates is not None:
             meta["rates"] = self._rates.state()
+        if self._learned_tableau is not None:
+            meta["learned_tableau"] = self._learned_tableau.state()
         return meta
 
     def state_dict(self) -> dict[str, Any]:
@@ -728,6 +798,10 @@ class MetaOptimizer(torch.optim.Optimizer):
             raise ValueError("the state dict has learned/frozen rates (learn_rates or frozen_rates), this "
                              "MetaOptimizer has none")
         rate_values = self._rates.check_state(meta.get("rates")) if self._rates is not None else None
+        if self._learned_tableau is None and meta.get("learned_tableau") is not None:
+            raise ValueError("the state dict has a learned tableau (learn_tableau), this MetaOptimizer has none")
+        tableau_values = (self._learned_tableau.check_state(meta.get("learned_tableau"))
+                          if self._learned_tableau is not None else None)
         for i, group in enumerate(state_dict.get("param_groups", ())):
             if "lr" in group:
                 check_lr(group["lr"], f"lr of param group {i}")
@@ -737,6 +811,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self._rates is not None:
             self._rates.inner_lr = inner_lr
             self._rates.load(rate_values)  # type: ignore[arg-type]
+        if self._learned_tableau is not None:
+            self._learned_tableau.load(tableau_values)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return (
@@ -752,9 +828,29 @@ def _task_count(tasks: TaskBatch | TaskSet) -> int:
     return RF.resolve_num_tasks(tasks.num_tasks, tasks.support_data, tasks.query_data)
 
 
-def _rate_directions(out: MetaStepOutput) -> list[Tensor]:
-    """The learned rates' meta-directions of a step's output (none without learned rates)."""
-    return list(getattr(out, "rate_directions", ()))
+def _coefficient_directions(out: MetaStepOutput) -> list[Tensor]:
+    """The learned coefficients' meta-directions of a step's output, in :meth:`MetaOptimizer._coefficient_tensors`
+    order (none without learned rates or tableau)."""
+    return list(getattr(out, "coefficient_directions", ()))
+
+
+def _joined(out: MetaStepOutput) -> MetaStepOutput:
+    """``out`` with the learned coefficients' directions appended to the flat direction (one buffer to reduce)."""
+    extra = [d.reshape(-1).to(out.direction.dtype) for d in _coefficient_directions(out)]
+    return MetaStepOutput(torch.cat([out.direction.reshape(-1), *extra]), out.loss, out.stage_losses,
+                          out.stage_metrics)
+
+
+def _split(out: MetaStepOutput, numel: int, coefficients: Sequence[Tensor], rates: int) -> RatesStepOutput:
+    """Inverse of :func:`_joined` for the reduced output: the parameters' direction and each coefficient
+    tensor's (in :meth:`MetaOptimizer._coefficient_tensors` order, the first ``rates`` the learned rates',
+    shaped and typed like the tensor)."""
+    pieces, offset = [], numel
+    for t in coefficients:
+        pieces.append(out.direction[offset : offset + t.numel()].view(t.shape).to(t.dtype))
+        offset += t.numel()
+    return RatesStepOutput(MetaStepOutput(out.direction[:numel], out.loss, out.stage_losses, out.stage_metrics),
+                           pieces[:rates], pieces[rates:])
 
 
 def _all_finite(*tensors: Tensor | None) -> Tensor:

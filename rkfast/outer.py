@@ -107,6 +107,7 @@ class OuterUpdate:
     def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters, extra: Sequence[Tensor] = ()) -> None:
         self.optimizer = optimizer
         self.flat = flat
+        self.extra = list(extra)
         self._snapshot = UpdateSnapshot(optimizer, flat, extra)
 
     def plain_sgd(self) -> bool:
@@ -141,9 +142,11 @@ class OuterUpdate:
             self._snapshot.forget()
 
     def update_if(self, ok: Tensor, backend: kernels.Backend = "auto") -> None:
-        """:meth:`update`, then every parameter and optimizer-state tensor keeps its old value where the 0-d
-        boolean ``ok`` is false; no host synchronization (the caller zeroes ``.grad`` of a skipped step)."""
-        guarded_update(ok, written_tensors(self.optimizer, self.flat), lambda: self.update(backend))
+        """:meth:`update`, then every parameter and optimizer-state tensor (the extra tensors' and their state
+        included) keeps its old value where the 0-d boolean ``ok`` is false; no host synchronization (the
+        caller zeroes ``.grad`` of a skipped step)."""
+        guarded = [*written_tensors(self.optimizer, self.flat), *self.extra, *state_tensors(self.optimizer, self.extra)]
+        guarded_update(ok, guarded, lambda: self.update(backend))
 
 
 class UpdateSnapshot:
@@ -239,11 +242,13 @@ def guarded_update(ok: Tensor, tensors: list[Tensor], update: Callable[[], None]
     old state was committed as finite, and the caller runs a skipped ``update`` on a zero gradient).
     """
     groups = {key: [tensors[i] for i in positions] for key, positions in by_kind(tensors).items()}
-    kept = {key: torch._foreach_mul(group, (~ok).to(key[0])) for key, group in groups.items()}  # t_old * (1 - ok)
+    with torch.no_grad():  # leaf tensors that require grad (learned rates) are written in place
+        kept = {key: torch._foreach_mul(group, (~ok).to(key[0])) for key, group in groups.items()}  # t_old * (1 - ok)
     update()
-    for key, group in groups.items():
-        torch._foreach_mul_(group, ok.to(key[0]))
-        torch._foreach_add_(group, kept[key])
+    with torch.no_grad():
+        for key, group in groups.items():
+            torch._foreach_mul_(group, ok.to(key[0]))
+            torch._foreach_add_(group, kept[key])
 
 
 def written_tensors(optimizer: torch.optim.Optimizer, flat: FlatParameters) -> list[Tensor]:

@@ -125,6 +125,49 @@ def test_a_failed_warm_up_step_does_not_count():
     assert engine.captures == 1
 
 
+RATES = dict(learn_rates="element", per_stage_rates=True, frozen_rates={"0.bias": 0.0}, rate_lr=3e-3)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_captured_learned_rates_match_eager_steps(first_order):
+    """Learned inner rates are part of the captured step: their direction, .grad and outer update."""
+    torch.manual_seed(2)
+    batches = [regression_batch() for _ in range(5)]
+    eager = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, first_order=first_order,
+                          **RATES)
+    captured, engine = stand_in_optimizer(True, first_order=first_order, **RATES)
+    captured.load_state_dict(copy.deepcopy(eager.state_dict()))
+    with torch.no_grad():
+        captured.flat_parameters.copy_(eager.flat_parameters)
+    for b in batches:
+        e, c = eager.step(b), captured.step(b)
+        torch.testing.assert_close(c.loss, e.loss)
+    assert engine.captures == 1 and engine.replays == 3
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-12, atol=1e-14)
+    (r_c,), (r_e,) = captured.rates.tensors, eager.rates.tensors
+    torch.testing.assert_close(r_c, r_e, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(r_c.grad, r_e.grad, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(r_c.detach(), torch.full_like(r_c, 0.1))  # the rates did move
+
+
+def test_a_skipped_replayed_step_keeps_the_learned_rates_and_their_state():
+    opt, _ = stand_in_optimizer(True, **RATES)
+    for _ in range(3):
+        opt.step(regression_batch())
+    (rates,) = opt.rates.tensors
+    values = rates.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[rates].items()}
+    bad = regression_batch()
+    bad.query_y[0, 0] = float("nan")
+    opt.step(bad)
+    assert int(opt.skipped_steps) == 1
+    assert torch.equal(rates.detach(), values)
+    for k, v in opt.state[rates].items():
+        assert torch.equal(v, state[k]), k
+    opt.step(regression_batch())
+    assert not torch.equal(rates.detach(), values)
+
+
 def test_capture_needs_cuda_and_a_valid_mode():
     with pytest.raises(RuntimeError, match="needs CUDA parameters; the meta-parameters are on cpu"):
         MetaOptimizer(smooth_mlp(), F.mse_loss, capture=True)
@@ -198,6 +241,20 @@ def test_captured_steps_equal_eager_steps_on_cuda(first_order):
         torch.testing.assert_close(c.loss, e.loss, rtol=1e-5, atol=1e-6)
     assert engine.captures == 1
     torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("first_order", [False, True])
+def test_cuda_captured_learned_rates_equal_eager_steps(first_order):
+    captured, eager, engine = _cuda_pair(first_order=first_order, learn_rates="element", per_stage_rates=True,
+                                         frozen_rates={"0.bias": 0.0})
+    for _ in range(5):
+        b = _cuda_batch()
+        c, e = captured.step(b), eager.step(b)
+        torch.testing.assert_close(c.loss, e.loss, rtol=1e-5, atol=1e-6)
+    assert engine.captures == 1
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(captured.rates.tensors[0], eager.rates.tensors[0], rtol=1e-5, atol=1e-6)
 
 
 @cuda

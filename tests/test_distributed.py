@@ -222,6 +222,12 @@ CONFIGS = [
     dict(tableau="maml", first_order=True, vectorize=False, tasks=5),
     dict(tableau="heun", first_order=False, vectorize=True, tasks=4, task_set=True),
     dict(tableau="heun", first_order=False, vectorize=True, tasks=4, two_phase=True, outer="sgd"),
+    # learned coefficients: their directions ride in the same all-reduce
+    dict(tableau="maml", first_order=False, vectorize=True, tasks=4, learn=dict(learn_rates="element")),
+    dict(tableau="rk4", first_order=True, vectorize=True, tasks=5,
+         learn=dict(learn_rates="tensor", per_stage_rates=True, learn_tableau="pattern", tableau_weights="order")),
+    dict(tableau="heun", first_order=False, vectorize=False, tasks=4, two_phase=True,
+         learn=dict(learn_tableau="full", learn_rates="scalar")),
 ]
 
 
@@ -229,6 +235,7 @@ def config_id(config: dict[str, Any]) -> str:
     parts = [config["tableau"], "fo" if config["first_order"] else "so", "vmap" if config["vectorize"] else "loop",
              f"T{config['tasks']}"]
     parts += [name for name in ("task_set", "two_phase") if config.get(name)]
+    parts += [f"{k}={v}" for k, v in config.get("learn", {}).items() if k in ("learn_rates", "learn_tableau")]
     return "-".join(parts)
 
 
@@ -237,7 +244,7 @@ def train(config: dict[str, Any], state: dict[str, torch.Tensor], process_group:
     model = model_from(state)
     opt = MetaOptimizer(model, F.mse_loss, tableau=config["tableau"], inner_lr=0.1, outer=config.get("outer", "adam"),
                         lr=0.05, first_order=config["first_order"], vectorize=config["vectorize"],
-                        process_group=process_group)
+                        process_group=process_group, **config.get("learn", {}))
     losses, stage_losses = [], []
     for batch in make_batches(config["tasks"]):
         tasks = share(as_task_set(batch) if config.get("task_set") else batch, opt.distributed)
@@ -249,8 +256,12 @@ def train(config: dict[str, Any], state: dict[str, torch.Tensor], process_group:
             out = opt.step(tasks)
         losses.append(out.loss.clone())
         stage_losses.append(torch.stack([v.clone() for _, v in sorted(out.stage_losses.items())]))
+    coefficients = [*(opt.rates.tensors if opt.rates is not None else []),
+                    *(opt.learned_tableau.tensors if opt.learned_tableau is not None else [])]
     return {"params": opt.meta_parameters(), "losses": torch.stack(losses), "stage_losses": torch.stack(stage_losses),
             "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone(),
+            "coefficients": torch.cat([t.detach().reshape(-1) for t in coefficients] + [torch.zeros(0, dtype=torch.float64)]),
+            "coefficient_grads": torch.cat([t.grad.reshape(-1) for t in coefficients] + [torch.zeros(0, dtype=torch.float64)]),
             "distributed": repr(opt.distributed)}
 
 
@@ -269,7 +280,7 @@ def test_two_ranks_equal_one_process(equality_job, index):
     ranks = [equality_job[r][index] for r in range(WORLD)]
     assert all("world_size=2" in r["distributed"] for r in ranks)
     reference = train(config, initial_state(), process_group=None)  # this (undistributed) process, all T tasks
-    for name in ("params", "losses", "stage_losses", "grad"):
+    for name in ("params", "losses", "stage_losses", "grad", "coefficients", "coefficient_grads"):
         assert same_bits(ranks[0][name], ranks[1][name]), f"{name} differ between the ranks"
         torch.testing.assert_close(ranks[0][name], reference[name], rtol=0, atol=1e-12)
     start = torch.cat([v.reshape(-1) for v in initial_state().values()])

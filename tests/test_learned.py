@@ -382,7 +382,6 @@ def test_evaluate_uses_learned_rates(tableau):
     (dict(learn_rates="scalar", rate_lr=float("inf")), "rate_lr"),
     (dict(rate_lr=0.1), "rate_lr"),
     (dict(per_stage_rates=True), "per_stage_rates"),
-    (dict(learn_rates="scalar", capture=True), "capture"),
 ])
 def test_bad_arguments_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
