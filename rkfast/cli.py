@@ -5,6 +5,8 @@
     rkfast tableaus                                     # the named tableaus, their stages, order, entries
     rkfast train sinusoid --tableau rk4                 # one run: table, results.json, checkpoint, plots
     rkfast compare sinusoid --tableaus maml,heun,rk4    # same seeds for every tableau, one table and plot
+    rkfast compare sinusoid --tableaus maml,heun --inner-lr 0.01,0.02,0.04 --seeds 0,1,2
+                                                        # h per tableau chosen on held-out tasks, 3 seeds each
     rkfast eval runs/sinusoid-rk4 --test-tasks 1000     # meta-test a finished run again
     rkfast train sinusoid --learn-rates element         # Meta-SGD: learned per-element inner rates (rates.png)
     rkfast train DOMAIN --help                          # a domain's options and published defaults
@@ -41,8 +43,9 @@ import torch
 
 from . import kernels
 from .optim import NonFiniteLossError
-from .learned import GRANULARITIES
-from .report import compare_report, compare_rows, rates_line, run_line, step_source, test_report, train_report
+from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
+from .report import (GridGroup, compare_report, compare_rows, grid_report, grid_rows, rates_line, run_line,
+                     selection_line, step_source, test_report, train_report)
 from .data.images import DataError
 from .distributed import RankFailedError, TaskParallel, resolve_process_group
 from .runs import RunError, RunFolder, load_checkpoint, write_json
@@ -58,8 +61,10 @@ from .train import (
     lead_decides,
     load_result,
     load_run,
+    TABLEAU_PLOT,
+    describe_learned_tableau,
+    learned_tableau_info,
     rates_info,
-    refuse_learned_rates_in_group,
     resume_config,
     slug,
     task_chunks,
@@ -153,6 +158,8 @@ def _write_plots(run: RunResult, out: Path) -> list[Path]:
     makers = {"training.png": plots.plot_training, **run.domain.plots}
     if run.rate_history:  # learned inner rates
         makers["rates.png"] = plots.plot_rates
+    if run.tableau_history:  # learned tableau
+        makers[TABLEAU_PLOT] = plots.plot_learned_tableau
     for name, make in makers.items():
         make(run, out / name)
     return [out / name for name in makers]
@@ -271,12 +278,6 @@ def _check_parallel(cfg: TrainConfig, parallel: TaskParallel | None) -> None:
     """What a run over several processes needs of its configuration (the same on every rank)."""
     if parallel is None:
         return
-    try:
-        refuse_learned_rates_in_group(cfg, parallel.world_size)
-    except ValueError:
-        raise CommandError(f"--learn-rates {cfg.learn_rates} is not supported under torchrun ({parallel.world_size} "
-                           "processes) yet: the learned rates' meta-direction is not all-reduced; run it in one "
-                           "process (without torchrun); --frozen-rates alone works task-parallel") from None
     world, resolved = parallel.world_size, cfg.resolved()
     if resolved.meta_batch < world:  # type: ignore[operator]
         raise CommandError(f"--meta-batch {resolved.meta_batch} is smaller than the {world} processes of the run: "
@@ -341,45 +342,232 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_state(out: Path, resume: bool, args: argparse.Namespace) -> tuple[dict[str, Any], list[Tableau]]:
-    """The comparison's settings: from ``compare.json`` when resuming, else from the command line."""
+def _compare_seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    """The training seeds of a new comparison: ``--seeds``, else ``--seed`` (one of them, not both)."""
+    given = _given(args)
+    if "seeds" in given and "seed" in given:
+        raise CommandError("give --seed (one training seed) or --seeds (several), not both")
+    return tuple(args.seeds) if args.seeds is not None else (args.seed,)
+
+
+def _compare_state(out: Path, resume: bool, args: argparse.Namespace
+                   ) -> tuple[dict[str, Any], list[Tableau], dict[str, Any] | None]:
+    """The comparison's settings: from ``compare.json`` when resuming, else from the command line.
+
+    Returns the base configuration (JSON), the tableaus, and the grid: ``None`` for one inner step and one seed
+    (one run per tableau, as always), else ``{"inner_lr": [h, ...], "seeds": [s, ...]}`` (the configuration's
+    ``inner_lr`` is then ``None`` and its ``seed`` the first seed; every run sets its own)."""
     state_file = out / "compare.json"
+    given = _given(args)
+    typed_lrs = args.inner_lrs if "inner_lrs" in given else None
     if resume:
         try:
             saved = json.loads(state_file.read_text())
             base = TrainConfig(**saved["config"])
             tableaus = [get_tableau(name) for name in saved["tableaus"]]
+            grid = saved.get("grid")
+            if grid is not None:
+                grid = {"inner_lr": [float(h) for h in grid["inner_lr"]], "seeds": [int(s) for s in grid["seeds"]]}
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CommandError(f"{state_file} is not a readable rkfast comparison "
                                f"({type(err).__name__}: {err})") from None
         cfg = _resumed_config(args, base, tableau=tableaus[0])
-        if "tableaus" in _given(args) and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
+        if "tableaus" in given and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
             raise CommandError(f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; "
                                "drop --tableaus to resume it")
-        return _checked(cfg).to_json(), tableaus
+        if grid is None:
+            if typed_lrs is not None and len(typed_lrs) > 1:
+                raise CommandError(f"the comparison in {out} has one inner step, not a grid; drop --inner-lr to "
+                                   "resume it")
+            if "seeds" in given and list(args.seeds) != [base.seed]:
+                raise CommandError(f"the comparison in {out} trains seed {base.seed}; drop --seeds to resume it")
+            if typed_lrs is not None:
+                cfg = replace(cfg, inner_lr=typed_lrs[0])
+            return _checked(cfg).to_json(), tableaus, None
+        if typed_lrs is not None and [float(h) for h in typed_lrs] != grid["inner_lr"]:
+            raise CommandError(f"the comparison in {out} runs the inner steps "
+                               f"{','.join(f'{h:g}' for h in grid['inner_lr'])}; drop --inner-lr to resume it")
+        if ("seeds" in given and list(args.seeds) != grid["seeds"]) or "seed" in given:
+            raise CommandError(f"the comparison in {out} trains the seeds {','.join(map(str, grid['seeds']))}; "
+                               "drop --seed/--seeds to resume it")
+        _check_grid(_checked(replace(cfg, inner_lr=grid["inner_lr"][0])), grid["inner_lr"])
+        return _checked(cfg).to_json(), tableaus, grid
     names = [t.name for t in args.tableaus]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise CommandError(f"--tableaus lists {', '.join(twice)} more than once")
-    return _checked(_config(args, args.tableaus[0])).to_json(), list(args.tableaus)
+    seeds = _compare_seeds(args)
+    cfg = _config(args, args.tableaus[0])
+    if typed_lrs is not None and len(typed_lrs) == 1:
+        cfg = replace(cfg, inner_lr=typed_lrs[0])
+    cfg = _checked(replace(cfg, seed=seeds[0]))
+    if (typed_lrs is None or len(typed_lrs) == 1) and len(seeds) == 1:
+        return cfg.to_json(), list(args.tableaus), None
+    lrs = [float(h) for h in typed_lrs] if typed_lrs is not None else [float(cfg.resolved().inner_lr)]  # type: ignore[arg-type]
+    _check_grid(cfg, lrs)
+    return replace(cfg, inner_lr=None).to_json(), list(args.tableaus), {"inner_lr": lrs, "seeds": list(seeds)}
+
+
+def _check_grid(cfg: TrainConfig, lrs: Sequence[float]) -> None:
+    """A grid of several inner steps is selected on the held-out tasks: ``cfg`` must evaluate some."""
+    if len(lrs) > 1 and not cfg.resolved().eval_tasks:
+        raise CommandError("a grid of inner steps (--inner-lr H,H,...) is selected on the held-out tasks: "
+                           "--eval-tasks must be > 0")
+
+
+def _grid_folder(tableau: Tableau, inner_lr: float, seed: int) -> str:
+    """A grid run's folder in the comparison folder: ``<tableau>/h<h>-s<seed>`` (``heun/h0.02-s1``)."""
+    return f"{slug(tableau.name)}/{slug(f'h{float(inner_lr)!r}-s{seed}')}"
+
+
+def _compare_run(args: argparse.Namespace, cfg: TrainConfig, folder: RunFolder, resume: bool) -> RunResult | None:
+    """One run of a comparison in ``folder``: read back when it finished earlier (rank 0 alone: ``None`` on the
+    others), resumed from its checkpoint when it has one (with ``resume``), else trained. A diverged run is
+    returned as such; :class:`~rkfast.train.RunInterrupted` goes to the caller."""
+    parallel, lead = _parallel(args), _is_lead(args)
+    loaded: dict[str, RunResult] = {}
+
+    def saved_state() -> tuple[bool, bool]:
+        """(finished, has a checkpoint): a finished run's result is read here, on rank 0."""
+        has_checkpoint = resume and folder.checkpoint.exists()
+        finished = has_checkpoint and load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged")
+        if finished and lead:
+            loaded["run"] = load_result(folder.path)
+        return finished, has_checkpoint
+
+    try:
+        finished, has_checkpoint = lead_decides(parallel, saved_state)
+        return loaded.get("run") if finished else _train(cfg, folder.path, has_checkpoint, args)
+    except RunDiverged as err:
+        return err.result
+
+
+def validation_score(run: RunResult | None) -> float | None:
+    """What a grid of inner steps selects on: the run's final held-out evaluation (the ``val`` stream of
+    ``test_seed``, never the test tasks), its primary metric after the domain's last evaluation step count.
+    ``None`` for a run that did not complete, has no final held-out evaluation, or a non-finite value."""
+    if run is None or run.status != "complete" or not run.evals or run.evals[-1]["iteration"] != run.iteration:
+        return None
+    value = run.evals[-1][run.domain.metric.name].get(str(run.defaults.eval_steps[-1]))
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def select_inner_lr(scores: dict[float, float | None], higher_is_better: bool) -> float | None:
+    """The inner step with the best validation score (lower, or higher for a metric where higher is better;
+    the first one listed among equals); ``None`` when no score is finite (every run diverged)."""
+    best: float | None = None
+    for h, score in scores.items():
+        if score is None:
+            continue
+        if best is None or (score > scores[best] if higher_is_better else score < scores[best]):  # type: ignore[operator]
+            best = h
+    return best
+
+
+def _compare_grid(args: argparse.Namespace, out: Path, config: dict[str, Any], tableaus: list[Tableau],
+                  grid: dict[str, Any], resume: bool) -> int:
+    """``rkfast compare`` over a grid of inner steps and several seeds: per tableau, every h with the first
+    seed, h selected on the held-out tasks (:func:`validation_score`), then the other seeds with that h; one
+    row per tableau over every seed (:func:`~rkfast.report.grid_report`), ``compare.json`` and the plot."""
+    from . import plots
+
+    parallel, lead = _parallel(args), _is_lead(args)
+    domain = get_domain(args.domain)
+    metric = domain.metric
+    lrs, seeds = [float(h) for h in grid["inner_lr"]], [int(s) for s in grid["seeds"]]
+    resolved = TrainConfig(**{**config, "tableau": tableaus[0], "inner_lr": lrs[0]}).resolved()
+    eval_step = domain.defaults_for(resolved.options).eval_steps[-1]
+    groups: list[GridGroup] = []
+    selection = {"on": "held-out (validation) tasks: the 'val' stream of test_seed; test tasks are never read",
+                 "metric": metric.name, "steps": eval_step, "higher_is_better": metric.higher_is_better,
+                 "seed": seeds[0], "tasks": resolved.eval_tasks, "test_seed": resolved.test_seed,
+                 "when": "the final held-out evaluation, after the last meta-step"}
+
+    def write(status: str) -> None:
+        write_json(out / "compare.json", {
+            "status": status, "domain": args.domain, "config": config, "tableaus": [t.name for t in tableaus],
+            "grid": {"inner_lr": lrs, "seeds": seeds}, "selection": selection,
+            "table": grid_rows(groups),
+            "runs": [{"folder": folder, **run.to_json()} for g in groups for folder, run in g.all_runs()]})
+
+    def one(group: GridGroup, h: float, seed: int) -> RunResult | None:
+        folder = _grid_folder(group.tableau, h, seed)
+        cfg = TrainConfig(**{**config, "tableau": group.tableau, "inner_lr": h, "seed": seed})
+        run = _compare_run(args, cfg, RunFolder(out / folder), resume)
+        if lead:
+            assert run is not None
+            group.folders[(h, seed)] = folder
+            print(f"[h={h:g}, seed {seed}] {run_line(run)}", flush=True)
+        return run
+
+    lead_decides(parallel, lambda: write("running"), f"write {out / 'compare.json'}")
+    for tableau in tableaus:
+        group = GridGroup(tableau, tuple(lrs), tuple(seeds))
+        groups.append(group)
+        try:
+            for h in lrs:
+                run = one(group, h, seeds[0])
+                if lead:
+                    group.search[h] = run  # type: ignore[assignment]
+            if len(lrs) > 1:
+                def decide() -> tuple[dict[float, float | None], float | None]:
+                    scores = {h: validation_score(group.search.get(h)) for h in lrs}
+                    return scores, select_inner_lr(scores, metric.higher_is_better)
+
+                group.scores, group.selected = lead_decides(parallel, decide)
+                if lead:
+                    print(selection_line(group, eval_step), flush=True)
+            else:
+                group.scores, group.selected = {lrs[0]: validation_score(group.search.get(lrs[0]))}, lrs[0]
+            if group.selected is not None:
+                if lead:
+                    group.runs[seeds[0]] = group.search[group.selected]
+                for seed in seeds[1:]:
+                    run = one(group, group.selected, seed)
+                    if lead:
+                        group.runs[seed] = run  # type: ignore[assignment]
+        except RunInterrupted as stop:
+            if lead:
+                write("interrupted")
+                print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}",
+                      file=sys.stderr)
+            return 130
+        lead_decides(parallel, lambda: write("running"), f"write {out / 'compare.json'}")
+    if not lead:
+        return 0
+    print(grid_report(groups))
+    write("complete")
+    plots.plot_compare_grid(groups, out / "compare.png")
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.png'} and one run folder per tableau, inner step and seed "
+          f"({out}/<tableau>/h<h>-s<seed>)")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``rkfast compare DOMAIN``: every tableau with the same seeds, each run in its own subfolder; one
     table, JSON and plot. A diverged tableau is reported as such; the others keep their results.
-    Distributed: every run is task-parallel; rank 0 reads and writes the files and prints."""
+    With a grid of inner steps or several seeds (``--inner-lr H,H,...``, ``--seeds S,S,...``) see
+    :func:`_compare_grid`. Distributed: every run is task-parallel; rank 0 reads and writes the files and prints."""
     from . import plots
 
     parallel, lead = _parallel(args), _is_lead(args)
 
-    def setup() -> tuple[Path, bool, dict[str, Any], list[Tableau]]:
+    def setup() -> tuple[Path, bool, dict[str, Any], list[Tableau], dict[str, Any] | None]:
         out, resume = _run_folder(args, f"runs/compare-{args.domain}")
-        config, tableaus = _compare_state(out, resume, args)
-        for f in [RunFolder(out, ("compare.json", "compare.png")), *(RunFolder(out / slug(t.name)) for t in tableaus)]:
+        config, tableaus, grid = _compare_state(out, resume, args)
+        if grid is None:
+            folders = [RunFolder(out / slug(t.name)) for t in tableaus]
+        else:
+            folders = [RunFolder(out / _grid_folder(t, h, s)) for t in tableaus for h in grid["inner_lr"]
+                       for s in grid["seeds"]]
+        for f in [RunFolder(out, ("compare.json", "compare.png")), *folders]:
             f.check_writable()
-        return out, resume, config, tableaus
+        return out, resume, config, tableaus, grid
 
-    out, resume, config, tableaus = lead_decides(parallel, setup)
+    out, resume, config, tableaus, grid = lead_decides(parallel, setup)
+    if grid is not None:
+        _check_parallel(TrainConfig(**{**config, "tableau": tableaus[0], "inner_lr": grid["inner_lr"][0]}), parallel)
+        return _compare_grid(args, out, config, tableaus, grid, resume)
     _check_parallel(TrainConfig(**{**config, "tableau": tableaus[0]}), parallel)
     folders = {t.name: RunFolder(out / slug(t.name)) for t in tableaus}
     base = {**config, "tableau": None}
@@ -392,29 +580,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs: list[RunResult] = []
     lead_decides(parallel, lambda: write("running", runs), f"write {out / 'compare.json'}")
     for tableau in tableaus:
-        folder = folders[tableau.name]
         cfg = TrainConfig(**{**config, "tableau": tableau})
-        loaded: dict[str, RunResult] = {}
-
-        def saved_state() -> tuple[bool, bool]:
-            """(finished, has a checkpoint): a finished run's result is read here, on rank 0."""
-            has_checkpoint = resume and folder.checkpoint.exists()
-            finished = has_checkpoint and load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged")
-            if finished and lead:
-                loaded["run"] = load_result(folder.path)
-            return finished, has_checkpoint
-
         try:
-            finished, has_checkpoint = lead_decides(parallel, saved_state)
-            run = loaded.get("run") if finished else _train(cfg, folder.path, has_checkpoint, args)
+            run = _compare_run(args, cfg, folders[tableau.name], resume)
         except RunInterrupted as stop:
             if lead:
                 write("interrupted", runs)
                 print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}",
                       file=sys.stderr)
             return 130
-        except RunDiverged as err:
-            run = err.result
         if lead:
             assert run is not None
             print(run_line(run), flush=True)
@@ -446,17 +620,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     chunks = task_chunks(sampler, test_tasks, defaults.eval_chunk, task_generator(test_seed, "test"))
     result = evaluate_tasks(opt, chunks, steps, test_step)
     summary = result.summary()
-    print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {opt.tableau.describe()}")
-    print(test_report(domain, cfg, summary, result.losses.shape[1], step_source(cfg, opt.tableau, test_step)))
-    rates = rates_info(opt)
-    line = rates_line(rates)
-    if line:
-        print(line)
+    tableau = opt.current_tableau()  # a learned tableau at its saved values
+    print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {tableau.describe()}")
+    print(test_report(domain, cfg, summary, result.losses.shape[1], step_source(cfg, tableau, test_step)))
+    rates, learned = rates_info(opt), learned_tableau_info(opt)
+    for line in (rates_line(rates), describe_learned_tableau(learned)):
+        if line:
+            print(line)
     write_json(out, {"run": str(run_dir), "checkpoint": f"{args.checkpoint}.pt", "domain": domain.name,
                      "iterations": iterations, "config": cfg.to_json(),
                      "test": {"tasks": int(result.losses.shape[1]), "seed": test_seed,
                               **domain.test_protocol(cfg.options), **summary},
-                     **({"rates": rates} if rates is not None else {})})
+                     **({"rates": rates} if rates is not None else {}),
+                     **({"learned_tableau": learned} if learned is not None else {})})
     print(f"wrote {out}")
     return 0
 
@@ -538,6 +714,23 @@ def _frozen_rates_arg(text: str) -> dict[str, float]:
     return out
 
 
+def _list_arg(kind: type, minimum: float, strict: bool, what: str) -> Callable[[str], tuple[Any, ...]]:
+    """A parser of comma-separated ``kind`` values, each checked as :func:`_number` checks one; an empty list
+    or a value given twice is refused (``what`` names the values in the message)."""
+    parse = _number(kind, minimum, strict)
+
+    def parse_list(text: str) -> tuple[Any, ...]:
+        values = tuple(parse(part.strip()) for part in text.split(",") if part.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"lists {', '.join(f'{v:g}' for v in twice)} more than once")
+        return values
+
+    return parse_list
+
+
 def _steps_arg(text: str) -> tuple[int, ...]:
     parse = _number(int, 0, True)
     steps = tuple(sorted({parse(part) for part in text.split(",") if part.strip()}))
@@ -557,17 +750,24 @@ def _device_arg(text: str) -> str:
 # -- the parser ---------------------------------------------------------------------------------------
 
 
-def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
+def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: bool = False) -> None:
+    """The training flags of ``train`` and ``compare``; ``compare`` takes a grid of inner steps
+    (``--inner-lr H[,H...]``) and ``--seeds``."""
     d = domain.defaults
     by_options = " with the default options" if domain.defaults_by_options else ""
     pos_int, count, pos_float = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
     rate = _number(float, 0, False)  # an outer learning rate may be 0, as for MetaOptimizer and torch
     # the domain's published settings stay None here, so that TrainConfig.resolved() fills them in for the
     # options given (Omniglot 20-way has its own meta-batch and inner step)
+    inner_lr = (("--inner-lr", _list_arg(float, 0, True, "inner step"), None, d.inner_lr,
+                 "the RK step h of the stages, > 0; several, comma-separated (0.01,0.02,0.04), are a grid: per "
+                 "tableau every h trains with the first seed, the best final held-out result picks h, and the other "
+                 "seeds train with that h") if compare else
+                ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages, > 0"))
     for flag, kind, default, shown, text in [
         ("--meta-batch", pos_int, None, d.meta_batch, "tasks per meta-step"),
         ("--iterations", pos_int, None, d.iterations, "meta-steps"),
-        ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages, > 0"),
+        inner_lr,
         ("--lr", rate, None, d.lr, "Adam's outer learning rate, >= 0 (0 keeps the initialization)"),
         ("--seed", count, 0, 0, "seed of the initialization and the training tasks"),
         ("--eval-every", count, None, d.eval_every, "meta-steps between held-out evaluations (0: at start and end only)"),
@@ -579,8 +779,15 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
         ("--device", _device_arg, "cpu", "cpu", "torch device"),
     ]:
         where = by_options if default is None else ""
-        p.add_argument(flag, type=kind, default=default, action=_Typed,
+        # compare's grid of inner steps has a dest of its own (TrainConfig.inner_lr is one number)
+        more = {"dest": "inner_lrs", "metavar": "H[,H...]"} if compare and flag == "--inner-lr" else {}
+        p.add_argument(flag, type=kind, default=default, action=_Typed, **more,
                        help=text if shown is None else f"{text} (default: {shown}{where})")
+    if compare:
+        p.add_argument("--seeds", type=_list_arg(int, 0, False, "seed"), default=None, action=_Typed,
+                       metavar="S[,S...]", help="several training seeds (0,1,2), each a run of every tableau with the "
+                                                "(selected) h; the table gives the mean over seeds x test tasks and "
+                                                "the seed-to-seed spread (default: --seed)")
     _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
     rates = p.add_argument_group("learned inner rates (docs/method.md)")
     rates.add_argument("--learn-rates", choices=GRANULARITIES, default=None, action=_Typed,
@@ -594,6 +801,15 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain) -> None:
                        metavar="PATTERN=VALUE[,...]",
                        help="fixed, not learned, rates of the parameter tensors whose names match a glob "
                             "(e.g. '0.*=0,2.*=0' adapts only the sinusoid MLP's head: ANIL)")
+    learned = p.add_argument_group("learned tableau (docs/method.md)")
+    learned.add_argument("--learn-tableau", choices=TABLEAU_PATTERNS, default=None, action=_Typed,
+                         help="learn the tableau's entries of A, starting at --tableau's: its non-zero entries "
+                              "('pattern') or every entry below the diagonal ('full'); writes tableau.png")
+    learned.add_argument("--tableau-weights", choices=TABLEAU_WEIGHTS, default="fixed", action=_Typed,
+                         help="b stays the tableau's ('fixed', default) or follows A through the order conditions "
+                              "('order': the scheme stays consistent); needs --learn-tableau")
+    learned.add_argument("--tableau-lr", type=rate, default=None, action=_Typed, metavar="X",
+                         help="Adam's learning rate of the learned tableau, >= 0 (default: --lr); needs --learn-tableau")
     p.add_argument("--backend", choices=kernels.backend_choices(), default="auto", action=_Typed,
                    help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")
@@ -629,7 +845,7 @@ def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> Non
                            help="a name (maml, heun, rk4, ...) or a factory call (maml(3), rk2(0.75)); default: "
                                 f"{domain.defaults.tableau}{' with the default options' if domain.defaults_by_options else ''}")
             p.add_argument("--out", help=f"output folder (default: runs/{domain.name}-<tableau>)")
-        _add_training_options(p, domain)
+        _add_training_options(p, domain, compare=compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

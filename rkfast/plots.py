@@ -17,9 +17,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 if TYPE_CHECKING:
+    from .report import GridGroup
     from .train import RunResult
 
-__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare", "plot_rates"]
+__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare", "plot_compare_grid", "plot_rates"]
 
 
 def new_figure(**kwargs: Any) -> Figure:
@@ -124,6 +125,65 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     save_figure(fig, path)
 
 
+def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
+    """A comparison over a grid of inner steps and seeds. Left: per tableau, the test metric vs adaptation
+    steps with the selected h, the mean over seeds x test tasks with its 95% CI. Right: the final held-out
+    score of each h (first seed) that selected it, the selected h circled; with one h, each seed's test
+    metric after the first test step count instead. A tableau without a meta-test has only its right curve."""
+    from .report import pooled_summary
+
+    first = next((r for g in groups for r in [*g.search.values(), *g.runs.values()]), None)
+    fig = new_figure(figsize=(12, 4.5))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if first is None:
+        save_figure(fig, path)
+        return
+    metric, grid = first.domain.metric, groups[0].grid
+    steps = [0, *first.defaults.test_steps]
+    shown_step = steps[1] if len(steps) > 1 else 0
+    for i, g in enumerate(groups):
+        color = f"C{i % 10}"
+        tested = g.tested
+        if tested:
+            pooled = pooled_summary(tested)
+            steps = sorted(pooled)
+            mean, ci = [pooled[n]["mean"] for n in steps], [pooled[n]["ci95"] for n in steps]
+            label = f"{g.tableau.name} (h={g.selected:g}, {len(tested)} seed{'s' * (len(tested) != 1)})"
+            left.errorbar(np.array(steps) + 0.06 * (i - (len(groups) - 1) / 2), mean, yerr=ci, marker="o",
+                          capsize=3, color=color, label=label)
+        if len(grid) > 1:
+            hs = [h for h in grid if g.scores.get(h) is not None]
+            right.plot(hs, [g.scores[h] for h in hs], marker="o", ms=4, color=color, label=g.tableau.name)
+            if g.selected is not None:
+                right.plot([g.selected], [g.scores[g.selected]], marker="o", ms=11, mfc="none", color=color)
+        elif tested:
+            seeds = [r.config.seed for r in tested]
+            right.plot(seeds, [pooled_summary([r])[shown_step]["mean"] for r in tested], marker="o", ls="",
+                       color=color, label=g.tableau.name)
+    tasks = first.config.test_tasks
+    left.set(xlabel="adaptation steps", ylabel=metric.label,
+             title=f"meta-test, selected h, seeds x {tasks} tasks (95% CI)")
+    left.set_xticks(steps)
+    if len(grid) > 1:
+        eval_step = first.defaults.eval_steps[-1]
+        right.set_xscale("log")
+        right.set_xticks(list(grid))
+        right.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        right.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        right.set(xlabel="inner step h", ylabel=metric.short,
+                  title=f"final held-out {metric.short} {_steps_label(eval_step)}, seed {groups[0].seeds[0]} "
+                        "(circled: selected)")
+    else:
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.set(xlabel="training seed", ylabel=metric.short,
+                  title=f"test {metric.short} {_steps_label(shown_step)} per seed (h={grid[0]:g})")
+    for ax in (left, right):
+        _scale(ax, metric.higher_is_better)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_rates(run: RunResult, path: Path | str) -> None:
     """The learned inner rates vs meta-step, from the values recorded at every held-out evaluation: one line
     per parameter tensor (and rate set, with per-stage rates); element rates show their mean with a min-max
@@ -165,3 +225,47 @@ def plot_rates(run: RunResult, path: Path | str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2 if k > 8 else 1)
     save_figure(fig, path)
+
+
+def plot_learned_tableau(history: Any, path: Path | str, info: dict[str, Any] | None = None) -> None:
+    """The learned tableau vs meta-step, from the values recorded at every held-out evaluation
+    (``results.json``'s ``training.tableau``: ``[{"iteration", "A", "b"}, ...]``). Left: every learned entry
+    ``A_jl`` (1-based, as Butcher writes them); right: every weight ``b_j`` (constant with fixed weights).
+
+    ``history`` may also be a :class:`~rkfast.train.RunResult` (its ``tableau_history``, and its
+    ``learned_tableau`` as ``info``), so that it plots as the other run plots do. ``info``
+    (:func:`~rkfast.train.learned_tableau_info`) names the learned entries and titles the plot; without it
+    the entries shown are those below the diagonal that are non-zero in any record."""
+    if hasattr(history, "tableau_history"):
+        info = history.learned_tableau if info is None else info
+        history = history.tableau_history
+    history = list(history)
+    info = info or {}
+    iterations = np.array([h["iteration"] for h in history])
+    stages = len(history[0]["b"]) if history else 0
+    entries = [tuple(e) for e in info.get("entries", ())] or [
+        (j, l) for j in range(stages) for l in range(j) if any(h["A"][j][l] != 0.0 for h in history)]
+    fig = new_figure(figsize=(12, 4.5))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    markers = ("o", "s", "^", "v", "D", "x")
+    for k, (j, l) in enumerate(entries):
+        left.plot(iterations, [h["A"][j][l] for h in history], marker=markers[k % len(markers)], ms=3,
+                  color=f"C{k % 10}", label=f"$A_{{{j + 1}{l + 1}}}$" if stages < 10 else f"A[{j + 1},{l + 1}]")
+    for j in range(stages):
+        right.plot(iterations, [h["b"][j] for h in history], marker=markers[j % len(markers)], ms=3,
+                   color=f"C{j % 10}", label=f"$b_{{{j + 1}}}$" if stages < 10 else f"b[{j + 1}]")
+    weights = {"order": "b by the order conditions", "fixed": "b fixed"}.get(info.get("weights"), "b")
+    base = f" from {info['base']}" if info.get("base") else ""
+    pattern = f"{info['pattern']}, " if info.get("pattern") else ""
+    left.set(xlabel="meta-step", ylabel="entry of A", title=f"learned tableau{base} ({pattern}{weights}): entries of A")
+    right.set(xlabel="meta-step", ylabel="weight", title=f"learned tableau{base}: weights b")
+    for ax in (left, right):
+        ax.title.set_fontsize(10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best", ncol=2 if len(ax.get_legend_handles_labels()[0]) > 8 else 1)
+    save_figure(fig, path)
+
+
+__all__ += ["plot_learned_tableau"]

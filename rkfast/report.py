@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
 
+import torch
+
+from .results import mean_ci95
 from .tableau import Tableau
 from .tasks import Domain
-from .train import RunResult, TrainConfig, describe_rates
+from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates
 
 __all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source",
-           "rates_line"]
+           "rates_line", "GridGroup", "pooled_summary", "t_quantile_975", "grid_report", "grid_rows", "selection_line",
+           "SPREAD_NOTE"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -69,18 +75,21 @@ def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None)
         return "--test-step, in place of the learned rates" if learned else "--test-step"
     if learned:
         return "the tableau's test-step factor, docs/method.md"
-    return f"the tableau's own step at h = {run_cfg.inner_lr:g}, docs/method.md"
+    which = "the learned tableau's" if getattr(run_cfg, "learn_tableau", None) is not None else "the tableau's"
+    return f"{which} own step at h = {run_cfg.inner_lr:g}, docs/method.md"
 
 
 def train_report(run: RunResult) -> str:
     """What ``rkfast train`` prints: the tableau, the meta-test table, the learned rates and the training time."""
     cfg = run.config
-    rates = rates_line(run.rates)
+    rates, learned = rates_line(run.rates), describe_learned_tableau(run.learned_tableau)
+    tableau = run.opt.current_tableau()  # the learned one at its final values, if any
     return "\n".join([
-        run.tableau.describe(),
+        tableau.describe(),
         test_report(run.domain, cfg, run.test.summary(), run.test.losses.shape[1],  # type: ignore[union-attr]
-                    step_source(cfg, run.tableau, cfg.test_step)),
+                    step_source(cfg, tableau, cfg.test_step)),
         *([rates] if rates else []),
+        *([learned] if learned else []),
         f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
         f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
     ])
@@ -97,13 +106,14 @@ def _not_tested(run: RunResult) -> str:
 
 def run_line(run: RunResult) -> str:
     """One line per finished (or diverged) run of a comparison."""
+    name = run.opt.current_tableau().name
     if run.test is None:
-        return f"{run.tableau.name}: {_not_tested(run)}: {run.error or ''} ({run.train_time_s:.1f} s)"
+        return f"{name}: {_not_tested(run)}: {run.error or ''} ({run.train_time_s:.1f} s)"
     metric, first = run.domain.metric, run.defaults.test_steps[0]
     mean, ci = run.test.summary()[metric.source][first]
-    rates = rates_line(run.rates)
-    return (f"{run.tableau.name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
-            f"({run.train_time_s:.1f} s){'; ' + rates if rates else ''}")
+    extra = [x for x in (rates_line(run.rates), describe_learned_tableau(run.learned_tableau)) if x]
+    return (f"{name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
+            f"({run.train_time_s:.1f} s){''.join('; ' + x for x in extra)}")
 
 
 def compare_report(runs: Sequence[RunResult]) -> str:
@@ -121,7 +131,8 @@ def compare_report(runs: Sequence[RunResult]) -> str:
             s = run.test.summary()
             cells = [_mean_ci(s[metric.source][n]) for n in s["steps"]]
             step = f"rates x {s['step_size']:.4g}" if _learned_rates_used(run.config) else f"{s['step_size']:.4g}"
-        rows.append([run.tableau.name, str(run.tableau.order), step, *cells,
+        current = run.opt.current_tableau()  # a learned tableau: its name and order at its final values
+        rows.append([current.name, str(current.order), step, *cells,
                      f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"])
     tested = [r for r in runs if r.test is not None]
     tasks = tested[0].test.losses.shape[1] if tested else runs[0].config.test_tasks  # type: ignore[union-attr]
@@ -143,5 +154,186 @@ def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         else:
             row["error"] = r.error
         row.update(train_time_s=r.train_time_s, ms_per_meta_step=r.ms_per_step)
+        rows.append(row)
+    return rows
+
+
+# -- comparisons over a grid of inner steps and several seeds -------------------------------------------
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+SPREAD_NOTE = ("seed spread: ± the 95% CI of the mean of the per-seed means (Student t, n-1 dof), with the "
+               "per-seed min..max")
+
+
+def t_quantile_975(dof: int) -> float:
+    """The 97.5% quantile of Student's t with ``dof`` >= 1 degrees of freedom (the half-width factor of a
+    two-sided 95% interval): tabulated to 30, then ``1.96 + 2.4 / dof`` (within 0.002 of the exact value)."""
+    if dof < 1:
+        raise ValueError(f"Student's t needs at least 1 degree of freedom, got {dof}")
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
+
+
+@dataclass
+class GridGroup:
+    """One tableau of a comparison over a grid of inner steps and seeds (``rkfast compare --inner-lr H,H,...
+    --seeds S,S,...``).
+
+    Attributes:
+        tableau: the tableau.
+        grid, seeds: the inner steps h tried and the training seeds (the first seed trains every h).
+        search: ``{h: run}`` of the first seed (the selection runs).
+        scores: ``{h: final held-out score or None}`` (``None``: diverged or no held-out result).
+        selected: the selected h (``None`` when every h diverged: the tableau is reported as diverged).
+        runs: ``{seed: run}`` with the selected h, every seed (the first seed's is its search run).
+        folders: ``{(h, seed): folder relative to the comparison folder}``.
+    """
+
+    tableau: Tableau
+    grid: tuple[float, ...]
+    seeds: tuple[int, ...]
+    search: dict[float, RunResult] = field(default_factory=dict)
+    scores: dict[float, float | None] = field(default_factory=dict)
+    selected: float | None = None
+    runs: dict[int, RunResult] = field(default_factory=dict)
+    folders: dict[tuple[float, int], str] = field(default_factory=dict)
+
+    def all_runs(self) -> Iterator[tuple[str, RunResult]]:
+        """``(folder, run)`` of every run so far: the search runs in grid order, then the other seeds."""
+        for h, run in self.search.items():
+            yield self.folders.get((h, self.seeds[0]), ""), run
+        for seed, run in self.runs.items():
+            if seed != self.seeds[0]:
+                yield self.folders.get((self.selected, seed), ""), run  # type: ignore[arg-type]
+
+    @property
+    def tested(self) -> list[RunResult]:
+        """The runs with the selected h that completed their meta-test, in seed order."""
+        return [r for s in self.seeds if (r := self.runs.get(s)) is not None and r.test is not None]
+
+
+def _metric_table(run: RunResult) -> torch.Tensor:
+    """The primary metric of the run's meta-test per task, ``[steps, tasks]``."""
+    source = run.domain.metric.source
+    assert run.test is not None
+    return run.test.losses if source == "loss" else run.test.metrics[source]
+
+
+def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
+    """Per adaptation step count, the primary metric over the meta-test of every run (seed) given:
+    ``mean`` and ``ci95`` over all seeds x test tasks (the normal 95% CI of :func:`~rkfast.results.mean_ci95`),
+    ``n`` (seeds x tasks), and the seed-to-seed spread: ``seed_means``, ``seed_ci95`` (the Student-t 95% CI
+    half-width of the mean of the seed means, n-1 dof; ``None`` with one seed), ``seed_min``, ``seed_max``."""
+    if not runs:
+        return {}
+    steps = runs[0].test.steps  # type: ignore[union-attr]
+    tables = [_metric_table(r).detach().double().cpu() for r in runs]
+    out: dict[int, dict[str, Any]] = {}
+    for i, n in enumerate(steps):
+        pooled = torch.cat([t[i] for t in tables])
+        mean, ci = mean_ci95(pooled)
+        means = [float(t[i].mean()) for t in tables]
+        seed_ci = None
+        if len(means) > 1:
+            sd = float(torch.tensor(means, dtype=torch.float64).std())
+            seed_ci = t_quantile_975(len(means) - 1) * sd / math.sqrt(len(means))
+        out[int(n)] = {"mean": mean, "ci95": ci, "n": int(pooled.numel()), "seed_means": means, "seed_ci95": seed_ci,
+                       "seed_min": min(means), "seed_max": max(means)}
+    return out
+
+
+def selection_line(group: GridGroup, steps: int) -> str:
+    """One line on how a tableau's h was selected: the validation score of each h, and the choice."""
+    if not group.search:
+        return f"{group.tableau.name}: no runs"
+    metric = next(iter(group.search.values())).domain.metric
+    scores = ", ".join(f"h={h:g} {'diverged' if v is None else f'{v:.4g}'}" for h, v in group.scores.items())
+    choice = "every h diverged" if group.selected is None else f"selected h={group.selected:g}"
+    return (f"{group.tableau.name}: final held-out {metric.short} after {steps} step{'s' * (steps != 1)} "
+            f"(seed {group.seeds[0]}): {scores}; {choice}")
+
+
+def _cell(stats: Mapping[str, Any]) -> str:
+    cell = f"{stats['mean']:.3f} ± {stats['ci95']:.3f}"
+    if stats["seed_ci95"] is not None:
+        cell += f" (± {stats['seed_ci95']:.3f})"
+    return cell
+
+
+def grid_report(groups: Sequence[GridGroup]) -> str:
+    """What ``rkfast compare`` prints over a grid and seeds: one row per tableau with the selected h, the
+    primary metric after each step count (mean over seeds x test tasks ± 95% CI, and in parentheses the
+    seed-to-seed 95% t-interval), the runs that completed, and the training time per run and in all (the
+    selection runs included). A tableau whose every h diverged is a diverged row."""
+    first = next((r for g in groups for _, r in g.all_runs()), None)
+    if first is None:
+        return "no runs"
+    domain, metric = first.domain, first.domain.metric
+    steps = (0, *first.defaults.test_steps)
+    headers = ["tableau", "order", "h", "test step", "seeds", *(f"{metric.short} @{n}" for n in steps),
+               "train s/run", "train s all"]
+    rows = []
+    for g in groups:
+        every = [r for _, r in g.all_runs()]
+        total = f"{sum(r.train_time_s for r in every):.1f}"
+        tested = g.tested
+        if not tested:
+            why = "every h diverged" if g.selected is None else "diverged"
+            cells = [why, *([""] * (len(steps) - 1))]
+            rows.append([g.tableau.name, str(g.tableau.order), "" if g.selected is None else f"{g.selected:g}", "",
+                         f"0/{len(g.seeds)}", *cells, "", total])
+            continue
+        pooled = pooled_summary(tested)
+        s = tested[0].test.summary()  # type: ignore[union-attr]
+        step = f"rates x {s['step_size']:.4g}" if _learned_rates_used(tested[0].config) else f"{s['step_size']:.4g}"
+        cells = [_cell(pooled[n]) for n in s["steps"]]
+        per_run = sum(r.train_time_s for r in tested) / len(tested)
+        rows.append([g.tableau.name, str(g.tableau.order), f"{g.selected:g}", step, f"{len(tested)}/{len(g.seeds)}",
+                     *cells, f"{per_run:.1f}", total])
+    tasks = first.config.test_tasks
+    seeds = groups[0].seeds
+    lrs = groups[0].grid
+    protocol = _protocol(domain, first.config, tasks)  # type: ignore[arg-type]
+    how = (f"h selected per tableau from {', '.join(f'{h:g}' for h in lrs)} on the final held-out "
+           f"{metric.short} of seed {seeds[0]}" if len(lrs) > 1 else f"h = {lrs[0]:g}")
+    return "\n".join([
+        f"{protocol}; {how}; seeds {', '.join(map(str, seeds))}",
+        "cells: mean over seeds x test tasks ± 95% CI (± seed-to-seed spread: the 95% CI of the mean of the "
+        "per-seed means, Student t, n-1 dof; per-seed min..max in compare.json)",
+        table(headers, rows)])
+
+
+def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
+    """A grid comparison as JSON rows, one per tableau: status, the validation score of every h, the selected h,
+    the seeds and their runs' statuses, every metric's pooled summary per step count (:func:`pooled_summary`
+    for the primary metric, as ``{step: {...}}`` under its name), and the training times."""
+    rows = []
+    for g in groups:
+        tested = g.tested
+        every = [r for _, r in g.all_runs()]
+        if len(g.search) < len(g.grid) or (g.selected is not None and len(g.runs) < len(g.seeds)):
+            status = "running"  # or interrupted: the comparison's own status says which
+        else:
+            status = "complete" if tested else "diverged"
+        row: dict[str, Any] = {
+            "tableau": g.tableau.name, "order": g.tableau.order, "status": status,
+            "validation": [{"inner_lr": h, "value": g.scores.get(h),
+                            "status": g.search[h].status if h in g.search else "not run"} for h in g.grid],
+            "selected_inner_lr": g.selected, "seeds": list(g.seeds),
+            "seed_status": {str(s): g.runs[s].status for s in g.seeds if s in g.runs},
+        }
+        if tested:
+            metric = tested[0].domain.metric
+            pooled = pooled_summary(tested)
+            row["test_step"] = tested[0].test.step_size  # type: ignore[union-attr]
+            row["tasks_per_seed"] = int(tested[0].test.losses.shape[1])  # type: ignore[union-attr]
+            row["metric"] = metric.name
+            row[metric.name] = {str(n): v for n, v in pooled.items()}
+            row["spread"] = SPREAD_NOTE
+        row["train_time_s_per_run"] = (sum(r.train_time_s for r in tested) / len(tested)) if tested else None
+        row["train_time_s_total"] = sum(r.train_time_s for r in every)
+        row["ms_per_meta_step"] = (sum(r.ms_per_step for r in tested) / len(tested)) if tested else None
         rows.append(row)
     return rows

@@ -45,7 +45,7 @@ from .distributed import RankFailedError, TaskParallel, block_sizes, resolve_pro
 from .functional import check_step
 from .interrupt import StopRequests
 from .layout import ParamLayout
-from .learned import LearnedRates
+from .learned import LearnedRates, LearnedTableau
 from .optim import MetaOptimizer, NonFiniteLossError
 from .outer import check_lr
 from .results import AdaptationOutput
@@ -56,13 +56,15 @@ from .tasks import Defaults, Domain, TaskSampler, get_domain
 __all__ = ["TrainConfig", "RunResult", "RunInterrupted", "RunDiverged", "train", "evaluate_tasks",
            "task_generator", "load_checkpoint", "load_run", "load_result", "resume_config", "write_json", "slug",
            "task_chunks", "eval_pieces", "build_optimizer", "check_device", "lead_decides", "RESUMABLE_CHANGES",
-           "CHECKPOINT_FORMAT", "rate_summary", "rates_info", "describe_rates", "RATES_PLOT"]
+           "CHECKPOINT_FORMAT", "rate_summary", "rates_info", "describe_rates", "RATES_PLOT", "TABLEAU_PLOT",
+           "tableau_summary", "learned_tableau_info", "describe_learned_tableau"]
 
 LOG_EVERY = 50  # steps between progress-bar postfix updates (one host sync each)
 STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams of a seed
 RESUMABLE_CHANGES = ("iterations", "device", "backend")  # what a resumed run may set differently
 REPEAT_SIGNAL_S = 2.0  # a rank of a distributed run takes a signal repeated within this many seconds as one
 RATES_PLOT = "rates.png"  # written by runs with learned inner rates (a run folder's files always name it)
+TABLEAU_PLOT = "tableau.png"  # written by runs with a learned tableau (a run folder's files always name it)
 _NO_GROUP = SimpleNamespace(_capture=None, _dist=None)  # MetaOptimizer's rate checks, for a run's configuration
 
 
@@ -107,8 +109,17 @@ class TrainConfig:
             :class:`~rkfast.optim.MetaOptimizer` takes them (``docs/method.md``, "Learned inner rates"):
             ``"scalar"``, ``"tensor"`` (MAML++'s per-layer rates; per step with ``per_stage_rates`` and
             ``maml(k)``) or ``"element"`` (Meta-SGD); ``rate_lr`` their Adam rate (default: ``lr``);
-            ``frozen_rates`` ``{name or glob: rate}`` (``{"features.*": 0.0}``: ANIL). Not with a process
-            group (``torchrun``) when rates are learned.
+            ``frozen_rates`` ``{name or glob: rate}`` (``{"features.*": 0.0}``: ANIL).
+        learn_tableau, tableau_weights, tableau_lr: a learned tableau, as :class:`~rkfast.optim.MetaOptimizer`
+            takes it (``docs/method.md``, "Learned tableaus"): ``learn_tableau`` ``"pattern"`` (the non-zero
+            entries of ``tableau``'s ``A``, from their values) or ``"full"`` (every entry below the diagonal);
+            ``tableau_weights`` ``"fixed"`` (``b`` stays the tableau's) or ``"order"`` (``b`` follows ``A`` by
+            the order conditions; needs ``learn_tableau``); ``tableau_lr`` the entries' Adam rate (default:
+            ``lr``; needs ``learn_tableau``). The tableau must have entries to learn (``euler`` has none on its
+            pattern). Held-out evaluations and the meta-test adapt with the learned tableau's step
+            (``test_step`` unset); ``results.json`` reports it under ``"learned_tableau"``
+            (:func:`learned_tableau_info`) and its values at every held-out evaluation under
+            ``training.tableau``.
     """
 
     domain: str = "sinusoid"
@@ -131,6 +142,9 @@ class TrainConfig:
     per_stage_rates: bool = False
     rate_lr: float | None = None
     frozen_rates: dict[str, float] | None = None
+    learn_tableau: str | None = None
+    tableau_weights: str = "fixed"
+    tableau_lr: float | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the domain's defaults filled in and everything checked (errors name the setting)."""
@@ -161,7 +175,7 @@ class TrainConfig:
                     raise ValueError(str(err)) from None
         check_lr(cfg.lr)  # as MetaOptimizer's (and torch's) lr: finite and >= 0
         check_device(cfg.device)
-        return _check_rates(cfg, domain)
+        return _check_learned_tableau(_check_rates(cfg, domain))
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (the tableau by name)."""
@@ -193,6 +207,20 @@ def _check_rates(cfg: TrainConfig, domain: Domain) -> TrainConfig:
     return replace(cfg, frozen_rates=frozen, rate_lr=rate_lr)
 
 
+def _check_learned_tableau(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its learned-tableau settings checked by MetaOptimizer's own rules and by the tableau itself
+    (a :class:`~rkfast.learned.LearnedTableau` of it is built on the CPU: ``euler`` has nothing to learn on its
+    pattern, an ``"order"`` ``b`` needs order conditions the starting ``A`` admits); ``ValueError`` naming the
+    setting. ``tableau_lr`` as a float."""
+    MetaOptimizer._check_tableau_options(_NO_GROUP, cfg.learn_tableau, cfg.tableau_weights,  # type: ignore[arg-type]
+                                         cfg.tableau_lr)
+    if cfg.learn_tableau is None:
+        return cfg
+    LearnedTableau(get_tableau(cfg.tableau), cfg.learn_tableau, cfg.tableau_weights,  # type: ignore[arg-type]
+                   device="cpu")
+    return replace(cfg, tableau_lr=None if cfg.tableau_lr is None else float(cfg.tableau_lr))
+
+
 def _rate(value: Any) -> float:
     """A rate for JSON: 7 significant digits (a float32 rate's precision; ``0.01``, not ``0.009999999776``)."""
     return float(f"{float(value):.7g}")
@@ -218,7 +246,7 @@ def rates_info(opt: MetaOptimizer) -> dict[str, Any] | None:
     if rates is None:
         return None
     return {"granularity": rates.granularity, "per_stage": rates.per_stage, "sets": rates.sets,
-            "inner_lr": opt.inner_lr, "rate_lr": opt.param_groups[-1]["lr"] if rates.learned else None,
+            "inner_lr": opt.inner_lr, "rate_lr": _group_lr(opt, rates.tensors) if rates.learned else None,
             "frozen": dict(rates.frozen), "values": rate_summary(rates)}
 
 
@@ -239,6 +267,52 @@ def describe_rates(info: Mapping[str, Any] | None) -> str | None:
     what = "final mean" if spread else "final value"
     return (f"learned rates: {info['granularity']}{sets}; {what} {sum(means) / len(means):.4g} "
             f"({spread}started at inner_lr {info['inner_lr']:g}){frozen_text}")
+
+
+def _group_lr(opt: MetaOptimizer, tensors: Sequence[torch.Tensor]) -> float | None:
+    """The learning rate of the param group of ``opt`` that holds ``tensors`` (learned rates and a learned
+    tableau have a group each, the tableau's last)."""
+    ids = {id(t) for t in tensors}
+    for group in opt.param_groups:
+        if any(id(p) in ids for p in group["params"]):
+            return group["lr"]
+    return None
+
+
+def tableau_summary(learned: LearnedTableau) -> dict[str, list[Any]]:
+    """``{"A": [[...]], "b": [...]}``: the learned tableau at its current values (7 significant digits)."""
+    values = learned.values()
+    return {"A": [[_rate(x) for x in row] for row in values["A"]], "b": [_rate(x) for x in values["b"]]}
+
+
+def learned_tableau_info(opt: MetaOptimizer) -> dict[str, Any] | None:
+    """The learned tableau of ``opt`` as ``results.json`` reports it (``None`` without one): ``pattern``,
+    ``weights`` (``"fixed"`` or ``"order"``), ``tableau_lr`` (its param group's rate), ``base`` (the starting
+    tableau's name), ``entries`` (the learned ``(j, l)`` positions of ``A``, 0-based), ``A`` and ``b`` now
+    (:func:`tableau_summary`), its ``order`` and the meta-test ``test_step`` it gives at ``inner_lr``."""
+    learned = opt.learned_tableau
+    if learned is None:
+        return None
+    current = learned.current()
+    return {"pattern": learned.pattern, "weights": learned.weights_mode,
+            "tableau_lr": _group_lr(opt, learned.tensors), "base": learned.base.name,
+            "entries": [list(e) for e in learned.entries], **tableau_summary(learned),
+            "order": current.order, "test_step": _rate(current.test_step(opt.inner_lr))}
+
+
+def describe_learned_tableau(info: Mapping[str, Any] | None) -> str | None:
+    """One line on the learned tableau of :func:`learned_tableau_info` (``None`` without one):
+    ``learned tableau (pattern, b by order): A21=0.93, b=(0.46, 0.54); from heun, order 2, test step 0.0093``
+    (the learned entries of ``A``, 1-based as Butcher writes them)."""
+    if info is None:
+        return None
+    A, b = info["A"], info["b"]
+    entries = info.get("entries") or [[j, l] for j in range(len(A)) for l in range(j) if A[j][l] != 0.0]
+    shown = ", ".join(f"A{j + 1}{l + 1}={A[j][l]:.4g}" if len(A) < 10 else f"A[{j + 1},{l + 1}]={A[j][l]:.4g}"
+                      for j, l in entries)
+    weights = "b by order" if info["weights"] == "order" else "b fixed"
+    return (f"learned tableau ({info['pattern']}, {weights}): {shown}, b=({', '.join(f'{x:.4g}' for x in b)}); "
+            f"from {info['base']}, order {info['order']}, test step {info['test_step']:.4g}")
 
 
 @dataclass
@@ -264,11 +338,17 @@ class RunResult:
     best: dict[str, Any] | None = None  # {"iteration", "value"} of the best held-out evaluation
     distributed: dict[str, Any] | None = None  # {"world_size", "backend", "meta_batch_per_rank"}; None: one process
     rate_history: list[dict[str, Any]] = field(default_factory=list)  # learned rates: {"iteration", "values"}
+    tableau_history: list[dict[str, Any]] = field(default_factory=list)  # learned tableau: {"iteration", "A", "b"}
 
     @property
     def rates(self) -> dict[str, Any] | None:
         """The inner rates as they are now (:func:`rates_info`; ``None`` without learned or frozen rates)."""
         return rates_info(self.opt)
+
+    @property
+    def learned_tableau(self) -> dict[str, Any] | None:
+        """The learned tableau as it is now (:func:`learned_tableau_info`; ``None`` without one)."""
+        return learned_tableau_info(self.opt)
 
     @property
     def world_size(self) -> int:
@@ -319,8 +399,10 @@ class RunResult:
             "tableau": {**tab.to_dict(), "order": tab.order, "stages": tab.stages, "describe": tab.describe()},
             "metrics": [asdict(m) for m in self.domain.metrics],
             "training": {"meta_loss": [float(f"{x:.5g}") for x in self.losses], "eval": self.evals,
-                         "best": self.best, **({"rates": self.rate_history} if self.rate_history else {})},
+                         "best": self.best, **({"rates": self.rate_history} if self.rate_history else {}),
+                         **({"tableau": self.tableau_history} if self.tableau_history else {})},
             "rates": self.rates,
+            "learned_tableau": self.learned_tableau,
             "test": test,
             "train_time_s": self.train_time_s,
             "wall_time_s": self.wall_time_s,
@@ -454,14 +536,16 @@ def build_optimizer(cfg: TrainConfig, domain: Domain, process_group: Any = "auto
         model, domain.loss_fn, tableau=get_tableau(cfg.tableau), inner_lr=cfg.inner_lr, outer="adam", lr=cfg.lr,
         first_order=cfg.first_order, backend=cfg.backend, process_group=process_group,  # type: ignore[arg-type]
         learn_rates=cfg.learn_rates, per_stage_rates=cfg.per_stage_rates, rate_lr=cfg.rate_lr,  # type: ignore[arg-type]
-        frozen_rates=cfg.frozen_rates,
+        frozen_rates=cfg.frozen_rates, learn_tableau=cfg.learn_tableau,  # type: ignore[arg-type]
+        tableau_weights=cfg.tableau_weights, tableau_lr=cfg.tableau_lr,  # type: ignore[arg-type]
     )
 
 
 def run_files(domain: Domain) -> tuple[str, ...]:
     """The plot files a run of ``domain`` may write besides results and checkpoints (``rates.png`` only with
-    learned inner rates; named always, so that its path is checked and an earlier run's copy is cleared)."""
-    return ("training.png", *domain.plots, RATES_PLOT)
+    learned inner rates, ``tableau.png`` only with a learned tableau; named always, so that their paths are
+    checked and an earlier run's copies are cleared)."""
+    return ("training.png", *domain.plots, RATES_PLOT, TABLEAU_PLOT)
 
 
 _T = TypeVar("_T")
@@ -572,6 +656,7 @@ class _Training:
         self.done = 0
         self.evals: list[dict[str, Any]] = []
         self.rate_history: list[dict[str, Any]] = []  # learned rates at every held-out evaluation
+        self.tableau_history: list[dict[str, Any]] = []  # the learned tableau at every held-out evaluation
         self.best: dict[str, Any] | None = None
         self.train_time = self.wall_before = 0.0
         self.test: AdaptationOutput | None = None
@@ -582,10 +667,14 @@ class _Training:
         """The held-out metrics after ``defaults.eval_steps`` adaptation steps; a new best saves ``best.pt``.
 
         Distributed: every rank gets the same gathered result, so every rank takes the same decision.
-        Learned rates are recorded (:func:`rate_summary`) at every evaluation, held-out tasks or not."""
+        Learned rates (:func:`rate_summary`) and a learned tableau (:func:`tableau_summary`) are recorded at
+        every evaluation, held-out tasks or not."""
         rates = self.opt.rates
         if rates is not None and rates.learned:
             self.rate_history.append({"iteration": self.done, "values": rate_summary(rates)})
+        learned = self.opt.learned_tableau
+        if learned is not None:
+            self.tableau_history.append({"iteration": self.done, **tableau_summary(learned)})
         if not self.val:
             return
         domain, metric = self.domain, self.domain.metric
@@ -644,7 +733,8 @@ class _Training:
             "sampler": first["sampler"],
             "distributed": self.distributed,
             "history": {"losses": self.losses[:self.done].to("cpu", copy=True), "evals": self.evals, "best": self.best,
-                        "rates": self.rate_history, "train_time_s": self.train_time, "wall_time_s": self.wall_before},
+                        "rates": self.rate_history, "tableau": self.tableau_history, "train_time_s": self.train_time,
+                        "wall_time_s": self.wall_before},
             "test": test,
         }
 
@@ -670,6 +760,7 @@ class _Training:
         self.losses[:self.done] = history["losses"].to(self.device)
         self.evals, self.best = list(history["evals"]), history["best"]
         self.rate_history = list(history.get("rates", ()))  # none in checkpoints from before learned rates
+        self.tableau_history = list(history.get("tableau", ()))  # nor from before learned tableaus
         self.train_time, self.wall_before = float(history["train_time_s"]), float(history["wall_time_s"])
         test = payload.get("test")
         if test is not None and self.done == self.cfg.iterations:
@@ -678,7 +769,8 @@ class _Training:
     def result(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
         return RunResult(self.cfg, self.domain, self.tableau, self.losses[:self.done].tolist(), list(self.evals),
                          self.test, self.train_time, self.wall_before + time.perf_counter() - wall_start, self.opt,
-                         status, error, self.best, self.distributed, list(self.rate_history))
+                         status, error, self.best, self.distributed, list(self.rate_history),
+                         list(self.tableau_history))
 
     def save(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
         """Checkpoint and ``results.json`` with ``status`` (nothing without a folder); returns the result.
@@ -858,7 +950,6 @@ def train(
         parallel = None  # a group of one: nothing to share
     if parallel is not None:
         _check_same_settings(parallel, cfg, int(every), out is not None, resume, overwrite)
-        refuse_learned_rates_in_group(cfg, parallel.world_size)
         if cfg.meta_batch < parallel.world_size:
             raise ValueError(f"meta_batch {cfg.meta_batch} is smaller than the {parallel.world_size} processes of "
                              f"the run: every process needs at least one task per meta-step; use a meta-batch of "
@@ -876,15 +967,6 @@ def train(
     if saved is not None:
         training.restore(saved)
     return training.run(int(every), progress, on_step)
-
-
-def refuse_learned_rates_in_group(cfg: TrainConfig, world_size: int) -> None:
-    """``ValueError`` for learned inner rates in a run over ``world_size`` > 1 processes (not supported yet:
-    MetaOptimizer refuses them with a process group). Fixed ``frozen_rates`` alone are fine."""
-    if world_size > 1 and cfg.learn_rates is not None:
-        raise ValueError(f"learned inner rates (learn_rates={cfg.learn_rates!r}) are not supported in a run over "
-                         f"{world_size} processes (torchrun) yet: the rates' meta-direction is not all-reduced; "
-                         "train them in one process (fixed frozen_rates alone work task-parallel)")
 
 
 def _prepare_folder(folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool,
@@ -977,7 +1059,10 @@ def load_run(run_dir: Path | str, device: str | None = None, checkpoint: str = "
              ) -> tuple[TrainConfig, MetaOptimizer, int]:
     """The configuration, the trained optimizer (with its model) and the iteration count of a run folder
     (``checkpoint="best.pt"``: the state at the best held-out evaluation). The optimizer belongs to this
-    process alone (``process_group=None``), even inside a distributed job."""
+    process alone (``process_group=None``), even inside a distributed job. Learned rates and a learned tableau
+    are rebuilt from the configuration and loaded at their saved values, so that
+    :meth:`~rkfast.optim.MetaOptimizer.evaluate` adapts with them (the learned tableau's step:
+    ``opt.current_tableau().test_step(inner_lr)``)."""
     payload = load_checkpoint(Path(run_dir) / checkpoint)
     cfg = _config_from_payload(payload, device).resolved()
     opt = build_optimizer(cfg, get_domain(cfg.domain), process_group=None)

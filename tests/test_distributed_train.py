@@ -88,6 +88,22 @@ def test_a_two_process_run_completes_with_rank_0_alone_reporting(tmp_path: Path)
     torch.testing.assert_close(saved["test"]["losses"], alone.losses.cpu(), rtol=1e-4, atol=1e-6)
 
 
+def test_learned_rates_and_tableau_train_over_two_processes(tmp_path: Path) -> None:
+    """Learned coefficients under torchrun (their directions ride in the same all-reduce as the parameters';
+    tests/test_distributed.py checks that the ranks agree bit for bit and equal one process)."""
+    learned = ["--tableau", "heun", "--learn-rates", "tensor", "--learn-tableau", "pattern", "--tableau-weights",
+               "order", "--tableau-lr", "0.05", "--rate-lr", "0.01"]
+    out = tmp_path / "run"
+    job = run_job(torchrun("train", "sinusoid", *TINY, *learned, "--out", str(out)))
+    assert job.returncode == 0, job.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["status"] == "complete"
+    info = results["learned_tableau"]
+    assert info["A"][1][0] != 1.0 and abs(sum(info["b"]) - 1) < 1e-6  # moved, and still consistent
+    assert any(v != [0.01] for v in results["rates"]["values"].values())
+    assert (out / "tableau.png").is_file() and (out / "rates.png").is_file()
+
+
 def test_an_interrupted_two_process_run_resumes_bit_for_bit(tmp_path: Path, capsys) -> None:
     common = ["--eval-every", "0", "--eval-tasks", "4", "--test-tasks", "8", "--meta-batch", "4", "--quiet"]
     cut = tmp_path / "cut"

@@ -17,7 +17,7 @@ from rkfast import cli
 from rkfast.cli import CommandError, main
 from rkfast.runs import RunError, load_checkpoint, save_payload
 from rkfast.tasks import get_domain
-from rkfast.train import (RunInterrupted, TrainConfig, evaluate_tasks, load_run, refuse_learned_rates_in_group,
+from rkfast.train import (RunInterrupted, TrainConfig, evaluate_tasks, load_run,
                           resume_config, task_chunks, task_generator, train)
 
 TINY = ["--iterations", "30", "--eval-every", "10", "--eval-tasks", "10", "--test-tasks", "20", "--meta-batch", "5",
@@ -219,13 +219,3 @@ def test_the_configuration_checks_the_rates_as_the_optimizer_does() -> None:
             TrainConfig(**bad).resolved()
 
 
-def test_learned_rates_under_a_process_group_are_refused_in_one_line() -> None:
-    group = SimpleNamespace(world_size=2, rank=0)
-    with pytest.raises(CommandError, match=r"--learn-rates tensor is not supported under torchrun \(2 processes\)"):
-        cli._check_parallel(TrainConfig(learn_rates="tensor", meta_batch=4), group)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="not supported in a run over 2 processes"):
-        refuse_learned_rates_in_group(TrainConfig(learn_rates="element"), 2)
-    refuse_learned_rates_in_group(TrainConfig(frozen_rates={"0.*": 0.0}), 2)  # fixed rates alone: fine
-    refuse_learned_rates_in_group(TrainConfig(learn_rates="element"), 1)
-    code = cli._reported(CommandError("--learn-rates tensor is not supported under torchrun"), "train", 0, "")
-    assert code == 2
