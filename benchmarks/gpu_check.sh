@@ -9,6 +9,8 @@
 #          order), the kernel benchmark, the few-shot conv4 and navigation benchmarks, profiles
 #          of one step (benchmarks/profile_step.py) (about 6 minutes)
 #   all:   the CUDA tests and bench, without the smoke run (about 5 minutes)
+#   learned: build, the CUDA tests of learned rates and tableaus (capture, per-element kernels, steps against
+#          the CPU), the per-element kernel rows and the cost of learned coefficients (about 4 minutes)
 #
 # The peer libraries of the end-to-end benchmark (higher, torchopt + optree, learn2learn) are not on the GPU
 # image, which has no network: put their wheels in .peers/ (here: pip download --no-deps --only-binary=:all:
@@ -64,5 +66,13 @@ if [ "$phase" = all ] || [ "$phase" = bench ]; then
     step 90 "navigation benchmark" python3 benchmarks/navigation.py --device cuda --json "$OUT/navigation-$card.json"
     step 90 "profiles" bash -c "python3 benchmarks/profile_step.py --contenders vmap,rkfast --out $OUT/profile-$card.txt >/dev/null &&
         python3 benchmarks/profile_step.py --workload conv4 --contenders rkfast,rkfast-captured --out $OUT/profile-$card.txt >/dev/null"
+fi
+if [ "$phase" = learned ]; then
+    step 150 "learned: CUDA tests" python3 -m pytest -q -rs tests/test_capture.py tests/test_learned_tableau.py \
+        tests/test_kernels_elementwise.py -k "cuda or capture"
+    step 120 "learned: kernel rows" python3 benchmarks/kernels.py --ops sp_elem,sp_elem_bwd --target-s 0.05 \
+        --json "$OUT/kernels-elementwise-$card.json"
+    step 120 "learned: cost per step" python3 benchmarks/learned_cost.py --repeats 200 \
+        --json "$OUT/learned-cost-$card.json"
 fi
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
