@@ -94,7 +94,61 @@ def resolve_frozen(layout: ParamLayout, frozen: Mapping[str, float] | None) -> d
     return out
 
 
-class LearnedRates:
+class _SavedCoefficients:
+    """What learned rates and learned tableaus share: their state in ``MetaOptimizer.state_dict`` is their
+    configuration (:meth:`config`) and the values of their leaf :attr:`tensors`, checked before loading."""
+
+    tensors: list[Tensor]
+    _what = "learned coefficients"  # in the error messages
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _option(self) -> str:
+        """The MetaOptimizer option that created these coefficients (for the error messages)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What ``MetaOptimizer.state_dict`` saves: the configuration and the learned values (copies)."""
+        return {**self.config(), "values": [t.detach().clone() for t in self.tensors]}
+
+    def check_state(self, state: Any) -> list[Tensor]:
+        """The values of a :meth:`state`, checked against this configuration (``ValueError`` otherwise)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the state dict has no {self._what}, but this MetaOptimizer has {self._option()}")
+        theirs = {k: state.get(k) for k in self.config()}
+        if theirs != self.config():
+            raise ValueError(f"the state dict's {self._what} are configured as {theirs}, this MetaOptimizer's as "
+                             f"{self.config()}")
+        values = list(state.get("values", ()))
+        if len(values) != len(self.tensors) or any(
+                not isinstance(v, Tensor) or v.shape != t.shape for v, t in zip(values, self.tensors)):
+            raise ValueError(f"the state dict's {self._what} values do not match this MetaOptimizer's tensors "
+                             f"({[tuple(t.shape) for t in self.tensors]})")
+        return values
+
+    def _place(self) -> None:
+        """Move what the subclass keeps beside the tensors to ``self._device`` (after :meth:`to_`)."""
+
+    def to_(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Move the learned tensors (in place: the same tensor objects, which their param group holds) and
+        their ``.grad`` to ``dtype`` and ``device``."""
+        with torch.no_grad():
+            for t in self.tensors:
+                t.data = t.data.to(dtype=dtype, device=device)
+                if t.grad is not None:
+                    t.grad = t.grad.to(dtype=dtype, device=device)
+        self._dtype, self._device = dtype, torch.device(device)
+        self._place()
+
+    def load(self, values: Sequence[Tensor]) -> None:
+        """Copy checked values (:meth:`check_state`) into the learned tensors (in place)."""
+        with torch.no_grad():
+            for t, v in zip(self.tensors, values):
+                t.copy_(v)
+
+
+class LearnedRates(_SavedCoefficients):
     """The inner rates of a meta-step: learned tensors at a granularity, per stage or not, and fixed rates.
 
     Args:
@@ -169,16 +223,6 @@ class LearnedRates:
         """Whether any rate is learned (``granularity`` is not ``None``)."""
         return bool(self.tensors)
 
-    def to_(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Move the learned tensors (in place: the same tensor objects) to ``dtype`` and ``device``."""
-        with torch.no_grad():
-            for t in self.tensors:
-                t.data = t.data.to(dtype=dtype, device=device)
-                if t.grad is not None:
-                    t.grad = t.grad.to(dtype=dtype, device=device)
-        self._dtype, self._device = dtype, torch.device(device)
-        self._place()
-
     def _row(self, s: int, like: Tensor | None) -> Tensor:
         if self.granularity is None:
             ref = like if like is not None else torch.empty(0, dtype=self._dtype, device=self._device)
@@ -236,30 +280,10 @@ class LearnedRates:
         return {"granularity": self.granularity, "per_stage": self.per_stage, "sets": self.sets,
                 "frozen": dict(self.frozen)}
 
-    def state(self) -> dict[str, Any]:
-        """What ``MetaOptimizer.state_dict`` saves: the configuration and the learned values (copies)."""
-        return {**self.config(), "values": [t.detach().clone() for t in self.tensors]}
+    _what = "learned rates"
 
-    def check_state(self, state: Any) -> list[Tensor]:
-        """The values of a :meth:`state`, checked against this configuration (``ValueError`` otherwise)."""
-        if not isinstance(state, Mapping):
-            raise ValueError("the state dict has no learned rates, but this MetaOptimizer has "
-                             f"learn_rates={self.granularity!r}, frozen_rates={self.frozen}")
-        theirs = {k: state.get(k) for k in self.config()}
-        if theirs != self.config():
-            raise ValueError(f"the state dict's learned rates are configured as {theirs}, this MetaOptimizer's as "
-                             f"{self.config()}")
-        values = list(state.get("values", ()))
-        if len(values) != len(self.tensors) or any(
-                not isinstance(v, Tensor) or v.shape != t.shape for v, t in zip(values, self.tensors)):
-            raise ValueError("the state dict's learned rate values do not match this MetaOptimizer's rate tensors "
-                             f"({[tuple(t.shape) for t in self.tensors]})")
-        return values
-
-    def load(self, values: Sequence[Tensor]) -> None:
-        with torch.no_grad():
-            for t, v in zip(self.tensors, values):
-                t.copy_(v)
+    def _option(self) -> str:
+        return f"learn_rates={self.granularity!r}, frozen_rates={self.frozen}"
 
     def __repr__(self) -> str:
         return (f"LearnedRates(granularity={self.granularity!r}, per_stage={self.per_stage}, sets={self.sets}, "
@@ -320,7 +344,7 @@ def order_weights(A: Tensor) -> Tensor:
     return b
 
 
-class LearnedTableau:
+class LearnedTableau(_SavedCoefficients):
     """A tableau whose entries of ``A`` on a sparsity pattern are learned tensors (``docs/method.md``,
     "Learned tableaus").
 
@@ -365,7 +389,8 @@ class LearnedTableau:
         self.tensors: list[Tensor] = [torch.tensor([tableau.A[j][l] for j, l in entries], dtype=dtype,
                                                    device=device).requires_grad_()]
         self._flat_index_cpu = torch.tensor([j * s + l for j, l in entries], dtype=torch.long)
-        self._flat_index = self._flat_index_cpu.to(device)
+        self._dtype, self._device = dtype, torch.device(device)
+        self._place()
         marked = [[1.0 if (j, l) in self.entries else 0.0 for l in range(s)] for j in range(s)]
         b_struct = tableau.b if weights == "fixed" else [1.0 / s] * s
         with warnings.catch_warnings():  # a fixed b that does not sum to 1 warned when the base was built
@@ -382,14 +407,8 @@ class LearnedTableau:
     def tensor(self) -> Tensor:
         return self.tensors[0]
 
-    def to_(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Move the learned tensor (in place: the same tensor object) to ``dtype`` and ``device``."""
-        with torch.no_grad():
-            for t in self.tensors:
-                t.data = t.data.to(dtype=dtype, device=device)
-                if t.grad is not None:
-                    t.grad = t.grad.to(dtype=dtype, device=device)
-        self._flat_index = self._flat_index_cpu.to(device)
+    def _place(self) -> None:
+        self._flat_index = self._flat_index_cpu.to(self._device)
 
     def matrix(self) -> Tensor:
         """``A [s, s]``: the learned entries at their positions, zeros elsewhere (differentiable)."""
@@ -428,29 +447,10 @@ class LearnedTableau:
         return {"base": self.base.to_dict(), "pattern": self.pattern, "weights": self.weights_mode,
                 "entries": [list(e) for e in self.entries]}
 
-    def state(self) -> dict[str, Any]:
-        """What ``MetaOptimizer.state_dict`` saves: the configuration and the learned values (a copy)."""
-        return {**self.config(), "values": [t.detach().clone() for t in self.tensors]}
+    _what = "learned tableau"
 
-    def check_state(self, state: Any) -> list[Tensor]:
-        """The values of a :meth:`state`, checked against this configuration (``ValueError`` otherwise)."""
-        if not isinstance(state, Mapping):
-            raise ValueError(f"the state dict has no learned tableau, but this MetaOptimizer has "
-                             f"learn_tableau={self.pattern!r}")
-        theirs = {k: state.get(k) for k in self.config()}
-        if theirs != self.config():
-            raise ValueError(f"the state dict's learned tableau is configured as {theirs}, this MetaOptimizer's as "
-                             f"{self.config()}")
-        values = list(state.get("values", ()))
-        if len(values) != 1 or not isinstance(values[0], Tensor) or values[0].shape != self.tensor.shape:
-            raise ValueError("the state dict's learned tableau values do not match this MetaOptimizer's "
-                             f"({tuple(self.tensor.shape)})")
-        return values
-
-    def load(self, values: Sequence[Tensor]) -> None:
-        with torch.no_grad():
-            for t, v in zip(self.tensors, values):
-                t.copy_(v)
+    def _option(self) -> str:
+        return f"learn_tableau={self.pattern!r}"
 
     def values(self) -> dict[str, Any]:
         """``{"A": [[...]], "b": [...]}``: the current tableau as plain lists (for logs and results)."""

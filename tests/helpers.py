@@ -88,3 +88,17 @@ def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tenso
     tol = KERNEL_RTOL[dtype] * ref.double().abs() + 8 * torch.finfo(dtype).eps * bound.double()
     worst = (err - tol).argmax()
     assert bool((err <= tol).all()), f"max excess at {int(worst)}: |{out.flatten()[worst]} - {ref.flatten()[worst]}|"
+
+
+def refused_in_one_line(argv: list[str], capsys, *needles: str) -> str:
+    """The command line (``rkfast.cli.main``) must exit 2 with a one-line error naming ``needles``; returns
+    its stderr."""
+    from rkfast.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err

@@ -12,24 +12,13 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from helpers import assert_unchanged, regression_batch, smooth_mlp, snapshot
+from helpers import assert_unchanged, refused_in_one_line, regression_batch, smooth_mlp, snapshot
 from rkfast import MetaOptimizer, get_tableau
 from rkfast.cli import main
 from rkfast.train import TrainConfig
 
 TINY = ["--iterations", "2", "--eval-every", "0", "--eval-tasks", "2", "--test-tasks", "2", "--meta-batch", "2",
         "--quiet"]
-
-
-def refused_in_one_line(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    """Run the command line, which must exit 2 with a one-line error naming ``needles``; its stderr."""
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def trained_optimizer(**kwargs):

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import refused_in_one_line
+
 import rkfast.cli as cli
 from rkfast.cli import main, select_inner_lr, validation_score
 from rkfast.report import t_quantile_975
@@ -33,17 +35,6 @@ def interrupt_at(step: int):
             os.kill(os.getpid(), signal.SIGINT)
 
     return hook
-
-
-def refused_in_one_line(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    """The command line must exit 2 with a one-line error naming ``needles``; returns its stderr."""
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def folders(out: Path) -> list[str]:
