@@ -8,13 +8,11 @@ import os
 import signal
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rkfast import cli
-from rkfast.cli import CommandError, main
+from rkfast.cli import main
 from rkfast.runs import RunError, load_checkpoint, save_payload
 from rkfast.tasks import get_domain
 from rkfast.train import (RunInterrupted, TrainConfig, evaluate_tasks, load_run,
