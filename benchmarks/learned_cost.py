@@ -6,7 +6,7 @@ tableau with fixed coefficients (sinusoid MLP, median of warm ``MetaOptimizer.st
 Every variant runs in this one process, interleaved in rounds (each round times every variant once), so the
 ratios to the fixed-coefficient step of the same tableau (``x fixed``) are what to read; absolute times on
 a shared machine are noisy. On CUDA the rows with ``capture`` replay the whole step as a CUDA graph
-(``capture=True``; learned tableaus cannot be captured yet, so they have no such row).
+(``capture=True``; a learned tableau is captured in second order).
 """
 
 from __future__ import annotations
@@ -57,7 +57,13 @@ def main() -> None:
     variants = list(VARIANTS)
     if device.type == "cuda":  # whole-step CUDA graphs: fixed and learned rates
         variants += [("fixed, capture", "maml", {"capture": True}),
-                     ("rates: element, capture", "maml", {"learn_rates": "element", "capture": True})]
+                     ("rates: element, capture", "maml", {"learn_rates": "element", "capture": True}),
+                     ("fixed, capture", "heun", {"capture": True}),
+                     ("tableau: pattern, b by order, capture", "heun",
+                      {"learn_tableau": "pattern", "tableau_weights": "order", "capture": True}),
+                     ("fixed, capture", "rk4", {"capture": True}),
+                     ("tableau: pattern, b by order, capture", "rk4",
+                      {"learn_tableau": "pattern", "tableau_weights": "order", "capture": True})]
     steppers = []
     for label, tableau, kwargs in variants:
         torch.manual_seed(0)
@@ -83,10 +89,10 @@ def main() -> None:
                      "x_fixed": ms / baseline[key] if key in baseline else None})
     print(f"sinusoid MLP, {args.tasks} tasks x {args.shots} shots, second order, {device_name(device)}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'tableau':<8}{'variant':<32}{'ms/step':>9}{'x fixed':>9}")
+    print(f"{'tableau':<8}{'variant':<40}{'ms/step':>9}{'x fixed':>9}")
     for r in rows:
         ratio = f"{r['x_fixed']:.3f}" if r["x_fixed"] is not None else "-"
-        print(f"{r['tableau']:<8}{r['variant']:<32}{r['ms']:>9.3f}{ratio:>9}")
+        print(f"{r['tableau']:<8}{r['variant']:<40}{r['ms']:>9.3f}{ratio:>9}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "tasks": args.tasks, "shots": args.shots,

@@ -463,8 +463,12 @@ def rk_meta_step(
                 vectors = [rates.vector(s) for s in range(rates.sets)]
                 rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
             if learned is not None:
+                capturing = theta.is_cuda and torch.cuda.is_current_stream_capturing()
+                if capturing and first_order:
+                    raise ValueError("a learned tableau's first-order step reads its weights b on the host, which a "
+                                     "CUDA graph cannot capture: use second order or capture=False")
                 matrix = learned.matrix().to(theta.dtype)
-                b = learned.weights(matrix)
+                b = learned.weights(matrix, check=not capturing)  # captured: a singular b skips the step
                 weights = b.tolist() if first_order else list(b.unbind())  # first order: plain weights for combine
                 if rate_of is None:  # the fixed step h as a rate vector: the points' coefficients are A's tensors
                     step = theta.new_full(theta.shape, h)

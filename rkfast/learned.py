@@ -313,15 +313,20 @@ def order_conditions_used(stages: int) -> tuple[int, int]:
     return order, _CONDITIONS_UP_TO_ORDER[order - 1]
 
 
-def order_weights(A: Tensor) -> Tensor:
+def order_weights(A: Tensor, check: bool = True) -> Tensor:
     """The weights ``b`` of a stage matrix ``A [s, s]`` (strictly lower triangular): the minimum-norm
     solution of the order conditions linear in ``b`` up to the order of :func:`order_conditions_used`,
     computed in float64 and differentiable in ``A``. For ``s = 2`` it is ``b = (1 - 1/(2c), 1/(2c))``
     with ``c = A[1][0]`` (the second-order family ``rk2(c)``); for ``s = 4`` the four conditions of order
     3 fix ``b`` (``rk4``'s ``A`` gives ``rk4``'s ``b``).
 
+    ``check=False`` skips the solvability check, which reads a value on the host: what a CUDA-graph capture
+    needs (a singular system then gives non-finite weights, hence a non-finite loss, which a captured step
+    skips on the device). Nothing here copies from the host either.
+
     Raises:
-        OrderConditionsError: the conditions are singular at this ``A`` (no ``b`` satisfies them to 1e-6).
+        OrderConditionsError: (``check``) the conditions are singular at this ``A`` (no ``b`` satisfies them
+            to 1e-6).
     """
     A64 = A.to(torch.float64)
     s = A64.shape[0]
@@ -329,13 +334,18 @@ def order_weights(A: Tensor) -> Tensor:
     c = A64.sum(1)
     Ac = A64 @ c
     rows = [torch.ones_like(c), c, c * c, Ac, c ** 3, c * Ac, A64 @ (c * c), A64 @ Ac][:count]
-    targets = A64.new_tensor([1.0, 1 / 2, 1 / 3, 1 / 6, 1 / 4, 1 / 8, 1 / 12, 1 / 24][:count])
+    # filled on the device (no copy from the host, which a CUDA-graph capture forbids)
+    targets = torch.stack([A64.new_full((), v) for v in (1.0, 1 / 2, 1 / 3, 1 / 6, 1 / 4, 1 / 8, 1 / 12, 1 / 24)[:count]])
     M = torch.stack(rows)  # [count, s]
-    try:  # as many conditions as stages (2 and 4 stages): one solve; else the minimum-norm solution
-        b = torch.linalg.solve(M, targets) if count == s else torch.linalg.pinv(M) @ targets
-        residual = float((M.detach() @ b.detach() - targets).abs().max())
-    except RuntimeError:  # torch.linalg.LinAlgError: a singular system
-        residual = math.inf
+    # as many conditions as stages (2 and 4 stages): one solve; else the minimum-norm solution M^T (M M^T)^-1 r
+    # (M has full row rank when the conditions are solvable). solve_ex: no check on the host, no SVD
+    if count == s:
+        b = torch.linalg.solve_ex(M, targets)[0]
+    else:
+        b = M.T @ torch.linalg.solve_ex(M @ M.T, targets)[0]
+    if not check:
+        return b
+    residual = float((M.detach() @ b.detach() - targets).abs().max())
     if not math.isfinite(residual) or residual > _ORDER_RESIDUAL_TOL:
         raise OrderConditionsError(
             f"no weights b satisfy the order conditions at the learned stage matrix (nodes c = "
@@ -409,6 +419,7 @@ class LearnedTableau(_SavedCoefficients):
 
     def _place(self) -> None:
         self._flat_index = self._flat_index_cpu.to(self._device)
+        self._fixed_b = torch.tensor(self.base.b, dtype=torch.float64).to(self._device)  # kept on the device
 
     def matrix(self) -> Tensor:
         """``A [s, s]``: the learned entries at their positions, zeros elsewhere (differentiable)."""
@@ -416,13 +427,13 @@ class LearnedTableau(_SavedCoefficients):
         flat = t.new_zeros(self.stages * self.stages).index_put((self._flat_index,), t)
         return flat.view(self.stages, self.stages)
 
-    def weights(self, A: Tensor | None = None) -> Tensor:
+    def weights(self, A: Tensor | None = None, check: bool = True) -> Tensor:
         """``b [s]`` for the stage matrix ``A`` (default: :meth:`matrix`), in ``A``'s dtype: the fixed
-        weights, or :func:`order_weights` (differentiable in ``A``)."""
+        weights, or :func:`order_weights` (differentiable in ``A``; ``check`` as there)."""
         A = self.matrix() if A is None else A
         if self.weights_mode == "fixed":
-            return A.new_tensor(self.base.b)
-        return order_weights(A).to(A.dtype)
+            return self._fixed_b.to(A.dtype)
+        return order_weights(A, check).to(A.dtype)
 
     def current(self) -> Tableau:
         """The tableau at the current values (detached, float64 weights): what meta-test adaptation

@@ -323,10 +323,10 @@ class MetaOptimizer(torch.optim.Optimizer):
             if isinstance(tableau_lr, bool):
                 raise ValueError(f"tableau_lr must be a finite, non-negative number, got {tableau_lr!r}")
             check_lr(tableau_lr, "tableau_lr")
-        if learn_tableau is not None and self._capture is not None:
-            raise ValueError(f"learn_tableau={learn_tableau!r} with capture={self._capture.mode!r} is not supported "
-                             "yet: the weights b and the first-order step read the tableau's values on the host, "
-                             "which a CUDA graph cannot replay. Use capture=False.")
+        if learn_tableau is not None and self._capture is not None and self.first_order:
+            raise ValueError(f"learn_tableau={learn_tableau!r} with capture={self._capture.mode!r} needs second order: "
+                             "the first-order step reads the tableau's weights b on the host, which a CUDA graph "
+                             "cannot replay. Use first_order=False or capture=False.")
 
     def _coefficient_tensors(self) -> list[Tensor]:
         """The learned coefficients' leaf tensors, updated beside the meta-parameters: the learned rates',

@@ -150,6 +150,27 @@ def test_captured_learned_rates_match_eager_steps(first_order):
     assert not torch.equal(r_c.detach(), torch.full_like(r_c, 0.1))  # the rates did move
 
 
+@pytest.mark.parametrize("weights", ["fixed", "order"])
+def test_captured_learned_tableau_matches_eager_steps(weights):
+    """A learned tableau (second order) is part of the captured step too."""
+    torch.manual_seed(3)
+    kw = dict(learn_tableau="pattern", tableau_weights=weights, tableau_lr=3e-3, learn_rates="tensor")
+    batches = [regression_batch() for _ in range(5)]
+    eager = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, **kw)
+    captured, engine = stand_in_optimizer(True, **kw)
+    captured.load_state_dict(copy.deepcopy(eager.state_dict()))
+    with torch.no_grad():
+        captured.flat_parameters.copy_(eager.flat_parameters)
+    for b in batches:
+        e, c = eager.step(b), captured.step(b)
+        torch.testing.assert_close(c.loss, e.loss)
+    assert engine.captures == 1 and engine.replays == 3
+    (a_c,), (a_e,) = captured.learned_tableau.tensors, eager.learned_tableau.tensors
+    torch.testing.assert_close(a_c, a_e, rtol=1e-12, atol=1e-14)
+    assert float(a_c.detach()) != 1.0
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-12, atol=1e-14)
+
+
 def test_a_skipped_replayed_step_keeps_the_learned_rates_and_their_state():
     opt, _ = stand_in_optimizer(True, **RATES)
     for _ in range(3):
@@ -255,6 +276,35 @@ def test_cuda_captured_learned_rates_equal_eager_steps(first_order):
     assert engine.captures == 1
     torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(captured.rates.tensors[0], eager.rates.tensors[0], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("tableau, weights", [("heun", "order"), ("rk4", "order"), ("rk4", "fixed"), ("kutta3", "order")])
+def test_cuda_captured_learned_tableau_equals_eager_steps(tableau, weights):
+    captured, eager, engine = _cuda_pair(tableau=tableau, learn_tableau="pattern", tableau_weights=weights,
+                                         tableau_lr=1e-2, learn_rates="tensor")
+    start = captured.learned_tableau.tensor.detach().clone()
+    for _ in range(5):
+        b = _cuda_batch()
+        c, e = captured.step(b), eager.step(b)
+        torch.testing.assert_close(c.loss, e.loss, rtol=1e-5, atol=1e-6)
+    assert engine.captures == 1
+    torch.testing.assert_close(captured.flat_parameters, eager.flat_parameters, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(captured.learned_tableau.tensor, eager.learned_tableau.tensor, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(captured.learned_tableau.tensor.detach(), start)  # the entries did move
+
+
+@cuda
+def test_cuda_captured_step_with_a_singular_learned_tableau_is_skipped():
+    captured, _, _ = _cuda_pair(tableau="heun", learn_tableau="pattern", tableau_weights="order")
+    for _ in range(4):  # warm-ups, the capture, a replay
+        captured.step(_cuda_batch())
+    before = captured.flat_parameters.clone()
+    with torch.no_grad():
+        captured.learned_tableau.tensor.zero_()  # c2 = 0: no b satisfies the order conditions
+    captured.step(_cuda_batch())  # a replay: no host check, the non-finite loss skips the step on the device
+    assert int(captured.skipped_steps) == 1
+    torch.testing.assert_close(captured.flat_parameters, before, rtol=0, atol=0)
 
 
 @cuda

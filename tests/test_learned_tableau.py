@@ -331,7 +331,7 @@ def test_follows_model_to():
     (dict(tableau_lr=0.1), "tableau_lr"),
     (dict(learn_tableau="pattern", tableau_lr=-1.0), "tableau_lr"),
     (dict(learn_tableau="pattern", tableau_lr=float("nan")), "tableau_lr"),
-    (dict(learn_tableau="pattern", capture=True), "capture"),
+    (dict(learn_tableau="pattern", capture=True, first_order=True), "capture"),
 ])
 def test_bad_arguments_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
