@@ -367,7 +367,8 @@ def _compare_state(out: Path, resume: bool, args: argparse.Namespace
             tableaus = [get_tableau(name) for name in saved["tableaus"]]
             grid = saved.get("grid")
             if grid is not None:
-                grid = {"inner_lr": [float(h) for h in grid["inner_lr"]], "seeds": [int(s) for s in grid["seeds"]]}
+                grid = {"inner_lr": [float(h) for h in grid["inner_lr"]], "seeds": [int(s) for s in grid["seeds"]],
+                        "select_steps": grid.get("select_steps")}
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CommandError(f"{state_file} is not a readable rkfast comparison "
                                f"({type(err).__name__}: {err})") from None
@@ -390,7 +391,10 @@ def _compare_state(out: Path, resume: bool, args: argparse.Namespace
         if ("seeds" in given and list(args.seeds) != grid["seeds"]) or "seed" in given:
             raise CommandError(f"the comparison in {out} trains the seeds {','.join(map(str, grid['seeds']))}; "
                                "drop --seed/--seeds to resume it")
-        _check_grid(_checked(replace(cfg, inner_lr=grid["inner_lr"][0])), grid["inner_lr"])
+        if "select_steps" in given and args.select_steps != grid["select_steps"]:
+            raise CommandError(f"the comparison in {out} selects h after {grid['select_steps']} step(s); drop "
+                               "--select-steps to resume it")
+        _check_grid(_checked(replace(cfg, inner_lr=grid["inner_lr"][0])), grid["inner_lr"], grid["select_steps"])
         return _checked(cfg).to_json(), tableaus, grid
     names = [t.name for t in args.tableaus]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -404,15 +408,33 @@ def _compare_state(out: Path, resume: bool, args: argparse.Namespace
     if (typed_lrs is None or len(typed_lrs) == 1) and len(seeds) == 1:
         return cfg.to_json(), list(args.tableaus), None
     lrs = [float(h) for h in typed_lrs] if typed_lrs is not None else [float(cfg.resolved().inner_lr)]  # type: ignore[arg-type]
-    _check_grid(cfg, lrs)
-    return replace(cfg, inner_lr=None).to_json(), list(args.tableaus), {"inner_lr": lrs, "seeds": list(seeds)}
+    select = _select_steps(cfg, args.select_steps)
+    _check_grid(cfg, lrs, select)
+    return (replace(cfg, inner_lr=None).to_json(), list(args.tableaus),
+            {"inner_lr": lrs, "seeds": list(seeds), "select_steps": select})
 
 
-def _check_grid(cfg: TrainConfig, lrs: Sequence[float]) -> None:
-    """A grid of several inner steps is selected on the held-out tasks: ``cfg`` must evaluate some."""
+def _select_steps(cfg: TrainConfig, given: int | None) -> int:
+    """The adaptation step count whose held-out result selects h: ``--select-steps``, which must be one of
+    the domain's held-out evaluation step counts, or by default the last of them."""
+    resolved = cfg.resolved()
+    counts = get_domain(resolved.domain).defaults_for(resolved.options).eval_steps
+    if given is None:
+        return int(counts[-1])
+    if given not in counts:
+        raise CommandError(f"--select-steps {given}: the held-out evaluations of this domain adapt "
+                           f"{', '.join(map(str, counts))} step(s); select on one of them")
+    return int(given)
+
+
+def _check_grid(cfg: TrainConfig, lrs: Sequence[float], select_steps: int | None = None) -> None:
+    """A grid of several inner steps is selected on the held-out tasks: ``cfg`` must evaluate some, after
+    ``select_steps`` adaptation steps (one of the domain's held-out step counts)."""
     if len(lrs) > 1 and not cfg.resolved().eval_tasks:
         raise CommandError("a grid of inner steps (--inner-lr H,H,...) is selected on the held-out tasks: "
                            "--eval-tasks must be > 0")
+    if select_steps is not None:
+        _select_steps(cfg, select_steps)
 
 
 def _grid_folder(tableau: Tableau, inner_lr: float, seed: int) -> str:
@@ -442,13 +464,15 @@ def _compare_run(args: argparse.Namespace, cfg: TrainConfig, folder: RunFolder, 
         return err.result
 
 
-def validation_score(run: RunResult | None) -> float | None:
+def validation_score(run: RunResult | None, steps: int | None = None) -> float | None:
     """What a grid of inner steps selects on: the run's final held-out evaluation (the ``val`` stream of
-    ``test_seed``, never the test tasks), its primary metric after the domain's last evaluation step count.
-    ``None`` for a run that did not complete, has no final held-out evaluation, or a non-finite value."""
+    ``test_seed``, never the test tasks), its primary metric after ``steps`` adaptation steps (default: the
+    domain's last evaluation step count). ``None`` for a run that did not complete, has no final held-out
+    evaluation, or a non-finite value."""
     if run is None or run.status != "complete" or not run.evals or run.evals[-1]["iteration"] != run.iteration:
         return None
-    value = run.evals[-1][run.domain.metric.name].get(str(run.defaults.eval_steps[-1]))
+    steps = run.defaults.eval_steps[-1] if steps is None else steps
+    value = run.evals[-1][run.domain.metric.name].get(str(steps))
     return float(value) if value is not None and math.isfinite(value) else None
 
 
@@ -476,7 +500,7 @@ def _compare_grid(args: argparse.Namespace, out: Path, config: dict[str, Any], t
     metric = domain.metric
     lrs, seeds = [float(h) for h in grid["inner_lr"]], [int(s) for s in grid["seeds"]]
     resolved = TrainConfig(**{**config, "tableau": tableaus[0], "inner_lr": lrs[0]}).resolved()
-    eval_step = domain.defaults_for(resolved.options).eval_steps[-1]
+    eval_step = grid.get("select_steps") or domain.defaults_for(resolved.options).eval_steps[-1]
     groups: list[GridGroup] = []
     selection = {"on": "held-out (validation) tasks: the 'val' stream of test_seed; test tasks are never read",
                  "metric": metric.name, "steps": eval_step, "higher_is_better": metric.higher_is_better,
@@ -486,7 +510,7 @@ def _compare_grid(args: argparse.Namespace, out: Path, config: dict[str, Any], t
     def write(status: str) -> None:
         write_json(out / "compare.json", {
             "status": status, "domain": args.domain, "config": config, "tableaus": [t.name for t in tableaus],
-            "grid": {"inner_lr": lrs, "seeds": seeds}, "selection": selection,
+            "grid": {"inner_lr": lrs, "seeds": seeds, "select_steps": eval_step}, "selection": selection,
             "table": grid_rows(groups),
             "runs": [{"folder": folder, **run.to_json()} for g in groups for folder, run in g.all_runs()]})
 
@@ -511,14 +535,14 @@ def _compare_grid(args: argparse.Namespace, out: Path, config: dict[str, Any], t
                     group.search[h] = run  # type: ignore[assignment]
             if len(lrs) > 1:
                 def decide() -> tuple[dict[float, float | None], float | None]:
-                    scores = {h: validation_score(group.search.get(h)) for h in lrs}
+                    scores = {h: validation_score(group.search.get(h), eval_step) for h in lrs}
                     return scores, select_inner_lr(scores, metric.higher_is_better)
 
                 group.scores, group.selected = lead_decides(parallel, decide)
                 if lead:
                     print(selection_line(group, eval_step), flush=True)
             else:
-                group.scores, group.selected = {lrs[0]: validation_score(group.search.get(lrs[0]))}, lrs[0]
+                group.scores, group.selected = {lrs[0]: validation_score(group.search.get(lrs[0]), eval_step)}, lrs[0]
             if group.selected is not None:
                 if lead:
                     group.runs[seeds[0]] = group.search[group.selected]
@@ -788,6 +812,9 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
                        metavar="S[,S...]", help="several training seeds (0,1,2), each a run of every tableau with the "
                                                 "(selected) h; the table gives the mean over seeds x test tasks and "
                                                 "the seed-to-seed spread (default: --seed)")
+        p.add_argument("--select-steps", type=pos_int, default=None, action=_Typed, metavar="N",
+                       help="select h on the held-out result after N adaptation steps, one of the domain's "
+                            "held-out step counts (default: the last of them)")
     _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
     rates = p.add_argument_group("learned inner rates (docs/method.md)")
     rates.add_argument("--learn-rates", choices=GRANULARITIES, default=None, action=_Typed,

@@ -66,7 +66,7 @@ def test_selection_uses_validation_not_test_and_other_seeds_use_the_selected_h(t
     assert calls == [("maml", 0.01, 0), ("maml", 0.02, 0), ("maml", 0.04, 0), ("maml", 0.04, 1), ("maml", 0.04, 2)]
 
     data = json.loads((out / "compare.json").read_text())
-    assert data["status"] == "complete" and data["grid"] == {"inner_lr": [0.01, 0.02, 0.04], "seeds": [0, 1, 2]}
+    assert data["status"] == "complete" and data["grid"] == {"inner_lr": [0.01, 0.02, 0.04], "seeds": [0, 1, 2], "select_steps": 10}
     assert data["selection"]["metric"] == "mse" and data["selection"]["steps"] == 10 and data["selection"]["seed"] == 0
     row = data["table"][0]
     scores = {v["inner_lr"]: v["value"] for v in row["validation"]}
@@ -155,7 +155,7 @@ def test_one_h_several_seeds_trains_every_seed_with_it(tmp_path: Path, capsys) -
     out = tmp_path / "s"
     assert main(["compare", "sinusoid", "--tableaus", "heun", "--seeds", "0,1", *TINY, "--out", str(out)]) == 0
     data = json.loads((out / "compare.json").read_text())
-    assert data["grid"] == {"inner_lr": [0.01], "seeds": [0, 1]}  # the domain's default h
+    assert data["grid"] == {"inner_lr": [0.01], "seeds": [0, 1], "select_steps": 10}  # the domain's default h
     assert folders(out) == ["heun/h0.01-s0", "heun/h0.01-s1"]
     assert data["table"][0]["selected_inner_lr"] == 0.01 and data["table"][0]["mse"]["1"]["n"] == 8
     assert "selected h=" not in capsys.readouterr().out  # nothing to select
@@ -287,3 +287,22 @@ def test_study_driver_skips_the_learned_tableaus_without_their_flags(monkeypatch
     args = study.build_parser().parse_args([])
     assert study.variant_args("learned-4", args)[:8] == ["--tableaus", "rk4", "--inner-lr", "0.01", "--learn-tableau",
                                                          "pattern", "--tableau-weights", "order"]
+
+
+def test_select_steps_chooses_which_held_out_result_selects(tmp_path: Path, capsys) -> None:
+    """--select-steps N selects h on the held-out result after N adaptation steps (one of the domain's)."""
+    out = tmp_path / "c"
+    argv = ["compare", "sinusoid", "--tableaus", "heun", "--inner-lr", "0.01,0.05", "--iterations", "3",
+            "--meta-batch", "2", "--eval-tasks", "4", "--test-tasks", "4", "--select-steps", "1", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["grid"]["select_steps"] == 1 and saved["selection"]["steps"] == 1
+    scores = {v["inner_lr"]: v["value"] for v in saved["table"][0]["validation"]}
+    for h, folder in ((0.01, "heun/h0.01-s0"), (0.05, "heun/h0.05-s0")):
+        evals = json.loads((out / folder / "results.json").read_text())["training"]["eval"]
+        assert evals[-1]["mse"]["1"] == pytest.approx(scores[h]) and evals[-1]["mse"]["10"] != pytest.approx(scores[h])
+    refused_in_one_line([*argv[:-2], "--select-steps", "5", "--out", str(tmp_path / "d")], capsys,
+                        "--select-steps 5", "1, 10")
+    refused_in_one_line(["compare", "sinusoid", "--resume", str(out), "--select-steps", "10"], capsys,
+                        "selects h after 1 step")
