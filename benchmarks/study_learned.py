@@ -12,8 +12,8 @@ sinusoid`` per variant, in ``<out>/shots<K>/<variant>`` (in this process, throug
 * ``maml``: MAML at the domain's default inner step (0.01), every seed;
 * ``meta-sgd``: the same with learned per-element inner rates (``--learn-rates element``, Li et al. 2017);
 * ``learned-2``, ``learned-4``: a learned tableau of the Heun / RK4 pattern (``--learn-tableau pattern
-  --tableau-weights order``) at the default inner step; skipped, with a notice, where the command line has no
-  such flags.
+  --tableau-weights fixed``; ``order`` with ``--tableau-weights order``) at the default inner step; skipped,
+  with a notice, where the command line has no such flags.
 
 Every comparison is resumable: a rerun reads the finished comparisons, resumes the unfinished ones (from
 their runs' checkpoints) and starts the missing ones. It then reads every ``compare.json`` and writes one
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/study-learned"), help="where the comparisons go")
     p.add_argument("--variants", type=_variants, default=VARIANTS, help=f"a subset of {','.join(VARIANTS)}")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="the results JSON (the plot goes beside it)")
+    p.add_argument("--tableau-weights", choices=("fixed", "order"), default="fixed",
+                   help="b of the learned tableaus: the starting tableau's (fixed, default) or tied to A by the "
+                        "order conditions (order; docs/method.md says why it can leave the region where the "
+                        "meta-loss is bounded below)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p
 
@@ -120,7 +124,7 @@ def variant_args(variant: str, args: argparse.Namespace) -> list[str]:
         spec = ["--tableaus", "maml", "--inner-lr", default_h, "--learn-rates", "element"]
     else:
         spec = ["--tableaus", LEARNED[variant], "--inner-lr", default_h, "--learn-tableau", "pattern",
-                "--tableau-weights", "order"]
+                "--tableau-weights", args.tableau_weights]
     budget = ["--iterations", str(args.iterations), "--test-tasks", str(args.test_tasks)]
     if args.meta_batch is not None:
         budget += ["--meta-batch", str(args.meta_batch)]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .layout import ParamLayout
-from .results import MetaStepOutput
+from .results import MetaStepOutput, NonFiniteLossError
 from .tableau import InconsistentTableauWarning, Tableau
 
 __all__ = ["GRANULARITIES", "Granularity", "LearnedRates", "RatesStepOutput", "resolve_frozen",
@@ -299,11 +299,15 @@ TABLEAU_WEIGHTS: tuple[str, ...] = ("fixed", "order")
 # b.Ac = 1/6; b.c^3 = 1/4, b.(c*Ac) = 1/8, b.Ac^2 = 1/12, b.AAc = 1/24.
 _CONDITIONS_UP_TO_ORDER = (1, 2, 4, 8)
 _ORDER_RESIDUAL_TOL = 1e-6
+_NEGATIVE_WEIGHT_TOL = 1e-9  # midpoint's b1 = 0 is solved to rounding
 
 
-class OrderConditionsError(ValueError):
-    """The order conditions that define a learned tableau's ``b`` (``tableau_weights="order"``) have no
-    solution at the current ``A`` (e.g. a node ``c_j`` learned to 0 in a 2-stage tableau)."""
+class OrderConditionsError(NonFiniteLossError, ValueError):
+    """A learned tableau's weights ``b = order_weights(A)`` (``tableau_weights="order"``) cannot be used at
+    the current ``A``: the order conditions have no solution (e.g. a node ``c_j`` learned to 0 in a 2-stage
+    tableau), or the solution has a negative weight, where the meta-loss ``sum_j b_j L_j`` is no longer
+    bounded below. A :class:`~rkfast.optim.NonFiniteLossError` (the step cannot be formed, nothing changes;
+    a training run ends as diverged, keeping its last good state) and a ``ValueError``."""
 
 
 def order_conditions_used(stages: int) -> tuple[int, int]:
@@ -407,7 +411,7 @@ class LearnedTableau(_SavedCoefficients):
             warnings.simplefilter("ignore", InconsistentTableauWarning)
             self.structure = Tableau(tuple(map(tuple, marked)), tuple(b_struct), name=self.name)
         if weights == "order":
-            order_weights(self.matrix().detach())  # the starting A must admit the weights
+            self.weights(self.matrix().detach())  # the starting A must admit the weights (solvable, b >= 0)
 
     @property
     def name(self) -> str:
@@ -433,7 +437,20 @@ class LearnedTableau(_SavedCoefficients):
         A = self.matrix() if A is None else A
         if self.weights_mode == "fixed":
             return self._fixed_b.to(A.dtype)
-        return order_weights(A, check).to(A.dtype)
+        b = order_weights(A, check)
+        # a negative weight rewards a larger query loss at its stage: the meta-loss is then unbounded below
+        # (heun's c = A21 below 1/2 gives b1 < 0); refused, or under capture made non-finite (a skipped step)
+        if check:
+            if float(b.detach().min()) < -_NEGATIVE_WEIGHT_TOL:
+                raise OrderConditionsError(
+                    f"the learned tableau's weights b = {[round(x, 6) for x in b.detach().tolist()]} (from the order "
+                    f"conditions at nodes c = {[round(x, 6) for x in A.detach().sum(1).tolist()]}) have a negative "
+                    "entry: the meta-loss sum_j b_j L_j is then not bounded below (a negative weight rewards a larger "
+                    "query loss at its stage) and training diverges. Keep b fixed (tableau_weights='fixed') or "
+                    "lower tableau_lr (docs/method.md, \"Learned tableaus\")")
+        else:
+            b = torch.where(b.min() < -_NEGATIVE_WEIGHT_TOL, torch.full_like(b, math.nan), b)
+        return b.to(A.dtype)
 
     def current(self) -> Tableau:
         """The tableau at the current values (detached, float64 weights): what meta-test adaptation

@@ -22,7 +22,7 @@ from .flat import FlatParameters
 from .layout import ParamLayout
 from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS, LearnedRates, LearnedTableau, RatesStepOutput
 from .outer import OuterUpdate, cast_state_to_params, check_lr, make_outer_optimizer, outer_class
-from .results import AdaptationOutput, MetaStepOutput
+from .results import AdaptationOutput, MetaStepOutput, NonFiniteLossError
 from .tableau import Tableau, get_tableau
 
 if TYPE_CHECKING:
@@ -32,11 +32,6 @@ __all__ = ["MetaOptimizer", "NonFiniteLossError", "resolve_vectorize"]
 
 Tasks = Union[TaskBatch, TaskSet, Sequence[Tensor]]
 """What a step learns from: a :class:`~rkfast.batch.TaskBatch` (or its 4-tuple) or a :class:`~rkfast.batch.TaskSet`."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A step's meta-loss or meta-direction (or ``.grad`` for :meth:`MetaOptimizer.apply`), or the
-    parameters its outer update produced, are NaN or infinite; nothing was updated."""
 
 
 def resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: torch.device) -> bool:
@@ -525,6 +520,10 @@ class MetaOptimizer(torch.optim.Optimizer):
                 self._outer.update(self.backend)
                 if inputs_ok is not None and not bool(inputs_ok & _all_finite(self._flat.data, *coefficients)):  # one sync
                     raise direction_error() if not bool(inputs_ok) else self._non_finite_update_error()
+                if self._learned_tableau is not None:
+                    # updated entries must still give usable weights (solvable, none negative): checked here, so
+                    # that the state a step leaves behind (and a checkpoint saves) always has them
+                    self._learned_tableau.weights()
         except Exception as err:
             # an optimizer that refuses a non-finite gradient itself: report what was non-finite
             if isinstance(err, NonFiniteLossError) or inputs_ok is None or bool(inputs_ok):

@@ -9,7 +9,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MetaStepOutput", "AdaptationOutput", "mean_ci95"]
+__all__ = ["MetaStepOutput", "AdaptationOutput", "mean_ci95", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step's meta-loss or meta-direction (or ``.grad`` for :meth:`MetaOptimizer.apply`), or the
+    parameters its outer update produced, are NaN or infinite (or, for a learned tableau, its weights can no
+    longer be formed: :class:`~rkfast.learned.OrderConditionsError`); nothing was updated."""
 
 
 @dataclass

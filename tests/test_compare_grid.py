@@ -286,7 +286,7 @@ def test_study_driver_skips_the_learned_tableaus_without_their_flags(monkeypatch
     assert "notice: skipping learned-2" in captured.err and "notice: skipping learned-4" in captured.err
     args = study.build_parser().parse_args([])
     assert study.variant_args("learned-4", args)[:8] == ["--tableaus", "rk4", "--inner-lr", "0.01", "--learn-tableau",
-                                                         "pattern", "--tableau-weights", "order"]
+                                                         "pattern", "--tableau-weights", "fixed"]
 
 
 def test_select_steps_chooses_which_held_out_result_selects(tmp_path: Path, capsys) -> None:

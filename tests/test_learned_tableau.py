@@ -276,7 +276,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
         plain.load_state_dict(saved_opt)
 
 
-@pytest.mark.parametrize("failure", ["nan_batch", "nan_tableau_lr", "singular"])
+@pytest.mark.parametrize("failure", ["nan_batch", "nan_tableau_lr", "singular", "negative_weight"])
 def test_failed_step_changes_nothing(failure):
     model = smooth_mlp()
     opt = _opt(model, "heun", outer="adam", lr=1e-2, learn_tableau="pattern", tableau_weights="order")
@@ -288,9 +288,13 @@ def test_failed_step_changes_nothing(failure):
         batch.support[1][0, 0] = float("nan")
     elif failure == "nan_tableau_lr":
         opt.param_groups[-1]["lr"] = float("nan")
-    else:
+    elif failure == "singular":
         with torch.no_grad():
             opt.learned_tableau.tensor.zero_()  # c2 = 0: no b satisfies b2 c2 = 1/2
+        error = OrderConditionsError
+    else:
+        with torch.no_grad():
+            opt.learned_tableau.tensor.fill_(0.4)  # c2 = 0.4 < 1/2: b1 = 1 - 1/(2 c2) < 0, unbounded meta-loss
         error = OrderConditionsError
     values = opt.learned_tableau.tensor.detach().clone()
     grad = opt.learned_tableau.tensor.grad.clone()
@@ -371,3 +375,34 @@ def test_cuda_steps_match_the_cpu_reference(first_order):
     torch.testing.assert_close(opt_gpu.learned_tableau.tensor.double().cpu(), opt_cpu.learned_tableau.tensor,
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(opt_gpu.rates.tensors[0].double().cpu(), opt_cpu.rates.tensors[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_negative_weight_is_refused_naming_it_and_is_a_non_finite_loss_error():
+    learned = LearnedTableau(get_tableau("heun"), weights="order", dtype=torch.float64)
+    with torch.no_grad():
+        learned.tensor.fill_(0.45)
+    with pytest.raises(OrderConditionsError, match="negative entry") as caught:
+        learned.weights()
+    assert isinstance(caught.value, NonFiniteLossError) and isinstance(caught.value, ValueError)
+    b = learned.weights(check=False)  # what a captured step computes: non-finite, so the step is skipped
+    assert torch.isnan(b).all()
+    with pytest.raises(OrderConditionsError, match="negative entry"):
+        LearnedTableau(rkfast.Tableau.from_arrays([[0, 0], [0.3, 0]], [0.5, 0.5]), weights="order")
+    with torch.no_grad():
+        learned.tensor.fill_(0.5)  # midpoint: b1 = 0 exactly, allowed
+    torch.testing.assert_close(learned.weights(), torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_an_update_that_makes_a_weight_negative_is_undone():
+    """The entries after an update must still give usable weights: else the update is undone and raises."""
+    model = smooth_mlp()
+    opt = _opt(model, "heun", learn_tableau="pattern", tableau_weights="order", tableau_lr=1.0, lr=0.05)
+    with torch.no_grad():
+        opt.learned_tableau.tensor.fill_(0.5 + 1e-3)  # just above midpoint, where b1 = 0
+    opt.compute(regression_batch())
+    opt.learned_tableau.tensor.grad.fill_(1.0)  # an edited .grad that moves A21 to -0.499: b1 < 0
+    values, snap = opt.learned_tableau.tensor.detach().clone(), snapshot(model, opt)
+    with pytest.raises(OrderConditionsError, match="negative entry"):
+        opt.apply()
+    assert_unchanged(model, opt, snap)
+    assert same_bits(opt.learned_tableau.tensor, values)

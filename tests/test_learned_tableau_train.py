@@ -17,7 +17,7 @@ from rkfast import cli, plots
 from rkfast.runs import RunError, load_checkpoint, save_payload
 from rkfast.tableau import get_tableau
 from rkfast.tasks import get_domain
-from rkfast.train import (TABLEAU_PLOT, RunInterrupted, TrainConfig, describe_learned_tableau, evaluate_tasks,
+from rkfast.train import (TABLEAU_PLOT, RunDiverged, RunInterrupted, TrainConfig, describe_learned_tableau, evaluate_tasks,
                           load_run, resume_config, run_files, task_chunks, task_generator, train)
 
 SMALL = dict(iterations=12, eval_every=4, eval_tasks=4, test_tasks=4, meta_batch=2)
@@ -234,3 +234,15 @@ def test_cli_train_and_eval_of_a_learned_tableau(tmp_path: Path, capsys: pytest.
     assert cli.main(["train", "sinusoid", "--tableau-weights", "order", "--iterations", "2", "--out",
                      str(tmp_path / "bad")]) == 2
     assert "tableau_weights='order' needs learn_tableau" in capsys.readouterr().err
+
+
+def test_a_run_whose_learned_weights_turn_negative_ends_as_diverged_with_the_reason(tmp_path: Path) -> None:
+    """heun's node c = A21 pulled below 1/2 makes b1 < 0 (an unbounded meta-loss): the step that would do so is
+    undone, the run ends as diverged naming the reason, and the last good state (b >= 0) is saved."""
+    cfg = TrainConfig(tableau="heun", learn_tableau="pattern", tableau_weights="order", tableau_lr=0.1,
+                      iterations=200, meta_batch=4, eval_every=50, eval_tasks=4, test_tasks=4)
+    with pytest.raises(RunDiverged, match="negative entry"):
+        train(cfg, out=tmp_path / "run", progress=False)
+    res = _results(tmp_path / "run")
+    assert res["status"] == "diverged" and "negative entry" in res["error"]
+    assert 0 < res["iteration"] < 200 and min(res["learned_tableau"]["b"]) >= 0
