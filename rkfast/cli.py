@@ -642,17 +642,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot write {out}: it is a folder")
     sampler = domain.make_tasks(cfg.options, "test", opt.device)
     chunks = task_chunks(sampler, test_tasks, defaults.eval_chunk, task_generator(test_seed, "test"))
-    result = evaluate_tasks(opt, chunks, steps, test_step)
+    result = evaluate_tasks(opt, chunks, steps, test_step, args.adaptation)
     summary = result.summary()
     tableau = opt.current_tableau()  # a learned tableau at its saved values
     print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {tableau.describe()}")
-    print(test_report(domain, cfg, summary, result.losses.shape[1], step_source(cfg, tableau, test_step)))
+    source = step_source(cfg, tableau, test_step, args.adaptation)
+    print(test_report(domain, cfg, summary, result.losses.shape[1], source, args.adaptation))
     rates, learned = rates_info(opt), learned_tableau_info(opt)
     for line in (rates_line(rates), describe_learned_tableau(learned)):
         if line:
             print(line)
     write_json(out, {"run": str(run_dir), "checkpoint": f"{args.checkpoint}.pt", "domain": domain.name,
-                     "iterations": iterations, "config": cfg.to_json(),
+                     "iterations": iterations, "config": cfg.to_json(), "adaptation": args.adaptation,
                      "test": {"tasks": int(result.losses.shape[1]), "seed": test_seed,
                               **domain.test_protocol(cfg.options), **summary},
                      **({"rates": rates} if rates is not None else {}),
@@ -898,6 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-seed", type=_number(int, 0, False), help="seed of the test tasks (default: the run's)")
     ev.add_argument("--steps", type=_steps_arg, help="adaptation step counts, e.g. 1,5,10 (default: the domain's)")
     ev.add_argument("--test-step", type=_number(float, 0, True), help="adaptation step size (default: the run's)")
+    ev.add_argument("--adaptation", choices=("gradient", "stages"), default="gradient",
+                    help="each adaptation step: a plain gradient step (default), or the tableau's own stages ending "
+                         "at its last stage's point, with the step h or the learned rates (docs/method.md)")
     ev.add_argument("--device", type=_device_arg, help="torch device (default: the run's)")
     ev.add_argument("--out", help="where to write the results (default: RUN_DIR/eval.json)")
     ev.add_argument("--checkpoint", choices=("checkpoint", "best"), default="checkpoint",

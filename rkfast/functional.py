@@ -66,6 +66,7 @@ __all__ = [
     "SecondOrderDirection",
     "FirstOrderDirection",
     "adapt",
+    "StageMap",
     "check_step",
     "check_step_counts",
     "stage_point",
@@ -496,8 +497,14 @@ def adapt(
     randomness: Randomness = "different",
     keep_params: bool = False,
     rates: Callable[[int], Tensor] | None = None,
+    stages: StageMap | None = None,
 ) -> AdaptationOutput:
     """Meta-test adaptation: from ``theta``, plain gradient steps on each task's support set.
+
+    ``stages`` (a :class:`StageMap`) replaces each gradient step by the tableau's own adaptation: the stage
+    points of one RK meta-step from the current parameters, computed from support gradients only, ending at
+    the last stage's point (``docs/method.md``, "Meta-test"); ``step_size`` is then the RK step ``h``. For
+    ``maml(k)`` one such step is ``k`` gradient steps; for ``rk4`` it is the point its last stage trained.
 
     ``rates`` (learned inner rates): ``rates(n)`` is a per-element rate vector ``[N]`` for step ``n``
     (0-based: the step from the parameters after ``n`` steps), and that step is
@@ -533,7 +540,10 @@ def adapt(
                         metrics.setdefault(name, []).append(value.detach())
                     if keep_params:
                         kept.append(params.expand(tasks.num_tasks, -1) if shared else params)
-                if n < counts[-1]:
+                if n < counts[-1] and stages is not None:
+                    params = stages.last_point(params, shared, alpha, tasks, support_loss, support_data)
+                    shared = False
+                elif n < counts[-1]:
                     data = tasks.data(support_data, n, params, shared)
                     g = tasks.grads(support_loss, params, data, shared, create_graph=False)
                     params = params - (alpha if rates is None else alpha * rates(n).detach()) * g
@@ -545,6 +555,45 @@ def adapt(
         {k: torch.stack(v) for k, v in metrics.items()},
         torch.stack(kept) if keep_params else None,
     )
+
+
+@dataclass
+class StageMap:
+    """The adaptation one RK meta-step trains: from parameters ``p`` (``[N]`` shared, or ``[T, N]``), the stage
+    points ``p^(j) = p - sum_{l<j} A[j][l] (r_l ⊙ k^(l))`` with the support slopes ``k^(l)``, up to the last
+    stage, whose point is the adapted parameters (what :func:`adapt` uses with ``stages=``).
+
+    Attributes:
+        A: the stage matrix (rows of floats: a fixed or a learned tableau's current values).
+        rates: per-slope rate vectors ``rates(l) [N]`` (learned inner rates), or ``None``: the step ``h``.
+    """
+
+    A: Sequence[Sequence[float]]
+    rates: Callable[[int], Tensor] | None = None
+
+    @classmethod
+    def of(cls, tableau: Tableau, rates: Callable[[int], Tensor] | None = None) -> StageMap:
+        return cls(tableau.A, rates)
+
+    def last_point(self, params: Tensor, shared: bool, h: float, tasks: TaskMap, support_loss: TaskLoss,
+                   support_data: TaskData) -> Tensor:
+        """The last stage's point from ``params`` (no graph kept; per-step layers use stage ``j``'s row)."""
+        s = len(self.A)
+        slopes: dict[int, Tensor] = {}
+        needed = {l for j in range(s) for l in range(j) if self.A[j][l] != 0.0}
+        for j in range(s):
+            point, point_shared = params, shared
+            for l in range(j):
+                if self.A[j][l] != 0.0:
+                    step = (h if self.rates is None else h * self.rates(l).detach()) * self.A[j][l]
+                    point, point_shared = point - step * slopes[l], False
+            if j == s - 1:
+                return point
+            if j in needed:
+                with at_step(j):
+                    data = tasks.data(support_data, j, point, point_shared)
+                    slopes[j] = tasks.grads(support_loss, point, data, point_shared, create_graph=False)
+        return params  # (unreachable: s >= 1)
 
 
 # -- losses over a module's functional call -------------------------------------------------------------

@@ -716,6 +716,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         step_size: float | None = None,
         *,
         keep_params: bool = False,
+        adaptation: Literal["gradient", "stages"] = "gradient",
     ) -> AdaptationOutput:
         """Meta-test: adapt the current parameters to each task with plain gradient steps.
 
@@ -734,27 +735,40 @@ class MetaOptimizer(torch.optim.Optimizer):
         them; tensors with ``frozen_rates`` keep their fixed rate scaled by ``step_size / inner_lr`` (a
         rate frozen at 0 stays 0: ANIL's body is not adapted at meta-test either).
 
+        ``adaptation="stages"`` adapts with the tableau's own stages instead (``docs/method.md``, "Meta-test"):
+        each of the ``steps`` is one RK meta-step's stage points from the current parameters, from support
+        gradients only, ending at the last stage's point (:class:`~rkfast.functional.StageMap`), with the
+        step ``h`` (``step_size``, default ``inner_lr``) or the learned rates. For ``maml(k)`` one such step is
+        ``k`` gradient steps of ``h``; for ``rk4`` (and any learned tableau) it is the point the last stage
+        was trained at, which a plain gradient step of ``h c_s`` is not.
+
         With a process group it does not communicate: each rank evaluates the tasks it is given. Gathering
         is the caller's: ``AdaptationOutput.cat(opt.distributed.all_gather_object(result))``.
         """
+        if adaptation not in ("gradient", "stages"):
+            raise ValueError(f"adaptation must be 'gradient' or 'stages', got {adaptation!r}")
         tasks = self._check_tasks(tasks, "evaluate")
         tableau = self.current_tableau()
-        alpha = tableau.test_step(self.inner_lr) if step_size is None else step_size
+        by_stages = adaptation == "stages"
+        own_step = self.inner_lr if by_stages else tableau.test_step(self.inner_lr)
+        alpha = own_step if step_size is None else step_size
         rates = None
         if self._rates is not None:
             self._rates.inner_lr = self.inner_lr
             with torch.no_grad():
                 if step_size is None:
-                    alpha = tableau.test_step(self.inner_lr) / self.inner_lr
+                    alpha = own_step / self.inner_lr
                     vectors = [self._rates.vector(s).detach() for s in range(self._rates.sets)]
                     rates = lambda n: vectors[min(n, len(vectors) - 1)]  # noqa: E731
                 elif self._rates.frozen:
                     scaled = self._rates.fixed_vector() / self.inner_lr  # 1 where not frozen: step_size exactly
                     rates = lambda n: scaled  # noqa: E731
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
+        stages = RF.StageMap.of(tableau, rates) if by_stages else None
         return RF.adapt(
             self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, alpha, steps,
-            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params, rates=rates,
+            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params,
+            rates=None if by_stages else rates, stages=stages,
         )
 
     # -- state ----------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _protocol(domain: Domain, cfg: TrainConfig, tasks: int) -> str:
+def _protocol(domain: Domain, cfg: TrainConfig, tasks: int, adaptation: str = "gradient") -> str:
     described = domain.describe_test(cfg.options)
+    steps = "plain gradient steps" if adaptation == "gradient" else "adaptation steps (each: the tableau's stages)"
     return (f"meta-test on {tasks} tasks (test seed {cfg.test_seed}): {described + '; ' if described else ''}"
-            f"{domain.metric.label} after n plain gradient steps on the support set")
+            f"{domain.metric.label} after n {steps} on the support set")
 
 
 def _learned_rates_used(cfg: TrainConfig) -> bool:
@@ -48,7 +49,8 @@ def rates_line(info: Mapping[str, Any] | None) -> str | None:
     return describe_rates(info)
 
 
-def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], tasks: int, step_source: str) -> str:
+def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], tasks: int, step_source: str,
+                adaptation: str = "gradient") -> str:
     """The protocol, the step size and a table of every metric after each number of adaptation steps.
 
     With learned inner rates (and no ``test_step``) the step line says that the adaptation used them, times
@@ -65,12 +67,17 @@ def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], ta
         rows.append(row)
     step = (f"test step: the learned inner rates ({_rates_name(cfg)}) x {summary['step_size']:.4g} ({step_source})"
             if _learned_rates_used(cfg) else f"test step size {summary['step_size']:.4g} ({step_source})")
-    return "\n".join([_protocol(domain, cfg, tasks), step, table(headers, rows)])
+    return "\n".join([_protocol(domain, cfg, tasks, adaptation), step, table(headers, rows)])
 
 
-def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None) -> str:
-    """Where the meta-test step size came from, in words."""
+def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None, adaptation: str = "gradient") -> str:
+    """Where the meta-test step size came from, in words (``adaptation="stages"``: each step is the tableau's
+    stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`)."""
     learned = getattr(run_cfg, "learn_rates", None) is not None
+    if adaptation == "stages":
+        what = "--test-step as h" if test_step is not None else (
+            "the learned rates" if learned else f"h = {run_cfg.inner_lr:g}")
+        return f"each step is the tableau's stages up to its last stage's point, with {what}, docs/method.md"
     if test_step is not None:
         return "--test-step, in place of the learned rates" if learned else "--test-step"
     if learned:

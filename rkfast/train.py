@@ -484,8 +484,9 @@ def _output_to(out: AdaptationOutput, device: torch.device | str) -> AdaptationO
 
 
 def evaluate_tasks(opt: MetaOptimizer, chunks: Sequence[Any], steps: Sequence[int],
-                   step_size: float | None) -> AdaptationOutput:
-    """Meta-test ``opt`` on every chunk of tasks and join the per-task results.
+                   step_size: float | None, adaptation: str = "gradient") -> AdaptationOutput:
+    """Meta-test ``opt`` on every chunk of tasks and join the per-task results (``adaptation``: plain
+    gradient steps or the tableau's stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`).
 
     With a distributed ``opt`` (:attr:`~rkfast.optim.MetaOptimizer.distributed`, more than one rank) this is a
     collective: every rank passes the same chunks, the pieces of :func:`eval_pieces` are adapted round robin
@@ -496,14 +497,16 @@ def evaluate_tasks(opt: MetaOptimizer, chunks: Sequence[Any], steps: Sequence[in
     """
     parallel = opt.distributed
     if parallel is None or parallel.world_size == 1:
-        return AdaptationOutput.cat([opt.evaluate(t, steps=steps, step_size=step_size) for t in chunks])
+        return AdaptationOutput.cat([opt.evaluate(t, steps=steps, step_size=step_size, adaptation=adaptation)
+                                     for t in chunks])
     world, rank = parallel.world_size, parallel.rank
     pieces = eval_pieces(chunks, world)
     mine: list[tuple[int, AdaptationOutput]] = []
     error: Exception | None = None
     try:
         for i in range(rank, len(pieces), world):
-            mine.append((i, _output_to(opt.evaluate(pieces[i], steps=steps, step_size=step_size), "cpu")))
+            mine.append((i, _output_to(opt.evaluate(pieces[i], steps=steps, step_size=step_size,
+                                                    adaptation=adaptation), "cpu")))
     except Exception as err:  # reported through the gather, re-raised below: no rank waits for this one
         error = err
     sent: tuple[str, Any] = ("failed", f"{type(error).__name__}: {error}") if error is not None else ("ok", mine)
