@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="b of the learned tableaus: the starting tableau's (fixed, default) or tied to A by the "
                         "order conditions (order; docs/method.md says why it can leave the region where the "
                         "meta-loss is bounded below)")
+    p.add_argument("--stage-eval", type=_variants, default=("rk4", "learned-2", "learned-4"),
+                   help="variants also meta-tested with the tableau's own stages (rkfast eval --adaptation stages), "
+                        "as extra rows (default: rk4,learned-2,learned-4)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p
 
@@ -184,6 +187,71 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def learned_values(folders: list[Path]) -> list[dict[str, Any]]:
+    """Per run: the learned coefficients at the end of training (results.json's ``rates`` and
+    ``learned_tableau``), for the runs that learned any."""
+    out = []
+    for f in folders:
+        res = json.loads((f / "results.json").read_text())
+        if res.get("learned_tableau") or (res.get("rates") and res["rates"].get("granularity")):
+            out.append({"seed": res["config"]["seed"], "rates": res.get("rates"),
+                        "learned_tableau": res.get("learned_tableau")})
+    return out
+
+
+def selected_runs(folder: Path, data: dict[str, Any]) -> list[Path]:
+    """The run folders of a comparison's selected h, one per seed (finished ones only)."""
+    h = data["table"][0].get("selected_inner_lr")
+    if h is None and "grid" not in data:
+        h = data["config"].get("inner_lr") or get_domain(DOMAIN).defaults.inner_lr
+    return [folder / r["folder"] for r in data.get("runs", [])
+            if r.get("folder") and r["config"].get("inner_lr") == h and r["status"] == "complete"]
+
+
+def pooled(losses: list[Any], steps: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Per reported step count, over the seeds' test tasks pooled: mean ± 95% CI, the number of tasks whose
+    loss is finite (an adaptation that diverged on some tasks makes the mean non-finite) and the median."""
+    import torch
+
+    from rkfast.results import mean_ci95
+
+    out: dict[str, dict[str, Any]] = {}
+    for n in REPORTED_STEPS:
+        if n not in steps:
+            continue
+        values = torch.cat([l[list(steps).index(n)].double().reshape(-1) for l in losses])
+        finite = torch.isfinite(values)
+        mean, ci = mean_ci95(values) if bool(finite.all()) else (float("nan"), float("nan"))
+        out[str(n)] = {"mean": float(mean), "ci95": float(ci), "tasks": int(values.numel()),
+                       "finite_tasks": int(finite.sum()),
+                       "median": float(values[finite].median()) if bool(finite.any()) else float("nan")}
+    return out
+
+
+def task_statistics(folders: list[Path]) -> dict[str, dict[str, Any]]:
+    """:func:`pooled` over the meta-test losses the runs saved in their checkpoints (the default protocol)."""
+    from rkfast.runs import load_checkpoint
+
+    tests = [load_checkpoint(f / "checkpoint.pt")["test"] for f in folders]
+    return pooled([t["losses"] for t in tests], list(tests[0]["steps"])) if tests else {}
+
+
+def stage_statistics(folders: list[Path], test_tasks: int) -> dict[str, dict[str, Any]]:
+    """The runs meta-tested again on the same test tasks with the tableau's own stages
+    (``evaluate(adaptation="stages")``, docs/method.md), pooled as :func:`pooled`."""
+    from rkfast.train import evaluate_tasks, load_run, task_chunks, task_generator
+
+    losses, steps = [], list(get_domain(DOMAIN).defaults.test_steps)
+    for f in folders:
+        cfg, opt, _ = load_run(f)
+        domain = get_domain(cfg.domain)
+        defaults = domain.defaults_for(cfg.options)
+        chunks = task_chunks(domain.make_tasks(cfg.options, "test", opt.device), test_tasks, defaults.eval_chunk,
+                             task_generator(cfg.test_seed, "test"))
+        losses.append(evaluate_tasks(opt, chunks, steps, None, "stages").losses.cpu())
+    return pooled(losses, [0, *steps]) if losses else {}  # the losses' rows: before adaptation, then each count
+
+
 def _fmt(stats: dict[str, Any] | None) -> str:
     if not stats:
         return "—"
@@ -212,16 +280,20 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], settings: dict[s
         "(Student t, n-1 dof), and the per-seed min..max. Train s: mean training seconds of one run with the "
         "selected h (all runs of the variant, h selection included, in the JSON).",
         "",
-        "| shots | variant | h | MSE @1 | MSE @10 | seed spread @1 | train s/run | published MSE @1 (Li et al. 2017) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shots | variant | h | MSE @1 | MSE @10 | median @1 / @10 | finite tasks @10 | seed spread @1 | train s/run "
+        "| published MSE @1 (Li et al. 2017) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         mse = r.get("mse", {})
         h = r.get("selected_inner_lr")
         published = PUBLISHED.get(r["variant"], {}).get(str(r["shots"])) if r["variant"] in ("maml", "meta-sgd") else None
+        tasks = r.get("tasks", {})
+        medians = " / ".join(f"{tasks[n]['median']:.3f}" if n in tasks else "—" for n in ("1", "10"))
+        finite = f"{tasks['10']['finite_tasks']}/{tasks['10']['tasks']}" if "10" in tasks else "—"
         cells = [str(r["shots"]), r["variant"], "—" if h is None else f"{h:g}",
                  _fmt(mse.get("1")) if r["status"] == "complete" else r["status"], _fmt(mse.get("10")),
-                 _spread(mse.get("1")),
+                 medians, finite, _spread(mse.get("1")),
                  "—" if r.get("train_time_s_per_run") is None else f"{r['train_time_s_per_run']:.1f}",
                  "—" if published is None else f"{published[0]:.2f} ± {published[1]:.2f} (published)"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -306,8 +378,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for shots, variant, argv_, folder in plan:
         data = json.loads((folder / "compare.json").read_text())
-        results.append({"shots": shots, "variant": variant, "compare": str(folder / "compare.json"),
-                        "command": shlex.join(["python", "-m", "rkfast", *argv_]), **summarize(data)})
+        runs = selected_runs(folder, data)
+        entry = {"shots": shots, "variant": variant, "compare": str(folder / "compare.json"),
+                 "command": shlex.join(["python", "-m", "rkfast", *argv_]), **summarize(data),
+                 "tasks": task_statistics(runs), "learned": learned_values(runs)}
+        results.append(entry)
+        if variant in args.stage_eval and runs:
+            print(f"[{shots}-shot {variant}] meta-test with the tableau's stages", flush=True)
+            stats = stage_statistics(runs, args.test_tasks)
+            results.append({**entry, "variant": f"{variant} (stages)", "adaptation": "stages",
+                            "mse": {n: {**v, "seed_ci95": None, "seed_min": v["mean"], "seed_max": v["mean"]}
+                                    for n, v in stats.items()}, "tasks": stats})
     settings = {"domain": DOMAIN, "order": "second", "shots": list(args.shots), "grid": list(args.grid),
                 "seeds": list(args.seeds), "iterations": args.iterations,
                 "meta_batch": args.meta_batch or domain.defaults.meta_batch, "test_tasks": args.test_tasks,

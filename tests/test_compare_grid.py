@@ -246,7 +246,7 @@ def test_study_driver_on_a_tiny_budget(tmp_path: Path, capsys) -> None:
     out, js = tmp_path / "study", tmp_path / "results" / "study.json"
     argv = ["--shots", "5", "--iterations", "2", "--seeds", "0,1", "--grid", "0.01,0.02", "--test-tasks", "4",
             "--eval-tasks", "4", "--meta-batch", "2", "--variants", "heun,maml,meta-sgd", "--out", str(out),
-            "--json", str(js)]
+            "--json", str(js), "--stage-eval", "heun"]
     assert study.main([*argv, "--dry-run"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
     assert len(commands) == 3 and all(c.startswith("python -m rkfast compare sinusoid") for c in commands)
@@ -258,8 +258,15 @@ def test_study_driver_on_a_tiny_budget(tmp_path: Path, capsys) -> None:
     data = json.loads(js.read_text())
     assert data["budget"] == {"iterations": 2, "meta_batch": 2, "training_tasks_per_run": 4}
     assert data["published"]["maml"]["5"] == [1.13, 0.18] and data["published"]["meta-sgd"]["20"] == [0.31, 0.05]
-    assert [(r["shots"], r["variant"]) for r in data["results"]] == [(5, "maml"), (5, "meta-sgd"), (5, "heun")]
-    for r in data["results"]:
+    assert [(r["shots"], r["variant"]) for r in data["results"]] == [(5, "maml"), (5, "meta-sgd"), (5, "heun"),
+                                                                     (5, "heun (stages)")]
+    # heun's last stage is one plain step of h from theta: its own stages adapt exactly as the default does
+    heun, stages = data["results"][2], data["results"][3]
+    assert stages["adaptation"] == "stages" and stages["tasks"]["1"]["mean"] == pytest.approx(heun["tasks"]["1"]["mean"])
+    assert heun["tasks"]["1"]["tasks"] == 8 and heun["tasks"]["1"]["finite_tasks"] <= 8
+    assert heun["tasks"]["1"]["mean"] == pytest.approx(heun["mse"]["1"]["mean"])
+    assert data["results"][1]["learned"] and data["results"][1]["learned"][0]["rates"]["granularity"] == "element"
+    for r in data["results"][:3]:
         assert r["status"] == "complete" and r["selected_inner_lr"] in (0.01, 0.02) and r["seeds"] == [0, 1]
         assert set(r["mse"]) == {"1", "10"}
         for stats in r["mse"].values():
