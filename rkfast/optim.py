@@ -136,7 +136,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             may become zero or negative). They are leaf tensors in their own, last, param group of the outer
             optimizer (``lr=rate_lr``, ``weight_decay=0`` where the optimizer has one), so schedulers, the
             outer update and its state dict cover them; :attr:`rates` reads them. Meta-test
-            (:meth:`evaluate`) adapts with them. Not with ``capture`` or a process group (``ValueError``).
+            (:meth:`evaluate`) adapts with them. With a process group their direction is reduced with the
+            parameters'; with ``capture`` they are part of the CUDA graph.
         per_stage_rates: one set of rates per slope of the tableau (for ``maml(k)``: one per inner step,
             MAML++'s per-step rates); needs ``learn_rates``.
         rate_lr: the outer learning rate of the rates (default: ``lr``): finite, ``>= 0``; needs ``learn_rates``.
@@ -263,19 +264,13 @@ class MetaOptimizer(torch.optim.Optimizer):
                                        stages=self.tableau.stages, frozen=frozen_rates, dtype=self.dtype,
                                        device=self.device)
             if self._rates.learned:
-                group: dict[str, Any] = {"params": list(self._rates.tensors),
-                                         "lr": lr if rate_lr is None else float(rate_lr)}
-                if "weight_decay" in optimizer.defaults:
-                    group["weight_decay"] = 0.0
-                optimizer.add_param_group(group)
+                _add_coefficient_group(optimizer, self._rates.tensors, lr if rate_lr is None else float(rate_lr))
         self._learned_tableau: LearnedTableau | None = None
         if learn_tableau is not None:
             self._learned_tableau = LearnedTableau(self.tableau, learn_tableau, tableau_weights, dtype=self.dtype,
                                                    device=self.device)
-            group = {"params": list(self._learned_tableau.tensors), "lr": lr if tableau_lr is None else float(tableau_lr)}
-            if "weight_decay" in optimizer.defaults:
-                group["weight_decay"] = 0.0
-            optimizer.add_param_group(group)
+            _add_coefficient_group(optimizer, self._learned_tableau.tensors,
+                                   lr if tableau_lr is None else float(tableau_lr))
         self._outer = OuterUpdate(optimizer, self._flat, self._coefficient_tensors())
         self._norm_layers = RF.has_norm_layers(model)
         self._model_call = RF.model_call(model, batch_statistics=self.batch_statistics)
@@ -293,12 +288,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                              f"got {learn_rates!r}")
         if learn_rates is None and per_stage_rates:
             raise ValueError("per_stage_rates=True needs learn_rates ('scalar', 'tensor' or 'element')")
-        if rate_lr is not None:
-            if learn_rates is None:
-                raise ValueError("rate_lr is the learning rate of learned rates: it needs learn_rates")
-            if isinstance(rate_lr, bool):
-                raise ValueError(f"rate_lr must be a finite, non-negative number, got {rate_lr!r}")
-            check_lr(rate_lr, "rate_lr")
+        _check_coefficient_lr("rate_lr", rate_lr, learn_rates is not None, "learned rates: it needs learn_rates")
         if frozen_rates is not None and not isinstance(frozen_rates, Mapping):
             raise ValueError(f"frozen_rates must be a mapping {{name or glob: rate}}, got {frozen_rates!r}")
 
@@ -312,12 +302,8 @@ class MetaOptimizer(torch.optim.Optimizer):
                              f"got {tableau_weights!r}")
         if learn_tableau is None and tableau_weights != "fixed":
             raise ValueError(f"tableau_weights={tableau_weights!r} needs learn_tableau ('pattern' or 'full')")
-        if tableau_lr is not None:
-            if learn_tableau is None:
-                raise ValueError("tableau_lr is the learning rate of a learned tableau: it needs learn_tableau")
-            if isinstance(tableau_lr, bool):
-                raise ValueError(f"tableau_lr must be a finite, non-negative number, got {tableau_lr!r}")
-            check_lr(tableau_lr, "tableau_lr")
+        _check_coefficient_lr("tableau_lr", tableau_lr, learn_tableau is not None,
+                              "a learned tableau: it needs learn_tableau")
         if learn_tableau is not None and self._capture is not None and self.first_order:
             raise ValueError(f"learn_tableau={learn_tableau!r} with capture={self._capture.mode!r} needs second order: "
                              "the first-order step reads the tableau's weights b on the host, which a CUDA graph "
@@ -764,7 +750,7 @@ class MetaOptimizer(torch.optim.Optimizer):
                     scaled = self._rates.fixed_vector() / self.inner_lr  # 1 where not frozen: step_size exactly
                     rates = lambda n: scaled  # noqa: E731
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
-        stages = RF.StageMap.of(tableau, rates) if by_stages else None
+        stages = RF.StageMap(tableau, rates) if by_stages else None
         return RF.adapt(
             self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, alpha, steps,
             vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params,
@@ -788,8 +774,9 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The outer optimizer's state dict plus ``"rkfast"``: tableau, ``inner_lr``, ``first_order`` and,
-        with learned or frozen rates, ``"rates"`` (their configuration and values; their outer-optimizer
-        state is in the outer state dict, as their param group)."""
+        with learned or frozen rates, ``"rates"``, and with a learned tableau, ``"learned_tableau"`` (their
+        configuration and values; their outer-optimizer state is in the outer state dict, as their param
+        groups)."""
         sd = self.outer_optimizer.state_dict()
         sd["rkfast"] = self._meta_state()
         return sd
@@ -832,6 +819,27 @@ class MetaOptimizer(torch.optim.Optimizer):
             f"MetaOptimizer(tableau={self.tableau.name}, inner_lr={self.inner_lr:g}, "
             f"first_order={self.first_order}, outer={self.outer_optimizer!r})"
         )
+
+
+def _check_coefficient_lr(name: str, value: Any, learned: bool, what: str) -> None:
+    """The learning rate ``name`` of learned coefficients: given only with them (``learned``; ``what`` says
+    which), and a finite, non-negative number (``ValueError`` otherwise)."""
+    if value is None:
+        return
+    if not learned:
+        raise ValueError(f"{name} is the learning rate of {what}")
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
+    check_lr(value, name)
+
+
+def _add_coefficient_group(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor], lr: Any) -> None:
+    """The learned coefficients' own param group: their learning rate, and no weight decay where the
+    optimizer has one (it would pull the rates and entries to zero)."""
+    group: dict[str, Any] = {"params": list(tensors), "lr": lr}
+    if "weight_decay" in optimizer.defaults:
+        group["weight_decay"] = 0.0
+    optimizer.add_param_group(group)
 
 
 def _task_count(tasks: TaskBatch | TaskSet) -> int:
