@@ -226,7 +226,7 @@ def stage_points(
             continue
         coefs = tableau.coefficients(j)
         shared = not coefs
-        terms: tuple[tuple[int, float, Tensor], ...] = ()
+        terms: tuple[tuple[int, Any, Tensor, Tensor], ...] = ()
         if shared:
             point = theta
         elif rates is not None:
@@ -454,8 +454,7 @@ def rk_meta_step(
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
     tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     rule = FirstOrderDirection if first_order else SecondOrderDirection
-    direction = rule(theta, tasks, backend, workspace, rates, learned) if rates is not None or learned is not None \
-        else rule(theta, tasks, backend, workspace)
+    direction = rule(theta, tasks, backend, workspace, rates, learned)
     with direction.grad_mode():
         rate_of, matrix, weights = None, None, list(tab.b)
         # first order: nothing is differentiated through the coefficients (their directions are formulas)
@@ -564,36 +563,33 @@ class StageMap:
     stage, whose point is the adapted parameters (what :func:`adapt` uses with ``stages=``).
 
     Attributes:
-        A: the stage matrix (rows of floats: a fixed or a learned tableau's current values).
+        tableau: a fixed tableau, or a learned one at its current values (``LearnedTableau.current()``).
         rates: per-slope rate vectors ``rates(l) [N]`` (learned inner rates), or ``None``: the step ``h``.
     """
 
-    A: Sequence[Sequence[float]]
+    tableau: Tableau
     rates: Callable[[int], Tensor] | None = None
-
-    @classmethod
-    def of(cls, tableau: Tableau, rates: Callable[[int], Tensor] | None = None) -> StageMap:
-        return cls(tableau.A, rates)
 
     def last_point(self, params: Tensor, shared: bool, h: float, tasks: TaskMap, support_loss: TaskLoss,
                    support_data: TaskData) -> Tensor:
         """The last stage's point from ``params`` (no graph kept; per-step layers use stage ``j``'s row)."""
-        s = len(self.A)
         slopes: dict[int, Tensor] = {}
-        needed = {l for j in range(s) for l in range(j) if self.A[j][l] != 0.0}
-        for j in range(s):
-            point, point_shared = params, shared
-            for l in range(j):
-                if self.A[j][l] != 0.0:
-                    step = (h if self.rates is None else h * self.rates(l).detach()) * self.A[j][l]
-                    point, point_shared = point - step * slopes[l], False
-            if j == s - 1:
-                return point
-            if j in needed:
+
+        def point(j: int) -> tuple[Tensor, bool]:
+            p, p_shared = params, shared
+            for l, a in self.tableau.coefficients(j):
+                step = h if self.rates is None else h * self.rates(l).detach()
+                p, p_shared = p - (step * a) * slopes[l], False
+            return p, p_shared
+
+        last = self.tableau.stages - 1
+        for j in range(last):
+            if self.tableau.needs_support_grad[j]:
+                p, p_shared = point(j)
                 with at_step(j):
-                    data = tasks.data(support_data, j, point, point_shared)
-                    slopes[j] = tasks.grads(support_loss, point, data, point_shared, create_graph=False)
-        return params  # (unreachable: s >= 1)
+                    data = tasks.data(support_data, j, p, p_shared)
+                    slopes[j] = tasks.grads(support_loss, p, data, p_shared, create_graph=False)
+        return point(last)[0]
 
 
 # -- losses over a module's functional call -------------------------------------------------------------

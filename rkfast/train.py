@@ -279,10 +279,9 @@ def _group_lr(opt: MetaOptimizer, tensors: Sequence[torch.Tensor]) -> float | No
     return None
 
 
-def tableau_summary(learned: LearnedTableau) -> dict[str, list[Any]]:
-    """``{"A": [[...]], "b": [...]}``: the learned tableau at its current values (7 significant digits)."""
-    values = learned.values()
-    return {"A": [[_rate(x) for x in row] for row in values["A"]], "b": [_rate(x) for x in values["b"]]}
+def tableau_summary(tableau: Tableau) -> dict[str, list[Any]]:
+    """``{"A": [[...]], "b": [...]}`` of a tableau (a learned one's ``current()``), 7 significant digits."""
+    return {"A": [[_rate(x) for x in row] for row in tableau.A], "b": [_rate(x) for x in tableau.b]}
 
 
 def learned_tableau_info(opt: MetaOptimizer) -> dict[str, Any] | None:
@@ -296,7 +295,7 @@ def learned_tableau_info(opt: MetaOptimizer) -> dict[str, Any] | None:
     current = learned.current()
     return {"pattern": learned.pattern, "weights": learned.weights_mode,
             "tableau_lr": _group_lr(opt, learned.tensors), "base": learned.base.name,
-            "entries": [list(e) for e in learned.entries], **tableau_summary(learned),
+            "entries": [list(e) for e in learned.entries], **tableau_summary(current),
             "order": current.order, "test_step": _rate(current.test_step(opt.inner_lr))}
 
 
@@ -677,7 +676,7 @@ class _Training:
             self.rate_history.append({"iteration": self.done, "values": rate_summary(rates)})
         learned = self.opt.learned_tableau
         if learned is not None:
-            self.tableau_history.append({"iteration": self.done, **tableau_summary(learned)})
+            self.tableau_history.append({"iteration": self.done, **tableau_summary(learned.current())})
         if not self.val:
             return
         domain, metric = self.domain, self.domain.metric
