@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import shlex
 import sys
 import time
@@ -209,20 +210,22 @@ def selected_runs(folder: Path, data: dict[str, Any]) -> list[Path]:
 
 
 def pooled(losses: list[Any], steps: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Per reported step count, over the seeds' test tasks pooled: mean ± 95% CI, the number of tasks whose
-    loss is finite (an adaptation that diverged on some tasks makes the mean non-finite) and the median."""
+    """Per reported step count, over the seeds' test tasks pooled (:func:`rkfast.report.pooled_tables`): mean ±
+    95% CI, and beside them the number of tasks whose loss is finite (an adaptation that diverged on some tasks
+    makes the mean non-finite) and the median of those."""
     import torch
 
-    from rkfast.results import mean_ci95
+    from rkfast.report import pooled_tables
 
+    stats = pooled_tables(losses, steps)
     out: dict[str, dict[str, Any]] = {}
     for n in REPORTED_STEPS:
-        if n not in steps:
+        if n not in stats:
             continue
         values = torch.cat([l[list(steps).index(n)].double().reshape(-1) for l in losses])
         finite = torch.isfinite(values)
-        mean, ci = mean_ci95(values) if bool(finite.all()) else (float("nan"), float("nan"))
-        out[str(n)] = {"mean": float(mean), "ci95": float(ci), "tasks": int(values.numel()),
+        mean, ci = (stats[n]["mean"], stats[n]["ci95"]) if bool(finite.all()) else (math.nan, math.nan)
+        out[str(n)] = {"mean": float(mean), "ci95": float(ci), "tasks": stats[n]["n"],
                        "finite_tasks": int(finite.sum()),
                        "median": float(values[finite].median()) if bool(finite.any()) else float("nan")}
     return out

@@ -14,7 +14,7 @@ from .tasks import Domain
 from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates
 
 __all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source",
-           "rates_line", "GridGroup", "pooled_summary", "t_quantile_975", "grid_report", "grid_rows", "selection_line",
+           "rates_line", "GridGroup", "pooled_summary", "pooled_tables", "t_quantile_975", "grid_report", "grid_rows", "selection_line",
            "SPREAD_NOTE"]
 
 
@@ -235,8 +235,13 @@ def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
     half-width of the mean of the seed means, n-1 dof; ``None`` with one seed), ``seed_min``, ``seed_max``."""
     if not runs:
         return {}
-    steps = runs[0].test.steps  # type: ignore[union-attr]
-    tables = [_metric_table(r).detach().double().cpu() for r in runs]
+    return pooled_tables([_metric_table(r) for r in runs], runs[0].test.steps)  # type: ignore[union-attr]
+
+
+def pooled_tables(tables: Sequence[torch.Tensor], steps: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """:func:`pooled_summary` of per-seed tables ``[len(steps), tasks]`` of the metric (row ``i``: after
+    ``steps[i]`` adaptation steps)."""
+    tables = [t.detach().double().cpu() for t in tables]
     out: dict[int, dict[str, Any]] = {}
     for i, n in enumerate(steps):
         pooled = torch.cat([t[i] for t in tables])
