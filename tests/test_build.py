@@ -247,3 +247,18 @@ def test_a_build_without_a_working_compiler_installs_and_records_why(tmp_path, m
     (package / cpp.BUILD_RECORD).write_text(json.dumps(record))
     _simulate(monkeypatch, package, found=False)
     assert f"rkfast._C was not built when rkfast was installed: {REASON}" in _auto_warning()
+
+
+# -- the package's type hints (PEP 561) --------------------------------------------------------------------
+
+
+def test_the_package_marks_itself_typed():
+    assert (Path(rkfast.__file__).parent / "py.typed").is_file()
+
+
+@needs_setuptools
+def test_the_wheel_carries_py_typed(tmp_path, no_pybind11):
+    done, out = _build_wheel(tmp_path, **no_pybind11)  # without pybind11: nothing to compile, a quick build
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, names = _wheel_record(out)
+    assert "rkfast/py.typed" in names
