@@ -22,7 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from setuptools import Extension, setup
 
@@ -157,7 +157,7 @@ class OptionalBuildExt(build_ext):
         self._record_written = False
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any build failure leaves the pure-PyTorch fallback
+        except Exception as exc:  # any build failure leaves the pure-PyTorch fallback
             self.inplace = inplace
             reason = exc.reason if isinstance(exc, CppBuildFailed) else f"{type(exc).__name__}: {_describe(exc)}"
             output = exc.output if isinstance(exc, CppBuildFailed) else ""

@@ -3,8 +3,9 @@ their validation (every problem is reported before a step changes anything)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -73,7 +74,7 @@ class TaskBatch(NamedTuple):
             raise KeyError(f"the torchmeta batch has no {' or '.join(map(repr, missing))} split "
                            f"(keys: {list(batch)}); 'train' is the support set and 'test' the query set")
         parts = (*_split_pair(batch, "train"), *_split_pair(batch, "test"))
-        num_tasks = {name: int(t.shape[0]) for name, t in zip(cls._fields, parts)}
+        num_tasks = {name: int(t.shape[0]) for name, t in zip(cls._fields, parts, strict=True)}
         if len(set(num_tasks.values())) != 1:
             raise ValueError(f"task dimension (dim 0) differs across the torchmeta batch: {num_tasks}")
         return cls(*parts)
@@ -96,7 +97,7 @@ class TaskBatch(NamedTuple):
             raise ValueError("from_tasks needs at least one task")
         for i, task in enumerate(fields):
             _check_like_first(i, task, fields[0])
-        return cls(*(torch.stack(column) for column in zip(*fields)))
+        return cls(*(torch.stack(column) for column in zip(*fields, strict=True)))
 
 
 def _split_pair(batch: Mapping[str, Sequence[Tensor]], split: str) -> tuple[Tensor, Tensor]:
@@ -105,7 +106,7 @@ def _split_pair(batch: Mapping[str, Sequence[Tensor]], split: str) -> tuple[Tens
     if isinstance(pair, Tensor) or len(pair) != 2 or not all(isinstance(t, Tensor) for t in pair):
         raise TypeError(f"torchmeta batch[{split!r}] must be an (inputs, targets) pair of tensors, "
                         f"got {type(pair).__name__}")
-    for name, t in zip(("inputs", "targets"), pair):
+    for name, t in zip(("inputs", "targets"), pair, strict=True):
         if t.dim() < 2:
             raise ValueError(f"torchmeta batch[{split!r}] {name} need a task and an example dimension [T, K, ...], "
                              f"got shape {tuple(t.shape)}")
@@ -118,18 +119,18 @@ def _task_fields(index: int, task: Sequence[Tensor]) -> tuple[Tensor, Tensor, Te
     if len(parts) != 4 or not all(isinstance(t, Tensor) for t in parts):
         raise TypeError(f"task {index} must be (support_x, support_y, query_x, query_y) tensors, "
                         f"got {type(task).__name__}" + (f" of {len(parts)}" if parts else ""))
-    for name, t in zip(TaskBatch._fields, parts):
+    for name, t in zip(TaskBatch._fields, parts, strict=True):
         if t.dim() < 1:
             raise ValueError(f"task {index}'s {name} needs an example dimension [K, ...], got a 0-d tensor")
     for side, x, y in (("support", parts[0], parts[1]), ("query", parts[2], parts[3])):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"task {index} has {x.shape[0]} {side} inputs but {y.shape[0]} {side} targets")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def _check_like_first(index: int, task: Sequence[Tensor], first: Sequence[Tensor]) -> None:
     """Task ``index`` stacks with task 0: same device, dtype, example counts and example shapes per field."""
-    for name, t, t0 in zip(TaskBatch._fields, task, first):
+    for name, t, t0 in zip(TaskBatch._fields, task, first, strict=True):
         if t.device != t0.device:
             raise RuntimeError(f"task {index}'s {name} is on {t.device}, task 0's on {t0.device}: "
                                "move every task to one device")
@@ -142,7 +143,7 @@ def _check_like_first(index: int, task: Sequence[Tensor], first: Sequence[Tensor
                 f"task {index} has {x.shape[0]} {side} examples, task 0 has {x0.shape[0]}: tasks of one TaskBatch "
                 "need equal counts; group tasks by shot count into separate batches (or pad)"
             )
-    for name, t, t0 in zip(TaskBatch._fields, task, first):
+    for name, t, t0 in zip(TaskBatch._fields, task, first, strict=True):
         if t.shape[1:] != t0.shape[1:]:
             raise ValueError(f"task {index}'s {name} has examples of shape {tuple(t.shape[1:])}, task 0's "
                              f"{tuple(t0.shape[1:])}: every task's examples need one shape")
@@ -180,7 +181,7 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
                 f"got {type(batch).__name__}"
             )
     names = TaskBatch._fields
-    for name, t in zip(names, parts):
+    for name, t in zip(names, parts, strict=True):
         if not isinstance(t, Tensor):
             raise TypeError(f"batch.{name} must be a tensor, got {type(t).__name__}")
         if t.dim() < 2:
@@ -190,12 +191,12 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
         if t.device != device:
             raise RuntimeError(f"batch.{name} is on {t.device} but the model's parameters are on {device}")
         _check_not_inference(t, f"batch.{name}")
-    for name, t in zip(names, parts):
+    for name, t in zip(names, parts, strict=True):
         if t.is_floating_point() and t.dtype != dtype:
             raise TypeError(f"batch.{name} has dtype {t.dtype} but the model's parameters are {dtype}")
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"batch.{name} must hold real numbers or integer class indices, got {t.dtype}")
-    num_tasks = {name: int(t.shape[0]) for name, t in zip(names, parts)}
+    num_tasks = {name: int(t.shape[0]) for name, t in zip(names, parts, strict=True)}
     if len(set(num_tasks.values())) != 1:
         raise ValueError(f"task dimension (dim 0) differs across the batch: {num_tasks}")
     if parts[0].shape[0] == 0:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +46,8 @@ class ParamLayout:
 
     def unflatten(self, row: Tensor) -> dict[str, Tensor]:
         """Views of a flat ``row [N]`` (or ``[..., N]``) as the named parameter shapes."""
-        chunks = torch.split(row, self.numels, dim=-1)
+        chunks = row.split(self.numels, dim=-1)
         lead = tuple(row.shape[:-1])
         # one size tuple, not unpacked arguments: a 0-d parameter of a flat vector is view(()), and
         # view() with no arguments at all is not a call torch accepts
-        return {n: c.view(lead + tuple(s)) for n, c, s in zip(self.names, chunks, self.shapes)}
+        return {n: c.view(lead + tuple(s)) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}

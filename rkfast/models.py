@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -15,7 +16,7 @@ def sinusoid_mlp(hidden: Sequence[int] = (40, 40)) -> nn.Sequential:
     """The sinusoid regression MLP of Finn et al. 2017: ``1 -> 40 -> 40 -> 1`` with ReLU."""
     sizes = [1, *hidden]
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
 

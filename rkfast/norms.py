@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ def batch_statistics(layers: nn.Module | Iterable[_NormBase]) -> Iterator[None]:
     finally:
         for m, tracked, buffers in saved:
             m.track_running_stats = tracked
-            for name, buffer in zip(_SWITCHED, buffers):
+            for name, buffer in zip(_SWITCHED, buffers, strict=True):
                 setattr(m, name, buffer)
 
 

@@ -3,7 +3,7 @@
 A tableau ``(A, b)`` is data: the generic RK meta-step in :mod:`rkfast.functional` reads it and
 nothing else, so MAML, Heun, RK4 and any user-defined explicit scheme run through the same code.
 
-Stage ``j`` of a task evaluates the support gradient at ``theta - h * sum_{l<j} A[j][l] * k_l`` and the
+Stage ``j`` of a task evaluates the support gradient at ``theta - h * sum_{i<j} A[j][i] * k_i`` and the
 meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see ``docs/method.md``). A tableau has at most
 :data:`MAX_STAGES` stages.
 """
@@ -15,9 +15,11 @@ import numbers
 import re
 import sys
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Mapping, Sequence
+from types import FrameType
+from typing import Any
 
 __all__ = [
     "Tableau",
@@ -100,7 +102,8 @@ def _as_float_vector(b: Any, what: str = "tableau b") -> tuple[float, ...]:
 
 def _caller_stacklevel() -> int:
     """``warnings.warn`` stacklevel of the first frame outside this module (the user's call)."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame, level = frame.f_back, level + 1
     return level
@@ -152,11 +155,11 @@ class Tableau:
                 )
         if len(b) != s:
             raise ValueError(f"tableau b has {len(b)} entries but A has {s} stages: len(b) must equal s")
-        bad = [f"A[{j}][{l}]" for j in range(s) for l in range(s) if not math.isfinite(A[j][l])]
+        bad = [f"A[{j}][{i}]" for j in range(s) for i in range(s) if not math.isfinite(A[j][i])]
         bad += [f"b[{j}]" for j in range(s) if not math.isfinite(b[j])]
         if bad:
             raise ValueError(f"tableau entries must be finite; non-finite: {', '.join(bad)}")
-        upper = [f"A[{j}][{l}]={A[j][l]:g}" for j in range(s) for l in range(j, s) if A[j][l] != 0.0]
+        upper = [f"A[{j}][{i}]={A[j][i]:g}" for j in range(s) for i in range(j, s) if A[j][i] != 0.0]
         if upper:
             raise ValueError(
                 "tableau A must be strictly lower triangular (explicit RK); non-zero entries on or above "
@@ -202,18 +205,18 @@ class Tableau:
         return len(self.b)
 
     def coefficients(self, j: int) -> list[tuple[int, float]]:
-        """The non-zero ``(l, A[j][l])`` of stage ``j`` (0-based): the earlier slopes its point uses."""
-        return [(l, a) for l, a in enumerate(self.A[j][:j]) if a != 0.0]
+        """The non-zero ``(i, A[j][i])`` of stage ``j`` (0-based): the earlier slopes its point uses."""
+        return [(i, a) for i, a in enumerate(self.A[j][:j]) if a != 0.0]
 
     @property
     def last_reader(self) -> tuple[int, ...]:
-        """Per stage ``j``: the last stage whose point uses the slope ``k_j`` (a non-zero ``A[l][j]``), or -1."""
+        """Per stage ``j``: the last stage whose point uses the slope ``k_j`` (a non-zero ``A[i][j]``), or -1."""
         s = self.stages
-        return tuple(max((l for l in range(j + 1, s) if self.A[l][j] != 0.0), default=-1) for j in range(s))
+        return tuple(max((i for i in range(j + 1, s) if self.A[i][j] != 0.0), default=-1) for j in range(s))
 
     @property
     def needs_support_grad(self) -> tuple[bool, ...]:
-        """Per stage: is its support gradient ``k_j`` used by a later stage (a non-zero ``A[l][j]``)?"""
+        """Per stage: is its support gradient ``k_j`` used by a later stage (a non-zero ``A[i][j]``)?"""
         return tuple(last >= 0 for last in self.last_reader)
 
     @property
@@ -264,7 +267,7 @@ class Tableau:
 
     def describe(self) -> str:
         """One line: name, stages, order, non-zero ``A`` entries and ``b``."""
-        entries = [f"A{j + 1}{l + 1}={_fmt(a)}" for j in range(self.stages) for l, a in self.coefficients(j)]
+        entries = [f"A{j + 1}{i + 1}={_fmt(a)}" for j in range(self.stages) for i, a in self.coefficients(j)]
         return (
             f"{self.name}: s={self.stages}, order={self.order}, "
             f"A: {', '.join(entries) or '-'}; b=({', '.join(_fmt(x) for x in self.b)})"
@@ -285,7 +288,7 @@ def _order(A: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> int:
     c = [math.fsum(row) for row in A]
 
     def dot(u: Sequence[float], v: Sequence[float]) -> float:
-        return math.fsum(x * y for x, y in zip(u, v))
+        return math.fsum(x * y for x, y in zip(u, v, strict=True))
 
     def matvec(v: Sequence[float]) -> list[float]:
         return [dot(A[j], v) for j in range(s)]
@@ -299,7 +302,7 @@ def _order(A: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> int:
         [(dot(b, c2), 1 / 3), (dot(b, Ac), 1 / 6)],
         [
             (dot(b, c3), 1 / 4),
-            (dot(b, [ci * aci for ci, aci in zip(c, Ac)]), 1 / 8),
+            (dot(b, [ci * aci for ci, aci in zip(c, Ac, strict=True)]), 1 / 8),
             (dot(b, matvec(c2)), 1 / 12),
             (dot(b, matvec(Ac)), 1 / 24),
         ],
@@ -340,11 +343,11 @@ def _exact(x: float) -> str:
 def _maml_matrix(steps: int, what: str) -> tuple[tuple[float, ...], ...]:
     s = steps + 1
     _check_stages(s, what)
-    return tuple(tuple(1.0 if l < j else 0.0 for l in range(s)) for j in range(s))
+    return tuple(tuple(1.0 if i < j else 0.0 for i in range(s)) for j in range(s))
 
 
 def maml(steps: int = 1) -> Tableau:
-    """MAML with ``steps`` inner gradient steps of size ``h``: ``A[j][l] = 1`` for ``l < j``, ``b = e_s``.
+    """MAML with ``steps`` inner gradient steps of size ``h``: ``A[j][i] = 1`` for ``i < j``, ``b = e_s``.
 
     Raises:
         TableauTypeError: ``steps`` is not an integer (``2.0``, ``"2"``, ``True``).

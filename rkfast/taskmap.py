@@ -15,8 +15,9 @@ stage's (detached) parameters, as reinforcement learning does with rollouts of e
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,12 +38,12 @@ __all__ = [
 ]
 
 Metrics = dict[str, Tensor]
-TaskLoss = Callable[[Tensor, Any], Union[Tensor, tuple[Tensor, Metrics]]]
+TaskLoss = Callable[[Tensor, Any], Tensor | tuple[Tensor, Metrics]]
 """``loss(row[N], one_task_data) -> scalar`` or ``(scalar, {name: scalar})``.
 
 A loss may carry ``has_norm_layers = False`` to say it calls no batch/instance/layer norm, which lets
 the vectorized path skip the exact-norm rewrite (:mod:`rkfast._norms`); without it the rewrite is on."""
-TaskData = Union[Any, Callable[[int, Tensor], Any]]
+TaskData = Any | Callable[[int, Tensor], Any]
 """A pytree with the task dimension first, or ``data(stage, params[T, N]) -> pytree``."""
 Randomness = Literal["error", "different", "same"]
 
@@ -136,7 +137,7 @@ def _vmap_unsupported(err: BaseException) -> VmapUnsupportedError:
     )
 
 
-def _is_vmap_limitation(err: RuntimeError, probe: Optional[Callable[[], Any]]) -> bool:
+def _is_vmap_limitation(err: RuntimeError, probe: Callable[[], Any] | None) -> bool:
     """Whether ``err``, raised under vmap, is vmap's: its message says so, or (``probe``) the same
     computation for one task without vmap succeeds (an in-place write into an unbatched tensor, as
     ``nn.GRU``'s backward does, reads like a plain shape error)."""
@@ -146,7 +147,7 @@ def _is_vmap_limitation(err: RuntimeError, probe: Optional[Callable[[], Any]]) -
         return False
     try:
         probe()
-    except Exception:  # the task fails without vmap too: the error is the model's or the loss's own
+    except Exception:  # noqa: BLE001 - the task fails without vmap too: the error is the model's or the loss's own
         return False
     return True
 
@@ -158,7 +159,7 @@ def _task(data: Any, i: int) -> Any:
 def _stack(outs: list[Any]) -> Any:
     leaves = [tree_flatten(o) for o in outs]
     spec = leaves[0][1]
-    columns = zip(*(lv for lv, _ in leaves))
+    columns = zip(*(lv for lv, _ in leaves), strict=True)
     return spec.unflatten([torch.stack(list(c)) for c in columns])
 
 
@@ -200,7 +201,7 @@ class TaskMap:
         return run
 
     @contextmanager
-    def vmap_errors(self, probe: Optional[Callable[[], Any]] = None) -> Iterator[None]:
+    def vmap_errors(self, probe: Callable[[], Any] | None = None) -> Iterator[None]:
         """On the ``vmap`` path, re-raise an error of vmap's own (see :func:`_is_vmap_limitation`; ``probe``
         recomputes one task without vmap) as :class:`VmapUnsupportedError`; other errors pass unchanged."""
         if not self.vectorize:

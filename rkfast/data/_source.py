@@ -7,9 +7,10 @@ preprocessing scripts) and returned as ``uint8 [channels, size, size]``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image

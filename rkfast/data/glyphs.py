@@ -215,7 +215,7 @@ def font_dir() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _face_code_points(face: str) -> frozenset[int]:
     path = font_dir() / face
     if not path.is_file():
@@ -223,7 +223,7 @@ def _face_code_points(face: str) -> frozenset[int]:
     return frozenset(ft2font.FT2Font(str(path)).get_charmap())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(face: str, pixels: int) -> ImageFont.FreeTypeFont:
     # BASIC layout: one code point, one glyph, no shaping, whether or not Raqm is installed (Arabic letters
     # are drawn in their isolated forms).
@@ -348,11 +348,11 @@ def glyph_catalog() -> tuple[GlyphClass, ...]:
                 if cell is not None:
                     faces.append(face)
                     first = cell if first is None else first
-        if faces:
+        if first is not None:  # some face draws it
             classes.append(GlyphClass(alphabet, code_point, tuple(faces)))
             first_drawings.append(_normalized(first, _CATALOG_FONT_PX, _CATALOG_SIDE))
     keep = _drop_lookalikes(np.stack(first_drawings))
-    return tuple(glyph for glyph, kept in zip(classes, keep) if kept)
+    return tuple(glyph for glyph, kept in zip(classes, keep, strict=True) if kept)
 
 
 def alphabet_sizes() -> dict[str, int]:
@@ -445,8 +445,8 @@ def _stroked_sources(classes: tuple[GlyphClass, ...], choices: list[_DrawingChoi
     source_index: dict[tuple[int, int], int] = {}  # (row of glyph_images, stroke) -> source
     sources: list[tuple[int, int]] = []
     source_of_drawing = []
-    for glyph, choice in zip(classes, choices):
-        for face_index, stroke in zip(choice.face.tolist(), choice.stroke.tolist()):
+    for glyph, choice in zip(classes, choices, strict=True):
+        for face_index, stroke in zip(choice.face.tolist(), choice.stroke.tolist(), strict=True):
             face = glyph.faces[face_index]
             if (glyph.code_point, face) not in image_index:
                 image_index[glyph.code_point, face] = len(glyph_images)

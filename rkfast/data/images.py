@@ -7,7 +7,6 @@ once, and the arrays are cached on disk (:mod:`rkfast.data.cache`), so a second 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -31,7 +31,7 @@ these kernels: without autograd they call the backend directly; with autograd, `
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -167,5 +167,5 @@ def axpy_(theta: Tensor, d: Tensor, alpha: float, *, backend: Backend = "auto") 
     alpha = floats("alpha", [alpha])[0]
     resolved = resolve_backend(backend, theta.device, theta.dtype)
     with torch.no_grad():
-        dispatch.run(dispatch.AXPY, resolved, (theta, d.contiguous(), alpha))
+        dispatch.run_in_place(dispatch.AXPY, resolved, (theta, d.contiguous(), alpha))
     return theta

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,8 +27,10 @@ def check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
         raise RuntimeError(f"{name} is on {t.device}, {ref_name} on {ref.device}: they must be on one device")
 
 
-def check_list(name: str, tensors: Sequence[Tensor], scalars: Sequence[float], scalar_name: str) -> list[Tensor]:
-    """A non-empty list of ``[T, N]`` tensors of one shape, dtype and device, one per scalar; made contiguous."""
+def check_list(name: str, tensors: Sequence[Tensor], scalars: Sequence[float] | Sequence[Tensor],
+               scalar_name: str) -> list[Tensor]:
+    """A non-empty list of ``[T, N]`` tensors of one shape, dtype and device, one per entry of ``scalars`` (the
+    coefficients that go with them: numbers, or coefficient vectors); made contiguous."""
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or len(tensors) == 0:
         raise ValueError(f"{name} must be a non-empty list of [T, N] tensors")
     if len(scalars) != len(tensors):

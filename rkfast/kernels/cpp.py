@@ -18,8 +18,8 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 from urllib.parse import unquote, urlparse
 
 import torch
@@ -132,6 +132,13 @@ def status() -> tuple[bool, str]:
     return (True, "") if _C is not None else (False, str(IMPORT_ERROR))
 
 
+def _extension() -> ModuleType:
+    """The loaded extension; the kernels below run only once :func:`status` said it is usable."""
+    if _C is None:
+        raise RuntimeError(f"rkfast's C++ kernels are not available: {IMPORT_ERROR}")
+    return _C
+
+
 def _dtype(t: Tensor) -> str:
     return "float64" if t.dtype == torch.float64 else "float32"
 
@@ -142,29 +149,32 @@ def _tasks_and_n(t: Tensor) -> tuple[int, int]:
 
 def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float], out: Tensor) -> None:
     tasks, n = _tasks_and_n(out)
-    _C.stage_point(_dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes], [float(c) for c in coefs],
-                   out.data_ptr(), tasks, n, torch.get_num_threads())
+    _extension().stage_point(
+        _dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes], [float(c) for c in coefs], out.data_ptr(),
+        tasks, n, torch.get_num_threads())
 
 
 def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
                           grad_slopes: Sequence[Tensor]) -> None:
     tasks, n = _tasks_and_n(grad_out)
-    _C.stage_point_backward(_dtype(grad_out), grad_out.data_ptr(), [float(c) for c in coefs],
-                            0 if grad_theta is None else grad_theta.data_ptr(),
-                            [g.data_ptr() for g in grad_slopes], tasks, n, torch.get_num_threads())
+    _extension().stage_point_backward(
+        _dtype(grad_out), grad_out.data_ptr(), [float(c) for c in coefs],
+        0 if grad_theta is None else grad_theta.data_ptr(), [g.data_ptr() for g in grad_slopes], tasks, n,
+        torch.get_num_threads())
 
 
 def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor) -> None:
     tasks, n = _tasks_and_n(out)
-    _C.stage_point_elementwise(_dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes],
-                               [c.data_ptr() for c in coefs], out.data_ptr(), tasks, n, torch.get_num_threads())
+    _extension().stage_point_elementwise(
+        _dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes], [c.data_ptr() for c in coefs],
+        out.data_ptr(), tasks, n, torch.get_num_threads())
 
 
 def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
                                       grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
                                       grad_coefs: Sequence[Tensor] | None) -> None:
     tasks, n = _tasks_and_n(grad_out)
-    _C.stage_point_elementwise_backward(
+    _extension().stage_point_elementwise_backward(
         _dtype(grad_out), grad_out.data_ptr(), [k.data_ptr() for k in slopes] if grad_coefs else [],
         [c.data_ptr() for c in coefs] if grad_slopes else [], 0 if grad_theta is None else grad_theta.data_ptr(),
         [g.data_ptr() for g in grad_slopes or ()], [g.data_ptr() for g in grad_coefs or ()], tasks, n,
@@ -173,9 +183,11 @@ def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor]
 
 def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
     tasks, n = _tasks_and_n(grads[0])
-    _C.combine(_dtype(out), [g.data_ptr() for g in grads], [float(w) for w in weights], out.data_ptr(),
-               tasks, n, torch.get_num_threads())
+    _extension().combine(
+        _dtype(out), [g.data_ptr() for g in grads], [float(w) for w in weights], out.data_ptr(), tasks, n,
+        torch.get_num_threads())
 
 
 def axpy_(theta: Tensor, d: Tensor, alpha: float) -> None:
-    _C.axpy(_dtype(theta), theta.data_ptr(), d.data_ptr(), float(alpha), theta.numel(), torch.get_num_threads())
+    _extension().axpy(_dtype(theta), theta.data_ptr(), d.data_ptr(), float(alpha), theta.numel(),
+                      torch.get_num_threads())

@@ -15,7 +15,7 @@ allow autograd formulas on ops that mutate their inputs).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -26,8 +26,9 @@ __all__ = ["new_stage_point", "new_combine", "stage_point_autograd", "stage_poin
            "stage_point_elementwise_autograd", "stage_point_elementwise_grads", "StagePointElementwiseFunction"]
 
 
-def new_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float]) -> Tensor:
-    """An uninitialised buffer for ``stage_point``'s result: ``[T, N]`` like the slopes."""
+def new_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float] | Sequence[Tensor]) -> Tensor:
+    """An uninitialised buffer for ``stage_point``'s (or ``stage_point_elementwise``'s) result: ``[T, N]`` like
+    the slopes."""
     return torch.empty_like(slopes[0])
 
 

@@ -6,7 +6,7 @@ same order of operations the fused backends use, so float32 results agree to a f
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ def status() -> tuple[bool, str]:
 def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float], out: Tensor) -> None:
     """``out[t] = theta - sum_l coefs[l] * slopes[l][t]``."""
     torch.sub(theta, slopes[0], alpha=coefs[0], out=out)
-    for k, c in zip(slopes[1:], coefs[1:]):
+    for k, c in zip(slopes[1:], coefs[1:], strict=True):
         out.sub_(k, alpha=c)
 
 
@@ -36,14 +36,14 @@ def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: 
     """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``."""
     if grad_theta is not None:
         torch.sum(grad_out, 0, out=grad_theta)
-    for g, c in zip(grad_slopes, coefs):
+    for g, c in zip(grad_slopes, coefs, strict=True):
         torch.mul(grad_out, -c, out=g)
 
 
 def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor) -> None:
     """``out[t] = theta - sum_l coefs[l] * slopes[l][t]``, ``coefs[l]`` an ``[N]`` vector (elementwise)."""
     torch.addcmul(theta, coefs[0], slopes[0], value=-1, out=out)
-    for k, c in zip(slopes[1:], coefs[1:]):
+    for k, c in zip(slopes[1:], coefs[1:], strict=True):
         out.addcmul_(c, k, value=-1)
 
 
@@ -54,11 +54,12 @@ def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor]
     ``grad_coefs[l] = -sum_t grad_out[t] * slopes[l][t]`` (each skipped when ``None``)."""
     if grad_theta is not None:
         torch.sum(grad_out, 0, out=grad_theta)
-    for g, c in zip(grad_slopes or (), coefs):
-        torch.mul(grad_out, c, out=g).neg_()
+    if grad_slopes:
+        for g, c in zip(grad_slopes, coefs, strict=True):
+            torch.mul(grad_out, c, out=g).neg_()
     if grad_coefs:
         product = torch.empty_like(grad_out)  # one temporary for all slopes
-        for g, k in zip(grad_coefs, slopes):
+        for g, k in zip(grad_coefs, slopes, strict=True):
             torch.sum(torch.mul(grad_out, k, out=product), 0, out=g).neg_()
 
 
@@ -68,7 +69,7 @@ def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> 
     out.mul_(weights[0])
     if len(grads) > 1:
         column_sum = torch.empty_like(out)  # one temporary for all streams
-        for g, w in zip(grads[1:], weights[1:]):
+        for g, w in zip(grads[1:], weights[1:], strict=True):
             out.add_(torch.sum(g, 0, out=column_sum), alpha=w)
 
 

@@ -131,7 +131,8 @@ def runnable_targets(fused_only: bool = True) -> list[tuple[str, str]]:
 def _auto(device_type: str, dtype: torch.dtype) -> str:
     """What ``backend="auto"`` gives for tensors of ``device_type`` and ``dtype`` (see resolve_backend)."""
     for name, path in REGISTRY.items():
-        module = sys.modules.get(path)  # as in _load, without its call: every "auto" op call runs this loop
+        # as in _load, without its call: every "auto" op call runs this loop
+        module = cast("KernelBackend | None", sys.modules.get(path))
         if module is None:
             module, _ = _load(name)  # a backend that does not import cannot declare a preference
         if module is not None and device_type in module.AUTO_FOR:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 import os
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
-
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # Triton decides at decoration time whether a kernel is interpreted, so the setting at import is the one
 # that counts.

@@ -9,8 +9,9 @@ step (MuJoCo through gymnasium).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor

@@ -22,16 +22,16 @@ gymnasium and mujoco are an optional extra (``pip install 'rkfast[rl]'``); they 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .env import check_rollout_args, finite_field, unit_task_draws
-
 from ..data.images import DataError
+from .env import check_rollout_args, finite_field, unit_task_draws
 from .navigation import Trajectories
 
 __all__ = ["HalfCheetahTasks", "CONTROL_COST", "ENV_IDS", "episode_seeds"]
@@ -232,16 +232,15 @@ class HalfCheetahTasks:
         low, high = space.low.astype(np.float64), space.high.astype(np.float64)
         # the task of each simulator, in the simulators' order (task-major)
         targets = np.repeat(tasks[:, 0].detach().to("cpu", torch.float64).numpy(), episodes)
-        like = dict(dtype=tasks.dtype, device=tasks.device)
-        with torch.no_grad():
-            observations = torch.empty((num_tasks, episodes, horizon, obs_dim), **like)
-            actions = torch.empty((num_tasks, episodes, horizon, act_dim), **like)
+        with torch.no_grad():  # the records take the tasks' dtype and device
+            observations = tasks.new_empty((num_tasks, episodes, horizon, obs_dim))
+            actions = tasks.new_empty((num_tasks, episodes, horizon, act_dim))
             rewards = np.empty((count, horizon))
-            current = np.stack([sim.reset(seed=s)[0] for sim, s in zip(simulators, seeds)])
+            current = np.stack([sim.reset(seed=s)[0] for sim, s in zip(simulators, seeds, strict=True)])
             positions = np.empty(count)
             velocities = np.empty(count)
             for time in range(horizon):
-                observations[:, :, time] = torch.from_numpy(current).view(num_tasks, episodes, obs_dim).to(**like)
+                observations[:, :, time] = torch.from_numpy(current).view(num_tasks, episodes, obs_dim).to(tasks)
                 # the actor gets its own copy: one that keeps or edits its input cannot alter the record
                 step_actions = act(observations[:, :, time].clone())
                 if step_actions.shape != (num_tasks, episodes, act_dim):
@@ -258,6 +257,6 @@ class HalfCheetahTasks:
                     rewards[:, time] = targets * velocities - control
                 else:
                     rewards[:, time] = -np.abs(velocities - targets) - control
-            reward_tensor = torch.from_numpy(rewards).view(num_tasks, episodes, horizon).to(**like)
-            final_positions = torch.from_numpy(positions).view(num_tasks, episodes, 1).to(**like)
+            reward_tensor = torch.from_numpy(rewards).view(num_tasks, episodes, horizon).to(tasks)
+            final_positions = torch.from_numpy(positions).view(num_tasks, episodes, 1).to(tasks)
         return Trajectories(observations, actions, reward_tensor, final_positions)

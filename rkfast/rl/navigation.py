@@ -12,8 +12,9 @@ steps: with no early termination every episode of a batch has the same length, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -170,13 +171,12 @@ class PointNavigation:
         """
         check_rollout_args(goals, 2, episodes, "goals")
         num_tasks, horizon = goals.shape[0], self.horizon
-        like = dict(dtype=goals.dtype, device=goals.device)
-        with torch.no_grad():
-            observations = torch.empty((num_tasks, episodes, horizon, 2), **like)
-            actions = torch.empty((num_tasks, episodes, horizon, 2), **like)
-            rewards = torch.empty((num_tasks, episodes, horizon), **like)
+        with torch.no_grad():  # the records take the goals' dtype and device
+            observations = goals.new_empty((num_tasks, episodes, horizon, 2))
+            actions = goals.new_empty((num_tasks, episodes, horizon, 2))
+            rewards = goals.new_empty((num_tasks, episodes, horizon))
             episode_goals = goals[:, None, :]
-            positions = torch.zeros((num_tasks, episodes, 2), **like)
+            positions = goals.new_zeros((num_tasks, episodes, 2))
             for time in range(horizon):
                 observations[:, :, time] = positions
                 # the actor gets its own copy: one that keeps or edits its input cannot alter the record

@@ -3,9 +3,10 @@ action sampling for ``T`` tasks at once, each with its own flat parameter row.""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from numbers import Real
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,17 +60,17 @@ class GaussianMLPPolicy(nn.Module):
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) \
                 or not all(_is_positive_int(width) for width in hidden):
             raise ValueError(f"GaussianMLPPolicy hidden must be a sequence of positive integers, got {hidden!r}")
-        for name, value in (("init_std", init_std), ("max_action", max_action)):
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) \
-                    or value <= 0:
-                raise ValueError(f"GaussianMLPPolicy {name} must be a positive finite number, got {value!r}")
+        for name, number in (("init_std", init_std), ("max_action", max_action)):
+            if isinstance(number, bool) or not isinstance(number, Real) or not math.isfinite(float(number)) \
+                    or number <= 0:
+                raise ValueError(f"GaussianMLPPolicy {name} must be a positive finite number, got {number!r}")
         if not isinstance(bounded_mean, bool):
             raise ValueError(f"GaussianMLPPolicy bounded_mean must be True or False, got {bounded_mean!r}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.max_action, self.bounded_mean = float(max_action), bounded_mean
         sizes = [obs_dim, *hidden]
         layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         self.mean = nn.Sequential(*layers, nn.Linear(sizes[-1], act_dim))
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std * max_action)))
