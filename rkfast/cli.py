@@ -1,4 +1,5 @@
-"""The ``rkfast`` command line: argument parsing over :mod:`rkfast.train` for every registered domain.
+"""The ``rkfast`` command line: argument parsing over :mod:`rkfast.train` (one run) and :mod:`rkfast.compare`
+(comparisons of tableaus) for every registered domain.
 
 ::
 
@@ -414,8 +415,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return out, resume, _compare_settings(out, resume, args)
 
     out, resume, settings = lead_decides(parallel, setup)
-    first_lr = {} if settings.inner_lrs is None else {"inner_lr": settings.inner_lrs[0]}
-    _check_parallel(replace(settings.config, tableau=settings.tableaus[0], **first_lr), parallel)
+    first_lr = settings.config.inner_lr if settings.inner_lrs is None else settings.inner_lrs[0]
+    _check_parallel(replace(settings.config, tableau=settings.tableaus[0], inner_lr=first_lr), parallel)
     try:
         result = compare(settings.config, settings.tableaus, out=out, inner_lrs=settings.inner_lrs,
                          seeds=settings.seeds, select_steps=settings.select_steps, resume=resume,

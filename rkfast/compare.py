@@ -37,7 +37,8 @@ from .tasks import get_domain
 from .train import RunDiverged, RunInterrupted, RunResult, TrainConfig, lead_decides, load_result, slug, train
 
 __all__ = ["compare", "CompareResult", "CompareSettings", "CompareInterrupted", "load_settings", "validation_score",
-           "select_inner_lr", "selection_steps", "check_grid", "grid_folder", "ARGUMENT_NAMES", "STATE_FILE"]
+           "select_inner_lr", "selection_steps", "check_grid", "grid_folder", "ARGUMENT_NAMES", "STATE_FILE",
+           "PLOT_FILE"]
 
 STATE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
