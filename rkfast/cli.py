@@ -1,4 +1,5 @@
-"""The ``rkfast`` command line: argument parsing over :mod:`rkfast.train` for every registered domain.
+"""The ``rkfast`` command line: argument parsing over :mod:`rkfast.train` (one run) and :mod:`rkfast.compare`
+(comparisons of tableaus) for every registered domain.
 
 ::
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import shlex
@@ -42,13 +42,15 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 import torch
 
 from . import kernels
-from .optim import NonFiniteLossError
-from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
-from .report import (GridGroup, compare_report, compare_rows, grid_report, grid_rows, rates_line, run_line,
-                     selection_line, step_source, test_report, train_report)
+from .compare import (PLOT_FILE, STATE_FILE, CompareInterrupted, CompareSettings, check_grid, compare, load_settings,
+                      selection_steps)
 from .data.images import DataError
 from .distributed import RankFailedError, TaskParallel, resolve_process_group
-from .runs import RunError, RunFolder, load_checkpoint, write_json
+from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
+from .optim import NonFiniteLossError
+from .plots import write_run_plots
+from .report import rates_line, step_source, test_report, train_report
+from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Domain, domains, get_domain
 from .train import (
@@ -59,9 +61,7 @@ from .train import (
     check_device,
     evaluate_tasks,
     lead_decides,
-    load_result,
     load_run,
-    TABLEAU_PLOT,
     describe_learned_tableau,
     learned_tableau_info,
     rates_info,
@@ -78,6 +78,8 @@ _OPTION_DEST = "domain_option_"  # argparse dest prefix of a domain's own option
 _GIVEN = "_given_options"  # where the parser records which options were typed (resuming keeps the others)
 DIST_TIMEOUT_ENV = "RKFAST_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
 DEFAULT_DIST_TIMEOUT_S = 300.0
+# how the checks of a grid comparison name its settings here (rkfast.compare.check_grid)
+COMPARE_FLAGS = {"inner_lrs": "--inner-lr H,H,...", "eval_tasks": "--eval-tasks", "select_steps": "--select-steps "}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,19 +152,6 @@ def _checked(cfg: TrainConfig) -> TrainConfig:
     except ValueError as err:
         raise CommandError(str(err)) from None
     return cfg
-
-
-def _write_plots(run: RunResult, out: Path) -> list[Path]:
-    from . import plots
-
-    makers = {"training.png": plots.plot_training, **run.domain.plots}
-    if run.rate_history:  # learned inner rates
-        makers["rates.png"] = plots.plot_rates
-    if run.tableau_history:  # learned tableau
-        makers[TABLEAU_PLOT] = plots.plot_learned_tableau
-    for name, make in makers.items():
-        make(run, out / name)
-    return [out / name for name in makers]
 
 
 def _run_folder(args: argparse.Namespace, default: str) -> tuple[Path, bool]:
@@ -335,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         d = run.distributed
         print(f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
               f"{', '.join(map(str, d['meta_batch_per_rank']))}")
-    written = [out / "results.json", out / "checkpoint.pt", *_write_plots(run, out)]
+    written = [out / "results.json", out / "checkpoint.pt", *write_run_plots(run, out)]
     if run.best is not None:
         written.insert(2, out / "best.pt")
     print(f"wrote {', '.join(map(str, written))}")
@@ -350,52 +339,45 @@ def _compare_seeds(args: argparse.Namespace) -> tuple[int, ...]:
     return tuple(args.seeds) if args.seeds is not None else (args.seed,)
 
 
-def _compare_state(out: Path, resume: bool, args: argparse.Namespace
-                   ) -> tuple[dict[str, Any], list[Tableau], dict[str, Any] | None]:
-    """The comparison's settings: from ``compare.json`` when resuming, else from the command line.
+def _resumed_compare(out: Path, args: argparse.Namespace, typed_lrs: list[float] | None) -> CompareSettings:
+    """The settings of the comparison saved in ``out`` with the options typed on this command line laid over
+    them (those that define the comparison must be the saved ones: said in the flags' terms)."""
+    saved, given = load_settings(out), _given(args)
+    tableaus = saved.tableaus
+    cfg = _resumed_config(args, saved.config, tableau=tableaus[0])
+    if "tableaus" in given and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
+        raise CommandError(f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; "
+                           "drop --tableaus to resume it")
+    if saved.inner_lrs is None or saved.seeds is None:
+        if typed_lrs is not None and len(typed_lrs) > 1:
+            raise CommandError(f"the comparison in {out} has one inner step, not a grid; drop --inner-lr to "
+                               "resume it")
+        if "seeds" in given and list(args.seeds) != [saved.config.seed]:
+            raise CommandError(f"the comparison in {out} trains seed {saved.config.seed}; drop --seeds to resume it")
+        if typed_lrs is not None:
+            cfg = replace(cfg, inner_lr=typed_lrs[0])
+        return CompareSettings(_checked(cfg), tableaus)
+    lrs, seeds = saved.inner_lrs, saved.seeds
+    if typed_lrs is not None and [float(h) for h in typed_lrs] != lrs:
+        raise CommandError(f"the comparison in {out} runs the inner steps "
+                           f"{','.join(f'{h:g}' for h in lrs)}; drop --inner-lr to resume it")
+    if ("seeds" in given and list(args.seeds) != seeds) or "seed" in given:
+        raise CommandError(f"the comparison in {out} trains the seeds {','.join(map(str, seeds))}; "
+                           "drop --seed/--seeds to resume it")
+    if "select_steps" in given and args.select_steps != saved.select_steps:
+        raise CommandError(f"the comparison in {out} selects h after {saved.select_steps} step(s); drop "
+                           "--select-steps to resume it")
+    cfg = _checked(cfg)
+    return CompareSettings(cfg, tableaus, lrs, seeds, _check_grid(cfg, lrs, saved.select_steps))
 
-    Returns the base configuration (JSON), the tableaus, and the grid: ``None`` for one inner step and one seed
-    (one run per tableau, as always), else ``{"inner_lr": [h, ...], "seeds": [s, ...]}`` (the configuration's
-    ``inner_lr`` is then ``None`` and its ``seed`` the first seed; every run sets its own)."""
-    state_file = out / "compare.json"
-    given = _given(args)
-    typed_lrs = args.inner_lrs if "inner_lrs" in given else None
+
+def _compare_settings(out: Path, resume: bool, args: argparse.Namespace) -> CompareSettings:
+    """The comparison's settings: from ``compare.json`` when resuming, else from the command line. Without a
+    grid (one inner step, one seed) ``inner_lrs`` and ``seeds`` are ``None`` and the configuration holds them;
+    with one, the configuration's ``inner_lr`` is ``None`` and its ``seed`` the first seed."""
+    typed_lrs = [float(h) for h in args.inner_lrs] if "inner_lrs" in _given(args) else None
     if resume:
-        try:
-            saved = json.loads(state_file.read_text())
-            base = TrainConfig(**saved["config"])
-            tableaus = [get_tableau(name) for name in saved["tableaus"]]
-            grid = saved.get("grid")
-            if grid is not None:
-                grid = {"inner_lr": [float(h) for h in grid["inner_lr"]], "seeds": [int(s) for s in grid["seeds"]],
-                        "select_steps": grid.get("select_steps")}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CommandError(f"{state_file} is not a readable rkfast comparison "
-                               f"({type(err).__name__}: {err})") from None
-        cfg = _resumed_config(args, base, tableau=tableaus[0])
-        if "tableaus" in given and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
-            raise CommandError(f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; "
-                               "drop --tableaus to resume it")
-        if grid is None:
-            if typed_lrs is not None and len(typed_lrs) > 1:
-                raise CommandError(f"the comparison in {out} has one inner step, not a grid; drop --inner-lr to "
-                                   "resume it")
-            if "seeds" in given and list(args.seeds) != [base.seed]:
-                raise CommandError(f"the comparison in {out} trains seed {base.seed}; drop --seeds to resume it")
-            if typed_lrs is not None:
-                cfg = replace(cfg, inner_lr=typed_lrs[0])
-            return _checked(cfg).to_json(), tableaus, None
-        if typed_lrs is not None and [float(h) for h in typed_lrs] != grid["inner_lr"]:
-            raise CommandError(f"the comparison in {out} runs the inner steps "
-                               f"{','.join(f'{h:g}' for h in grid['inner_lr'])}; drop --inner-lr to resume it")
-        if ("seeds" in given and list(args.seeds) != grid["seeds"]) or "seed" in given:
-            raise CommandError(f"the comparison in {out} trains the seeds {','.join(map(str, grid['seeds']))}; "
-                               "drop --seed/--seeds to resume it")
-        if "select_steps" in given and args.select_steps != grid["select_steps"]:
-            raise CommandError(f"the comparison in {out} selects h after {grid['select_steps']} step(s); drop "
-                               "--select-steps to resume it")
-        _check_grid(_checked(replace(cfg, inner_lr=grid["inner_lr"][0])), grid["inner_lr"], grid["select_steps"])
-        return _checked(cfg).to_json(), tableaus, grid
+        return _resumed_compare(out, args, typed_lrs)
     names = [t.name for t in args.tableaus]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -406,223 +388,50 @@ def _compare_state(out: Path, resume: bool, args: argparse.Namespace
         cfg = replace(cfg, inner_lr=typed_lrs[0])
     cfg = _checked(replace(cfg, seed=seeds[0]))
     if (typed_lrs is None or len(typed_lrs) == 1) and len(seeds) == 1:
-        return cfg.to_json(), list(args.tableaus), None
-    lrs = [float(h) for h in typed_lrs] if typed_lrs is not None else [float(cfg.resolved().inner_lr)]  # type: ignore[arg-type]
-    select = _select_steps(cfg, args.select_steps)
-    _check_grid(cfg, lrs, select)
-    return (replace(cfg, inner_lr=None).to_json(), list(args.tableaus),
-            {"inner_lr": lrs, "seeds": list(seeds), "select_steps": select})
+        return CompareSettings(cfg, list(args.tableaus))
+    lrs = typed_lrs if typed_lrs is not None else [float(cfg.resolved().inner_lr)]  # type: ignore[arg-type]
+    select = _check_grid(cfg, lrs, args.select_steps)
+    return CompareSettings(replace(cfg, inner_lr=None), list(args.tableaus), lrs, list(seeds), select)
 
 
-def _select_steps(cfg: TrainConfig, given: int | None) -> int:
-    """The adaptation step count whose held-out result selects h: ``--select-steps``, which must be one of
-    the domain's held-out evaluation step counts, or by default the last of them."""
-    resolved = cfg.resolved()
-    counts = get_domain(resolved.domain).defaults_for(resolved.options).eval_steps
-    if given is None:
-        return int(counts[-1])
-    if given not in counts:
-        raise CommandError(f"--select-steps {given}: the held-out evaluations of this domain adapt "
-                           f"{', '.join(map(str, counts))} step(s); select on one of them")
-    return int(given)
-
-
-def _check_grid(cfg: TrainConfig, lrs: Sequence[float], select_steps: int | None = None) -> None:
-    """A grid of several inner steps is selected on the held-out tasks: ``cfg`` must evaluate some, after
-    ``select_steps`` adaptation steps (one of the domain's held-out step counts)."""
-    if len(lrs) > 1 and not cfg.resolved().eval_tasks:
-        raise CommandError("a grid of inner steps (--inner-lr H,H,...) is selected on the held-out tasks: "
-                           "--eval-tasks must be > 0")
-    if select_steps is not None:
-        _select_steps(cfg, select_steps)
-
-
-def _grid_folder(tableau: Tableau, inner_lr: float, seed: int) -> str:
-    """A grid run's folder in the comparison folder: ``<tableau>/h<h>-s<seed>`` (``heun/h0.02-s1``)."""
-    return f"{slug(tableau.name)}/{slug(f'h{float(inner_lr)!r}-s{seed}')}"
-
-
-def _compare_run(args: argparse.Namespace, cfg: TrainConfig, folder: RunFolder, resume: bool) -> RunResult | None:
-    """One run of a comparison in ``folder``: read back when it finished earlier (rank 0 alone: ``None`` on the
-    others), resumed from its checkpoint when it has one (with ``resume``), else trained. A diverged run is
-    returned as such; :class:`~rkfast.train.RunInterrupted` goes to the caller."""
-    parallel, lead = _parallel(args), _is_lead(args)
-    loaded: dict[str, RunResult] = {}
-
-    def saved_state() -> tuple[bool, bool]:
-        """(finished, has a checkpoint): a finished run's result is read here, on rank 0."""
-        has_checkpoint = resume and folder.checkpoint.exists()
-        finished = has_checkpoint and load_checkpoint(folder.checkpoint)["status"] in ("complete", "diverged")
-        if finished and lead:
-            loaded["run"] = load_result(folder.path)
-        return finished, has_checkpoint
-
+def _check_grid(cfg: TrainConfig, lrs: Sequence[float], select_steps: int | None) -> int:
+    """The held-out step count that selects h (``--select-steps``, or the domain's last), after the checks
+    of :func:`rkfast.compare.check_grid` said in the flags' terms."""
     try:
-        finished, has_checkpoint = lead_decides(parallel, saved_state)
-        return loaded.get("run") if finished else _train(cfg, folder.path, has_checkpoint, args)
-    except RunDiverged as err:
-        return err.result
-
-
-def validation_score(run: RunResult | None, steps: int | None = None) -> float | None:
-    """What a grid of inner steps selects on: the run's final held-out evaluation (the ``val`` stream of
-    ``test_seed``, never the test tasks), its primary metric after ``steps`` adaptation steps (default: the
-    domain's last evaluation step count). ``None`` for a run that did not complete, has no final held-out
-    evaluation, or a non-finite value."""
-    if run is None or run.status != "complete" or not run.evals or run.evals[-1]["iteration"] != run.iteration:
-        return None
-    steps = run.defaults.eval_steps[-1] if steps is None else steps
-    value = run.evals[-1][run.domain.metric.name].get(str(steps))
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def select_inner_lr(scores: dict[float, float | None], higher_is_better: bool) -> float | None:
-    """The inner step with the best validation score (lower, or higher for a metric where higher is better;
-    the first one listed among equals); ``None`` when no score is finite (every run diverged)."""
-    best: float | None = None
-    for h, score in scores.items():
-        if score is None:
-            continue
-        if best is None or (score > scores[best] if higher_is_better else score < scores[best]):  # type: ignore[operator]
-            best = h
-    return best
-
-
-def _compare_grid(args: argparse.Namespace, out: Path, config: dict[str, Any], tableaus: list[Tableau],
-                  grid: dict[str, Any], resume: bool) -> int:
-    """``rkfast compare`` over a grid of inner steps and several seeds: per tableau, every h with the first
-    seed, h selected on the held-out tasks (:func:`validation_score`), then the other seeds with that h; one
-    row per tableau over every seed (:func:`~rkfast.report.grid_report`), ``compare.json`` and the plot."""
-    from . import plots
-
-    parallel, lead = _parallel(args), _is_lead(args)
-    domain = get_domain(args.domain)
-    metric = domain.metric
-    lrs, seeds = [float(h) for h in grid["inner_lr"]], [int(s) for s in grid["seeds"]]
-    resolved = TrainConfig(**{**config, "tableau": tableaus[0], "inner_lr": lrs[0]}).resolved()
-    eval_step = grid.get("select_steps") or domain.defaults_for(resolved.options).eval_steps[-1]
-    groups: list[GridGroup] = []
-    selection = {"on": "held-out (validation) tasks: the 'val' stream of test_seed; test tasks are never read",
-                 "metric": metric.name, "steps": eval_step, "higher_is_better": metric.higher_is_better,
-                 "seed": seeds[0], "tasks": resolved.eval_tasks, "test_seed": resolved.test_seed,
-                 "when": "the final held-out evaluation, after the last meta-step"}
-
-    def write(status: str) -> None:
-        write_json(out / "compare.json", {
-            "status": status, "domain": args.domain, "config": config, "tableaus": [t.name for t in tableaus],
-            "grid": {"inner_lr": lrs, "seeds": seeds, "select_steps": eval_step}, "selection": selection,
-            "table": grid_rows(groups),
-            "runs": [{"folder": folder, **run.to_json()} for g in groups for folder, run in g.all_runs()]})
-
-    def one(group: GridGroup, h: float, seed: int) -> RunResult | None:
-        folder = _grid_folder(group.tableau, h, seed)
-        cfg = TrainConfig(**{**config, "tableau": group.tableau, "inner_lr": h, "seed": seed})
-        run = _compare_run(args, cfg, RunFolder(out / folder), resume)
-        if lead:
-            assert run is not None
-            group.folders[(h, seed)] = folder
-            print(f"[h={h:g}, seed {seed}] {run_line(run)}", flush=True)
-        return run
-
-    lead_decides(parallel, lambda: write("running"), f"write {out / 'compare.json'}")
-    for tableau in tableaus:
-        group = GridGroup(tableau, tuple(lrs), tuple(seeds))
-        groups.append(group)
-        try:
-            for h in lrs:
-                run = one(group, h, seeds[0])
-                if lead:
-                    group.search[h] = run  # type: ignore[assignment]
-            if len(lrs) > 1:
-                def decide() -> tuple[dict[float, float | None], float | None]:
-                    scores = {h: validation_score(group.search.get(h), eval_step) for h in lrs}
-                    return scores, select_inner_lr(scores, metric.higher_is_better)
-
-                group.scores, group.selected = lead_decides(parallel, decide)
-                if lead:
-                    print(selection_line(group, eval_step), flush=True)
-            else:
-                group.scores, group.selected = {lrs[0]: validation_score(group.search.get(lrs[0]), eval_step)}, lrs[0]
-            if group.selected is not None:
-                if lead:
-                    group.runs[seeds[0]] = group.search[group.selected]
-                for seed in seeds[1:]:
-                    run = one(group, group.selected, seed)
-                    if lead:
-                        group.runs[seed] = run  # type: ignore[assignment]
-        except RunInterrupted as stop:
-            if lead:
-                write("interrupted")
-                print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}",
-                      file=sys.stderr)
-            return 130
-        lead_decides(parallel, lambda: write("running"), f"write {out / 'compare.json'}")
-    if not lead:
-        return 0
-    print(grid_report(groups))
-    write("complete")
-    plots.plot_compare_grid(groups, out / "compare.png")
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.png'} and one run folder per tableau, inner step and seed "
-          f"({out}/<tableau>/h<h>-s<seed>)")
-    return 0
+        steps = selection_steps(replace(cfg, inner_lr=lrs[0]), select_steps, COMPARE_FLAGS)
+        check_grid(replace(cfg, inner_lr=lrs[0]), lrs, steps, COMPARE_FLAGS)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return steps
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``rkfast compare DOMAIN``: every tableau with the same seeds, each run in its own subfolder; one
-    table, JSON and plot. A diverged tableau is reported as such; the others keep their results.
-    With a grid of inner steps or several seeds (``--inner-lr H,H,...``, ``--seeds S,S,...``) see
-    :func:`_compare_grid`. Distributed: every run is task-parallel; rank 0 reads and writes the files and prints."""
-    from . import plots
-
+    """``rkfast compare DOMAIN``: :func:`rkfast.compare.compare` with the command line's settings; one table,
+    JSON and plot. Distributed: every run is task-parallel; rank 0 reads and writes the files and prints."""
     parallel, lead = _parallel(args), _is_lead(args)
 
-    def setup() -> tuple[Path, bool, dict[str, Any], list[Tableau], dict[str, Any] | None]:
+    def setup() -> tuple[Path, bool, CompareSettings]:
         out, resume = _run_folder(args, f"runs/compare-{args.domain}")
-        config, tableaus, grid = _compare_state(out, resume, args)
-        if grid is None:
-            folders = [RunFolder(out / slug(t.name)) for t in tableaus]
-        else:
-            folders = [RunFolder(out / _grid_folder(t, h, s)) for t in tableaus for h in grid["inner_lr"]
-                       for s in grid["seeds"]]
-        for f in [RunFolder(out, ("compare.json", "compare.png")), *folders]:
-            f.check_writable()
-        return out, resume, config, tableaus, grid
+        return out, resume, _compare_settings(out, resume, args)
 
-    out, resume, config, tableaus, grid = lead_decides(parallel, setup)
-    if grid is not None:
-        _check_parallel(TrainConfig(**{**config, "tableau": tableaus[0], "inner_lr": grid["inner_lr"][0]}), parallel)
-        return _compare_grid(args, out, config, tableaus, grid, resume)
-    _check_parallel(TrainConfig(**{**config, "tableau": tableaus[0]}), parallel)
-    folders = {t.name: RunFolder(out / slug(t.name)) for t in tableaus}
-    base = {**config, "tableau": None}
-
-    def write(status: str, runs: list[RunResult]) -> None:
-        write_json(out / "compare.json", {"status": status, "domain": args.domain, "config": base,
-                                          "tableaus": [t.name for t in tableaus], "table": compare_rows(runs),
-                                          "runs": [r.to_json() for r in runs]})
-
-    runs: list[RunResult] = []
-    lead_decides(parallel, lambda: write("running", runs), f"write {out / 'compare.json'}")
-    for tableau in tableaus:
-        cfg = TrainConfig(**{**config, "tableau": tableau})
-        try:
-            run = _compare_run(args, cfg, folders[tableau.name], resume)
-        except RunInterrupted as stop:
-            if lead:
-                write("interrupted", runs)
-                print(f"{tableau.name}: {stop}; resume the comparison with: {_resume_hint(args, out)}",
-                      file=sys.stderr)
-            return 130
+    out, resume, settings = lead_decides(parallel, setup)
+    first_lr = settings.config.inner_lr if settings.inner_lrs is None else settings.inner_lrs[0]
+    _check_parallel(replace(settings.config, tableau=settings.tableaus[0], inner_lr=first_lr), parallel)
+    try:
+        result = compare(settings.config, settings.tableaus, out=out, inner_lrs=settings.inner_lrs,
+                         seeds=settings.seeds, select_steps=settings.select_steps, resume=resume,
+                         overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+                         log=lambda line: print(line, flush=True))
+    except CompareInterrupted as stop:
         if lead:
-            assert run is not None
-            print(run_line(run), flush=True)
-            runs.append(run)
+            print(f"{stop}; resume the comparison with: {_resume_hint(args, out)}", file=sys.stderr)
+        return 130
     if not lead:
         return 0
-    print(compare_report(runs))
-    write("complete", runs)
-    plots.plot_compare(runs, out / "compare.png")
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.png'} and one run folder per tableau")
+    print(result.report())
+    folders = ("one run folder per tableau, inner step and seed "
+               f"({out}/<tableau>/h<h>-s<seed>)" if result.is_grid else "one run folder per tableau")
+    print(f"wrote {out / STATE_FILE}, {out / PLOT_FILE} and {folders}")
     return 0
 
 

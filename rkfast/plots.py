@@ -1,14 +1,15 @@
 """PNG plots of training runs (matplotlib, Agg canvas; no pyplot state, no global backend switch).
 
 The plots every domain gets (the training curve, the comparison of tableaus) live here; a domain's own
-plots live in its module (:mod:`rkfast.tasks`) and use :func:`new_figure` / :func:`save_figure`. Imported
-lazily, so ``import rkfast`` never loads matplotlib.
+plots live in its module (:mod:`rkfast.tasks`) and use :func:`new_figure` / :func:`save_figure`.
+:func:`write_run_plots` makes every plot of a finished run. ``import rkfast`` does not import this module, so it
+never loads matplotlib.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -16,11 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-if TYPE_CHECKING:
-    from .report import GridGroup
-    from .train import RunResult
+from .report import GridGroup, pooled_summary
+from .train import RATES_PLOT, TABLEAU_PLOT, RunResult
 
-__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare", "plot_compare_grid", "plot_rates"]
+__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare", "plot_compare_grid", "plot_rates",
+           "plot_learned_tableau", "write_run_plots"]
 
 
 def new_figure(**kwargs: Any) -> Figure:
@@ -130,8 +131,6 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
     steps with the selected h, the mean over seeds x test tasks with its 95% CI. Right: the final held-out
     score of each h (first seed) that selected it, the selected h circled; with one h, each seed's test
     metric after the first test step count instead. A tableau without a meta-test has only its right curve."""
-    from .report import pooled_summary
-
     first = next((r for g in groups for r in [*g.search.values(), *g.runs.values()]), None)
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -268,4 +267,14 @@ def plot_learned_tableau(history: Any, path: Path | str, info: dict[str, Any] | 
     save_figure(fig, path)
 
 
-__all__ += ["plot_learned_tableau"]
+def write_run_plots(run: RunResult, out: Path) -> list[Path]:
+    """Every plot of a finished run into the folder ``out``: ``training.png``, the domain's own plots, and
+    ``rates.png`` / ``tableau.png`` when the run learned inner rates / a tableau; returns the paths written."""
+    makers = {"training.png": plot_training, **run.domain.plots}
+    if run.rate_history:  # learned inner rates
+        makers[RATES_PLOT] = plot_rates
+    if run.tableau_history:  # learned tableau
+        makers[TABLEAU_PLOT] = plot_learned_tableau
+    for name, make in makers.items():
+        make(run, out / name)
+    return [out / name for name in makers]

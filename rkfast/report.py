@@ -14,8 +14,8 @@ from .tasks import Domain
 from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates
 
 __all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source",
-           "rates_line", "GridGroup", "pooled_summary", "pooled_tables", "t_quantile_975", "grid_report", "grid_rows", "selection_line",
-           "SPREAD_NOTE"]
+           "rates_line", "GridGroup", "pooled_summary", "pooled_tables", "t_quantile_975", "grid_report", "grid_rows",
+           "selection_line", "SPREAD_NOTE", "paired_tables", "paired_summary", "PAIRED_NOTE"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -125,7 +125,8 @@ def run_line(run: RunResult) -> str:
 
 def compare_report(runs: Sequence[RunResult]) -> str:
     """What ``rkfast compare`` prints: one row per tableau, the primary metric after each step count
-    (a diverged tableau's row says where it diverged)."""
+    (a diverged tableau's row says where it diverged), then each tableau's paired difference to the first
+    (:func:`paired_summary`)."""
     domain = runs[0].domain
     metric, steps = domain.metric, (0, *runs[0].defaults.test_steps)
     headers = ["tableau", "order", "test step", *(f"{metric.short} @{n}" for n in steps), "train s", "ms/step"]
@@ -144,13 +145,17 @@ def compare_report(runs: Sequence[RunResult]) -> str:
     tested = [r for r in runs if r.test is not None]
     tasks = tested[0].test.losses.shape[1] if tested else runs[0].config.test_tasks  # type: ignore[union-attr]
     protocol = _protocol(domain, runs[0].config, tasks)  # type: ignore[arg-type]
-    return "\n".join([f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows)])
+    named = _single_pairs(runs)
+    return "\n".join([f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows),
+                      _paired_section(named, named[0][0])])
 
 
 def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """The comparison as JSON rows: tableau, order, status, test step, every metric's summary, timings."""
+    """The comparison as JSON rows: tableau, order, status, test step, every metric's summary, the paired
+    difference to the first tableau (``paired_difference``: :func:`paired_summary`, ``None`` when either has no
+    meta-test), timings."""
     rows = []
-    for r in runs:
+    for r, (_, pairs) in zip(runs, _single_pairs(runs)):
         row: dict[str, Any] = {"tableau": r.tableau.name, "order": r.tableau.order, "status": r.status,
                                "iteration": r.iteration}
         if r.test is not None:
@@ -160,6 +165,7 @@ def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             row["loss"] = s["loss"]
         else:
             row["error"] = r.error
+        row["paired_difference"] = _paired_json(pairs, runs[0].tableau.name)
         row.update(train_time_s=r.train_time_s, ms_per_meta_step=r.ms_per_step)
         rows.append(row)
     return rows
@@ -247,13 +253,131 @@ def pooled_tables(tables: Sequence[torch.Tensor], steps: Sequence[int]) -> dict[
         pooled = torch.cat([t[i] for t in tables])
         mean, ci = mean_ci95(pooled)
         means = [float(t[i].mean()) for t in tables]
-        seed_ci = None
-        if len(means) > 1:
-            sd = float(torch.tensor(means, dtype=torch.float64).std())
-            seed_ci = t_quantile_975(len(means) - 1) * sd / math.sqrt(len(means))
-        out[int(n)] = {"mean": mean, "ci95": ci, "n": int(pooled.numel()), "seed_means": means, "seed_ci95": seed_ci,
-                       "seed_min": min(means), "seed_max": max(means)}
+        out[int(n)] = {"mean": mean, "ci95": ci, "n": int(pooled.numel()), "seed_means": means,
+                       "seed_ci95": _seed_ci95(means), "seed_min": min(means), "seed_max": max(means)}
     return out
+
+
+def _seed_ci95(means: Sequence[float]) -> float | None:
+    """The Student-t 95% CI half-width of the mean of per-seed means (n-1 dof); ``None`` with one seed."""
+    if len(means) < 2:
+        return None
+    sd = float(torch.tensor(means, dtype=torch.float64).std())
+    return t_quantile_975(len(means) - 1) * sd / math.sqrt(len(means))
+
+
+def paired_tables(tables: Sequence[torch.Tensor], reference: Sequence[torch.Tensor],
+                  steps: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The paired difference ``tables[s] - reference[s]``, task by task, of per-seed tables ``[len(steps),
+    tasks]`` measured on the same test tasks (the same index is the same task), per adaptation step count.
+
+    Only the tasks finite in both tables pair. Per step count: ``mean`` and ``ci95`` of the differences over
+    seeds x tasks (the normal 95% CI of :func:`~rkfast.results.mean_ci95`; both ``None`` without a pair),
+    ``n`` the pairs, ``nonfinite`` the tasks left out, and over the seeds: ``seed_means`` (each seed's mean
+    difference, seeds with pairs) and ``seed_ci95`` (their Student-t 95% CI, as :func:`pooled_tables`'s;
+    ``None`` with one seed). A table minus itself is exactly 0 with a CI of 0.
+
+    Raises:
+        ValueError: a different number of seeds, or tables of different shapes (not the same tasks).
+    """
+    if len(tables) != len(reference):
+        raise ValueError(f"paired differences need a reference table per seed: {len(tables)} tables, "
+                         f"{len(reference)} reference tables")
+    pairs = []
+    for table_, ref in zip(tables, reference):
+        if table_.shape != ref.shape:
+            raise ValueError(f"paired differences need the same test tasks: tables of shapes {tuple(table_.shape)} "
+                             f"and {tuple(ref.shape)}")
+        table_, ref = table_.detach().double().cpu(), ref.detach().double().cpu()
+        pairs.append((table_ - ref, torch.isfinite(table_) & torch.isfinite(ref)))
+    out: dict[int, dict[str, Any]] = {}
+    for i, n in enumerate(steps):
+        per_seed = [diff[i][finite[i]] for diff, finite in pairs]
+        pooled = torch.cat(per_seed)
+        mean, ci = mean_ci95(pooled) if pooled.numel() else (None, None)
+        means = [float(d.mean()) for d in per_seed if d.numel()]
+        tasks = sum(int(diff[i].numel()) for diff, _ in pairs)
+        out[int(n)] = {"mean": mean, "ci95": ci, "n": int(pooled.numel()), "nonfinite": tasks - int(pooled.numel()),
+                       "seed_means": means, "seed_ci95": _seed_ci95(means)}
+    return out
+
+
+PAIRED_NOTE = ("per test task, this tableau's primary metric minus the reference's (the first tableau) on the "
+               "same task (same test_seed), after each adaptation step count, over the tasks finite in both "
+               "(nonfinite: tasks left out); mean and 95% CI over seeds x tasks (normal), seed_ci95: the 95% CI "
+               "of the per-seed mean differences (Student t, n-1 dof)")
+
+_Pairs = Sequence[tuple[RunResult, RunResult]]  # (run, the reference's run) per seed, both meta-tested
+
+
+def paired_summary(pairs: _Pairs) -> dict[int, dict[str, Any]]:
+    """:func:`paired_tables` of the primary metric of runs minus their reference runs, one pair per seed,
+    every pair meta-tested on the same test tasks (``ValueError`` otherwise)."""
+    for run, ref in pairs:
+        if run.test is None or ref.test is None:
+            raise ValueError("paired differences need runs with a meta-test")
+        if run.config.test_seed != ref.config.test_seed or run.test.steps != ref.test.steps:
+            raise ValueError(f"paired differences need the same test tasks and step counts: test seeds "
+                             f"{run.config.test_seed} and {ref.config.test_seed}, steps {run.test.steps} and "
+                             f"{ref.test.steps}")
+    return paired_tables([_metric_table(r) for r, _ in pairs], [_metric_table(ref) for _, ref in pairs],
+                         pairs[0][0].test.steps)  # type: ignore[union-attr]
+
+
+def _paired_json(pairs: _Pairs, reference: str) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    run = pairs[0][0]
+    return {"reference": reference, "metric": run.domain.metric.name, "seeds": [r.config.seed for r, _ in pairs],
+            "tasks_per_seed": int(_metric_table(run).shape[1]),
+            "steps": {str(n): v for n, v in paired_summary(pairs).items()}, "note": PAIRED_NOTE}
+
+
+def _single_pairs(runs: Sequence[RunResult]) -> list[tuple[str, list[tuple[RunResult, RunResult]]]]:
+    """``(row name, pairs)`` of a comparison with one run per tableau; the reference is the first run."""
+    if not runs:
+        return []
+    ref = runs[0]
+    return [(r.opt.current_tableau().name, [(r, ref)] if r.test is not None and ref.test is not None else [])
+            for r in runs]
+
+
+def _grid_pairs(groups: Sequence[GridGroup]) -> list[tuple[str, list[tuple[RunResult, RunResult]]]]:
+    """``(row name, pairs)`` of a grid comparison: each seed's run with the selected h and the first
+    tableau's run of the same seed, where both were meta-tested."""
+    ref = groups[0].runs if groups else {}
+    return [(g.tableau.name, [(g.runs[s], ref[s]) for s in g.seeds if s in g.runs and s in ref
+                              and g.runs[s].test is not None and ref[s].test is not None]) for g in groups]
+
+
+def _paired_cell(stats: Mapping[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "no finite pair"
+    cell = f"{stats['mean']:+.3f} ± {stats['ci95']:.3f}"
+    return cell if stats["seed_ci95"] is None else f"{cell} (± {stats['seed_ci95']:.3f})"
+
+
+def _paired_section(named: Sequence[tuple[str, _Pairs]], reference: str) -> str:
+    """The table of each tableau's paired difference to ``reference`` (:func:`paired_summary`)."""
+    first = next((pairs[0][0] for _, pairs in named if pairs), None)
+    if first is None:
+        return f"paired differences to {reference}: none ({reference} has no meta-test)"
+    metric, steps = first.domain.metric, first.test.steps  # type: ignore[union-attr]
+    headers = ["tableau", "pairs", *(f"Δ{metric.short} @{n}" for n in steps)]
+    rows = []
+    for name, pairs in named:
+        if not pairs:
+            rows.append([name, "", "no meta-test", *([""] * (len(steps) - 1))])
+            continue
+        stats = paired_summary(pairs)
+        total = sum(int(_metric_table(r).shape[1]) for r, _ in pairs)
+        rows.append([name, f"{min(v['n'] for v in stats.values())}/{total}", *(_paired_cell(stats[n]) for n in steps)])
+    several = any(len(pairs) > 1 for _, pairs in named)
+    over = ("seeds x tasks (± the 95% CI of the per-seed mean differences, Student t, n-1 dof)" if several
+            else "tasks")
+    title = (f"paired difference to {reference} on the same test tasks: per task, tableau - {reference} "
+             f"({metric.label}); mean ± 95% CI over {over}; pairs: tasks finite in both (the fewest over step counts)")
+    return "\n".join([title, table(headers, rows)])
 
 
 def selection_line(group: GridGroup, steps: int) -> str:
@@ -278,7 +402,8 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
     """What ``rkfast compare`` prints over a grid and seeds: one row per tableau with the selected h, the
     primary metric after each step count (mean over seeds x test tasks ± 95% CI, and in parentheses the
     seed-to-seed 95% t-interval), the runs that completed, and the training time per run and in all (the
-    selection runs included). A tableau whose every h diverged is a diverged row."""
+    selection runs included). A tableau whose every h diverged is a diverged row. Below, each tableau's paired
+    difference to the first (:func:`paired_summary`, seed by seed)."""
     first = next((r for g in groups for _, r in g.all_runs()), None)
     if first is None:
         return "no runs"
@@ -314,15 +439,17 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
         f"{protocol}; {how}; seeds {', '.join(map(str, seeds))}",
         "cells: mean over seeds x test tasks ± 95% CI (± seed-to-seed spread: the 95% CI of the mean of the "
         "per-seed means, Student t, n-1 dof; per-seed min..max in compare.json)",
-        table(headers, rows)])
+        table(headers, rows), _paired_section(_grid_pairs(groups), groups[0].tableau.name)])
 
 
 def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
     """A grid comparison as JSON rows, one per tableau: status, the validation score of every h, the selected h,
     the seeds and their runs' statuses, every metric's pooled summary per step count (:func:`pooled_summary`
-    for the primary metric, as ``{step: {...}}`` under its name), and the training times."""
+    for the primary metric, as ``{step: {...}}`` under its name), the paired difference to the first tableau
+    over the seeds both meta-tested (``paired_difference``: :func:`paired_summary`, ``None`` without a pair),
+    and the training times."""
     rows = []
-    for g in groups:
+    for g, (_, pairs) in zip(groups, _grid_pairs(groups)):
         tested = g.tested
         every = [r for _, r in g.all_runs()]
         if len(g.search) < len(g.grid) or (g.selected is not None and len(g.runs) < len(g.seeds)):
@@ -344,6 +471,7 @@ def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
             row["metric"] = metric.name
             row[metric.name] = {str(n): v for n, v in pooled.items()}
             row["spread"] = SPREAD_NOTE
+        row["paired_difference"] = _paired_json(pairs, groups[0].tableau.name)
         row["train_time_s_per_run"] = (sum(r.train_time_s for r in tested) / len(tested)) if tested else None
         row["train_time_s_total"] = sum(r.train_time_s for r in every)
         row["ms_per_meta_step"] = (sum(r.ms_per_step for r in tested) / len(tested)) if tested else None

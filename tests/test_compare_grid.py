@@ -18,8 +18,9 @@ import torch
 
 from helpers import refused_in_one_line
 
-import rkfast.cli as cli
-from rkfast.cli import main, select_inner_lr, validation_score
+import rkfast.compare as comparing
+from rkfast.cli import main
+from rkfast.compare import select_inner_lr, validation_score
 from rkfast.report import t_quantile_975
 from rkfast.train import RunDiverged
 
@@ -44,7 +45,7 @@ def folders(out: Path) -> list[str]:
 def test_selection_uses_validation_not_test_and_other_seeds_use_the_selected_h(tmp_path: Path, monkeypatch,
                                                                                 capsys) -> None:
     # validation prefers h=0.04 and the test tasks would prefer h=0.01: the grid must pick 0.04
-    real_train = cli.train
+    real_train = comparing.train
     val = {0.01: 3.0, 0.02: 2.0, 0.04: 1.0}
     test_scale = {0.01: 0.01, 0.02: 1.0, 0.04: 100.0}
     calls = []
@@ -57,7 +58,7 @@ def test_selection_uses_validation_not_test_and_other_seeds_use_the_selected_h(t
             run.test.losses = run.test.losses * test_scale[cfg.inner_lr]
         return run
 
-    monkeypatch.setattr(cli, "train", rigged)
+    monkeypatch.setattr(comparing, "train", rigged)
     out = tmp_path / "grid"
     assert main(["compare", "sinusoid", "--tableaus", "maml", "--inner-lr", "0.01,0.02,0.04", "--seeds", "0,1,2",
                  *TINY, "--out", str(out)]) == 0
@@ -118,7 +119,7 @@ def test_selection_rules() -> None:
 
 
 def test_a_diverged_run_does_not_win(tmp_path: Path, monkeypatch, capsys) -> None:
-    real_train = cli.train
+    real_train = comparing.train
 
     def diverge_at_004(cfg, **kwargs):
         run = real_train(cfg, **kwargs)
@@ -127,7 +128,7 @@ def test_a_diverged_run_does_not_win(tmp_path: Path, monkeypatch, capsys) -> Non
             raise RunDiverged(replace(run, status="diverged", error="non-finite (rigged)", test=None), kwargs["out"])
         return run
 
-    monkeypatch.setattr(cli, "train", diverge_at_004)
+    monkeypatch.setattr(comparing, "train", diverge_at_004)
     out = tmp_path / "d"
     assert main(["compare", "sinusoid", "--tableaus", "maml", "--inner-lr", "0.01,0.04", "--seeds", "0,1", *TINY,
                  "--out", str(out)]) == 0
@@ -162,7 +163,7 @@ def test_one_h_several_seeds_trains_every_seed_with_it(tmp_path: Path, capsys) -
 
 
 def test_interrupted_grid_resumes_without_redoing_finished_runs(tmp_path: Path, monkeypatch, capsys) -> None:
-    real_train = cli.train
+    real_train = comparing.train
     calls = []
 
     def train_then_stop_third(cfg, **kwargs):
@@ -171,7 +172,7 @@ def test_interrupted_grid_resumes_without_redoing_finished_runs(tmp_path: Path, 
             kwargs["on_step"] = interrupt_at(2)
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(cli, "train", train_then_stop_third)
+    monkeypatch.setattr(comparing, "train", train_then_stop_third)
     out = tmp_path / "r"
     argv = ["compare", "sinusoid", "--tableaus", "maml", "--inner-lr", "0.01,0.02,0.04", "--seeds", "0,1", *TINY,
             "--out", str(out)]

@@ -114,12 +114,12 @@ def test_a_learned_tableau_run_reports_its_values_history_and_plot(tmp_path: Pat
 
 def test_cli_plots_of_a_learned_tableau_run(tmp_path: Path) -> None:
     run = train(TrainConfig(**LEARNED, **SMALL), progress=False)
-    written = cli._write_plots(run, tmp_path)
+    written = plots.write_run_plots(run, tmp_path)
     assert tmp_path / TABLEAU_PLOT in written
     assert (tmp_path / TABLEAU_PLOT).read_bytes()[:8] == PNG
     plain = train(TrainConfig(tableau="heun", **SMALL), progress=False)
     (tmp_path / "plain").mkdir()
-    assert tmp_path / "plain" / TABLEAU_PLOT not in cli._write_plots(plain, tmp_path / "plain")
+    assert tmp_path / "plain" / TABLEAU_PLOT not in plots.write_run_plots(plain, tmp_path / "plain")
     assert not (tmp_path / "plain" / TABLEAU_PLOT).exists()
 
 

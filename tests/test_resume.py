@@ -300,10 +300,10 @@ def test_compare_keeps_the_other_tableaus_when_one_diverges(tmp_path: Path, caps
 
 
 def test_interrupted_compare_resumes_without_redoing_finished_tableaus(tmp_path: Path, capsys, monkeypatch) -> None:
-    import rkfast.cli as cli
+    import rkfast.compare as comparing
 
     calls = []
-    real_train = cli.train
+    real_train = comparing.train
 
     def train_then_stop_second(cfg, **kwargs):
         calls.append((cfg.tableau.name, kwargs["resume"]))
@@ -311,7 +311,7 @@ def test_interrupted_compare_resumes_without_redoing_finished_tableaus(tmp_path:
             kwargs["on_step"] = interrupt_at(4)
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(cli, "train", train_then_stop_second)
+    monkeypatch.setattr(comparing, "train", train_then_stop_second)
     argv = ["compare", "sinusoid", "--tableaus", "maml,heun,rk4", *TINY, "--iterations", "12", "--out", str(tmp_path)]
     assert main(argv) == 130
     assert "resume the comparison with: rkfast compare sinusoid --resume" in capsys.readouterr().err
