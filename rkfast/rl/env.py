@@ -11,15 +11,53 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from numbers import Real
-from typing import TYPE_CHECKING, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .navigation import Trajectories
+__all__ = ["TaskEnvironment", "Trajectories", "unit_task_draws", "finite_field", "check_rollout_args"]
 
-__all__ = ["TaskEnvironment", "unit_task_draws", "finite_field", "check_rollout_args"]
+
+class Trajectories(NamedTuple):
+    """Rollouts of ``E`` episodes of ``H`` steps in each of ``T`` tasks.
+
+    Attributes:
+        observations: ``[T, E, H, 2]``, the position before each action.
+        actions: ``[T, E, H, 2]``, the actions as the policy sampled them, *not* clipped: log-probabilities
+            of the policy are computed on these.
+        rewards: ``[T, E, H]``, minus the distance to the goal after each step.
+        final_positions: ``[T, E, ...]``, the position after the last step (navigation: ``[T, E, 2]``;
+            half-cheetah: the torso's x, ``[T, E, 1]``; ``None`` when not recorded).
+    """
+
+    observations: Tensor
+    actions: Tensor
+    rewards: Tensor
+    final_positions: Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the number of tasks."""
+        return int(self.rewards.shape[0])
+
+    @property
+    def episodes(self) -> int:
+        """``E``, the number of episodes per task."""
+        return int(self.rewards.shape[1])
+
+    @property
+    def horizon(self) -> int:
+        """``H``, the number of steps per episode."""
+        return int(self.rewards.shape[2])
+
+    def returns(self) -> Tensor:
+        """The undiscounted return of every episode.
+
+        Returns:
+            ``[T, E]``, the sum of the rewards over time.
+        """
+        return self.rewards.sum(dim=-1)
 
 
 def finite_field(owner: str, name: str, value: object) -> float:

@@ -14,55 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .env import check_rollout_args, finite_field, unit_task_draws
+from .env import Trajectories, check_rollout_args, finite_field, unit_task_draws
 
 __all__ = ["PointNavigation", "Trajectories"]
-
-
-class Trajectories(NamedTuple):
-    """Rollouts of ``E`` episodes of ``H`` steps in each of ``T`` tasks.
-
-    Attributes:
-        observations: ``[T, E, H, 2]``, the position before each action.
-        actions: ``[T, E, H, 2]``, the actions as the policy sampled them, *not* clipped: log-probabilities
-            of the policy are computed on these.
-        rewards: ``[T, E, H]``, minus the distance to the goal after each step.
-        final_positions: ``[T, E, ...]``, the position after the last step (navigation: ``[T, E, 2]``;
-            half-cheetah: the torso's x, ``[T, E, 1]``; ``None`` when not recorded).
-    """
-
-    observations: Tensor
-    actions: Tensor
-    rewards: Tensor
-    final_positions: Tensor | None = None
-
-    @property
-    def num_tasks(self) -> int:
-        """``T``, the number of tasks."""
-        return int(self.rewards.shape[0])
-
-    @property
-    def episodes(self) -> int:
-        """``E``, the number of episodes per task."""
-        return int(self.rewards.shape[1])
-
-    @property
-    def horizon(self) -> int:
-        """``H``, the number of steps per episode."""
-        return int(self.rewards.shape[2])
-
-    def returns(self) -> Tensor:
-        """The undiscounted return of every episode.
-
-        Returns:
-            ``[T, E]``, the sum of the rewards over time.
-        """
-        return self.rewards.sum(dim=-1)
 
 
 @dataclass(frozen=True)
