@@ -139,7 +139,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.param_groups, self.state = optimizer.param_groups, optimizer.state
         self.layout, self._flat = _flat_meta_parameters(model, self.param_groups)
         self._resolve_device_choices()
-        self._capture.place(self.device)
         if rates is not None:
             self.rates = rates.bind(self.layout, self.inner_lr, self.tableau.stages, self.dtype, self.device)
         self.learned_tableau: TableauCoefficients | None = learned.bind(self.dtype, self.device) if learned else None
@@ -148,6 +147,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         for c in self.coefficients:
             c.check_compatible(first_order=self.first_order, captured=self.capture is not False)
             _add_coefficient_group(optimizer, c.tensors, lr if c.lr is None else c.lr)
+        self._capture.place(self.device)
         tensors = self._coefficient_tensors()
         self._outer = OuterUpdate(optimizer, self._flat, tensors, [c.check_update for c in self.coefficients])
         self._norm_layers = RF.has_norm_layers(model)
