@@ -48,8 +48,8 @@ def resolve_vectorize(choice: bool | Literal["auto"], model: nn.Module, device: 
 
 
 class MetaOptimizer(torch.optim.Optimizer):
-    """Runge-Kutta meta-learning as a drop-in ``torch.optim`` optimizer (``docs/api.md`` explains every
-    argument; ``docs/method.md`` the math).
+    """Runge-Kutta meta-learning as a drop-in ``torch.optim`` optimizer (``docs/api.md`` describes every
+    argument and capability; ``docs/method.md`` the math).
 
     Each :meth:`step` takes a meta-batch of tasks, computes the RK meta-direction of the tableau for all
     tasks at once (:func:`rkfast.functional.rk_meta_step`), writes it to the parameters' ``.grad`` and lets
@@ -60,41 +60,23 @@ class MetaOptimizer(torch.optim.Optimizer):
             result = opt.step(batch)           # result.loss, result.stage_losses
         scores = opt.evaluate(test_batch, steps=(1, 5, 10))
 
-    Args:
-        model: the model; its parameters (or ``params``) are the meta-parameters.
-        loss_fn: ``loss_fn(output, target)`` of one task of a :class:`~rkfast.batch.TaskBatch`; ``None`` when
-            every step gets a :class:`~rkfast.batch.TaskSet`.
-        tableau: a name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), a :class:`~rkfast.tableau.Tableau`, or a
-            :class:`~rkfast.learned.LearnedTableau` whose entries are learned.
-        inner_lr: the RK step ``h`` of the stages: finite, ``> 0``.
-        outer, lr, outer_kwargs: the outer optimizer (``"sgd"``, ``"adam"``, ``"adamw"`` or a
-            ``torch.optim.Optimizer`` subclass), its learning rate (finite, ``>= 0``) and other arguments.
-        first_order: ignore second derivatives (first-order MAML and its RK analogues).
-        params: parameters or param groups to meta-learn (default: those of ``model`` that require grad).
-        rates: learned or fixed per-tensor inner rates, a :class:`~rkfast.learned.Rates`.
-        parallel: task parallelism: a :class:`~rkfast.distributed.TaskParallel`, a process group, ``"auto"``
-            (:meth:`TaskParallel.auto <rkfast.distributed.TaskParallel.auto>`) or ``None``.
-        capture: a :class:`~rkfast.capture.StepCapture` (CUDA graphs), ``True``/``"auto"`` (its modes) or
-            ``False``.
-        vectorize: ``vmap`` over tasks (``True``), one by one (``False``) or ``"auto"``.
-        check_finite: raise :class:`NonFiniteLossError` for a non-finite step, leaving everything unchanged.
-        batch_statistics: norm layers use each task's batch statistics inside rkfast's calls.
-        backend: kernels of the stage arithmetic and plain outer step (:mod:`rkfast.kernels`).
-
-    ``param_groups`` and ``state`` are the outer optimizer's own (shared): schedulers, ``zero_grad`` and
-    ``state_dict`` behave as on any torch optimizer. The meta-parameters live in one flat buffer
-    (:attr:`flat_parameters`); each parameter is a view into it.
+    ``tableau`` is a name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), a :class:`~rkfast.tableau.Tableau` or a
+    :class:`~rkfast.learned.LearnedTableau`; ``inner_lr`` the RK step ``h`` (finite, ``> 0``); ``outer``,
+    ``lr`` and ``outer_kwargs`` the outer optimizer (``"sgd"``, ``"adam"``, ``"adamw"`` or a
+    ``torch.optim.Optimizer`` subclass). The optional capabilities are one object each, documented in its
+    class: ``rates`` a :class:`~rkfast.learned.Rates`, ``parallel`` a
+    :class:`~rkfast.distributed.TaskParallel` (or a process group, ``"auto"``, ``None``), ``capture`` a
+    :class:`~rkfast.capture.StepCapture` (or ``True``/``"auto"``/``False``). ``param_groups`` and ``state``
+    are the outer optimizer's own (shared), so schedulers and ``state_dict`` behave as on any torch optimizer.
 
     Attributes:
-        model, loss_fn, batch_statistics: as given; tableau: the base :class:`~rkfast.tableau.Tableau`;
-            inner_lr, first_order: as given (restored by :meth:`load_state_dict`).
-        rates: the bound :class:`~rkfast.learned.LearnedRates` or ``None``; learned_tableau: the live
-            :class:`~rkfast.learned.TableauCoefficients` or ``None``; coefficients: both (those present),
-            the :class:`~rkfast.learned.Coefficients` the optimizer updates beside the parameters.
-        distributed: the :class:`~rkfast.distributed.TaskParallel`, or ``None``; capture: ``False``,
-            ``True`` or ``"auto"``.
-        layout: the :class:`~rkfast.layout.ParamLayout` of the flat meta-parameters; backend, vectorize:
-            resolved choices; outer_optimizer: the ``torch.optim`` optimizer of the outer update.
+        tableau: the base :class:`~rkfast.tableau.Tableau`; rates: the bound
+            :class:`~rkfast.learned.LearnedRates` or ``None``; learned_tableau: the live
+            :class:`~rkfast.learned.TableauCoefficients` or ``None``; coefficients: those present, the
+            :class:`~rkfast.learned.Coefficients` updated beside the parameters; distributed: the
+            :class:`~rkfast.distributed.TaskParallel` or ``None``; capture: ``False``, ``True`` or ``"auto"``;
+            layout: the :class:`~rkfast.layout.ParamLayout` of the flat meta-parameters; backend, vectorize:
+            resolved choices.
     """
 
     def __init__(
@@ -176,11 +158,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         """``{key: summary}`` of each learned coefficient kind (``"rates"``, ``"learned_tableau"``): its
         :meth:`~rkfast.learned.Coefficients.summary` and its param group's learning rate (``"rate_lr"``,
         ``"tableau_lr"``; ``None`` without learned tensors), as ``results.json`` reports them."""
-        return {c.key: {**c.summary(self.inner_lr), c.lr_name: self._group_lr(c.tensors)} for c in self.coefficients}
-
-    def _group_lr(self, tensors: Sequence[Tensor]) -> float | None:
-        ids = {id(t) for t in tensors}
-        return next((group["lr"] for group in self.param_groups if any(id(p) in ids for p in group["params"])), None)
+        return {c.key: {**c.summary(self.inner_lr), c.lr_name: _group_lr(self.param_groups, c.tensors)}
+                for c in self.coefficients}
 
     def _coefficient_tensors(self) -> list[Tensor]:
         """The learned coefficients' leaf tensors, in :attr:`coefficients` order."""
@@ -235,7 +214,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         tensors are used as they are; a ``.grad`` set to ``None`` is skipped). Does not communicate, except
         for ``check_consistency``. Raises ``ValueError`` for a ``.grad`` of the wrong shape and, with
         ``check_finite``, :class:`NonFiniteLossError`; nothing changes then."""
-        self._refuse_inference_mode("apply")
+        _refuse_inference_mode("apply")
         self._rebind_if_replaced()
         grads = [self._flat.grad, *(t.grad for t in self._coefficient_tensors())]  # as the update reads them
         self._outer.checked_update(self._flat.adopt_grads, grads, lambda: NonFiniteLossError(NON_FINITE_GRAD),
@@ -290,31 +269,12 @@ class MetaOptimizer(torch.optim.Optimizer):
     def _check_tasks(self, tasks: Tasks, call: str, captured: bool = False) -> TaskBatch | TaskSet:
         """``tasks`` checked against the parameters as they are now (raises before anything changes), then
         the flat buffer re-bound if something replaced a parameter's storage since the last call."""
-        self._refuse_inference_mode(call)
+        _refuse_inference_mode(call)
         rebind = self._check_rebind()
-        if isinstance(tasks, TaskSet):
-            if captured:
-                raise TypeError("a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
-                                "graph copies in; run TaskSet steps with capture=False")
-            checked: TaskBatch | TaskSet = check_task_set(tasks, device=self.device)
-        elif self.loss_fn is None:
-            raise TypeError("this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
-                            "losses, or build it with a loss_fn for TaskBatch batches")
-        else:
-            checked = check_task_batch(tasks, dtype=self.dtype, device=self.device)
+        checked = _checked_tasks(tasks, self.loss_fn is not None, self.dtype, self.device, captured)
         if rebind:
             self._rebind()
         return checked
-
-    @staticmethod
-    def _refuse_inference_mode(call: str) -> None:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"MetaOptimizer.{call}() cannot run under torch.inference_mode(): the meta-step and meta-test "
-                "adaptation differentiate through the model, which inference mode forbids, and optimizer state "
-                f"created there could not be updated by later steps. Call {call}() outside inference_mode "
-                "(under torch.no_grad() it works as usual)."
-            )
 
     # -- the flat buffer and what depends on its device -------------------------------------------------
 
@@ -447,22 +407,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         """Restore a :meth:`state_dict`: outer optimizer state, param groups, tableau, inner step, learned
         coefficients. Raises ``ValueError`` (before anything changes) for another optimizer's state dict,
         learned coefficients configured otherwise, an invalid ``inner_lr`` or a param group's invalid ``lr``."""
-        meta = state_dict.get("rkfast")
-        if not isinstance(meta, dict):
-            raise ValueError("not a MetaOptimizer state dict: the 'rkfast' entry is missing")
-        outer = type(self.outer_optimizer).__name__
-        if meta.get("outer") != outer:
-            raise ValueError(f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {outer!r}")
-        tableau = Tableau.from_dict(meta["tableau"])
-        inner_lr = RF.check_step("inner_lr", meta["inner_lr"])
-        own = {c.key for c in self.coefficients}
-        for key in meta.keys() - set(_META_KEYS) - own:
-            if meta[key] is not None:
-                raise ValueError(f"the state dict has {describe_state_key(key)}, this MetaOptimizer has none")
+        meta = _checked_meta(state_dict, type(self.outer_optimizer).__name__, self.coefficients)
+        tableau, inner_lr = Tableau.from_dict(meta["tableau"]), RF.check_step("inner_lr", meta["inner_lr"])
         values = [c.check_state(meta.get(c.key)) for c in self.coefficients]
-        for i, group in enumerate(state_dict.get("param_groups", ())):
-            if "lr" in group:
-                check_lr(group["lr"], f"lr of param group {i}")
         self.outer_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
         self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
         self.tableau, self.inner_lr, self.first_order = tableau, inner_lr, bool(meta["first_order"])
@@ -474,6 +421,53 @@ class MetaOptimizer(torch.optim.Optimizer):
             f"MetaOptimizer(tableau={self.tableau.name}, inner_lr={self.inner_lr:g}, "
             f"first_order={self.first_order}, outer={self.outer_optimizer!r})"
         )
+
+
+def _refuse_inference_mode(call: str) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"MetaOptimizer.{call}() cannot run under torch.inference_mode(): the meta-step and meta-test "
+            "adaptation differentiate through the model, which inference mode forbids, and optimizer state "
+            f"created there could not be updated by later steps. Call {call}() outside inference_mode "
+            "(under torch.no_grad() it works as usual)."
+        )
+
+
+def _checked_tasks(tasks: Tasks, has_loss_fn: bool, dtype: torch.dtype, device: torch.device,
+                   captured: bool) -> TaskBatch | TaskSet:
+    """``tasks`` checked for a step over parameters of ``dtype`` on ``device`` (``TypeError``/``ValueError``)."""
+    if isinstance(tasks, TaskSet):
+        if captured:
+            raise TypeError("a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
+                            "graph copies in; run TaskSet steps with capture=False")
+        return check_task_set(tasks, device=device)
+    if not has_loss_fn:
+        raise TypeError("this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
+                        "losses, or build it with a loss_fn for TaskBatch batches")
+    return check_task_batch(tasks, dtype=dtype, device=device)
+
+
+def _checked_meta(state_dict: dict[str, Any], outer: str, coefficients: Sequence[Coefficients]) -> dict[str, Any]:
+    """The ``"rkfast"`` entry of a state dict, checked against an optimizer whose outer optimizer class is
+    named ``outer`` and which has ``coefficients`` (``ValueError``; their own checks are theirs)."""
+    meta = state_dict.get("rkfast")
+    if not isinstance(meta, dict):
+        raise ValueError("not a MetaOptimizer state dict: the 'rkfast' entry is missing")
+    if meta.get("outer") != outer:
+        raise ValueError(f"state dict is for outer optimizer {meta.get('outer')!r}, this one uses {outer!r}")
+    for key in meta.keys() - set(_META_KEYS) - {c.key for c in coefficients}:
+        if meta[key] is not None:
+            raise ValueError(f"the state dict has {describe_state_key(key)}, this MetaOptimizer has none")
+    for i, group in enumerate(state_dict.get("param_groups", ())):
+        if "lr" in group:
+            check_lr(group["lr"], f"lr of param group {i}")
+    return meta
+
+
+def _group_lr(groups: list[dict[str, Any]], tensors: Sequence[Tensor]) -> float | None:
+    """The learning rate of the param group that holds ``tensors`` (``None``: none does)."""
+    ids = {id(t) for t in tensors}
+    return next((group["lr"] for group in groups if any(id(p) in ids for p in group["params"])), None)
 
 
 def _check_arguments(model: Any, loss_fn: Any, vectorize: Any, rates: Any, tableau: Any) -> None:
