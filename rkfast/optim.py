@@ -109,8 +109,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._vectorize_choice, self._backend_choice = vectorize, backend
         self._capture = make_step_capture(capture)
         self.capture: CaptureMode = self._capture.mode
-        self.distributed = resolve_process_group(parallel)
-        _check_not_both(self.distributed, self.capture)
+        self.distributed = _task_parallel(parallel, self.capture)
         self._parallel: Parallel = self.distributed or LocalTasks()
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs,
@@ -121,6 +120,19 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.param_groups, self.state = optimizer.param_groups, optimizer.state
         self.layout, self._flat = _flat_meta_parameters(model, self.param_groups)
         self._resolve_device_choices()
+        self._bind_coefficients(rates, learned, optimizer, lr)
+        self._capture.place(self.device)
+        self._outer = OuterUpdate(optimizer, self._flat, self._coefficient_tensors(),
+                                  [c.check_update for c in self.coefficients])
+        self._norm_layers, self._model_call, self._batch_loss = _model_functions(model, loss_fn, self.layout,
+                                                                                 self.batch_statistics)
+        self._workspace = RF.Workspace()
+        self._parallel.broadcast_(self._flat.data)  # every rank starts from rank 0's meta-parameters
+
+    def _bind_coefficients(self, rates: Rates | None, learned: LearnedTableau | None,
+                           optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """The learned coefficients bound to the meta-parameters' layout, dtype and device, each checked
+        against the step's settings and given its param group."""
         if rates is not None:
             self.rates = rates.bind(self.layout, self.inner_lr, self.tableau.stages, self.dtype, self.device)
         self.learned_tableau: TableauCoefficients | None = learned.bind(self.dtype, self.device) if learned else None
@@ -129,15 +141,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         for c in self.coefficients:
             c.check_compatible(first_order=self.first_order, captured=self.capture is not False)
             _add_coefficient_group(optimizer, c.tensors, lr if c.lr is None else c.lr)
-        self._capture.place(self.device)
-        tensors = self._coefficient_tensors()
-        self._outer = OuterUpdate(optimizer, self._flat, tensors, [c.check_update for c in self.coefficients])
-        self._norm_layers = RF.has_norm_layers(model)
-        self._model_call = RF.model_call(model, batch_statistics=self.batch_statistics)
-        self._batch_loss = (RF.module_task_loss(model, loss_fn, self.layout, batch_statistics=self.batch_statistics)
-                            if loss_fn is not None else None)
-        self._workspace = RF.Workspace()
-        self._parallel.broadcast_(self._flat.data)  # every rank starts from rank 0's meta-parameters
 
     @property
     def inner_lr(self) -> float:
@@ -491,14 +494,25 @@ def _check_arguments(model: Any, loss_fn: Any, vectorize: Any, rates: Any, table
         raise TypeError(f"tableau must be a name, a Tableau or a LearnedTableau, got {type(tableau).__name__}")
 
 
-def _check_not_both(parallel: TaskParallel | None, capture: CaptureMode) -> None:
-    if parallel is not None and capture is not False:
+def _model_functions(model: nn.Module, loss_fn: Any, layout: ParamLayout, batch_statistics: bool
+                     ) -> tuple[bool, Callable[..., Any], RF.TaskLoss | None]:
+    """Whether ``model`` has norm layers, its functional call and the per-task loss of a TaskBatch step."""
+    batch_loss = (RF.module_task_loss(model, loss_fn, layout, batch_statistics=batch_statistics)
+                  if loss_fn is not None else None)
+    return RF.has_norm_layers(model), RF.model_call(model, batch_statistics=batch_statistics), batch_loss
+
+
+def _task_parallel(parallel: Any, capture: CaptureMode) -> TaskParallel | None:
+    """The :class:`TaskParallel` of ``parallel`` (``None``: none), refused together with ``capture``."""
+    resolved = resolve_process_group(parallel)
+    if resolved is not None and capture is not False:
         raise ValueError(
             f"capture={capture!r} with a process group is not supported: the all-reduce of the "
             "meta-direction would have to be recorded in the CUDA graph (NCCL collectives can be captured, "
             "but that path is not tested here; gloo's cannot). Use capture=False, or parallel=None "
             "for a rank-local optimizer (docs/distributed.md)."
         )
+    return resolved
 
 
 def _flat_meta_parameters(model: nn.Module, groups: list[dict[str, Any]]) -> tuple[ParamLayout, FlatParameters]:
