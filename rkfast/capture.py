@@ -147,7 +147,7 @@ class StepCapture:
     def captured(self) -> bool:
         return self.graph is not None
 
-    def run(self, tasks: Any, eager_step: Step, captured_step: Step, check: Callable[[Any], TaskBatch]) -> MetaStepOutput:
+    def run(self, tasks: Any, eager_step: Step, captured_step: Step, check: Callable[[Any], Any]) -> MetaStepOutput:
         """One step on ``check(tasks)``, a checked batch: eager warm-up, capture + replay, or copy + replay."""
         batch = check(tasks)
         sig = signature(batch)
