@@ -422,3 +422,22 @@ def test_an_update_that_makes_a_weight_negative_is_undone():
         opt.apply()
     assert_unchanged(model, opt, snap)
     assert same_bits(opt.learned_tableau.tensor, values)
+
+
+def test_coefficient_summaries_report_each_kind_with_its_group_lr():
+    opt = _opt(smooth_mlp(), LearnedTableau("heun", "pattern", "order", lr=0.3),
+               rates=Rates("tensor", frozen={"0.bias": 0.0}, lr=0.2))
+    assert [c.key for c in opt.coefficients] == ["rates", "learned_tableau"]
+    assert all(isinstance(c, rkfast.Coefficients) for c in opt.coefficients)
+    summaries = opt.coefficient_summaries()
+    assert summaries["rates"] == {
+        "granularity": "tensor", "per_stage": False, "sets": 1, "inner_lr": H, "frozen": {"0.bias": 0.0},
+        "values": {n: [0.0 if n == "0.bias" else H] for n in opt.layout.names}, "rate_lr": 0.2}
+    assert summaries["learned_tableau"] == {
+        "pattern": "pattern", "weights": "order", "base": "heun", "entries": [[1, 0]], "A": [[0.0, 0.0], [1.0, 0.0]],
+        "b": [0.5, 0.5], "order": 2, "test_step": H, "tableau_lr": 0.3}
+    fixed = _opt(smooth_mlp(), rates=Rates(frozen={"0.*": 0.0}))
+    fixed.inner_lr = 0.05  # the rates of tensors neither learned nor frozen follow inner_lr
+    summary = fixed.coefficient_summaries()["rates"]
+    assert summary["rate_lr"] is None and summary["inner_lr"] == 0.05 and summary["values"]["2.weight"] == [0.05]
+    assert _opt(smooth_mlp()).coefficient_summaries() == {}
