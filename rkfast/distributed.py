@@ -2,9 +2,9 @@
 tasks, and one all-reduce per step makes it the meta-direction of all of them, on every rank.
 
 :class:`~rkfast.optim.MetaOptimizer` does this by itself inside an initialized process group
-(``parallel="auto"``, the default, or a :class:`TaskParallel` or group passed in); :class:`TaskParallel` is what it keeps in
-:attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the helpers a training
-loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
+(``parallel="auto"``, the default, or a :class:`TaskParallel` or group passed in); :class:`TaskParallel` is
+what it keeps in :attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the
+helpers a training loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
 own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or ``torch.distributed.init_process_group``.
 
 One step, on every rank (``docs/distributed.md``):

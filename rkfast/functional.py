@@ -417,9 +417,9 @@ def rk_meta_step(
         support_loss, query_loss: per-task losses ``loss(row, data)`` (see :mod:`rkfast.taskmap`).
         support_data, query_data: task data, pytrees with the task dimension first or stage callables.
         tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), or a
-            :class:`~rkfast.learned.TableauCoefficients` (a bound ``LearnedTableau``): its entries of ``A`` (and ``b``, with ``weights="order"``)
-            are its tensors' current values, and the result's ``tableau_directions`` are the meta-loss's
-            gradients with respect to them (exact for second order; for first order with the slopes held
+            :class:`~rkfast.learned.TableauCoefficients` (a bound ``LearnedTableau``): its entries of ``A``
+            (and ``b``, with ``weights="order"``) are its tensors' current values, and the result's
+            ``tableau_directions`` are the meta-loss's gradients with respect to them (exact for second order; for first order with the slopes held
             constant, ``-(b_j / T) sum_i <h g_ij, k_il>`` for ``A[j][l]`` plus ``mean_i L_Q,i(theta^(j))``
             through ``db_j/dA``).
         inner_lr: the RK step ``h`` of the stages, a finite number ``> 0`` (:func:`check_step`).

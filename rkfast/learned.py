@@ -57,7 +57,7 @@ GRANULARITIES: tuple[str, ...] = ("scalar", "tensor", "element")
 class RatesStepOutput(MetaStepOutput):
     """A :class:`~rkfast.results.MetaStepOutput` that also carries the meta-directions of the learned
     coefficients (detached): ``rate_directions``, one per tensor of :attr:`LearnedRates.tensors`, and
-    ``tableau_directions``, one per tensor of :attr:`LearnedTableau.tensors`."""
+    ``tableau_directions``, one per tensor of :attr:`TableauCoefficients.tensors`."""
 
     def __init__(self, out: MetaStepOutput, rate_directions: list[Tensor],
                  tableau_directions: list[Tensor] | None = None) -> None:
@@ -720,8 +720,8 @@ class TableauCoefficients(_SavedCoefficients):
         return {"A": [list(r) for r in tab.A], "b": list(tab.b)}
 
     def __repr__(self) -> str:
-        return (f"TableauCoefficients(base={self.base.name!r}, pattern={self.pattern!r}, weights={self.weights_mode!r}, "
-                f"entries={list(self.entries)})")
+        return (f"TableauCoefficients(base={self.base.name!r}, pattern={self.pattern!r}, "
+                f"weights={self.weights_mode!r}, entries={list(self.entries)})")
 
 
 @dataclass(frozen=True)

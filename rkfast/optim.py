@@ -101,7 +101,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     ) -> None:
         _check_arguments(model, loss_fn, vectorize, rates, tableau)
         learned = tableau if isinstance(tableau, LearnedTableau) else None
-        self.tableau: Tableau = learned.tableau if learned is not None else get_tableau(tableau)  # type: ignore[assignment, arg-type]
+        base = learned.tableau if learned is not None else tableau
+        self.tableau = get_tableau(base)  # type: ignore[arg-type]
         self.rates: LearnedRates | None = None
         self.inner_lr = RF.check_step("inner_lr", inner_lr)
         self.first_order, self.check_finite = bool(first_order), bool(check_finite)
