@@ -9,7 +9,7 @@ The workload is benchmarks/fewshot.py's Omniglot conv4 5-way 1-shot (64 filters,
 images per class; random images of the right shapes), second-order MAML, Adam, ``--tasks`` tasks per
 meta-step in all:
 
-1. ms per meta-step with 1 rank (all T tasks, ``process_group=None``) and with 2 ranks (T/2 each, the
+1. ms per meta-step with 1 rank (all T tasks, ``parallel=None``) and with 2 ranks (T/2 each, the
    ``MetaOptimizer`` reducing over the gloo group): the median over ``--repeats`` steps, per rank (the slower
    rank's is the step's: a step ends with the all-reduce). Scaling efficiency = t1 / (2 t2).
 2. where the 2-rank step's time goes: the same step without the process group on T/2 tasks, run on both
@@ -127,7 +127,7 @@ def _measure(rank: int, world: int, spec: Spec) -> dict[str, Any]:
         torch.manual_seed(0)
         model = conv4(w.channels, 5, w.filters, w.size, w.strided)
         return rkfast.MetaOptimizer(model, F.cross_entropy, tableau="maml", inner_lr=w.inner_lr, lr=1e-3,
-                                    process_group=group)
+                                    parallel=group)
 
     out: dict[str, Any] = {"rank": rank, "world": world}
     if world == 1:

@@ -252,7 +252,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         for _ in range(cell.warmup - 1):
             step()
         capture = getattr(getattr(step, "optimizer", None), "_capture", None)
-        if capture is not None and not capture.captured:
+        if capture is not None and capture.mode is not False and not capture.captured:
             raise RuntimeError(f"the step is not replayed from a graph after {cell.warmup} warm-up steps")
         row.update(memory.warmup_done(timed=cell.repeats > 0))
         times = timed_calls(step, _timed_steps(cell, first_step_s), device)

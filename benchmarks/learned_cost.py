@@ -24,21 +24,30 @@ import rkfast
 
 from _common import device_name, sync, timed_calls  # benchmarks/ is on sys.path when run as a script
 
-# (label, tableau, MetaOptimizer keyword arguments); the first row of each tableau is its fixed baseline
+# (label, tableau, options: "rates" a Rates and "learned" a LearnedTableau of the tableau, both in their JSON
+# form, "capture"); the first row of each tableau is its fixed baseline
+ORDER = {"pattern": "pattern", "weights": "order"}
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("fixed", "maml", {}),
-    ("rates: scalar", "maml", {"learn_rates": "scalar"}),
-    ("rates: tensor", "maml", {"learn_rates": "tensor"}),
-    ("rates: element (Meta-SGD)", "maml", {"learn_rates": "element"}),
+    ("rates: scalar", "maml", {"rates": {"granularity": "scalar"}}),
+    ("rates: tensor", "maml", {"rates": {"granularity": "tensor"}}),
+    ("rates: element (Meta-SGD)", "maml", {"rates": {"granularity": "element"}}),
     ("fixed", "heun", {}),
-    ("tableau: pattern, b fixed", "heun", {"learn_tableau": "pattern"}),
-    ("tableau: pattern, b by order", "heun", {"learn_tableau": "pattern", "tableau_weights": "order"}),
+    ("tableau: pattern, b fixed", "heun", {"learned": {"pattern": "pattern"}}),
+    ("tableau: pattern, b by order", "heun", {"learned": ORDER}),
     ("fixed", "rk4", {}),
-    ("tableau: pattern, b by order", "rk4", {"learn_tableau": "pattern", "tableau_weights": "order"}),
-    ("tableau: full, b by order", "rk4", {"learn_tableau": "full", "tableau_weights": "order"}),
-    ("rates: element + tableau", "rk4", {"learn_rates": "element", "learn_tableau": "pattern",
-                                          "tableau_weights": "order"}),
+    ("tableau: pattern, b by order", "rk4", {"learned": ORDER}),
+    ("tableau: full, b by order", "rk4", {"learned": {"pattern": "full", "weights": "order"}}),
+    ("rates: element + tableau", "rk4", {"rates": {"granularity": "element"}, "learned": ORDER}),
 ]
+
+
+def optimizer_arguments(tableau: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The MetaOptimizer keyword arguments of a variant's options."""
+    learned = options.get("learned")
+    return {"tableau": rkfast.LearnedTableau.from_json({"tableau": tableau, **learned}) if learned else tableau,
+            "rates": rkfast.Rates.from_json(options["rates"]) if "rates" in options else None,
+            "capture": options.get("capture", False)}
 
 
 def main() -> None:
@@ -57,18 +66,16 @@ def main() -> None:
     variants = list(VARIANTS)
     if device.type == "cuda":  # whole-step CUDA graphs: fixed and learned rates
         variants += [("fixed, capture", "maml", {"capture": True}),
-                     ("rates: element, capture", "maml", {"learn_rates": "element", "capture": True}),
+                     ("rates: element, capture", "maml", {"rates": {"granularity": "element"}, "capture": True}),
                      ("fixed, capture", "heun", {"capture": True}),
-                     ("tableau: pattern, b by order, capture", "heun",
-                      {"learn_tableau": "pattern", "tableau_weights": "order", "capture": True}),
+                     ("tableau: pattern, b by order, capture", "heun", {"learned": ORDER, "capture": True}),
                      ("fixed, capture", "rk4", {"capture": True}),
-                     ("tableau: pattern, b by order, capture", "rk4",
-                      {"learn_tableau": "pattern", "tableau_weights": "order", "capture": True})]
+                     ("tableau: pattern, b by order, capture", "rk4", {"learned": ORDER, "capture": True})]
     steppers = []
     for label, tableau, kwargs in variants:
         torch.manual_seed(0)
         model = rkfast.models.sinusoid_mlp().to(device)
-        opt = rkfast.MetaOptimizer(model, F.mse_loss, tableau=tableau, inner_lr=0.01, lr=1e-6, **kwargs)
+        opt = rkfast.MetaOptimizer(model, F.mse_loss, inner_lr=0.01, lr=1e-6, **optimizer_arguments(tableau, kwargs))
         for _ in range(5):  # warm-up (and the capture)
             opt.step(batch)
         sync(device)

@@ -6,8 +6,9 @@ Classic MAML is one tableau among many: pick ``tableau="maml"``, ``"heun"``, ``"
 
 from . import distributed, functional, kernels, models, tasks
 from .batch import TaskBatch, TaskSet
+from .capture import StepCapture
 from .distributed import InconsistentParametersError, RankFailedError, TaskParallel
-from .learned import LearnedRates
+from .learned import Coefficients, LearnedRates, LearnedTableau, Rates, TableauCoefficients
 from .optim import MetaOptimizer, NonFiniteLossError
 from .tableau import (InconsistentTableauWarning, Tableau, TableauTypeError, get_tableau, maml, maml_msl,
                      named_tableaus, rk2)
@@ -17,7 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MetaOptimizer",
+    "Rates",
+    "LearnedTableau",
+    "StepCapture",
+    "Coefficients",
     "LearnedRates",
+    "TableauCoefficients",
     "NonFiniteLossError",
     "RankFailedError",
     "InconsistentParametersError",

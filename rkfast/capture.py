@@ -22,7 +22,7 @@ them) before that. Nothing here synchronizes with the host.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from torch import Tensor
 from .batch import TaskBatch
 from .results import MetaStepOutput
 
-__all__ = ["CaptureMode", "CaptureShapeError", "StepCapture", "make_step_capture"]
+__all__ = ["CaptureMode", "CaptureShapeError", "StepCapture", "EagerSteps", "make_step_capture"]
 
 CaptureMode = Union[bool, Literal["auto"]]
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
@@ -40,18 +40,43 @@ class CaptureShapeError(ValueError):
     """A batch's shapes differ from the ones the CUDA graph was captured with (``capture=True``)."""
 
 
-def make_step_capture(capture: object) -> StepCapture | None:
-    """The capture engine for ``MetaOptimizer(capture=...)``.
+Step = Callable[[Any], MetaStepOutput]
 
-    ``False``: none. ``True`` / ``"auto"``: a :class:`StepCapture` in that mode. A :class:`StepCapture`
-    instance is used as given: the seam for another engine, such as the tests' stand-in that records the
-    step instead of capturing a CUDA graph.
+
+def make_step_capture(capture: object) -> StepCapture | EagerSteps:
+    """The step engine for ``MetaOptimizer(capture=...)``.
+
+    ``False``: :class:`EagerSteps`. ``True`` / ``"auto"``: a :class:`StepCapture` in that mode. A
+    :class:`StepCapture` instance is used as given: the seam for another engine, such as the tests' stand-in
+    that records the step instead of capturing a CUDA graph.
     """
     if isinstance(capture, StepCapture):
         return capture
     if capture not in (False, True, "auto"):
         raise ValueError(f"capture must be False, True or 'auto', got {capture!r}")
-    return StepCapture(capture) if capture else None  # type: ignore[arg-type]
+    return StepCapture(capture) if capture else EagerSteps()  # type: ignore[arg-type]
+
+
+class EagerSteps:
+    """The engine of ``capture=False``: every step runs eagerly (its tasks checked by the step itself), and a
+    failed one raises. :class:`StepCapture`'s interface, doing nothing else."""
+
+    mode: CaptureMode = False
+    requires_cuda = False
+    skipped: Tensor | None = None  # eager steps raise instead of skipping
+
+    def check_device(self, device: torch.device) -> None:
+        """Any device runs eager steps."""
+
+    def place(self, device: torch.device) -> None:
+        """Nothing depends on the parameters' device."""
+
+    def release(self) -> None:
+        """Nothing is captured."""
+
+    def run(self, tasks: Any, eager_step: Step, captured_step: Step, check: Callable[[Any], Any]) -> MetaStepOutput:
+        """``eager_step(tasks)``."""
+        return eager_step(tasks)
 
 
 def signature(batch: TaskBatch) -> Signature:
@@ -63,19 +88,33 @@ def _describe(sig: Signature) -> str:
 
 
 class StepCapture:
-    """Runs a step function eagerly for warm-up, then as one captured CUDA graph per batch signature.
+    """Runs a step function eagerly for warm-up, then as one captured CUDA graph per batch signature
+    (``MetaOptimizer(..., capture=StepCapture(...))``; ``capture=True`` / ``"auto"`` are shorthands).
+
+    CUDA only. A replayed step does not synchronize with the host: a non-finite step is skipped on the device
+    (parameters and optimizer state kept, ``.grad`` zero) and counted in :attr:`skipped` instead of raising.
+    The learning rate is part of the captured step: after changing it, call
+    ``MetaOptimizer.release_capture()``. Captured steps take :class:`~rkfast.batch.TaskBatch` es; Adam/AdamW
+    are created with ``capturable=True``. Not with task parallelism (``docs/api.md``, "Captured steps").
 
     Args:
         mode: ``True`` (a new signature raises :class:`CaptureShapeError`) or ``"auto"`` (re-capture).
         warmup_steps: eager calls per signature before the capture.
+
+    Attributes:
+        skipped: (once the optimizer placed it) a device counter of the replayed steps skipped for a
+            non-finite loss or direction.
     """
 
     requires_cuda = True  # the graph, streams and replay below are CUDA's (a stand-in may run anywhere)
 
-    def __init__(self, mode: CaptureMode, warmup_steps: int = 2) -> None:
-        if warmup_steps < 1:
+    def __init__(self, mode: CaptureMode = True, warmup_steps: int = 2) -> None:
+        if not (mode is True or mode == "auto"):
+            raise ValueError(f"StepCapture mode must be True or 'auto', got {mode!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
         self.mode = mode
+        self.skipped: Tensor | None = None
         self.warmup_steps = warmup_steps
         self.signature: Signature | None = None
         self.warm = 0  # eager calls made for the current signature
@@ -92,13 +131,25 @@ class StepCapture:
                 f"the meta-parameters are on {device}. Move the model to a GPU or use capture=False."
             )
 
+    def place(self, device: torch.device) -> None:
+        """Bind to meta-parameters on ``device`` (checked first: :meth:`check_device`): a captured graph reads
+        and writes the old buffers, so it is released; the skip counter moves there."""
+        self.check_device(device)
+        self.release()
+        self.skipped = (torch.zeros((), dtype=torch.int64, device=device) if self.skipped is None
+                        else self.skipped.to(device))
+
+    def count_skipped(self, ok: Tensor) -> None:
+        """Add a skipped step to :attr:`skipped` where the 0-d boolean ``ok`` is false (on the device)."""
+        self.skipped.add_((~ok).to(self.skipped.dtype))  # type: ignore[union-attr]
+
     @property
     def captured(self) -> bool:
         return self.graph is not None
 
-    def run(self, batch: TaskBatch, eager_step: Callable[[TaskBatch], MetaStepOutput],
-            captured_step: Callable[[TaskBatch], MetaStepOutput]) -> MetaStepOutput:
-        """One step on ``batch``: eager warm-up, capture + replay, or copy + replay."""
+    def run(self, tasks: Any, eager_step: Step, captured_step: Step, check: Callable[[Any], Any]) -> MetaStepOutput:
+        """One step on ``check(tasks)``, a checked batch: eager warm-up, capture + replay, or copy + replay."""
+        batch = check(tasks)
         sig = signature(batch)
         if self.signature is not None and sig != self.signature:
             if self.mode is True:

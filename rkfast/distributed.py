@@ -2,9 +2,9 @@
 tasks, and one all-reduce per step makes it the meta-direction of all of them, on every rank.
 
 :class:`~rkfast.optim.MetaOptimizer` does this by itself inside an initialized process group
-(``process_group="auto"``, the default, or a group passed in); :class:`TaskParallel` is what it keeps in
-:attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the helpers a training
-loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
+(``parallel="auto"``, the default, or a :class:`TaskParallel` or group passed in); :class:`TaskParallel` is
+what it keeps in :attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the
+helpers a training loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
 own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or ``torch.distributed.init_process_group``.
 
 One step, on every rank (``docs/distributed.md``):
@@ -21,11 +21,12 @@ One step, on every rank (``docs/distributed.md``):
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .learned import RatesStepOutput
 from .results import MetaStepOutput
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TaskParallel",
+    "LocalTasks",
     "RankFailedError",
     "InconsistentParametersError",
     "resolve_process_group",
@@ -60,7 +62,7 @@ class RankFailedError(RuntimeError):
 
 
 class InconsistentParametersError(RuntimeError):
-    """``check_consistency``: the meta-parameters differ across ranks after an outer update.
+    """``TaskParallel(check_consistency=True)``: the meta-parameters differ across ranks after an outer update.
 
     Attributes:
         ranks: the ranks whose parameters differ from rank 0's.
@@ -86,35 +88,29 @@ def is_ddp_wrapped(model: torch.nn.Module) -> bool:
     return any(isinstance(m, DistributedDataParallel) for m in model.modules())
 
 
-def resolve_process_group(process_group: ProcessGroup | str | None) -> TaskParallel | None:
-    """The :class:`TaskParallel` of ``MetaOptimizer(process_group=...)``, or ``None`` for no distribution.
+def resolve_process_group(parallel: TaskParallel | ProcessGroup | str | None) -> TaskParallel | None:
+    """The :class:`TaskParallel` of ``MetaOptimizer(parallel=...)``, or ``None`` for no distribution.
 
-    ``"auto"``: torch.distributed's default group when it is available, initialized and has more than one
-    rank; ``None``: never; a ``torch.distributed.ProcessGroup``: that group (this process must belong to it).
+    ``"auto"``: :meth:`TaskParallel.auto`; ``None``: never; a :class:`TaskParallel`: that one; a
+    ``torch.distributed.ProcessGroup``: ``TaskParallel(group)`` (this process must belong to it).
 
     Raises:
         TypeError: anything else.
         ValueError: a group this process is not a member of.
         RuntimeError: a group passed while torch.distributed is not available.
     """
-    if process_group is None:
-        return None
-    if isinstance(process_group, str):
-        if process_group != "auto":
-            raise ValueError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, "
-                             f"got {process_group!r}")
-        if not torch.distributed.is_available():
-            return None
-        dist = _dist()
-        if not dist.is_initialized() or dist.get_world_size() <= 1:
-            return None
-        return TaskParallel(None)
+    if parallel is None or isinstance(parallel, TaskParallel):
+        return parallel
+    expected = "'auto', None, a TaskParallel or a torch.distributed.ProcessGroup"
+    if isinstance(parallel, str):
+        if parallel != "auto":
+            raise ValueError(f"parallel must be {expected}, got {parallel!r}")
+        return TaskParallel.auto()
     if not torch.distributed.is_available():
-        raise RuntimeError("process_group was given but this torch build has no torch.distributed")
-    if not isinstance(process_group, _dist().ProcessGroup):
-        raise TypeError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, "
-                        f"got {type(process_group).__name__}")
-    return TaskParallel(process_group)
+        raise RuntimeError("a process group was given but this torch build has no torch.distributed")
+    if not isinstance(parallel, _dist().ProcessGroup):
+        raise TypeError(f"parallel must be {expected}, got {type(parallel).__name__}")
+    return TaskParallel(parallel)
 
 
 def block_sizes(count: int, parts: int) -> list[int]:
@@ -135,14 +131,22 @@ class TaskParallel:
     """Task parallelism over one ``torch.distributed`` process group.
 
     Each rank computes the meta-direction of its own tasks; :meth:`reduce_meta_step` turns them into the
-    meta-direction of all tasks with one all-reduce. Built by :class:`~rkfast.optim.MetaOptimizer` (see its
-    ``process_group``); a training loop uses :meth:`split`, :meth:`rank_seed` and the object helpers.
+    meta-direction of all tasks with one all-reduce. ``MetaOptimizer(..., parallel=TaskParallel(...))``
+    (``parallel="auto"``, the default, is :meth:`auto`); a training loop uses :meth:`split`,
+    :meth:`rank_seed` and the object helpers. With it, building the optimizer broadcasts the
+    meta-parameters from rank 0, and each ``step``/``compute`` is a collective: every rank passes its own
+    tasks, and one all-reduce makes the meta-direction the task-weighted mean over all ranks' tasks,
+    identical on every rank. A failure on one rank makes the others raise :class:`RankFailedError`.
+    ``apply`` and ``evaluate`` do not communicate (``docs/distributed.md``).
 
     Every method that communicates is a collective: every rank of the group must call it, in the same order.
 
     Args:
         group: a ``torch.distributed.ProcessGroup``, or ``None`` for the default group (which must be
             initialized).
+        check_consistency: a debug check after every outer update: all ranks compare a checksum of the
+            meta-parameters' bits (one small ``all_gather``) and raise :class:`InconsistentParametersError`,
+            naming the ranks that differ from rank 0 (the update itself is kept).
 
     Attributes:
         group: the process group (the default group's object when ``None`` was given).
@@ -150,7 +154,7 @@ class TaskParallel:
         world_size: the number of ranks in ``group``.
     """
 
-    def __init__(self, group: ProcessGroup | None = None) -> None:
+    def __init__(self, group: ProcessGroup | None = None, *, check_consistency: bool = False) -> None:
         dist = _dist()
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
@@ -161,9 +165,22 @@ class TaskParallel:
         if self.rank < 0:
             raise ValueError("this process is not a member of the given process group")
         self.backend: str = str(dist.get_backend(self.group))
+        self.check_consistency = bool(check_consistency)
+
+    @classmethod
+    def auto(cls, check_consistency: bool = False) -> TaskParallel | None:
+        """Over torch.distributed's default group when it is available, initialized and has more than one
+        rank (as under ``torchrun``); else ``None``."""
+        if not torch.distributed.is_available():
+            return None
+        dist = _dist()
+        if not dist.is_initialized() or dist.get_world_size() <= 1:
+            return None
+        return cls(None, check_consistency=check_consistency)
 
     def __repr__(self) -> str:
-        return f"TaskParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
+        return (f"TaskParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
+                f"check_consistency={self.check_consistency})")
 
     def global_rank(self, rank: int) -> int:
         """The global (default-group) rank of ``rank`` of this group."""
@@ -225,7 +242,39 @@ class TaskParallel:
         """Wait until every rank of the group has called it."""
         _dist().barrier(group=self.group)
 
-    # -- what MetaOptimizer uses --------------------------------------------------------------------------
+    # -- what MetaOptimizer uses (LocalTasks has the same) -----------------------------------------------
+
+    def reduce_step(self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor, numel: int,
+                    stages: int, coefficients: Sequence[Tensor] = ()) -> tuple[MetaStepOutput, tuple[int, ...]]:
+        """:meth:`reduce_meta_step` of a step whose output may carry the learned ``coefficients``'
+        directions (:class:`~rkfast.learned.RatesStepOutput`): they ride in the same buffer, after the
+        parameters' ``numel`` entries (still one all-reduce). ``like``: a tensor of the parameters' dtype
+        and device as they are now (a re-bind inside ``compute`` may change them)."""
+        extra = sum(t.numel() for t in coefficients)
+        buffer = like.new_empty(numel + extra)
+        if not extra:
+            return self.reduce_meta_step(compute, buffer, stages)
+        local: list[MetaStepOutput] = []
+
+        def joined() -> tuple[MetaStepOutput, int]:
+            out, count = compute()
+            local.append(out)
+            return _joined(out), count
+
+        out, nonfinite = self.reduce_meta_step(joined, buffer, stages)
+        return _split(out, local[0], numel, coefficients), nonfinite
+
+    def after_update(self, tensor: Tensor) -> None:
+        """With ``check_consistency``: :meth:`check_identical` of the updated meta-parameters."""
+        if self.check_consistency:
+            self.check_identical(tensor)
+
+    def reduction_note(self, ranks: Sequence[int]) -> str:
+        """Where a reduced meta-step was non-finite, for its error message."""
+        if ranks:
+            return (f" (reduced over {self.world_size} ranks; non-finite on rank(s) {list(ranks)}: every rank "
+                    "raises this error)")
+        return f" (reduced over {self.world_size} ranks)"
 
     def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
         """Overwrite ``tensor`` in place with rank ``src``'s (a collective); returns ``tensor``."""
@@ -338,3 +387,51 @@ def _checksum(tensor: Tensor) -> Tensor:
     bit_sum = (bits * weights).sum().reshape(1)
     values = flat.to(torch.float64)
     return torch.cat([values.sum().reshape(1), (values * values).sum().reshape(1), bit_sum.view(torch.float64)])
+
+
+class LocalTasks:
+    """The single-process counterpart of :class:`TaskParallel`: the interface ``MetaOptimizer`` steps
+    through, without communication (every task is this process's)."""
+
+    world_size = 1
+
+    def reduce_step(self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor, numel: int,
+                    stages: int, coefficients: Sequence[Tensor] = ()) -> tuple[MetaStepOutput, tuple[int, ...]]:
+        """``compute()``'s output as it is (no rank is non-finite but this one)."""
+        return compute()[0], ()
+
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        return tensor
+
+    def after_update(self, tensor: Tensor) -> None:
+        """Nothing to compare with."""
+
+    def reduction_note(self, ranks: Sequence[int]) -> str:
+        return ""
+
+
+Parallel = Union[TaskParallel, LocalTasks]
+
+
+def _coefficient_directions(out: MetaStepOutput) -> list[Tensor]:
+    """The learned coefficients' meta-directions of a step's output (none for a plain one)."""
+    return list(getattr(out, "coefficient_directions", ()))
+
+
+def _joined(out: MetaStepOutput) -> MetaStepOutput:
+    """``out`` with the learned coefficients' directions appended to the flat direction (one buffer to reduce)."""
+    extra = [d.reshape(-1).to(out.direction.dtype) for d in _coefficient_directions(out)]
+    return MetaStepOutput(torch.cat([out.direction.reshape(-1), *extra]), out.loss, out.stage_losses,
+                          out.stage_metrics)
+
+
+def _split(out: MetaStepOutput, local: MetaStepOutput, numel: int, coefficients: Sequence[Tensor]) -> MetaStepOutput:
+    """Inverse of :func:`_joined` for the reduced output: the parameters' direction and each coefficient
+    tensor's, shaped and typed like the tensor, grouped as ``local`` (this rank's output) groups them."""
+    pieces, offset = [], numel
+    for t in coefficients:
+        pieces.append(out.direction[offset : offset + t.numel()].view(t.shape).to(t.dtype))
+        offset += t.numel()
+    rates = len(getattr(local, "rate_directions", ()))
+    return RatesStepOutput(MetaStepOutput(out.direction[:numel], out.loss, out.stage_losses, out.stage_metrics),
+                           pieces[:rates], pieces[rates:])

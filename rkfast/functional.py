@@ -34,7 +34,7 @@ from . import norms
 from .batch import TaskBatch
 from .kernels import Backend, axpy_, combine, resolve_backend, stage_point, stage_point_elementwise
 from .layout import ParamLayout
-from .learned import LearnedRates, LearnedTableau, RatesStepOutput
+from .learned import LearnedRates, RatesStepOutput, TableauCoefficients
 from .norms import PerStepBatchNorm, at_step, statistics_layers
 from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
@@ -282,7 +282,7 @@ class SecondOrderDirection(_MetaLoss):
     second_order = True
 
     def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None, learned: LearnedTableau | None = None) -> None:
+                 rates: LearnedRates | None = None, learned: TableauCoefficients | None = None) -> None:
         self.theta = theta.detach().requires_grad_()  # a fresh leaf: the caller's theta is left alone
         self.rates, self.learned = rates, learned
         super().__init__(self.theta, tasks)
@@ -328,7 +328,7 @@ class FirstOrderDirection(_MetaLoss):
     second_order = False
 
     def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None, learned: LearnedTableau | None = None) -> None:
+                 rates: LearnedRates | None = None, learned: TableauCoefficients | None = None) -> None:
         self.theta = theta.detach()
         super().__init__(self.theta, tasks)
         self.backend, self.workspace = backend, workspace
@@ -392,7 +392,7 @@ def rk_meta_step(
     query_loss: TaskLoss,
     support_data: TaskData,
     query_data: TaskData,
-    tableau: Tableau | LearnedTableau | str,
+    tableau: Tableau | TableauCoefficients | str,
     inner_lr: float,
     *,
     first_order: bool = False,
@@ -417,9 +417,9 @@ def rk_meta_step(
         support_loss, query_loss: per-task losses ``loss(row, data)`` (see :mod:`rkfast.taskmap`).
         support_data, query_data: task data, pytrees with the task dimension first or stage callables.
         tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), or a
-            :class:`~rkfast.learned.LearnedTableau`: its entries of ``A`` (and ``b``, with ``weights="order"``)
-            are its tensors' current values, and the result's ``tableau_directions`` are the meta-loss's
-            gradients with respect to them (exact for second order; for first order with the slopes held
+            :class:`~rkfast.learned.TableauCoefficients` (a bound ``LearnedTableau``): its entries of ``A``
+            (and ``b``, with ``weights="order"``) are its tensors' current values, and the result's
+            ``tableau_directions`` are the meta-loss's gradients with respect to them (exact for second order; for first order with the slopes held
             constant, ``-(b_j / T) sum_i <h g_ij, k_il>`` for ``A[j][l]`` plus ``mean_i L_Q,i(theta^(j))``
             through ``db_j/dA``).
         inner_lr: the RK step ``h`` of the stages, a finite number ``> 0`` (:func:`check_step`).
@@ -448,7 +448,7 @@ def rk_meta_step(
             (:mod:`rkfast.taskmap`); ``vectorize=False`` runs it.
     """
     check_theta(theta)
-    learned = tableau if isinstance(tableau, LearnedTableau) else None
+    learned = tableau if isinstance(tableau, TableauCoefficients) else None
     tab = learned.structure if learned is not None else get_tableau(tableau)
     h = check_step("inner_lr", inner_lr)
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
@@ -456,23 +456,7 @@ def rk_meta_step(
     rule = FirstOrderDirection if first_order else SecondOrderDirection
     direction = rule(theta, tasks, backend, workspace, rates, learned)
     with direction.grad_mode():
-        rate_of, matrix, weights = None, None, list(tab.b)
-        # first order: nothing is differentiated through the coefficients (their directions are formulas)
-        with torch.no_grad() if first_order else nullcontext():
-            if rates is not None:
-                vectors = [rates.vector(s) for s in range(rates.sets)]
-                rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
-            if learned is not None:
-                capturing = theta.is_cuda and torch.cuda.is_current_stream_capturing()
-                if capturing and first_order:
-                    raise ValueError("a learned tableau's first-order step reads its weights b on the host, which a "
-                                     "CUDA graph cannot capture: use second order or capture=False")
-                matrix = learned.matrix().to(theta.dtype)
-                b = learned.weights(matrix, check=not capturing)  # captured: a singular b skips the step
-                weights = b.tolist() if first_order else list(b.unbind())  # first order: plain weights for combine
-                if rate_of is None:  # the fixed step h as a rate vector: the points' coefficients are A's tensors
-                    step = theta.new_full(theta.shape, h)
-                    rate_of = lambda l: step  # noqa: E731
+        rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, first_order)
         for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
                                   second_order=rule.second_order, backend=backend,
                                   workspace=workspace if first_order else None, rates=rate_of, matrix=matrix):
@@ -480,6 +464,32 @@ def rk_meta_step(
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
                 direction.add(stage, weights[stage.index], query_loss, data)
         return direction.result()
+
+
+def _stage_coefficients(theta: Tensor, tab: Tableau, h: float, rates: LearnedRates | None,
+                        learned: TableauCoefficients | None, first_order: bool
+                        ) -> tuple[Callable[[int], Tensor] | None, Tensor | None, list[Any]]:
+    """What the stage points and the meta-loss read of the learned coefficients: the rate vector of slope
+    ``l`` (``None``: the fixed step ``h``), the learned ``A`` (``None``: the tableau's) and the weights ``b``
+    (tensors for second order, differentiated; plain numbers for first order, whose coefficient directions
+    are formulas, so nothing is differentiated through them)."""
+    rate_of, matrix, weights = None, None, list(tab.b)
+    with torch.no_grad() if first_order else nullcontext():
+        if rates is not None:
+            vectors = [rates.vector(s) for s in range(rates.sets)]
+            rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
+        if learned is not None:
+            capturing = theta.is_cuda and torch.cuda.is_current_stream_capturing()
+            if capturing and first_order:
+                raise ValueError("a learned tableau's first-order step reads its weights b on the host, which a "
+                                 "CUDA graph cannot capture: use second order or capture=False")
+            matrix = learned.matrix().to(theta.dtype)
+            b = learned.weights(matrix, check=not capturing)  # captured: a singular b skips the step
+            weights = b.tolist() if first_order else list(b.unbind())  # first order: plain weights for combine
+            if rate_of is None:  # the fixed step h as a rate vector: the points' coefficients are A's tensors
+                step = theta.new_full(theta.shape, h)
+                rate_of = lambda l: step  # noqa: E731
+    return rate_of, matrix, weights
 
 
 def adapt(
@@ -563,7 +573,7 @@ class StageMap:
     stage, whose point is the adapted parameters (what :func:`adapt` uses with ``stages=``).
 
     Attributes:
-        tableau: a fixed tableau, or a learned one at its current values (``LearnedTableau.current()``).
+        tableau: a fixed tableau, or a learned one at its current values (``TableauCoefficients.current()``).
         rates: per-slope rate vectors ``rates(l) [N]`` (learned inner rates), or ``None``: the step ``h``.
     """
 

@@ -22,6 +22,12 @@ adapted). The learned tensors are ordinary leaf tensors (``requires_grad``) that
 
 :class:`LearnedTableau` makes the entries of ``A`` on a sparsity pattern meta-parameters too, with ``b``
 either fixed or derived from ``A`` by the order conditions (:func:`order_weights`).
+
+Each capability has two forms. The spec (:class:`Rates`, :class:`LearnedTableau`) is what a user passes to
+:class:`~rkfast.optim.MetaOptimizer`: an immutable description, validated when built, with a JSON form. Its
+``bind`` gives the live object (:class:`LearnedRates`, :class:`TableauCoefficients`) holding the learned leaf
+tensors for one parameter layout, dtype and device; both live kinds are :class:`Coefficients`, the one
+interface through which the optimizer saves, loads, moves, updates and reports them.
 """
 
 from __future__ import annotations
@@ -29,17 +35,20 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from typing import Any, Literal, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .layout import ParamLayout
 from .results import MetaStepOutput, NonFiniteLossError
-from .tableau import InconsistentTableauWarning, Tableau
+from .outer import check_lr
+from .tableau import InconsistentTableauWarning, Tableau, get_tableau
 
-__all__ = ["GRANULARITIES", "Granularity", "LearnedRates", "RatesStepOutput", "resolve_frozen",
-           "LearnedTableau", "TABLEAU_PATTERNS", "TABLEAU_WEIGHTS", "order_weights", "OrderConditionsError"]
+__all__ = ["GRANULARITIES", "Granularity", "Coefficients", "Rates", "LearnedRates", "RatesStepOutput",
+           "resolve_frozen", "LearnedTableau", "TableauCoefficients", "TABLEAU_PATTERNS", "TABLEAU_WEIGHTS",
+           "order_weights", "OrderConditionsError", "rate_summary", "tableau_summary", "describe_state_key"]
 
 Granularity = Literal["scalar", "tensor", "element"]
 GRANULARITIES: tuple[str, ...] = ("scalar", "tensor", "element")
@@ -48,7 +57,7 @@ GRANULARITIES: tuple[str, ...] = ("scalar", "tensor", "element")
 class RatesStepOutput(MetaStepOutput):
     """A :class:`~rkfast.results.MetaStepOutput` that also carries the meta-directions of the learned
     coefficients (detached): ``rate_directions``, one per tensor of :attr:`LearnedRates.tensors`, and
-    ``tableau_directions``, one per tensor of :attr:`LearnedTableau.tensors`."""
+    ``tableau_directions``, one per tensor of :attr:`TableauCoefficients.tensors`."""
 
     def __init__(self, out: MetaStepOutput, rate_directions: list[Tensor],
                  tableau_directions: list[Tensor] | None = None) -> None:
@@ -62,6 +71,27 @@ class RatesStepOutput(MetaStepOutput):
         return [*self.rate_directions, *self.tableau_directions]
 
 
+def _frozen_rates(frozen: Any) -> dict[str, float]:
+    """``{name or glob: rate}`` as plain ``{str: float}``: ``TypeError`` for a non-mapping or a key that is not
+    a string, ``ValueError`` for a rate that is not a finite number."""
+    if not isinstance(frozen, Mapping):
+        raise TypeError(f"Rates frozen must be a mapping {{name or glob: rate}}, got {frozen!r}")
+    out: dict[str, float] = {}
+    for pattern, value in frozen.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"Rates frozen keys must be parameter names or glob patterns, got {pattern!r}")
+        rate = math.nan
+        if not isinstance(value, (bool, str, bytes)):
+            try:
+                rate = float(value)
+            except (TypeError, ValueError):
+                pass
+        if not math.isfinite(rate):
+            raise ValueError(f"Rates frozen[{pattern!r}] must be a finite number, got {value!r}")
+        out[pattern] = rate
+    return out
+
+
 def resolve_frozen(layout: ParamLayout, frozen: Mapping[str, float] | None) -> dict[str, float]:
     """``{parameter name: fixed rate}`` from ``{name or glob pattern: rate}`` (``fnmatch``, case-sensitive).
 
@@ -69,29 +99,83 @@ def resolve_frozen(layout: ParamLayout, frozen: Mapping[str, float] | None) -> d
     or a tensor matched by two patterns with different rates; ``TypeError`` for a non-mapping."""
     if frozen is None:
         return {}
-    if not isinstance(frozen, Mapping):
-        raise TypeError(f"frozen_rates must be a mapping {{name or glob: rate}}, got {type(frozen).__name__}")
     out: dict[str, float] = {}
-    for pattern, value in frozen.items():
-        if not isinstance(pattern, str):
-            raise TypeError(f"frozen_rates keys must be parameter names or glob patterns, got {pattern!r}")
-        if isinstance(value, (bool, str, bytes)):
-            raise ValueError(f"frozen_rates[{pattern!r}] must be a finite number, got {value!r}")
-        try:
-            rate = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"frozen_rates[{pattern!r}] must be a finite number, got {value!r}") from None
-        if not math.isfinite(rate):
-            raise ValueError(f"frozen_rates[{pattern!r}] must be a finite number, got {value!r}")
+    for pattern, rate in _frozen_rates(frozen).items():
         matched = [n for n in layout.names if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            raise ValueError(f"frozen_rates pattern {pattern!r} matches no meta-parameter; the names are "
+            raise ValueError(f"Rates frozen pattern {pattern!r} matches no meta-parameter; the names are "
                              f"{list(layout.names)}")
         for name in matched:
             if name in out and out[name] != rate:
-                raise ValueError(f"frozen_rates gives parameter {name!r} two rates, {out[name]} and {rate}")
+                raise ValueError(f"Rates frozen gives parameter {name!r} two rates, {out[name]} and {rate}")
             out[name] = rate
     return out
+
+
+def _coefficient_lr(owner: str, lr: Any) -> float | None:
+    """The outer learning rate of learned coefficients: ``None`` (the optimizer's ``lr``) or a finite,
+    non-negative number (``ValueError`` naming ``owner``'s ``lr`` otherwise)."""
+    if lr is None:
+        return None
+    if isinstance(lr, bool):
+        raise ValueError(f"{owner} lr must be a finite, non-negative number, got {lr!r}")
+    check_lr(lr, f"{owner} lr")
+    return float(lr)
+
+
+def _from_json(cls: Any, d: Any) -> Any:
+    """``cls(**d)`` for a spec's JSON form, ``ValueError`` naming what is wrong with ``d``."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{cls.__name__}.from_json takes a dict, got {type(d).__name__}")
+    unknown = set(d) - {f.name for f in cls.__dataclass_fields__.values()}
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_json: unknown keys {sorted(unknown)}")
+    return cls(**d)
+
+
+_STATE_KEYS = {"rates": "learned/frozen rates (Rates)", "learned_tableau": "a learned tableau (LearnedTableau)"}
+
+
+def describe_state_key(key: str) -> str:
+    """What a coefficient entry ``key`` of ``MetaOptimizer.state_dict()["rkfast"]`` holds (for errors)."""
+    return _STATE_KEYS.get(key, repr(key))
+
+
+@runtime_checkable
+class Coefficients(Protocol):
+    """Learned coefficients of the meta-step, bound to one optimizer's parameter layout, dtype and device.
+
+    :class:`LearnedRates` and :class:`TableauCoefficients` are the two kinds. The optimizer keeps them in
+    one list and only ever goes through this interface: their leaf :attr:`tensors` get a param group of
+    their own (learning rate :attr:`lr`, ``None`` for the optimizer's ``lr``), ride with the meta-direction
+    in the all-reduce, are saved under :attr:`key` of the state dict and restored by a failed step.
+    """
+
+    key: str  # their entry in MetaOptimizer.state_dict()["rkfast"]
+    lr_name: str  # the name of their param group's learning rate in summaries ("rate_lr", "tableau_lr")
+    tensors: list[Tensor]
+    lr: float | None
+
+    def state(self) -> dict[str, Any]:
+        """Configuration and values, as the state dict saves them."""
+
+    def check_state(self, state: Any) -> list[Tensor]:
+        """The values of a saved :meth:`state`, checked against this configuration (``ValueError``)."""
+
+    def load(self, values: Sequence[Tensor]) -> None:
+        """Copy checked values into :attr:`tensors`."""
+
+    def to_(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Move :attr:`tensors` (the same objects) to ``dtype`` and ``device``."""
+
+    def check_update(self) -> None:
+        """Raise if the values an outer update left cannot be used by the next step."""
+
+    def check_compatible(self, *, first_order: bool, captured: bool) -> None:
+        """Raise ``ValueError`` if a step with these settings cannot use them."""
+
+    def summary(self, inner_lr: float) -> dict[str, Any]:
+        """Settings and current values as ``results.json`` reports them (learning rate excepted)."""
 
 
 class _SavedCoefficients:
@@ -99,13 +183,14 @@ class _SavedCoefficients:
     configuration (:meth:`config`) and the values of their leaf :attr:`tensors`, checked before loading."""
 
     tensors: list[Tensor]
+    lr: float | None
     _what = "learned coefficients"  # in the error messages
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def _option(self) -> str:
-        """The MetaOptimizer option that created these coefficients (for the error messages)."""
+        """The spec that created these coefficients (for the error messages)."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
@@ -147,9 +232,82 @@ class _SavedCoefficients:
             for t, v in zip(self.tensors, values):
                 t.copy_(v)
 
+    def check_update(self) -> None:
+        """Nothing to check by default: any finite values are usable."""
+
+    def check_compatible(self, *, first_order: bool, captured: bool) -> None:
+        """Compatible with every step by default."""
+
+
+def _check_granularity(granularity: Any) -> None:
+    if granularity is not None and granularity not in GRANULARITIES:
+        raise ValueError(f"Rates granularity must be one of {', '.join(map(repr, GRANULARITIES))} or None, "
+                         f"got {granularity!r}")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Learned (or fixed per-tensor) inner rates: ``MetaOptimizer(..., rates=Rates(...))`` (``docs/api.md``,
+    "Learned inner rates"; the math in ``docs/method.md``).
+
+    Args:
+        granularity: ``"scalar"`` (one rate), ``"tensor"`` (one per parameter tensor: MAML++'s per-layer
+            rates), ``"element"`` (one per element: Meta-SGD), or ``None``: nothing learned, only ``frozen``.
+        per_stage: one set of rates per slope of the tableau (MAML++'s per-step rates for ``maml(k)``);
+            needs a granularity.
+        frozen: ``{parameter name or glob: rate}``: fixed, not learned, rates (``{"features.*": 0.0}``: ANIL).
+        lr: the rates' outer learning rate (default: the optimizer's ``lr``); needs a granularity.
+
+    Raises:
+        ValueError: any argument out of range (the message names it), or neither a granularity nor frozen
+            rates (``rates=None`` is the fixed step). Patterns are matched when bound.
+    """
+
+    granularity: Granularity | None = None
+    per_stage: bool = field(default=False, kw_only=True)
+    frozen: Mapping[str, float] | None = field(default=None, kw_only=True)
+    lr: float | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_granularity(self.granularity)
+        if not isinstance(self.per_stage, bool):
+            raise ValueError(f"Rates per_stage must be True or False, got {self.per_stage!r}")
+        if self.per_stage and self.granularity is None:
+            raise ValueError("Rates(per_stage=True) needs a granularity ('scalar', 'tensor' or 'element')")
+        try:
+            frozen = None if self.frozen is None else _frozen_rates(self.frozen)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        if self.granularity is None and not frozen:
+            raise ValueError("Rates() learns and freezes nothing: give a granularity ('scalar', 'tensor' or "
+                             "'element') or frozen rates, or pass rates=None for the fixed step inner_lr")
+        if self.lr is not None and self.granularity is None:
+            raise ValueError("Rates lr is the learning rate of learned rates: it needs a granularity")
+        object.__setattr__(self, "frozen", frozen)
+        object.__setattr__(self, "lr", _coefficient_lr("Rates", self.lr))
+
+    def bind(self, layout: ParamLayout, inner_lr: float, stages: int, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> LearnedRates:
+        """The live rates over ``layout`` (learned ones start at ``inner_lr``) for a tableau of ``stages``
+        stages. Raises ``ValueError`` for a frozen pattern that matches no parameter, or frozen rates that
+        leave nothing to learn."""
+        return LearnedRates(layout, inner_lr, self.granularity, per_stage=self.per_stage, stages=stages,
+                            frozen=self.frozen, dtype=dtype, device=device, lr=self.lr)
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain-JSON form (:meth:`from_json` reads it back)."""
+        return {"granularity": self.granularity, "per_stage": self.per_stage,
+                "frozen": None if self.frozen is None else dict(self.frozen), "lr": self.lr}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Rates:
+        """Inverse of :meth:`to_json` (validated as the constructor validates)."""
+        return _from_json(cls, d)
+
 
 class LearnedRates(_SavedCoefficients):
-    """The inner rates of a meta-step: learned tensors at a granularity, per stage or not, and fixed rates.
+    """The inner rates of a meta-step, live (:meth:`Rates.bind`): learned tensors at a granularity, per stage
+    or not, and fixed rates. A :class:`Coefficients`.
 
     Args:
         layout: the flat layout of the meta-parameters (``N`` elements in named tensors).
@@ -161,6 +319,7 @@ class LearnedRates(_SavedCoefficients):
         stages: the tableau's number of stages ``s``.
         frozen: ``{name or glob: rate}`` (:func:`resolve_frozen`): fixed, not learned, rates.
         dtype, device: of the learned tensors (the meta-parameters').
+        lr: their outer learning rate (``None``: the optimizer's).
 
     Attributes:
         tensors: the learned leaf tensors (empty for ``granularity=None``): ``[sets]`` for ``"scalar"``,
@@ -172,9 +331,10 @@ class LearnedRates(_SavedCoefficients):
 
     def __init__(self, layout: ParamLayout, inner_lr: float, granularity: Granularity | None = None, *,
                  per_stage: bool = False, stages: int = 2, frozen: Mapping[str, float] | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        if granularity is not None and granularity not in GRANULARITIES:
-            raise ValueError(f"learn_rates must be one of {GRANULARITIES} or None, got {granularity!r}")
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 lr: float | None = None) -> None:
+        _check_granularity(granularity)
+        self.lr = _coefficient_lr("Rates", lr)
         self.layout = layout
         self.inner_lr = float(inner_lr)
         self.granularity = granularity
@@ -183,8 +343,8 @@ class LearnedRates(_SavedCoefficients):
         self.frozen = resolve_frozen(layout, frozen)
         self.learned_names = tuple(n for n in layout.names if n not in self.frozen)
         if granularity is not None and not self.learned_names:
-            raise ValueError("frozen_rates freezes every meta-parameter tensor: there is no rate left to learn "
-                             "(use learn_rates=None for fixed rates only)")
+            raise ValueError("Rates frozen= freezes every meta-parameter tensor: there is no rate left to learn "
+                             "(use granularity=None for fixed rates only)")
         numels = dict(zip(layout.names, layout.numels))
         width = {"scalar": 1, "tensor": len(self.learned_names),
                  "element": sum(numels[n] for n in self.learned_names), None: 1}[granularity]
@@ -248,6 +408,21 @@ class LearnedRates(_SavedCoefficients):
         index = torch.where(self._index >= self._width, self._index - self._width + 1, 0)
         return table.index_select(0, index)
 
+    def adaptation_rates(self, own_step: float, step_size: float | None
+                         ) -> tuple[float, Callable[[int], Tensor] | None]:
+        """Meta-test with these rates (``MetaOptimizer.evaluate``): ``(alpha, rates)``, adaptation step ``n``
+        (0-based) taking ``alpha * rates(n)``. Without ``step_size``: the rates of set ``min(n, sets - 1)``
+        scaled by the tableau's test-step factor ``own_step / inner_lr``; with one: that scalar, except that
+        frozen tensors keep their rate scaled by ``step_size / inner_lr`` (``rates=None`` when none is)."""
+        with torch.no_grad():
+            if step_size is None:
+                vectors = [self.vector(s).detach() for s in range(self.sets)]
+                return own_step / self.inner_lr, lambda n: vectors[min(n, len(vectors) - 1)]
+            if not self.frozen:
+                return step_size, None
+            scaled = self.fixed_vector() / self.inner_lr  # 1 where not frozen: step_size exactly
+            return step_size, lambda n: scaled
+
     def values(self) -> dict[str, Tensor]:
         """``{parameter name: rates}`` (detached copies), each of shape ``[sets]``, or ``[sets, *shape]`` for
         ``"element"`` granularity; frozen and unlearned tensors included (their constant rate)."""
@@ -281,13 +456,43 @@ class LearnedRates(_SavedCoefficients):
                 "frozen": dict(self.frozen)}
 
     _what = "learned rates"
+    key = "rates"
+    lr_name = "rate_lr"
 
     def _option(self) -> str:
-        return f"learn_rates={self.granularity!r}, frozen_rates={self.frozen}"
+        return f"Rates({self.granularity!r}, per_stage={self.per_stage}, frozen={self.frozen})"
+
+    def summary(self, inner_lr: float) -> dict[str, Any]:
+        """Settings and :func:`rate_summary` (``inner_lr``: the optimizer's, which unlearned rates take)."""
+        return {"granularity": self.granularity, "per_stage": self.per_stage, "sets": self.sets,
+                "inner_lr": inner_lr, "frozen": dict(self.frozen), "values": rate_summary(self)}
 
     def __repr__(self) -> str:
         return (f"LearnedRates(granularity={self.granularity!r}, per_stage={self.per_stage}, sets={self.sets}, "
                 f"frozen={self.frozen})")
+
+
+def _rate(value: Any) -> float:
+    """A rate for JSON: 7 significant digits (a float32 rate's precision; ``0.01``, not ``0.009999999776``)."""
+    return float(f"{float(value):.7g}")
+
+
+def rate_summary(rates: LearnedRates) -> dict[str, list[Any]]:
+    """``{parameter name: one entry per rate set}``: the rate (a number) of a scalar, per-tensor or frozen
+    rate, ``{"mean", "min", "max"}`` over the tensor's elements for element rates (7 significant digits)."""
+    out: dict[str, list[Any]] = {}
+    for name, values in rates.values().items():
+        if values.dim() == 1:
+            out[name] = [_rate(v) for v in values.cpu()]
+        else:
+            rows = values.reshape(values.shape[0], -1).cpu()
+            out[name] = [{"mean": _rate(r.mean()), "min": _rate(r.min()), "max": _rate(r.max())} for r in rows]
+    return out
+
+
+def tableau_summary(tableau: Tableau) -> dict[str, list[Any]]:
+    """``{"A": [[...]], "b": [...]}`` of a tableau (a learned one's ``current()``), 7 significant digits."""
+    return {"A": [[_rate(x) for x in row] for row in tableau.A], "b": [_rate(x) for x in tableau.b]}
 
 
 # -- learned tableaus -----------------------------------------------------------------------------------
@@ -303,7 +508,7 @@ _NEGATIVE_WEIGHT_TOL = 1e-9  # midpoint's b1 = 0 is solved to rounding
 
 
 class OrderConditionsError(NonFiniteLossError, ValueError):
-    """A learned tableau's weights ``b = order_weights(A)`` (``tableau_weights="order"``) cannot be used at
+    """A learned tableau's weights ``b = order_weights(A)`` (``LearnedTableau(weights="order")``) cannot be used at
     the current ``A``: the order conditions have no solution (e.g. a node ``c_j`` learned to 0 in a 2-stage
     tableau), or the solution has a negative weight, where the meta-loss ``sum_j b_j L_j`` is no longer
     bounded below. A :class:`~rkfast.optim.NonFiniteLossError` (the step cannot be formed, nothing changes;
@@ -354,13 +559,13 @@ def order_weights(A: Tensor, check: bool = True) -> Tensor:
         raise OrderConditionsError(
             f"no weights b satisfy the order conditions at the learned stage matrix (nodes c = "
             f"{[round(x, 6) for x in c.detach().tolist()]}; residual {residual:.3g}): the learned A has made them "
-            "singular. Lower the tableau's learning rate (tableau_lr), or keep b fixed (tableau_weights='fixed')")
+            "singular. Lower the tableau's learning rate (LearnedTableau lr), or keep b fixed (weights='fixed')")
     return b
 
 
-class LearnedTableau(_SavedCoefficients):
-    """A tableau whose entries of ``A`` on a sparsity pattern are learned tensors (``docs/method.md``,
-    "Learned tableaus").
+class TableauCoefficients(_SavedCoefficients):
+    """A tableau whose entries of ``A`` on a sparsity pattern are learned tensors, live
+    (:meth:`LearnedTableau.bind`; ``docs/method.md``, "Learned tableaus"). A :class:`Coefficients`.
 
     Args:
         tableau: the tableau the entries start from (their initial values) and whose stage count is kept.
@@ -375,6 +580,7 @@ class LearnedTableau(_SavedCoefficients):
             learned scheme would collapse onto one stage. Tying ``b`` to ``A`` keeps it a consistent RK
             method (``sum b = 1``, ``b.c = 1/2``...) whatever ``A`` learns.
         dtype, device: of the learned tensor.
+        lr: its outer learning rate (``None``: the optimizer's).
 
     Attributes:
         tensors: ``[entries]``: the one learned leaf tensor ``[E]``, in :attr:`entries` order.
@@ -386,17 +592,21 @@ class LearnedTableau(_SavedCoefficients):
     """
 
     def __init__(self, tableau: Tableau, pattern: str = "pattern", weights: str = "fixed", *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 lr: float | None = None) -> None:
         if pattern not in TABLEAU_PATTERNS:
-            raise ValueError(f"learn_tableau must be one of {TABLEAU_PATTERNS} or None, got {pattern!r}")
+            raise ValueError(f"LearnedTableau pattern must be one of {', '.join(map(repr, TABLEAU_PATTERNS))}, "
+                             f"got {pattern!r}")
         if weights not in TABLEAU_WEIGHTS:
-            raise ValueError(f"tableau_weights must be one of {TABLEAU_WEIGHTS}, got {weights!r}")
+            raise ValueError(f"LearnedTableau weights must be one of {', '.join(map(repr, TABLEAU_WEIGHTS))}, "
+                             f"got {weights!r}")
+        self.lr = _coefficient_lr("LearnedTableau", lr)
         s = tableau.stages
         below = [(j, l) for j in range(s) for l in range(j)]
         entries = below if pattern == "full" else [(j, l) for j, l in below if tableau.A[j][l] != 0.0]
         if not entries:
             raise ValueError(f"tableau {tableau.name!r} has no entry of A to learn (pattern={pattern!r}: "
-                             + ("a 1-stage scheme has none)" if s == 1 else "A is zero; use learn_tableau='full')"))
+                             + ("a 1-stage scheme has none)" if s == 1 else "A is zero; use pattern='full')"))
         self.base, self.pattern, self.weights_mode = tableau, pattern, weights
         self.entries: tuple[tuple[int, int], ...] = tuple(entries)
         self.stages = s
@@ -446,8 +656,8 @@ class LearnedTableau(_SavedCoefficients):
                     f"the learned tableau's weights b = {[round(x, 6) for x in b.detach().tolist()]} (from the order "
                     f"conditions at nodes c = {[round(x, 6) for x in A.detach().sum(1).tolist()]}) have a negative "
                     "entry: the meta-loss sum_j b_j L_j is then not bounded below (a negative weight rewards a larger "
-                    "query loss at its stage) and training diverges. Keep b fixed (tableau_weights='fixed') or "
-                    "lower tableau_lr (docs/method.md, \"Learned tableaus\")")
+                    "query loss at its stage) and training diverges. Keep b fixed (weights='fixed') or "
+                    "lower the LearnedTableau lr (docs/method.md, \"Learned tableaus\")")
         else:
             b = torch.where(b.min() < -_NEGATIVE_WEIGHT_TOL, torch.full_like(b, math.nan), b)
         return b.to(A.dtype)
@@ -477,9 +687,32 @@ class LearnedTableau(_SavedCoefficients):
                 "entries": [list(e) for e in self.entries]}
 
     _what = "learned tableau"
+    key = "learned_tableau"
+    lr_name = "tableau_lr"
 
     def _option(self) -> str:
-        return f"learn_tableau={self.pattern!r}"
+        return f"LearnedTableau({self.base.name!r}, {self.pattern!r}, {self.weights_mode!r})"
+
+    def check_update(self) -> None:
+        """Updated entries must still give usable weights (solvable, none negative): checked after each outer
+        update, so that the state a step leaves behind (and a checkpoint saves) always has them."""
+        self.weights()
+
+    def check_compatible(self, *, first_order: bool, captured: bool) -> None:
+        """A captured step needs second order: the first-order step reads ``b`` on the host."""
+        if first_order and captured:
+            raise ValueError("a learned tableau (LearnedTableau) with capture needs second order: the first-order "
+                             "step reads the tableau's weights b on the host, which a CUDA graph cannot replay. "
+                             "Use first_order=False or capture=False.")
+
+    def summary(self, inner_lr: float) -> dict[str, Any]:
+        """``pattern``, ``weights``, ``base`` (the starting tableau's name), ``entries`` (the learned ``(j, l)``
+        positions of ``A``, 0-based), ``A`` and ``b`` now (:func:`tableau_summary`), its ``order`` and the
+        meta-test ``test_step`` it gives at ``inner_lr``."""
+        current = self.current()
+        return {"pattern": self.pattern, "weights": self.weights_mode, "base": self.base.name,
+                "entries": [list(e) for e in self.entries], **tableau_summary(current),
+                "order": current.order, "test_step": _rate(current.test_step(inner_lr))}
 
     def values(self) -> dict[str, Any]:
         """``{"A": [[...]], "b": [...]}``: the current tableau as plain lists (for logs and results)."""
@@ -487,5 +720,63 @@ class LearnedTableau(_SavedCoefficients):
         return {"A": [list(r) for r in tab.A], "b": list(tab.b)}
 
     def __repr__(self) -> str:
-        return (f"LearnedTableau(base={self.base.name!r}, pattern={self.pattern!r}, weights={self.weights_mode!r}, "
-                f"entries={list(self.entries)})")
+        return (f"TableauCoefficients(base={self.base.name!r}, pattern={self.pattern!r}, "
+                f"weights={self.weights_mode!r}, entries={list(self.entries)})")
+
+
+@dataclass(frozen=True)
+class LearnedTableau:
+    """A learned tableau: ``MetaOptimizer(..., tableau=LearnedTableau("rk4"))`` (``docs/api.md``, "Learned
+    tableaus"; the math in ``docs/method.md``).
+
+    Args:
+        tableau: the starting tableau (a name or a :class:`~rkfast.tableau.Tableau`), whose stage count is kept.
+        pattern: ``"pattern"``: its non-zero entries of ``A`` are learned (the step keeps its cost);
+            ``"full"``: every entry below the diagonal.
+        weights: ``"fixed"``: ``b`` stays the tableau's; ``"order"``: ``b = order_weights(A)`` follows ``A``.
+        lr: the entries' outer learning rate (default: the optimizer's ``lr``).
+
+    Raises:
+        ValueError: an unknown pattern or weights, a bad ``lr``, a tableau with no entry to learn (``euler``),
+            or (:class:`OrderConditionsError`) order weights the starting ``A`` does not admit.
+    """
+
+    tableau: Tableau | str
+    pattern: str = "pattern"
+    weights: str = "fixed"
+    lr: float | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tableau", get_tableau(self.tableau))
+        object.__setattr__(self, "lr", _coefficient_lr("LearnedTableau", self.lr))
+        self.bind(torch.float64)  # everything the live tableau refuses, refused now
+
+    def __repr__(self) -> str:
+        return (f"LearnedTableau({self.tableau.name!r}, {self.pattern!r}, {self.weights!r}"  # type: ignore[union-attr]
+                + (f", lr={self.lr}" if self.lr is not None else "") + ")")
+
+    @property
+    def name(self) -> str:
+        """``"learned-<base name>"``: the name of the tableaus it produces."""
+        return f"learned-{self.tableau.name}"  # type: ignore[union-attr]
+
+    def bind(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TableauCoefficients:
+        """The live tableau: its learned entries as one leaf tensor of ``dtype`` on ``device``."""
+        return TableauCoefficients(self.tableau, self.pattern, self.weights, dtype=dtype,  # type: ignore[arg-type]
+                                   device=device, lr=self.lr)
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain-JSON form (:meth:`from_json` reads it back): the tableau by name when the name gives it back."""
+        tab: Tableau = self.tableau  # type: ignore[assignment]
+        try:
+            named: Any = tab.name if get_tableau(tab.name) == tab else tab.to_dict()
+        except (ValueError, TypeError):
+            named = tab.to_dict()
+        return {"tableau": named, "pattern": self.pattern, "weights": self.weights, "lr": self.lr}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LearnedTableau:
+        """Inverse of :meth:`to_json` (validated as the constructor validates)."""
+        if isinstance(d, Mapping) and isinstance(d.get("tableau"), Mapping):
+            d = {**d, "tableau": Tableau.from_dict(d["tableau"])}
+        return _from_json(cls, d)

@@ -23,11 +23,15 @@ from torch import Tensor
 
 from . import kernels
 from .flat import FlatParameters
+from .results import MetaStepOutput, NonFiniteLossError
 
 __all__ = [
     "OUTER_OPTIMIZERS", "outer_class", "make_outer_optimizer", "check_lr", "OuterUpdate", "UpdateSnapshot",
-    "guarded_update", "written_tensors", "state_tensors", "cast_state_to_params",
+    "guarded_update", "written_tensors", "state_tensors", "cast_state_to_params", "all_finite",
+    "non_finite_direction_error", "NON_FINITE_GRAD",
 ]
+
+NON_FINITE_GRAD = "non-finite .grad; parameters, .grad and optimizer state were left unchanged"
 
 OUTER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -100,15 +104,57 @@ class OuterUpdate:
         optimizer: the outer ``torch.optim`` optimizer over ``flat.params`` (its param groups and state are
             the ones the user's schedulers and ``state_dict`` see).
         flat: the flat parameter and gradient buffers.
-        extra: other leaf tensors the optimizer updates beside ``flat.params`` (learned inner rates,
+        extra: other leaf tensors the optimizer updates beside ``flat.params`` (the learned coefficients,
             :mod:`rkfast.learned`); a failed transaction restores them too.
+        checks: called after each checked update (:meth:`checked_update`); one that raises undoes it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters, extra: Sequence[Tensor] = ()) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters, extra: Sequence[Tensor] = (),
+                 checks: Sequence[Callable[[], None]] = ()) -> None:
         self.optimizer = optimizer
         self.flat = flat
         self.extra = list(extra)
+        self.checks = list(checks)
         self._snapshot = UpdateSnapshot(optimizer, flat, extra)
+
+    def write_grads(self, direction: Tensor, extra: Sequence[Tensor]) -> None:
+        """The meta-direction into every ``.grad``: the parameters' flat buffer and the extra tensors'."""
+        self.flat.write_grad(direction)
+        for t, d in zip(self.extra, extra):
+            t.grad = d
+
+    def checked_update(self, set_grad: Callable[[], None], inputs: Sequence[Tensor | None],
+                       direction_error: Callable[[], NonFiniteLossError], *, check_finite: bool,
+                       backend: kernels.Backend = "auto") -> None:
+        """``set_grad()`` (the new ``.grad``), :meth:`update` and the :attr:`checks` as one :meth:`transaction`:
+        any exception, and with ``check_finite`` non-finite ``inputs`` (the direction, the loss) or non-finite
+        updated parameters, restores everything and raises (``direction_error()`` for the inputs).
+
+        The finiteness of the inputs and of the result is read once, after the update (the step's one host
+        synchronization): a non-finite direction makes the update produce garbage, which is then undone."""
+        inputs_ok: Tensor | None = None
+        try:
+            with self.transaction():
+                set_grad()
+                if check_finite:
+                    inputs_ok = all_finite(*inputs)  # on the device: no sync yet
+                self.update(backend)
+                if inputs_ok is not None and not bool(inputs_ok & all_finite(self.flat.data, *self.extra)):  # one sync
+                    raise direction_error() if not bool(inputs_ok) else _non_finite_update_error(self.optimizer)
+                for check in self.checks:
+                    check()
+        except Exception as err:
+            # an optimizer that refuses a non-finite gradient itself: report what was non-finite
+            if isinstance(err, NonFiniteLossError) or inputs_ok is None or bool(inputs_ok):
+                raise
+            raise direction_error() from err
+
+    def guarded_step(self, direction: Tensor, extra: Sequence[Tensor], ok: Tensor,
+                     backend: kernels.Backend = "auto") -> None:
+        """The update of a step replayed from a CUDA graph: where the 0-d boolean ``ok`` is false, a zero
+        ``.grad`` and every parameter and state tensor kept (:meth:`update_if`); no host synchronization."""
+        self.write_grads(torch.where(ok, direction, 0.0), [torch.where(ok, d, 0.0) for d in extra])
+        self.update_if(ok, backend)
 
     def plain_sgd(self) -> bool:
         """``theta <- theta - lr * d`` over the whole flat buffer: SGD with one group and no extras."""
@@ -147,6 +193,34 @@ class OuterUpdate:
         caller zeroes ``.grad`` of a skipped step)."""
         guarded = [*written_tensors(self.optimizer, self.flat), *self.extra, *state_tensors(self.optimizer, self.extra)]
         guarded_update(ok, guarded, lambda: self.update(backend))
+
+
+def all_finite(*tensors: Tensor | None) -> Tensor:
+    """A 0-d device boolean: every element of every given tensor is finite (reading it synchronizes)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    ok = checks[0]
+    for check in checks[1:]:
+        ok = ok & check
+    return ok
+
+
+def non_finite_direction_error(out: MetaStepOutput, note: str = "") -> NonFiniteLossError:
+    """The error of a step whose meta-loss or meta-direction is non-finite (``note``: where it was reduced)."""
+    stages = {j: float(v) for j, v in out.stage_losses.items()}
+    return NonFiniteLossError(
+        f"non-finite meta-loss {float(out.loss)} (query loss per stage: {stages}) or meta-direction{note}; "
+        "parameters and optimizer state were left unchanged. Lower inner_lr or lr, or check the batch."
+    )
+
+
+def _non_finite_update_error(optimizer: torch.optim.Optimizer) -> NonFiniteLossError:
+    lrs = [group.get("lr") for group in optimizer.param_groups]
+    lr = f"lr={lrs[0]}" if len(lrs) == 1 else f"lr per param group={lrs}"
+    return NonFiniteLossError(
+        f"the outer update ({type(optimizer).__name__}, {lr}) produced non-finite parameters although the "
+        "meta-direction (.grad) was finite; parameters, .grad and optimizer state were restored. Check the "
+        "outer optimizer's learning rate and settings (a scheduler or an edit of param_groups may have set them)."
+    )
 
 
 class UpdateSnapshot:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import regression_batch, smooth_mlp
-from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch
+from rkfast import LearnedTableau, MetaOptimizer, NonFiniteLossError, Rates, TaskBatch
 from rkfast.capture import CaptureShapeError, StepCapture
 from rkfast.outer import state_tensors
 
@@ -48,7 +48,8 @@ class EagerStandIn(StepCapture):
 def stand_in_optimizer(mode, **kwargs) -> tuple[MetaOptimizer, EagerStandIn]:
     """A MetaOptimizer whose capture engine is the stand-in (the constructor's capture= seam) and the engine."""
     engine = EagerStandIn(mode)
-    return MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, capture=engine, **kwargs), engine
+    kwargs = {"tableau": "heun", **kwargs}
+    return MetaOptimizer(smooth_mlp(), F.mse_loss, inner_lr=0.1, lr=1e-2, capture=engine, **kwargs), engine
 
 
 @pytest.mark.parametrize("outer", ["adam", "sgd"])
@@ -125,7 +126,7 @@ def test_a_failed_warm_up_step_does_not_count():
     assert engine.captures == 1
 
 
-RATES = dict(learn_rates="element", per_stage_rates=True, frozen_rates={"0.bias": 0.0}, rate_lr=3e-3)
+RATES = dict(rates=Rates("element", per_stage=True, frozen={"0.bias": 0.0}, lr=3e-3))
 
 
 def _captured_against_eager(seed: int, **kwargs):
@@ -133,7 +134,7 @@ def _captured_against_eager(seed: int, **kwargs):
     returned after checking that every step's loss agrees and one capture and three replays happened)."""
     torch.manual_seed(seed)
     batches = [regression_batch() for _ in range(5)]
-    eager = MetaOptimizer(smooth_mlp(), F.mse_loss, tableau="heun", inner_lr=0.1, lr=1e-2, **kwargs)
+    eager = MetaOptimizer(smooth_mlp(), F.mse_loss, **{"tableau": "heun", **kwargs}, inner_lr=0.1, lr=1e-2)
     captured, engine = stand_in_optimizer(True, **kwargs)
     captured.load_state_dict(copy.deepcopy(eager.state_dict()))
     with torch.no_grad():
@@ -159,8 +160,8 @@ def test_captured_learned_rates_match_eager_steps(first_order):
 @pytest.mark.parametrize("weights", ["fixed", "order"])
 def test_captured_learned_tableau_matches_eager_steps(weights):
     """A learned tableau (second order) is part of the captured step too."""
-    captured, eager = _captured_against_eager(3, learn_tableau="pattern", tableau_weights=weights, tableau_lr=3e-3,
-                                              learn_rates="tensor")
+    captured, eager = _captured_against_eager(3, tableau=LearnedTableau("heun", "pattern", weights, lr=3e-3),
+                                              rates=Rates("tensor"))
     (a_c,), (a_e,) = captured.learned_tableau.tensors, eager.learned_tableau.tensors
     torch.testing.assert_close(a_c, a_e, rtol=1e-12, atol=1e-14)
     assert float(a_c.detach()) != 1.0
@@ -190,6 +191,10 @@ def test_capture_needs_cuda_and_a_valid_mode():
     with pytest.raises(ValueError, match="capture must be False, True or 'auto'"):
         MetaOptimizer(smooth_mlp(), F.mse_loss, capture="always")
     assert MetaOptimizer(smooth_mlp(), F.mse_loss).skipped_steps is None
+    for mode in (False, "always", 1):
+        with pytest.raises(ValueError, match="StepCapture mode must be True or 'auto'"):
+            StepCapture(mode)
+    assert StepCapture().mode is True and StepCapture("auto", warmup_steps=3).warmup_steps == 3
 
 
 # -- the eager path reuses its buffers -------------------------------------------------------------------
@@ -268,8 +273,8 @@ def test_captured_steps_equal_eager_steps_on_cuda(first_order):
 @cuda
 @pytest.mark.parametrize("first_order", [False, True])
 def test_cuda_captured_learned_rates_equal_eager_steps(first_order):
-    captured, eager, engine = _cuda_pair(first_order=first_order, learn_rates="element", per_stage_rates=True,
-                                         frozen_rates={"0.bias": 0.0})
+    captured, eager, engine = _cuda_pair(first_order=first_order,
+                                         rates=Rates("element", per_stage=True, frozen={"0.bias": 0.0}))
     _five_steps_agree(captured, eager, engine)
     torch.testing.assert_close(captured.rates.tensors[0], eager.rates.tensors[0], rtol=1e-5, atol=1e-6)
 
@@ -277,8 +282,8 @@ def test_cuda_captured_learned_rates_equal_eager_steps(first_order):
 @cuda
 @pytest.mark.parametrize("tableau, weights", [("heun", "order"), ("rk4", "order"), ("rk4", "fixed"), ("kutta3", "order")])
 def test_cuda_captured_learned_tableau_equals_eager_steps(tableau, weights):
-    captured, eager, engine = _cuda_pair(tableau=tableau, learn_tableau="pattern", tableau_weights=weights,
-                                         tableau_lr=1e-2, learn_rates="tensor")
+    captured, eager, engine = _cuda_pair(tableau=LearnedTableau(tableau, "pattern", weights, lr=1e-2),
+                                         rates=Rates("tensor"))
     start = captured.learned_tableau.tensor.detach().clone()
     _five_steps_agree(captured, eager, engine)
     torch.testing.assert_close(captured.learned_tableau.tensor, eager.learned_tableau.tensor, rtol=1e-5, atol=1e-6)
@@ -287,7 +292,7 @@ def test_cuda_captured_learned_tableau_equals_eager_steps(tableau, weights):
 
 @cuda
 def test_cuda_captured_step_with_a_singular_learned_tableau_is_skipped():
-    captured, _, _ = _cuda_pair(tableau="heun", learn_tableau="pattern", tableau_weights="order")
+    captured, _, _ = _cuda_pair(tableau=LearnedTableau("heun", "pattern", "order"))
     for _ in range(4):  # warm-ups, the capture, a replay
         captured.step(_cuda_batch())
     before = captured.flat_parameters.clone()

@@ -34,7 +34,7 @@ if str(HERE) not in sys.path:  # the workers run this file as a script; helpers.
 from helpers import assert_unchanged, same_bits, smooth_mlp, snapshot  # noqa: E402
 
 import rkfast  # noqa: E402
-from rkfast import MetaOptimizer, NonFiniteLossError, TaskBatch, TaskSet  # noqa: E402
+from rkfast import LearnedTableau, MetaOptimizer, NonFiniteLossError, Rates, TaskBatch, TaskSet  # noqa: E402
 from rkfast.distributed import InconsistentParametersError, RankFailedError, TaskParallel  # noqa: E402
 
 WORLD = 2
@@ -223,28 +223,29 @@ CONFIGS = [
     dict(tableau="heun", first_order=False, vectorize=True, tasks=4, task_set=True),
     dict(tableau="heun", first_order=False, vectorize=True, tasks=4, two_phase=True, outer="sgd"),
     # learned coefficients: their directions ride in the same all-reduce
-    dict(tableau="maml", first_order=False, vectorize=True, tasks=4, learn=dict(learn_rates="element")),
-    dict(tableau="rk4", first_order=True, vectorize=True, tasks=5,
-         learn=dict(learn_rates="tensor", per_stage_rates=True, learn_tableau="pattern", tableau_weights="order")),
-    dict(tableau="heun", first_order=False, vectorize=False, tasks=4, two_phase=True,
-         learn=dict(learn_tableau="full", learn_rates="scalar")),
+    dict(tableau="maml", first_order=False, vectorize=True, tasks=4, rates=Rates("element")),
+    dict(tableau=LearnedTableau("rk4", "pattern", "order"), first_order=True, vectorize=True, tasks=5,
+         rates=Rates("tensor", per_stage=True)),
+    dict(tableau=LearnedTableau("heun", "full"), first_order=False, vectorize=False, tasks=4, two_phase=True,
+         rates=Rates("scalar")),
 ]
 
 
 def config_id(config: dict[str, Any]) -> str:
-    parts = [config["tableau"], "fo" if config["first_order"] else "so", "vmap" if config["vectorize"] else "loop",
-             f"T{config['tasks']}"]
+    tableau = config["tableau"]
+    parts = [f"{tableau.name}={tableau.pattern}" if isinstance(tableau, LearnedTableau) else tableau,
+             "fo" if config["first_order"] else "so", "vmap" if config["vectorize"] else "loop", f"T{config['tasks']}"]
     parts += [name for name in ("task_set", "two_phase") if config.get(name)]
-    parts += [f"{k}={v}" for k, v in config.get("learn", {}).items() if k in ("learn_rates", "learn_tableau")]
+    parts += [f"rates={config['rates'].granularity}"] if config.get("rates") else []
     return "-".join(parts)
 
 
-def train(config: dict[str, Any], state: dict[str, torch.Tensor], process_group: Any) -> dict[str, Any]:
+def train(config: dict[str, Any], state: dict[str, torch.Tensor], parallel: Any) -> dict[str, Any]:
     """Three meta-steps of ``config`` from ``state``; with a group each rank steps on its share of every batch."""
     model = model_from(state)
     opt = MetaOptimizer(model, F.mse_loss, tableau=config["tableau"], inner_lr=0.1, outer=config.get("outer", "adam"),
                         lr=0.05, first_order=config["first_order"], vectorize=config["vectorize"],
-                        process_group=process_group, **config.get("learn", {}))
+                        parallel=parallel, rates=config.get("rates"))
     losses, stage_losses = [], []
     for batch in make_batches(config["tasks"]):
         tasks = share(as_task_set(batch) if config.get("task_set") else batch, opt.distributed)
@@ -256,8 +257,7 @@ def train(config: dict[str, Any], state: dict[str, torch.Tensor], process_group:
             out = opt.step(tasks)
         losses.append(out.loss.clone())
         stage_losses.append(torch.stack([v.clone() for _, v in sorted(out.stage_losses.items())]))
-    coefficients = [*(opt.rates.tensors if opt.rates is not None else []),
-                    *(opt.learned_tableau.tensors if opt.learned_tableau is not None else [])]
+    coefficients = [t for c in opt.coefficients for t in c.tensors]
     return {"params": opt.meta_parameters(), "losses": torch.stack(losses), "stage_losses": torch.stack(stage_losses),
             "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone(),
             "coefficients": torch.cat([t.detach().reshape(-1) for t in coefficients] + [torch.zeros(0, dtype=torch.float64)]),
@@ -279,7 +279,7 @@ def test_two_ranks_equal_one_process(equality_job, index):
     config = CONFIGS[index]
     ranks = [equality_job[r][index] for r in range(WORLD)]
     assert all("world_size=2" in r["distributed"] for r in ranks)
-    reference = train(config, initial_state(), process_group=None)  # this (undistributed) process, all T tasks
+    reference = train(config, initial_state(), parallel=None)  # this (undistributed) process, all T tasks
     for name in ("params", "losses", "stage_losses", "grad", "coefficients", "coefficient_grads"):
         assert same_bits(ranks[0][name], ranks[1][name]), f"{name} differ between the ranks"
         torch.testing.assert_close(ranks[0][name], reference[name], rtol=0, atol=1e-12)
@@ -287,7 +287,7 @@ def test_two_ranks_equal_one_process(equality_job, index):
     assert (reference["params"] - start).abs().max() > 1e-3  # the steps moved the parameters
 
 
-# -- 2, 3, 6, 7: construction, helpers, consistency check, refusals, process_group=None ---------------------
+# -- 2, 3, 6, 7: construction, helpers, consistency check, refusals, parallel=None --------- ---------------------
 
 
 def _error(fn: Callable[[], Any]) -> dict[str, Any] | None:
@@ -324,7 +324,7 @@ def job_misc(rank: int, world: int, state: dict[str, torch.Tensor]) -> dict[str,
 
     # an explicit (non-default) group, and evaluate stays local
     group = dist.new_group(list(range(world)))
-    opt2 = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, process_group=group)
+    opt2 = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, parallel=group)
     out["explicit_group"] = opt2.distributed.group is group
     batch = share(make_batches(4, count=1)[0], opt2.distributed)
     opt2.step(batch)
@@ -334,13 +334,13 @@ def job_misc(rank: int, world: int, state: dict[str, torch.Tensor]) -> dict[str,
     # 6. refusals: a DDP-wrapped model, capture with a group
     ddp = DistributedDataParallel(model_from(state))
     out["ddp_error"] = _error(lambda: MetaOptimizer(ddp, F.mse_loss))
-    out["ddp_error_none"] = _error(lambda: MetaOptimizer(ddp, F.mse_loss, process_group=None))
+    out["ddp_error_none"] = _error(lambda: MetaOptimizer(ddp, F.mse_loss, parallel=None))
     out["capture_error"] = _error(lambda: MetaOptimizer(model_from(state), F.mse_loss, capture=True))
-    out["bad_group_error"] = _error(lambda: MetaOptimizer(model_from(state), F.mse_loss, process_group="world"))
+    out["bad_group_error"] = _error(lambda: MetaOptimizer(model_from(state), F.mse_loss, parallel="world"))
 
-    # 7. process_group=None inside an initialized group: each rank steps alone, on its own data; rank 0
+    # 7. parallel=None inside an initialized group: each rank steps alone, on its own data; rank 0
     # takes one more step than rank 1 (a collective inside would hang and time out)
-    alone = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, process_group=None)
+    alone = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, parallel=None)
     out["alone_distributed"] = alone.distributed
     for batch in make_batches(2, count=3 if rank == 0 else 2, seed=10 + rank):
         alone.step(batch)
@@ -348,7 +348,7 @@ def job_misc(rank: int, world: int, state: dict[str, torch.Tensor]) -> dict[str,
     dist.barrier()
 
     # 3. check_consistency: passes while identical, catches a one-ulp difference on rank 1
-    checked = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, check_consistency=True)
+    checked = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, parallel=TaskParallel(check_consistency=True))
     batches = [share(b, checked.distributed) for b in make_batches(4, count=3, seed=5)]
     checked.step(batches[0])
     checked.compute(batches[1])
@@ -360,7 +360,9 @@ def job_misc(rank: int, world: int, state: dict[str, torch.Tensor]) -> dict[str,
             flat[3] = torch.nextafter(flat[3], flat[3] + 1)
     out["inconsistent_error"] = _error(lambda: checked.step(batches[2]))
     # .grad edited differently on one rank between compute() and apply()
-    checked2 = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, check_consistency=True)
+    checked2 = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05,
+                             parallel=TaskParallel.auto(check_consistency=True))
+    out["auto_checks"] = checked2.distributed.check_consistency and not TaskParallel.auto().check_consistency
     checked2.compute(batches[0])
     if rank == 1:
         next(iter(checked2.model.parameters())).grad.mul_(2)
@@ -416,10 +418,10 @@ def test_ddp_and_capture_refused(misc_job):
         assert r["bad_group_error"]["type"] == "ValueError"
 
 
-def test_process_group_none_steps_alone(misc_job):
+def test_parallel_none_steps_alone(misc_job):
     for rank, r in enumerate(misc_job):
         assert r["alone_distributed"] is None
-        reference = MetaOptimizer(model_from(initial_state()), F.mse_loss, lr=0.05, process_group=None)
+        reference = MetaOptimizer(model_from(initial_state()), F.mse_loss, lr=0.05, parallel=None)
         for batch in make_batches(2, count=3 if rank == 0 else 2, seed=10 + rank):
             reference.step(batch)
         torch.testing.assert_close(r["alone_params"], reference.meta_parameters(), rtol=0, atol=1e-12)
@@ -428,7 +430,7 @@ def test_process_group_none_steps_alone(misc_job):
 
 def test_check_consistency_catches_a_perturbed_rank(misc_job):
     for r in misc_job:
-        assert r["consistent_error"] is None
+        assert r["consistent_error"] is None and r["auto_checks"]
         for key in ("inconsistent_error", "grad_edit_error"):
             err = r[key]
             assert err is not None and err["type"] == "InconsistentParametersError", err
@@ -539,7 +541,7 @@ def job_rank_stalls(rank: int, world: int, state: dict[str, torch.Tensor], signa
     import torch.distributed as dist
 
     group = dist.new_group(list(range(world)), timeout=timedelta(seconds=3))  # a short timeout for this group
-    opt = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, process_group=group)
+    opt = MetaOptimizer(model_from(state), F.mse_loss, lr=0.05, parallel=TaskParallel(group))
     batch = share(make_batches(4, count=1)[0], opt.distributed)
     if rank == 1:  # stops stepping (until rank 0 is done), without dying
         deadline = time.monotonic() + 40
@@ -568,11 +570,12 @@ def test_rank_that_stops_stepping_times_out():
 def test_no_group_no_distribution():
     assert not torch.distributed.is_initialized()
     opt = MetaOptimizer(smooth_mlp(), F.mse_loss)
-    assert opt.distributed is None and opt.check_consistency is False
-    with pytest.raises(ValueError, match="process_group must be"):
-        MetaOptimizer(smooth_mlp(), F.mse_loss, process_group="gloo")
-    with pytest.raises(TypeError, match="process_group must be"):
-        MetaOptimizer(smooth_mlp(), F.mse_loss, process_group=3)
+    assert opt.distributed is None and not hasattr(opt, "check_consistency")
+    assert TaskParallel.auto() is None and TaskParallel.auto(check_consistency=True) is None
+    with pytest.raises(ValueError, match="parallel must be"):
+        MetaOptimizer(smooth_mlp(), F.mse_loss, parallel="gloo")
+    with pytest.raises(TypeError, match="parallel must be"):
+        MetaOptimizer(smooth_mlp(), F.mse_loss, parallel=3)
     assert rkfast.RankFailedError is RankFailedError and issubclass(RankFailedError, RuntimeError)
     assert rkfast.InconsistentParametersError is InconsistentParametersError
     assert issubclass(NonFiniteLossError, FloatingPointError)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import assert_unchanged, regression_batch, same_bits, smooth_mlp, snapshot
 
 import rkfast
-from rkfast import TaskBatch, TaskSet
+from rkfast import Rates, TaskBatch, TaskSet
 from rkfast import functional as RF
 from rkfast.learned import LearnedRates
 from rkfast.optim import NonFiniteLossError
@@ -57,8 +57,8 @@ def test_rates_at_inner_lr_equal_plain_step(tableau, first_order, vectorize):
         ref.step(b)
     for granularity, per_stage in [("scalar", False), ("tensor", True), ("element", False), ("element", True)]:
         model = copy.deepcopy(base)
-        opt = _opt(model, tableau, first_order=first_order, vectorize=vectorize, learn_rates=granularity,
-                   per_stage_rates=per_stage, rate_lr=0.0)
+        opt = _opt(model, tableau, first_order=first_order, vectorize=vectorize,
+                   rates=Rates(granularity, per_stage=per_stage, lr=0.0))
         for b in batches:
             opt.step(b)
         for p, q in zip(model.parameters(), plain.parameters()):
@@ -169,7 +169,7 @@ def test_task_set_goes_through_the_same_path():
     outs = []
     for as_set in (False, True):
         model = copy.deepcopy(base)
-        opt = _opt(model, "heun", learn_rates="tensor", lr=0.01)
+        opt = _opt(model, "heun", rates=Rates("tensor"), lr=0.01)
         loss = RF.supervised_loss(F.mse_loss)
         tasks = TaskSet(loss, loss, batch.support, batch.query) if as_set else batch
         outs.append((opt.step(tasks), [p.detach().clone() for p in model.parameters()], opt.rates.tensors[0].clone()))
@@ -183,11 +183,11 @@ def test_task_set_goes_through_the_same_path():
 # -- 4. ANIL -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("learn_rates", [None, "scalar", "tensor", "element"])
-def test_anil_frozen_tensors_are_not_adapted_but_meta_learned(learn_rates):
+@pytest.mark.parametrize("granularity", [None, "scalar", "tensor", "element"])
+def test_anil_frozen_tensors_are_not_adapted_but_meta_learned(granularity):
     model = smooth_mlp()
     layout = RF.ParamLayout.from_module(model)
-    opt = _opt(model, "maml(2)", learn_rates=learn_rates, frozen_rates={"0.*": 0.0}, outer="adam", lr=1e-2)
+    opt = _opt(model, "maml(2)", rates=Rates(granularity, frozen={"0.*": 0.0}), outer="adam", lr=1e-2)
     assert set(opt.rates.frozen) == {"0.weight", "0.bias"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(3):
@@ -240,7 +240,7 @@ def test_meta_sgd_sinusoid_learns_rates():
     model = rkfast.models.sinusoid_mlp()
     inner = 0.01
     opt = rkfast.MetaOptimizer(model, F.mse_loss, tableau="maml", inner_lr=inner, outer="adam", lr=1e-3,
-                               learn_rates="element")
+                               rates=rkfast.Rates("element"))
     tasks = rkfast.tasks.SinusoidTasks(shots=10)
     for batch in tasks.batches(meta_batch=5, count=200, seed=1):
         out = opt.step(batch)
@@ -264,8 +264,7 @@ def _save(obj):
 
 def test_state_dict_round_trip_resumes_bit_for_bit():
     base = smooth_mlp()
-    kw = dict(outer="adam", lr=1e-2, learn_rates="element", per_stage_rates=True, rate_lr=3e-3,
-              frozen_rates={"0.bias": 0.0})
+    kw = dict(outer="adam", lr=1e-2, rates=Rates("element", per_stage=True, lr=3e-3, frozen={"0.bias": 0.0}))
     model = copy.deepcopy(base)
     opt = _opt(model, "maml(2)", **kw)
     for _ in range(3):
@@ -290,7 +289,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     torch.save(opt2.state_dict(), s2)
     assert s1.getvalue() == s2.getvalue()
     # a state dict of another configuration is refused, before anything changes
-    other = _opt(copy.deepcopy(base), "maml(2)", outer="adam", lr=1e-2, learn_rates="tensor")
+    other = _opt(copy.deepcopy(base), "maml(2)", outer="adam", lr=1e-2, rates=Rates("tensor"))
     with pytest.raises(ValueError):
         other.load_state_dict(saved_opt)
     plain = _opt(copy.deepcopy(base), "maml(2)", outer="adam", lr=1e-2)
@@ -301,7 +300,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
 @pytest.mark.parametrize("failure", ["nan_batch", "nan_rate_lr"])
 def test_failed_step_changes_nothing(failure):
     model = smooth_mlp()
-    opt = _opt(model, "maml(2)", outer="adam", lr=1e-2, learn_rates="tensor", per_stage_rates=True)
+    opt = _opt(model, "maml(2)", outer="adam", lr=1e-2, rates=Rates("tensor", per_stage=True))
     opt.step(regression_batch())
     opt.step(regression_batch())
     rate_values = opt.rates.tensors[0].detach().clone()
@@ -322,7 +321,7 @@ def test_failed_step_changes_nothing(failure):
 
 def test_compute_apply_updates_rates():
     model = smooth_mlp()
-    opt = _opt(model, "maml", learn_rates="scalar", lr=0.1)
+    opt = _opt(model, "maml", rates=Rates("scalar"), lr=0.1)
     out = opt.compute(regression_batch())
     (r,) = opt.rates.tensors
     assert torch.equal(r.grad, out.rate_directions[0])
@@ -337,7 +336,7 @@ def test_compute_apply_updates_rates():
 @pytest.mark.parametrize("tableau", ["maml(2)", "midpoint"])
 def test_evaluate_uses_learned_rates(tableau):
     model = smooth_mlp(hidden=6)
-    opt = _opt(model, tableau, learn_rates="element", per_stage_rates=True)
+    opt = _opt(model, tableau, rates=Rates("element", per_stage=True))
     _perturb(opt.rates)
     batch = regression_batch(tasks=3)
     res = opt.evaluate(batch, steps=(1, 3), keep_params=True)
@@ -371,21 +370,35 @@ def test_evaluate_uses_learned_rates(tableau):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(learn_rates="layer"), "learn_rates"),
-    (dict(learn_rates=True), "learn_rates"),
-    (dict(learn_rates="element", frozen_rates={"nope.*": 0.0}), "nope"),
-    (dict(frozen_rates={"nope": 0.0}), "nope"),
-    (dict(learn_rates="scalar", frozen_rates={"0.*": float("nan")}), "frozen_rates"),
-    (dict(learn_rates="scalar", frozen_rates={"*": 0.0}), "frozen_rates"),
-    (dict(learn_rates="scalar", rate_lr=-1.0), "rate_lr"),
-    (dict(learn_rates="scalar", rate_lr=float("nan")), "rate_lr"),
-    (dict(learn_rates="scalar", rate_lr=float("inf")), "rate_lr"),
-    (dict(rate_lr=0.1), "rate_lr"),
-    (dict(per_stage_rates=True), "per_stage_rates"),
+    (dict(granularity="layer"), "Rates granularity"),
+    (dict(granularity=True), "Rates granularity"),
+    (dict(granularity="element", frozen={"nope.*": 0.0}), "nope"),
+    (dict(frozen={"nope": 0.0}), "nope"),
+    (dict(granularity="scalar", frozen={"0.*": float("nan")}), "Rates frozen"),
+    (dict(granularity="scalar", frozen={"*": 0.0}), "Rates frozen"),
+    (dict(granularity="scalar", frozen=[("0.*", 0.0)]), "Rates frozen"),
+    (dict(granularity="scalar", lr=-1.0), "Rates lr"),
+    (dict(granularity="scalar", lr=float("nan")), "Rates lr"),
+    (dict(granularity="scalar", lr=float("inf")), "Rates lr"),
+    (dict(granularity="scalar", lr=True), "Rates lr"),
+    (dict(frozen={"0.*": 0.0}, lr=0.1), "Rates lr"),
+    (dict(frozen={"0.*": 0.0}, per_stage=True), "per_stage"),
+    (dict(), "learns and freezes nothing"),
 ])
 def test_bad_arguments_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        _opt(smooth_mlp(), "maml", **kwargs)
+        _opt(smooth_mlp(), "maml", rates=Rates(**kwargs))
+
+
+def test_rates_spec_round_trips_through_json():
+    spec = Rates("element", per_stage=True, frozen={"0.*": 0}, lr=3e-3)
+    assert spec.frozen == {"0.*": 0.0} and isinstance(spec.frozen["0.*"], float)
+    assert Rates.from_json(spec.to_json()) == spec
+    assert Rates.from_json({"frozen": {"0.*": 0.0}}) == Rates(frozen={"0.*": 0.0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        Rates.from_json({"granularity": "scalar", "rate_lr": 0.1})
+    with pytest.raises(TypeError, match="rates must be a rkfast.Rates"):
+        _opt(smooth_mlp(), rates="element")
 
 
 def test_default_has_no_rates():
@@ -399,7 +412,7 @@ def test_default_has_no_rates():
 
 def test_rates_follow_model_to():
     model = smooth_mlp(dtype=torch.float32)
-    opt = _opt(model, "maml", learn_rates="element", outer="adam")
+    opt = _opt(model, "maml", rates=Rates("element"), outer="adam")
     opt.step(TaskBatch(*(t.float() for t in regression_batch())))
     model.to(torch.float64)
     opt.step(regression_batch())

@@ -1,5 +1,5 @@
 """Learned tableaus: the entries of A on a sparsity pattern as meta-parameters, b fixed or tied to A by the
-order conditions (rkfast/learned.py: LearnedTableau, order_weights; docs/method.md, "Learned tableaus")."""
+order conditions (rkfast/learned.py: LearnedTableau, TableauCoefficients, order_weights; docs/method.md, "Learned tableaus")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from helpers import assert_unchanged, regression_batch, same_bits, smooth_mlp, s
 import rkfast
 from rkfast import TaskBatch
 from rkfast import functional as RF
-from rkfast.learned import LearnedRates, LearnedTableau, OrderConditionsError, order_conditions_used, order_weights
+from rkfast.learned import (LearnedRates, LearnedTableau, OrderConditionsError, Rates, TableauCoefficients,
+                            order_conditions_used, order_weights)
 from rkfast.optim import NonFiniteLossError
 from rkfast.tableau import get_tableau, rk2
 
@@ -38,7 +39,7 @@ def _step(model, coefs, batch, first_order=False, vectorize=True, rates=None):
                         vectorize=vectorize, rates=rates)
 
 
-def _perturb(learned: LearnedTableau, scale: float = 0.05) -> None:
+def _perturb(learned: TableauCoefficients, scale: float = 0.05) -> None:
     with torch.no_grad():
         learned.tensor.add_(scale * torch.randn_like(learned.tensor))
 
@@ -92,7 +93,7 @@ def test_order_weights_gradient_matches_finite_differences():
 def test_starting_values_give_the_fixed_tableau_step(name, first_order, vectorize):
     model = smooth_mlp(hidden=6)
     batch = regression_batch()
-    learned = LearnedTableau(get_tableau(name), dtype=torch.float64)
+    learned = LearnedTableau(name).bind(torch.float64)
     a = _step(model, learned, batch, first_order, vectorize)
     b = _step(model, name, batch, first_order, vectorize)
     torch.testing.assert_close(a.direction, b.direction, rtol=0, atol=1e-13)
@@ -102,13 +103,13 @@ def test_starting_values_give_the_fixed_tableau_step(name, first_order, vectoriz
 
 def test_patterns_and_structure():
     rk4 = get_tableau("rk4")
-    pattern = LearnedTableau(rk4)
+    pattern = LearnedTableau(rk4).bind()
     assert pattern.entries == ((1, 0), (2, 1), (3, 2))
     assert pattern.structure.needs_support_grad == rk4.needs_support_grad
-    full = LearnedTableau(rk4, "full")
+    full = LearnedTableau(rk4, "full").bind()
     assert len(full.entries) == 6 and full.structure.needs_support_grad == (True, True, True, False)
     assert torch.equal(full.matrix(), torch.tensor(rk4.A, dtype=torch.float32))
-    order = LearnedTableau(get_tableau("midpoint"), weights="order")
+    order = LearnedTableau("midpoint", weights="order").bind()
     assert order.structure.needs_query_loss == (True, True)  # b1 may move off 0
     with pytest.raises(ValueError, match="no entry of A"):
         LearnedTableau(get_tableau("euler"))
@@ -124,7 +125,7 @@ def test_patterns_and_structure():
 def test_second_order_tableau_direction_matches_finite_differences(name, pattern, weights):
     model = smooth_mlp(hidden=6)
     batch = regression_batch()
-    learned = LearnedTableau(get_tableau(name), pattern, weights, dtype=torch.float64)
+    learned = LearnedTableau(name, pattern, weights).bind(torch.float64)
     _perturb(learned)
     (grad,) = _step(model, learned, batch).tableau_directions
     flat = learned.tensor.detach()
@@ -180,7 +181,7 @@ def _detached_slope_reference(model, learned, batch, rates=None):
 def test_first_order_tableau_direction_is_autograd_with_detached_slopes(name, pattern, weights, vectorize):
     model = smooth_mlp(hidden=6)
     batch = regression_batch()
-    learned = LearnedTableau(get_tableau(name), pattern, weights, dtype=torch.float64)
+    learned = LearnedTableau(name, pattern, weights).bind(torch.float64)
     _perturb(learned)
     out = _step(model, learned, batch, first_order=True, vectorize=vectorize)
     d_theta, d_tableau = _detached_slope_reference(model, learned, batch)
@@ -192,7 +193,7 @@ def test_first_order_tableau_direction_is_autograd_with_detached_slopes(name, pa
 def test_learned_rates_and_tableau_together(first_order):
     model = smooth_mlp(hidden=6)
     batch = regression_batch()
-    learned = LearnedTableau(get_tableau("rk4"), "pattern", "order", dtype=torch.float64)
+    learned = LearnedTableau("rk4", "pattern", "order").bind(torch.float64)
     rates = LearnedRates(RF.ParamLayout.from_module(model), H, "element", per_stage=True, stages=4,
                          dtype=torch.float64)
     _perturb(learned)
@@ -215,7 +216,7 @@ def test_learned_rates_and_tableau_together(first_order):
 
 def test_optimizer_updates_the_entries_in_their_own_group():
     model = smooth_mlp()
-    opt = _opt(model, "rk4", learn_tableau="pattern", tableau_weights="order", tableau_lr=0.3)
+    opt = _opt(model, LearnedTableau("rk4", "pattern", "order", lr=0.3))
     learned = opt.learned_tableau
     assert opt.param_groups[-1]["params"] == [learned.tensor] and opt.param_groups[-1]["lr"] == 0.3
     before = learned.tensor.detach().clone()
@@ -230,7 +231,7 @@ def test_optimizer_updates_the_entries_in_their_own_group():
 
 def test_compute_apply_and_learned_rates_beside():
     model = smooth_mlp()
-    opt = _opt(model, "heun", learn_tableau="full", learn_rates="tensor", lr=0.1)
+    opt = _opt(model, LearnedTableau("heun", "full"), rates=Rates("tensor"), lr=0.1)
     out = opt.compute(regression_batch())
     (a,) = opt.learned_tableau.tensors
     (r,) = opt.rates.tensors
@@ -249,15 +250,16 @@ def _save(obj):
 
 def test_state_dict_round_trip_resumes_bit_for_bit():
     base = smooth_mlp()
-    kw = dict(outer="adam", lr=1e-2, learn_tableau="pattern", tableau_weights="order", tableau_lr=3e-3)
+    kw = dict(outer="adam", lr=1e-2)
+    spec = LearnedTableau("rk4", "pattern", "order", lr=3e-3)
     model = copy.deepcopy(base)
-    opt = _opt(model, "rk4", **kw)
+    opt = _opt(model, spec, **kw)
     for _ in range(3):
         opt.step(regression_batch())
     saved_model, saved_opt = _save(model.state_dict()), _save(opt.state_dict())
     assert saved_opt["rkfast"]["learned_tableau"]["weights"] == "order"
     model2 = copy.deepcopy(base)
-    opt2 = _opt(model2, "rk4", **kw)
+    opt2 = _opt(model2, spec, **kw)
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     assert same_bits(opt2.learned_tableau.tensor, opt.learned_tableau.tensor)
@@ -268,7 +270,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     for p, q in zip(model.parameters(), model2.parameters()):
         assert same_bits(p, q)
     assert same_bits(opt.learned_tableau.tensor, opt2.learned_tableau.tensor)
-    other = _opt(copy.deepcopy(base), "rk4", outer="adam", lr=1e-2, learn_tableau="full", tableau_weights="order")
+    other = _opt(copy.deepcopy(base), LearnedTableau("rk4", "full", "order"), outer="adam", lr=1e-2)
     with pytest.raises(ValueError, match="learned tableau"):
         other.load_state_dict(saved_opt)
     plain = _opt(copy.deepcopy(base), "rk4", outer="adam", lr=1e-2)
@@ -279,7 +281,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
 @pytest.mark.parametrize("failure", ["nan_batch", "nan_tableau_lr", "singular", "negative_weight"])
 def test_failed_step_changes_nothing(failure):
     model = smooth_mlp()
-    opt = _opt(model, "heun", outer="adam", lr=1e-2, learn_tableau="pattern", tableau_weights="order")
+    opt = _opt(model, LearnedTableau("heun", "pattern", "order"), outer="adam", lr=1e-2)
     opt.step(regression_batch())
     opt.step(regression_batch())
     batch = regression_batch()
@@ -307,7 +309,7 @@ def test_failed_step_changes_nothing(failure):
 
 def test_evaluate_adapts_with_the_current_tableau_step():
     model = smooth_mlp(hidden=6)
-    opt = _opt(model, "midpoint", learn_tableau="pattern")
+    opt = _opt(model, LearnedTableau("midpoint"))
     with torch.no_grad():
         opt.learned_tableau.tensor.fill_(0.8)  # c2 = 0.8: the test step h c_s / m becomes 0.8 h
     batch = regression_batch()
@@ -319,7 +321,7 @@ def test_evaluate_adapts_with_the_current_tableau_step():
 
 def test_follows_model_to():
     model = smooth_mlp(dtype=torch.float32)
-    opt = _opt(model, "heun", learn_tableau="pattern", outer="adam")
+    opt = _opt(model, LearnedTableau("heun"), outer="adam")
     opt.step(TaskBatch(*(t.float() for t in regression_batch())))
     model.to(torch.float64)
     opt.step(regression_batch())
@@ -328,25 +330,38 @@ def test_follows_model_to():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(learn_tableau="all"), "learn_tableau"),
-    (dict(learn_tableau=True), "learn_tableau"),
-    (dict(tableau_weights="order"), "tableau_weights"),
-    (dict(learn_tableau="pattern", tableau_weights="softmax"), "tableau_weights"),
-    (dict(tableau_lr=0.1), "tableau_lr"),
-    (dict(learn_tableau="pattern", tableau_lr=-1.0), "tableau_lr"),
-    (dict(learn_tableau="pattern", tableau_lr=float("nan")), "tableau_lr"),
-    (dict(learn_tableau="pattern", capture=True, first_order=True), "capture"),
+    (dict(pattern="all"), "LearnedTableau pattern"),
+    (dict(pattern=True), "LearnedTableau pattern"),
+    (dict(weights="softmax"), "LearnedTableau weights"),
+    (dict(lr=-1.0), "LearnedTableau lr"),
+    (dict(lr=float("nan")), "LearnedTableau lr"),
+    (dict(lr=True), "LearnedTableau lr"),
 ])
 def test_bad_arguments_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        _opt(smooth_mlp(), "heun", **kwargs)
+        LearnedTableau("heun", **kwargs)
+
+
+def test_capture_with_first_order_refused():
+    with pytest.raises(ValueError, match="capture"):
+        _opt(smooth_mlp(), LearnedTableau("heun"), capture=True, first_order=True)
+
+
+def test_spec_round_trips_through_json():
+    for spec in (LearnedTableau("rk4", "full", "order", lr=0.3), LearnedTableau(rk2(0.75)),
+                 LearnedTableau(rkfast.Tableau.from_arrays([[0, 0], [0.8, 0]], [0.25, 0.75], "mine"))):
+        assert LearnedTableau.from_json(spec.to_json()) == spec
+    assert LearnedTableau("rk4").to_json() == {"tableau": "rk4", "pattern": "pattern", "weights": "fixed", "lr": None}
+    assert LearnedTableau("heun").name == "learned-heun"
+    with pytest.raises(ValueError, match="unknown keys"):
+        LearnedTableau.from_json({"tableau": "heun", "tableau_lr": 0.1})
 
 
 def test_euler_has_nothing_to_learn_on_its_pattern_but_full_works():
     with pytest.raises(ValueError, match="no entry of A"):
-        _opt(smooth_mlp(), "euler", learn_tableau="pattern")
+        LearnedTableau("euler", "pattern")
     with pytest.raises(ValueError, match="no entry of A"):
-        _opt(smooth_mlp(), "euler", learn_tableau="full")  # one stage: nothing below the diagonal
+        LearnedTableau("euler", "full")  # one stage: nothing below the diagonal
 
 
 def test_default_has_no_learned_tableau():
@@ -359,11 +374,12 @@ def test_default_has_no_learned_tableau():
 @pytest.mark.parametrize("first_order", [False, True])
 def test_cuda_steps_match_the_cpu_reference(first_order):
     """Learned tableau and rates on CUDA (the Triton per-element stage point) against float64 on the CPU."""
-    kw = dict(learn_tableau="pattern", tableau_weights="order", learn_rates="element", first_order=first_order,
+    kw = dict(rates=Rates("element"), first_order=first_order,
               outer="sgd", lr=0.05)  # (Adam would amplify float32 rounding of near-zero gradients)
     cpu = smooth_mlp(hidden=16)
     gpu = copy.deepcopy(cpu).float().cuda()
-    opt_cpu, opt_gpu = _opt(cpu, "rk4", **kw), _opt(gpu, "rk4", **kw)
+    spec = LearnedTableau("rk4", "pattern", "order")
+    opt_cpu, opt_gpu = _opt(cpu, spec, **kw), _opt(gpu, spec, **kw)
     assert opt_gpu.backend == "triton"
     for _ in range(3):
         b = regression_batch(tasks=8)
@@ -378,7 +394,7 @@ def test_cuda_steps_match_the_cpu_reference(first_order):
 
 
 def test_a_negative_weight_is_refused_naming_it_and_is_a_non_finite_loss_error():
-    learned = LearnedTableau(get_tableau("heun"), weights="order", dtype=torch.float64)
+    learned = LearnedTableau("heun", weights="order").bind(torch.float64)
     with torch.no_grad():
         learned.tensor.fill_(0.45)
     with pytest.raises(OrderConditionsError, match="negative entry") as caught:
@@ -396,7 +412,7 @@ def test_a_negative_weight_is_refused_naming_it_and_is_a_non_finite_loss_error()
 def test_an_update_that_makes_a_weight_negative_is_undone():
     """The entries after an update must still give usable weights: else the update is undone and raises."""
     model = smooth_mlp()
-    opt = _opt(model, "heun", learn_tableau="pattern", tableau_weights="order", tableau_lr=1.0, lr=0.05)
+    opt = _opt(model, LearnedTableau("heun", "pattern", "order", lr=1.0), lr=0.05)
     with torch.no_grad():
         opt.learned_tableau.tensor.fill_(0.5 + 1e-3)  # just above midpoint, where b1 = 0
     opt.compute(regression_batch())
@@ -406,3 +422,22 @@ def test_an_update_that_makes_a_weight_negative_is_undone():
         opt.apply()
     assert_unchanged(model, opt, snap)
     assert same_bits(opt.learned_tableau.tensor, values)
+
+
+def test_coefficient_summaries_report_each_kind_with_its_group_lr():
+    opt = _opt(smooth_mlp(), LearnedTableau("heun", "pattern", "order", lr=0.3),
+               rates=Rates("tensor", frozen={"0.bias": 0.0}, lr=0.2))
+    assert [c.key for c in opt.coefficients] == ["rates", "learned_tableau"]
+    assert all(isinstance(c, rkfast.Coefficients) for c in opt.coefficients)
+    summaries = opt.coefficient_summaries()
+    assert summaries["rates"] == {
+        "granularity": "tensor", "per_stage": False, "sets": 1, "inner_lr": H, "frozen": {"0.bias": 0.0},
+        "values": {n: [0.0 if n == "0.bias" else H] for n in opt.layout.names}, "rate_lr": 0.2}
+    assert summaries["learned_tableau"] == {
+        "pattern": "pattern", "weights": "order", "base": "heun", "entries": [[1, 0]], "A": [[0.0, 0.0], [1.0, 0.0]],
+        "b": [0.5, 0.5], "order": 2, "test_step": H, "tableau_lr": 0.3}
+    fixed = _opt(smooth_mlp(), rates=Rates(frozen={"0.*": 0.0}))
+    fixed.inner_lr = 0.05  # the rates of tensors neither learned nor frozen follow inner_lr
+    summary = fixed.coefficient_summaries()["rates"]
+    assert summary["rate_lr"] is None and summary["inner_lr"] == 0.05 and summary["values"]["2.weight"] == [0.05]
+    assert _opt(smooth_mlp()).coefficient_summaries() == {}

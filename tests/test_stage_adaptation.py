@@ -70,7 +70,7 @@ def test_one_stage_step_is_the_last_stage_point(tableau):
 
 
 def test_learned_tableau_and_rates_adapt_with_their_current_values():
-    opt = _opt("rk4", learn_tableau="pattern", learn_rates="element", per_stage_rates=True)
+    opt = _opt(rkfast.LearnedTableau("rk4"), rates=rkfast.Rates("element", per_stage=True))
     with torch.no_grad():
         opt.learned_tableau.tensor.add_(0.1 * torch.randn_like(opt.learned_tableau.tensor))
         opt.rates.tensors[0].add_(0.02 * torch.randn_like(opt.rates.tensors[0]))
