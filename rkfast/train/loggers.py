@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from ..runs import atomic_write
 from .callbacks import (
+    LOG_EVERY,
     Callback,
     CheckpointEvent,
     EndEvent,
@@ -52,7 +53,8 @@ class JsonLinesLogger(Callback):
     ``{metric: {steps: [mean, ci95]}}`` of a complete run). Strict JSON: NaN and infinities are ``null``.
 
     A new run starts the file afresh; a resumed one keeps the lines up to its checkpoint's iteration and
-    appends. Every line is flushed as it is written."""
+    appends. The file is flushed with every :data:`~rkfast.train.callbacks.LOG_EVERY` steps and every other
+    event (what a crash loses is past the last checkpoint, which a resumed run drops anyway)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -66,13 +68,14 @@ class JsonLinesLogger(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a" if start.resumed else "w")  # noqa: SIM115 - open until close()
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any], flush: bool = True) -> None:
         if self.file is not None:
             self.file.write(_strict_line(record))
-            self.file.flush()
+            if flush:
+                self.file.flush()
 
     def on_step(self, step: StepEvent) -> None:
-        self._write(step.to_json())
+        self._write(step.to_json(), flush=step.iteration % LOG_EVERY == 0)
 
     def on_evaluation(self, evaluation: EvaluationEvent) -> None:
         self._write(evaluation.to_json())
