@@ -72,6 +72,11 @@ def test_a_two_process_run_completes_with_rank_0_alone_reporting(tmp_path: Path)
     for name in ("checkpoint.pt", "best.pt", "training.png", "test_tasks.png"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temporary files
+    # rank 0 alone logs: every step once, every evaluation once
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in events if e["event"] == "step"] == list(range(1, 7))
+    assert [e["iteration"] for e in events if e["event"] == "evaluation"] == [0, 3, 6]
+    assert [e["status"] for e in events if e["event"] == "end"] == ["complete"]
 
     # the gathered meta-test is every test task once, in the order one process evaluates them
     saved = load_checkpoint(out / "checkpoint.pt")

@@ -155,12 +155,12 @@ def test_output_paths_are_checked_before_training(tmp_path: Path, capsys) -> Non
 def test_a_folder_that_cannot_be_created_is_refused_before_training(capsys, monkeypatch) -> None:
     # /proc takes no new folders, even from root, whose permission bits say it may write anywhere: only
     # creating the folder tells
-    import rkfast.train
+    import rkfast.train.loop
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(rkfast.train, "_Training", no_training)
+    monkeypatch.setattr(rkfast.train.loop, "_Training", no_training)
     out = Path("/proc/rkfast-no-such-folder/run")
     with pytest.raises(RunError, match=r"cannot create the output folder /proc/rkfast-no-such-folder/run: "):
         train(TrainConfig(**SMALL), out=out, progress=False)

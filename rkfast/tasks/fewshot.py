@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import TaskBatch
+from ..data.glyphs import load_glyphs
 from ..data.images import ClassImages, DataError
-from .registry import Defaults, Domain, Metric, Option, register
-
-if TYPE_CHECKING:
-    from ..train import RunResult
+from ..data.miniimagenet import load_miniimagenet
+from ..data.omniglot import load_omniglot
+from ..figures import new_figure, save_figure
+from .registry import Defaults, Domain, Metric, Option, TrainedRun, register
+from .sampling import task_chunks
 
 __all__ = ["EpisodeSampler", "OMNIGLOT", "MINIIMAGENET", "GLYPHS", "plot_episodes"]
 
@@ -124,7 +126,7 @@ class _SpatialMean(nn.Module):
 # -- plots ------------------------------------------------------------------------------------------------
 
 
-def _predictions(run: RunResult, batch: TaskBatch, steps: int) -> Tensor:
+def _predictions(run: TrainedRun, batch: TaskBatch, steps: int) -> Tensor:
     """Query predictions ``[T, N*Q]`` of the run's model after ``steps`` adaptation steps on each support set."""
     opt = run.opt
     adapted = opt.evaluate(batch, steps=(steps,), step_size=run.config.test_step, keep_params=True)
@@ -133,12 +135,9 @@ def _predictions(run: RunResult, batch: TaskBatch, steps: int) -> Tensor:
         return opt.task_models(rows)(batch.query_x).argmax(-1)
 
 
-def plot_episodes(run: RunResult, path: Path | str, episodes: int = 3, queries: int = 10) -> None:
+def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries: int = 10) -> None:
     """A few meta-test episodes: the support images with their labels, and query images with the label the
     adapted model predicts (green: right, red: wrong) after the protocol's last number of steps."""
-    from ..plots import new_figure, save_figure
-    from ..train import task_chunks
-
     defaults, options = run.defaults, run.config.options
     sampler = run.domain.make_tasks(options, "test", run.opt.device)
     batch = task_chunks(sampler, min(episodes, run.config.test_tasks), defaults.eval_chunk,
@@ -197,8 +196,6 @@ def _root(options: Mapping[str, Any], dataset: str, layout: str) -> Path:
 
 def _load_omniglot(options: Mapping[str, Any], split: str) -> ClassImages:
     root = _root(options, "omniglot", "images_background/ and images_evaluation/")
-    from ..data.omniglot import load_omniglot
-
     if options["split_rule"] not in ("finn", "alphabets"):
         raise DataError(f"omniglot --split-rule must be 'finn' or 'alphabets', got {options['split_rule']!r}")
     return load_omniglot(root, split, image_size=options["image_size"], cache_dir=options["cache_dir"] or None,
@@ -208,14 +205,10 @@ def _load_omniglot(options: Mapping[str, Any], split: str) -> ClassImages:
 
 def _load_miniimagenet(options: Mapping[str, Any], split: str) -> ClassImages:
     root = _root(options, "miniimagenet", "train.csv, val.csv, test.csv and images/, or mini-imagenet-cache-*.pkl")
-    from ..data.miniimagenet import load_miniimagenet
-
     return load_miniimagenet(root, split, image_size=options["image_size"], cache_dir=options["cache_dir"] or None)
 
 
 def _load_glyphs(options: Mapping[str, Any], split: str) -> ClassImages:
-    from ..data.glyphs import load_glyphs
-
     return load_glyphs(split, seed=options["data_seed"], image_size=options["image_size"],
                        cache_dir=options["cache_dir"] or None)
 

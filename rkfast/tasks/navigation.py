@@ -11,17 +11,16 @@ rollouts after each adaptation step, and a plot of trajectories before and after
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..figures import new_figure, save_figure
 from ..rl.navigation import PointNavigation
 from ..rl.policy import GaussianMLPPolicy, batched_actor
-from .registry import Defaults, Domain, register
+from .registry import Defaults, Domain, TrainedRun, register
 from .rollouts import RETURN, RolloutTasks, describe_rollout_test, rollout_options, rollout_test_protocol
-
-if TYPE_CHECKING:
-    from ..train import RunResult
+from .sampling import task_generator
 
 __all__ = ["plot_trajectories", "NAVIGATION"]
 
@@ -41,13 +40,10 @@ def _make_tasks(options: Mapping[str, Any], split: str, device: torch.device) ->
                            device=device)
 
 
-def plot_trajectories(run: RunResult, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 3),
+def plot_trajectories(run: TrainedRun, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 3),
                       episodes: int = 3) -> None:
     """The first meta-test goals: the policy's mean-action path (bold) and a few sampled episodes (faint)
     before and after adaptation (on fresh support rollouts, with the meta-test step size)."""
-    from ..plots import new_figure, save_figure
-    from ..train import task_generator
-
     opt, options = run.opt, run.config.options
     sampler = _make_tasks(options, "test", opt.device)
     taskset = sampler.sample(min(tasks, run.config.test_tasks), task_generator(run.config.test_seed, "test"))

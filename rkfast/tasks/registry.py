@@ -2,7 +2,8 @@
 
 A domain (sinusoid regression, few-shot classification, ...) is one module in :mod:`rkfast.tasks` that
 builds a :class:`Domain` and registers it. :mod:`rkfast.train` trains any registered domain and
-``rkfast train|compare DOMAIN`` offers each one with its own options and published defaults.
+``rkfast train|compare DOMAIN`` offers each one with its own options and published defaults. A domain's plots
+read the trained run through :class:`TrainedRun` (what a :class:`~rkfast.train.RunResult` offers them).
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
+from typing import Any, Callable, Mapping, Protocol, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..batch import TaskBatch, TaskSet
+from ..optim import MetaOptimizer
+from ..results import AdaptationOutput
+from ..tableau import Tableau
 
-if TYPE_CHECKING:
-    from ..train import RunResult
-
-__all__ = ["Domain", "Option", "Metric", "Defaults", "TaskSampler", "register", "unregister", "get_domain", "domains"]
+__all__ = ["Domain", "Option", "Metric", "Defaults", "TaskSampler", "RunSettings", "TrainedRun", "PlotFn",
+           "register", "unregister", "get_domain", "domains"]
 
 
 class TaskSampler(Protocol):
@@ -101,7 +103,72 @@ class Defaults:
     source: str = ""  # where the numbers come from
 
 
-PlotFn = Callable[["RunResult", Path], None]
+class RunSettings(Protocol):
+    """The settings of a trained run that a domain's plots read (a :class:`~rkfast.train.TrainConfig`)."""
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """The domain's options, resolved."""
+        ...
+
+    @property
+    def test_step(self) -> float | None:
+        """The meta-test adaptation step (``None``: the optimizer's default)."""
+        ...
+
+    @property
+    def test_tasks(self) -> int | None:
+        """The number of meta-test tasks."""
+        ...
+
+    @property
+    def test_seed(self) -> int:
+        """The seed of the held-out and meta-test tasks."""
+        ...
+
+
+class TrainedRun(Protocol):
+    """A trained run as a domain's plots see it (a :class:`~rkfast.train.RunResult` is one).
+
+    The plots live with their domain, below the training loop: they read the run through this view instead of
+    importing the loop's result type."""
+
+    @property
+    def config(self) -> RunSettings:
+        """The run's resolved settings."""
+        ...
+
+    @property
+    def domain(self) -> Domain:
+        """The run's domain."""
+        ...
+
+    @property
+    def tableau(self) -> Tableau:
+        """The tableau the run trained with."""
+        ...
+
+    @property
+    def opt(self) -> MetaOptimizer:
+        """The trained optimizer, with its model."""
+        ...
+
+    @property
+    def test(self) -> AdaptationOutput | None:
+        """The meta-test result (``None`` before the run completed)."""
+        ...
+
+    @property
+    def defaults(self) -> Defaults:
+        """The domain's published defaults for the run's options."""
+        ...
+
+    def task_generator(self, split: str) -> torch.Generator:
+        """A fresh generator of the run's ``split`` stream: sampling from it again gives the run's tasks."""
+        ...
+
+
+PlotFn = Callable[[TrainedRun, Path], None]  # plot(run, path): a domain's plot of a trained run
 
 
 @dataclass(frozen=True)

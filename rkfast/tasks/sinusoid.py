@@ -10,19 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..batch import TaskBatch
+from ..figures import new_figure, save_figure
 from ..models import sinusoid_mlp
-from .registry import Defaults, Domain, Metric, Option, register
-
-if TYPE_CHECKING:
-    from ..optim import MetaOptimizer
-    from ..train import RunResult
+from ..optim import MetaOptimizer
+from .registry import Defaults, Domain, Metric, Option, TrainedRun, register
 
 __all__ = ["SinusoidTasks", "SinusoidBatch", "SINUSOID", "adapted_predictions", "plot_test_tasks"]
 
@@ -112,10 +110,8 @@ def adapted_predictions(
     return torch.stack([predict(r) for r in rows])
 
 
-def plot_test_tasks(run: RunResult, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 10)) -> None:
+def plot_test_tasks(run: TrainedRun, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 10)) -> None:
     """A few meta-test tasks: the true sine, the support points and the fit before and after adaptation."""
-    from ..plots import new_figure, save_figure
-
     # the run's own meta-test adaptation: --test-step if given, else evaluate's default (learned rates too)
     opt, step_size, options = run.opt, run.config.test_step, run.config.options
     sampler = _make_tasks(options, "test", opt.device)

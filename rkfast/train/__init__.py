@@ -1,0 +1,64 @@
+"""Training: meta-train any registered task domain, evaluate it, checkpoint it, report and save the run.
+
+Every run is seeded: ``seed`` fixes the initialization and the stream of training tasks; the held-out
+validation tasks and the meta-test tasks come from ``test_seed`` (independent streams,
+:func:`~rkfast.tasks.sampling.task_generator`), so runs with different tableaus or training seeds are tested
+on the very same tasks. A run given a folder never loses its work (checkpoints, clean stops on
+SIGINT/SIGTERM, resuming bit for bit on the CPU), and under ``torchrun`` every rank trains together
+(``docs/training.md``).
+
+The package, layer by layer: :mod:`~rkfast.train.optimizer` (the optimizer's learned coefficients and their
+summaries), :mod:`~rkfast.train.config` (:class:`TrainConfig`), :mod:`~rkfast.train.results`
+(:class:`RunResult` and the exceptions that stop a run), :mod:`~rkfast.train.evaluation`,
+:mod:`~rkfast.train.ranks` (what the ranks of a distributed run decide together),
+:mod:`~rkfast.train.checkpoint` (saving, restoring and reading back a run), :mod:`~rkfast.train.callbacks`
+and :mod:`~rkfast.train.loggers` (the hooks, the progress display, ``metrics.jsonl`` and TensorBoard), and
+:mod:`~rkfast.train.loop` (:func:`train`).
+"""
+
+from ..runs import CHECKPOINT_FORMAT, load_checkpoint, write_json
+from ..tasks import STREAMS, eval_pieces, task_chunks, task_generator
+from .callbacks import (
+                        LOG_EVERY,
+                        Callback,
+                        CallbackList,
+                        CheckpointEvent,
+                        EndEvent,
+                        EvaluationEvent,
+                        ProgressCallback,
+                        RunStart,
+                        StepEvent,
+)
+from .checkpoint import (
+                        METRICS_FILE,
+                        RATES_PLOT,
+                        RESUMABLE_CHANGES,
+                        TABLEAU_PLOT,
+                        load_result,
+                        load_run,
+                        resume_config,
+                        run_files,
+                        slug,
+)
+from .config import TrainConfig, build_optimizer, check_device
+from .evaluation import evaluate_tasks
+from .loggers import JsonLinesLogger, TensorBoardLogger, read_metrics
+from .loop import train
+from .optimizer import learned_tableau_info, rate_summary, rates_info, tableau_summary
+from .ranks import lead_decides
+from .results import (
+                        RunDiverged,
+                        RunInterrupted,
+                        RunResult,
+                        describe_learned_tableau,
+                        describe_rates,
+)
+
+__all__ = ["TrainConfig", "RunResult", "RunInterrupted", "RunDiverged", "train", "evaluate_tasks",
+           "task_generator", "load_checkpoint", "load_run", "load_result", "resume_config", "write_json", "slug",
+           "task_chunks", "eval_pieces", "build_optimizer", "check_device", "lead_decides", "RESUMABLE_CHANGES",
+           "CHECKPOINT_FORMAT", "rate_summary", "rates_info", "describe_rates", "RATES_PLOT", "TABLEAU_PLOT",
+           "tableau_summary", "learned_tableau_info", "describe_learned_tableau",
+           "STREAMS", "LOG_EVERY", "METRICS_FILE", "run_files",
+           "Callback", "CallbackList", "ProgressCallback", "JsonLinesLogger", "TensorBoardLogger", "read_metrics",
+           "RunStart", "StepEvent", "EvaluationEvent", "CheckpointEvent", "EndEvent"]
