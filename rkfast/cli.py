@@ -54,6 +54,8 @@ from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Domain, domains, get_domain
 from .train import (
+    METRICS_FILE,
+    Callback,
     RunDiverged,
     RunInterrupted,
     RunResult,
@@ -69,6 +71,7 @@ from .train import (
     slug,
     task_chunks,
     task_generator,
+    TensorBoardLogger,
     train,
 )
 
@@ -172,7 +175,14 @@ def _run_folder(args: argparse.Namespace, default: str) -> tuple[Path, bool]:
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, args: argparse.Namespace) -> RunResult:
     return train(cfg, out=out, resume=resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
-                 progress=not args.quiet)
+                 progress=not args.quiet, callbacks=_tensorboard(args, ""))
+
+
+def _tensorboard(args: argparse.Namespace, run: str) -> list[Callback]:
+    """``--tensorboard DIR``: a TensorBoard logger of the run in ``DIR`` (a comparison's run in ``DIR/<run>``)."""
+    if args.tensorboard is None:
+        return []
+    return [TensorBoardLogger(Path(args.tensorboard) / run)]
 
 
 # -- many processes (torchrun) ------------------------------------------------------------------------
@@ -324,7 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         d = run.distributed
         print(f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
               f"{', '.join(map(str, d['meta_batch_per_rank']))}")
-    written = [out / "results.json", out / "checkpoint.pt", *write_run_plots(run, out)]
+    written = [out / "results.json", out / "checkpoint.pt", out / METRICS_FILE, *write_run_plots(run, out)]
     if run.best is not None:
         written.insert(2, out / "best.pt")
     print(f"wrote {', '.join(map(str, written))}")
@@ -421,7 +431,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         result = compare(settings.config, settings.tableaus, out=out, inner_lrs=settings.inner_lrs,
                          seeds=settings.seeds, select_steps=settings.select_steps, resume=resume,
                          overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), callbacks=lambda run: _tensorboard(args, run))
     except CompareInterrupted as stop:
         if lead:
             print(f"{stop}; resume the comparison with: {_resume_hint(args, out)}", file=sys.stderr)
@@ -656,6 +666,9 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR (its settings; "
                    "only --iterations, --device and --backend may change)")
     _flag(p, "--overwrite", help="a new run into a folder that holds an earlier run's files deletes them first")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also log to TensorBoard in DIR (compare: one subfolder per run); needs the tensorboard "
+                        "extra: pip install rkfast[tensorboard]")
     if domain.options:
         group = p.add_argument_group(f"{domain.name} options")
         for o in domain.options:

@@ -34,7 +34,7 @@ from .report import GridGroup, compare_report, compare_rows, grid_report, grid_r
 from .runs import RunError, RunFolder, load_checkpoint, write_json
 from .tableau import Tableau, get_tableau
 from .tasks import get_domain
-from .train import RunDiverged, RunInterrupted, RunResult, TrainConfig, lead_decides, load_result, slug, train
+from .train import Callback, RunDiverged, RunInterrupted, RunResult, TrainConfig, lead_decides, load_result, slug, train
 
 __all__ = ["compare", "CompareResult", "CompareSettings", "CompareInterrupted", "load_settings", "validation_score",
            "select_inner_lr", "selection_steps", "check_grid", "grid_folder", "ARGUMENT_NAMES", "STATE_FILE",
@@ -227,8 +227,10 @@ class _Comparison:
     to date (rank 0 alone reads and writes files, prints and holds the results)."""
 
     def __init__(self, result: CompareResult, parallel: TaskParallel | None, resume: bool,
-                 train_options: dict[str, Any], log: Callable[[str], None]) -> None:
+                 train_options: dict[str, Any], log: Callable[[str], None],
+                 callbacks: Callable[[str], Sequence[Callback]] | None = None) -> None:
         self.result, self.parallel, self.resume, self.train_options = result, parallel, resume, train_options
+        self.callbacks = callbacks  # each run's, by its folder under out
         self.lead = parallel is None or parallel.rank == 0
         self.log = log if self.lead else (lambda _: None)
         self.higher_is_better = get_domain(result.config["domain"]).metric.higher_is_better
@@ -261,7 +263,9 @@ class _Comparison:
             finished, has_checkpoint = lead_decides(self.parallel, saved_state)
             if finished:
                 return loaded.get("run")
-            return train(cfg, out=folder.path, resume=has_checkpoint, **self.train_options)
+            run = folder.path.relative_to(self.result.out).as_posix()
+            callbacks = () if self.callbacks is None else self.callbacks(run)
+            return train(cfg, out=folder.path, resume=has_checkpoint, callbacks=callbacks, **self.train_options)
         except RunDiverged as err:
             return err.result
 
@@ -374,7 +378,8 @@ def compare(
     checkpoint_every: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
-    process_group: Any = "auto",
+    parallel: Any = "auto",
+    callbacks: Callable[[str], Sequence[Callback]] | None = None,
 ) -> CompareResult:
     """Meta-train and meta-test every tableau with ``config`` and the same seeds, into the folder ``out``.
 
@@ -396,9 +401,12 @@ def compare(
         select_steps: a grid's selecting held-out step count, one of the domain's (default: the last).
         resume: continue the comparison saved in ``out`` (:func:`load_settings` reads its settings): finished
             runs are read back, interrupted ones resume from their checkpoints.
-        overwrite, checkpoint_every, progress, process_group: every run's, as :func:`~rkfast.train.train`
+        overwrite, checkpoint_every, progress, parallel: every run's, as :func:`~rkfast.train.train`
             takes them (distributed: every rank calls ``compare`` alike; rank 0 alone reads, writes and logs).
         log: where the line on each finished run and each selection goes (``None``: nowhere).
+        callbacks: ``callbacks(run)`` gives the :class:`~rkfast.train.Callback` s of the run in the folder
+            ``<out>/<run>`` (e.g. a :class:`~rkfast.train.TensorBoardLogger` per run), as
+            :func:`~rkfast.train.train` takes them.
 
     Returns:
         The :class:`CompareResult` (status ``"complete"``; :meth:`CompareResult.report` is the table).
@@ -410,13 +418,13 @@ def compare(
             ``overwrite``), or none to resume.
     """
     result = _plan(config, tableaus, out, inner_lrs, seeds, select_steps)
-    parallel = resolve_process_group(process_group)
-    if parallel is not None and parallel.world_size == 1:
-        parallel = None  # a group of one: nothing to share
-    lead_decides(parallel, lambda: _check_folders(result, resume, overwrite))
+    group_of_ranks = resolve_process_group(parallel)
+    if group_of_ranks is not None and group_of_ranks.world_size == 1:
+        group_of_ranks = None  # a group of one: nothing to share
+    lead_decides(group_of_ranks, lambda: _check_folders(result, resume, overwrite))
     options = {"overwrite": overwrite, "checkpoint_every": checkpoint_every, "progress": progress,
-               "process_group": process_group}
-    comparison = _Comparison(result, parallel, resume, options, log or (lambda _: None))
+               "parallel": parallel}
+    comparison = _Comparison(result, group_of_ranks, resume, options, log or (lambda _: None), callbacks)
     comparison.write("running")
     for tableau in result.tableaus:
         group = GridGroup(tableau, tuple(result.inner_lrs), tuple(result.seeds))

@@ -199,3 +199,19 @@ def test_a_run_resumed_after_a_crash_drops_what_was_logged_past_its_checkpoint(t
 def test_callbacks_must_be_callbacks() -> None:
     with pytest.raises(TypeError, match="rkfast.train.Callback"):
         train(TrainConfig(**SMALL), progress=False, callbacks=[print])  # type: ignore[list-item]
+
+
+def test_the_command_line_logs_to_tensorboard(tmp_path: Path, capsys) -> None:
+    """``rkfast train|compare ... --tensorboard DIR``: the run's scalars in DIR, a comparison's per run folder."""
+    from rkfast.cli import main
+
+    small = ["--iterations", "6", "--eval-every", "3", "--eval-tasks", "5", "--test-tasks", "10", "--quiet"]
+    assert main(["train", "sinusoid", *small, "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    logged = scalars(tmp_path / "tb")
+    assert [step for step, _ in logged["train/meta_loss"]] == list(range(1, 7))
+    assert any(tag.startswith("held_out/") for tag in logged)
+    assert "metrics.jsonl" in capsys.readouterr().out  # the "wrote ..." line names the event log
+    assert main(["compare", "sinusoid", "--tableaus", "maml,heun", *small, "--out", str(tmp_path / "cmp"),
+                 "--tensorboard", str(tmp_path / "tb-cmp")]) == 0
+    for run in ("maml", "heun"):
+        assert len(scalars(tmp_path / "tb-cmp" / run)["train/meta_loss"]) == 6

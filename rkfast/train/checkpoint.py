@@ -214,13 +214,13 @@ def load_run(run_dir: Path | str, device: str | None = None, checkpoint: str = "
              ) -> tuple[TrainConfig, MetaOptimizer, int]:
     """The configuration, the trained optimizer (with its model) and the iteration count of a run folder
     (``checkpoint="best.pt"``: the state at the best held-out evaluation). The optimizer belongs to this
-    process alone (``process_group=None``), even inside a distributed job. Learned rates and a learned tableau
+    process alone (``parallel=None``), even inside a distributed job. Learned rates and a learned tableau
     are rebuilt from the configuration and loaded at their saved values, so that
     :meth:`~rkfast.optim.MetaOptimizer.evaluate` adapts with them (the learned tableau's step:
     ``opt.current_tableau().test_step(inner_lr)``)."""
     payload = load_checkpoint(Path(run_dir) / checkpoint)
     cfg = config_from_payload(payload, device).resolved()
-    opt = build_optimizer(cfg, get_domain(cfg.domain), process_group=None)
+    opt = build_optimizer(cfg, get_domain(cfg.domain), parallel=None)
     opt.model.load_state_dict(payload["model"])  # copies into the flat buffer's views
     opt.load_state_dict(payload["optimizer"])
     return cfg, opt, int(payload["iteration"])

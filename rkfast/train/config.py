@@ -15,7 +15,7 @@ from ..optim import MetaOptimizer
 from ..outer import check_lr
 from ..tableau import Tableau, get_tableau
 from ..tasks import Domain, get_domain
-from .optimizer import Coefficients, meta_optimizer
+from .optimizer import CoefficientSettings, meta_optimizer
 
 __all__ = ["TrainConfig", "check_device", "build_optimizer"]
 
@@ -126,9 +126,9 @@ class TrainConfig:
         return replace(cfg, **asdict(coefficients))
 
     @property
-    def coefficients(self) -> Coefficients:
+    def coefficients(self) -> CoefficientSettings:
         """The learned-coefficient settings (``learn_rates`` ... ``tableau_lr``) as one value."""
-        return Coefficients(**{name: getattr(self, name) for name in Coefficients.names()})
+        return CoefficientSettings(**{name: getattr(self, name) for name in CoefficientSettings.names()})
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data (the tableau by name)."""
@@ -136,16 +136,16 @@ class TrainConfig:
         return asdict(replace(self, tableau=name))
 
 
-def build_optimizer(cfg: TrainConfig, domain: Domain, process_group: Any = "auto") -> MetaOptimizer:
+def build_optimizer(cfg: TrainConfig, domain: Domain, parallel: Any = "auto") -> MetaOptimizer:
     """The run's model (initialized under ``cfg.seed``, the global RNG left alone) and its optimizer.
 
-    ``process_group`` is :class:`~rkfast.optim.MetaOptimizer`'s: ``"auto"`` reduces the meta-direction over
+    ``parallel`` is :class:`~rkfast.optim.MetaOptimizer`'s: ``"auto"`` reduces the meta-direction over
     torch.distributed's default group when it is initialized with more than one rank, ``None`` keeps the
-    optimizer to this process, or a ``ProcessGroup``.
+    optimizer to this process, or a :class:`~rkfast.distributed.TaskParallel` or ``ProcessGroup``.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = domain.make_model(cfg.options).to(torch.device(cfg.device))
     return meta_optimizer(model, domain.loss_fn, tableau=get_tableau(cfg.tableau),  # type: ignore[arg-type]
                           inner_lr=cfg.inner_lr, lr=cfg.lr, first_order=cfg.first_order,  # type: ignore[arg-type]
-                          backend=cfg.backend, process_group=process_group, coefficients=cfg.coefficients)
+                          backend=cfg.backend, parallel=parallel, coefficients=cfg.coefficients)

@@ -253,7 +253,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     callbacks: Sequence[Callback] = (),
-    process_group: Any = "auto",
+    parallel: Any = "auto",
 ) -> RunResult:
     """Meta-train the domain's model with the RK tableau of ``config`` and meta-test it.
 
@@ -279,9 +279,9 @@ def train(
             (a device tensor: reading it synchronizes).
         callbacks: :class:`Callback` s told of the run's start, steps, evaluations, checkpoints and end
             (rank 0 only), after the progress display and the ``metrics.jsonl`` logger.
-        process_group: task parallelism (:class:`~rkfast.optim.MetaOptimizer`'s): ``"auto"`` uses
+        parallel: task parallelism (:class:`~rkfast.optim.MetaOptimizer`'s): ``"auto"`` uses
             torch.distributed's default group when it has more than one rank (``torchrun``), ``None`` trains
-            in this process alone. Every rank calls ``train`` with the same arguments (checked) and shares the
+            in this process alone, or a :class:`~rkfast.distributed.TaskParallel` or ``ProcessGroup``. Every rank calls ``train`` with the same arguments (checked) and shares the
             meta-batch and the evaluations; rank 0 alone shows progress, logs and writes ``out``.
 
     Raises:
@@ -300,7 +300,7 @@ def train(
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if resume and out is None:
         raise ValueError("resume=True needs out=, the folder of the run to continue")
-    parallel = _task_parallel(process_group, cfg, int(every), out is not None, resume, overwrite)
+    parallel = _task_parallel(parallel, cfg, int(every), out is not None, resume, overwrite)
     folder = None if out is None else RunFolder(out, run_files(domain))
     world = 1 if parallel is None else parallel.world_size
     saved = lead_decides(parallel, lambda: prepare_folder(folder, cfg, resume, overwrite, world))
@@ -312,10 +312,10 @@ def train(
     return training.run(int(every))
 
 
-def _task_parallel(process_group: Any, cfg: TrainConfig, every: int, saving: bool, resume: bool,
+def _task_parallel(choice: Any, cfg: TrainConfig, every: int, saving: bool, resume: bool,
                    overwrite: bool) -> TaskParallel | None:
     """The run's task parallelism (``None`` for one process), with every rank's settings checked alike."""
-    parallel = resolve_process_group(process_group)
+    parallel = resolve_process_group(choice)
     if parallel is None or parallel.world_size == 1:
         return None  # a group of one: nothing to share
     check_same_settings(parallel, cfg, every, saving, resume, overwrite)
