@@ -136,8 +136,9 @@ class StepCapture:
         and writes the old buffers, so it is released; the skip counter moves there."""
         self.check_device(device)
         self.release()
-        self.skipped = (torch.zeros((), dtype=torch.int64, device=device) if self.skipped is None
-                        else self.skipped.to(device))
+        self.skipped = (
+            torch.zeros((), dtype=torch.int64, device=device) if self.skipped is None else self.skipped.to(device)
+        )
 
     def count_skipped(self, ok: Tensor) -> None:
         """Add a skipped step to :attr:`skipped` where the 0-d boolean ``ok`` is false (on the device)."""

@@ -82,8 +82,10 @@ class FlatParameters:
 
     def replaced(self) -> bool:
         """Whether something replaced a parameter's storage since the last binding."""
-        return any(p.data_ptr() != a or p.dtype != self.data.dtype or p.device != self.data.device
-                   for p, a in zip(self.params, self._addresses))
+        return any(
+            p.data_ptr() != a or p.dtype != self.data.dtype or p.device != self.data.device
+            for p, a in zip(self.params, self._addresses)
+        )
 
     def check_rebind(self) -> None:
         """Raise, before anything changes, unless :meth:`rebind` can bind the parameters as they are now:

@@ -180,8 +180,9 @@ class Stage:
     terms: tuple[tuple[int, Any, Tensor, Tensor], ...] = ()
 
 
-def elementwise_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                            backend: str = "torch") -> Tensor:
+def elementwise_stage_point(
+    theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], backend: str = "torch"
+) -> Tensor:
     """``out[t] = theta - sum_l coefs[l] ⊙ slopes[l][t]`` with per-element coefficient vectors ``coefs[l] [N]``
     (the stage point with learned rates, ``coefs[l] = A[j][l] * r_l``), differentiable in all three.
 
@@ -230,17 +231,19 @@ def stage_points(
         if shared:
             point = theta
         elif rates is not None:
-            terms = tuple((l, a if matrix is None else matrix[j, l], rates(l), slopes[l])  # type: ignore[misc]
-                          for l, a in coefs)
-            point = elementwise_stage_point(theta, [k for *_, k in terms], [a * r for _, a, r, _ in terms],
-                                            backend)
+            terms = tuple(
+                (l, a if matrix is None else matrix[j, l], rates(l), slopes[l])  # type: ignore[misc]
+                for l, a in coefs
+            )
+            point = elementwise_stage_point(theta, [k for *_, k in terms], [a * r for _, a, r, _ in terms], backend)
             for l, _ in coefs:
                 if last_reader[l] == j:
                     slopes[l] = None
         else:
             out = workspace.get(("point", j), (tasks.num_tasks, theta.shape[0]), theta) if workspace else None
-            point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
-                                out=out, backend=backend)
+            point = stage_point(
+                theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs], out=out, backend=backend
+            )
             for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
                 if last_reader[l] == j:
                     slopes[l] = None
@@ -281,8 +284,15 @@ class SecondOrderDirection(_MetaLoss):
 
     second_order = True
 
-    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None, learned: TableauCoefficients | None = None) -> None:
+    def __init__(
+        self,
+        theta: Tensor,
+        tasks: TaskMap,
+        backend: str,
+        workspace: Workspace | None,
+        rates: LearnedRates | None = None,
+        learned: TableauCoefficients | None = None,
+    ) -> None:
         self.theta = theta.detach().requires_grad_()  # a fresh leaf: the caller's theta is left alone
         self.rates, self.learned = rates, learned
         super().__init__(self.theta, tasks)
@@ -327,8 +337,15 @@ class FirstOrderDirection(_MetaLoss):
 
     second_order = False
 
-    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None, learned: TableauCoefficients | None = None) -> None:
+    def __init__(
+        self,
+        theta: Tensor,
+        tasks: TaskMap,
+        backend: str,
+        workspace: Workspace | None,
+        rates: LearnedRates | None = None,
+        learned: TableauCoefficients | None = None,
+    ) -> None:
         self.theta = theta.detach()
         super().__init__(self.theta, tasks)
         self.backend, self.workspace = backend, workspace
@@ -457,18 +474,33 @@ def rk_meta_step(
     direction = rule(theta, tasks, backend, workspace, rates, learned)
     with direction.grad_mode():
         rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, first_order)
-        for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
-                                  second_order=rule.second_order, backend=backend,
-                                  workspace=workspace if first_order else None, rates=rate_of, matrix=matrix):
+        for stage in stage_points(
+            direction.theta,
+            tab,
+            h,
+            tasks,
+            support_loss,
+            support_data,
+            second_order=rule.second_order,
+            backend=backend,
+            workspace=workspace if first_order else None,
+            rates=rate_of,
+            matrix=matrix,
+        ):
             with at_step(stage.index):
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
                 direction.add(stage, weights[stage.index], query_loss, data)
         return direction.result()
 
 
-def _stage_coefficients(theta: Tensor, tab: Tableau, h: float, rates: LearnedRates | None,
-                        learned: TableauCoefficients | None, first_order: bool
-                        ) -> tuple[Callable[[int], Tensor] | None, Tensor | None, list[Any]]:
+def _stage_coefficients(
+    theta: Tensor,
+    tab: Tableau,
+    h: float,
+    rates: LearnedRates | None,
+    learned: TableauCoefficients | None,
+    first_order: bool,
+) -> tuple[Callable[[int], Tensor] | None, Tensor | None, list[Any]]:
     """What the stage points and the meta-loss read of the learned coefficients: the rate vector of slope
     ``l`` (``None``: the fixed step ``h``), the learned ``A`` (``None``: the tableau's) and the weights ``b``
     (tensors for second order, differentiated; plain numbers for first order, whose coefficient directions
@@ -481,8 +513,10 @@ def _stage_coefficients(theta: Tensor, tab: Tableau, h: float, rates: LearnedRat
         if learned is not None:
             capturing = theta.is_cuda and torch.cuda.is_current_stream_capturing()
             if capturing and first_order:
-                raise ValueError("a learned tableau's first-order step reads its weights b on the host, which a "
-                                 "CUDA graph cannot capture: use second order or capture=False")
+                raise ValueError(
+                    "a learned tableau's first-order step reads its weights b on the host, which a "
+                    "CUDA graph cannot capture: use second order or capture=False"
+                )
             matrix = learned.matrix().to(theta.dtype)
             b = learned.weights(matrix, check=not capturing)  # captured: a singular b skips the step
             weights = b.tolist() if first_order else list(b.unbind())  # first order: plain weights for combine
@@ -580,8 +614,9 @@ class StageMap:
     tableau: Tableau
     rates: Callable[[int], Tensor] | None = None
 
-    def last_point(self, params: Tensor, shared: bool, h: float, tasks: TaskMap, support_loss: TaskLoss,
-                   support_data: TaskData) -> Tensor:
+    def last_point(
+        self, params: Tensor, shared: bool, h: float, tasks: TaskMap, support_loss: TaskLoss, support_data: TaskData
+    ) -> Tensor:
         """The last stage's point from ``params`` (no graph kept; per-step layers use stage ``j``'s row)."""
         slopes: dict[int, Tensor] = {}
 
@@ -635,8 +670,14 @@ def model_call(module: nn.Module, *, batch_statistics: bool = True) -> Callable[
     return call
 
 
-def model_task_loss(module: nn.Module, loss: ModelLoss, layout: ParamLayout | None = None,
-                    *, norm_layers: bool | None = None, batch_statistics: bool = True) -> TaskLoss:
+def model_task_loss(
+    module: nn.Module,
+    loss: ModelLoss,
+    layout: ParamLayout | None = None,
+    *,
+    norm_layers: bool | None = None,
+    batch_statistics: bool = True,
+) -> TaskLoss:
     """The per-task loss ``row, data -> loss(model, data)`` for the core functions.
 
     ``model(*inputs)`` runs ``module`` with ``torch.func.functional_call`` on the parameters viewed out of
@@ -668,8 +709,10 @@ def _loss_name(loss_fn: Callable) -> str:
 
 def _reshape_hint(out: tuple[int, ...], y: tuple[int, ...]) -> str:
     if out == (*y, 1):
-        return ("give the targets the outputs' trailing dimension (y.unsqueeze(-1)) "
-                "or squeeze the outputs (out.squeeze(-1))")
+        return (
+            "give the targets the outputs' trailing dimension (y.unsqueeze(-1)) "
+            "or squeeze the outputs (out.squeeze(-1))"
+        )
     if y == (*out, 1):
         return "squeeze the targets' trailing dimension (y.squeeze(-1)) or give the outputs one (out.unsqueeze(-1))"
     return "reshape the targets or the model's outputs so that they match"
@@ -704,8 +747,11 @@ def _class_targets(name: str) -> Callable[[Tensor, Tensor], None]:
             return
         expected = o[:1] + o[2:] if len(o) >= 2 else ()
         if len(o) == 0 or t != expected:
-            hint = ("squeeze the targets' trailing dimension (y.squeeze(-1))" if t == (*expected, 1)
-                    else "reshape the targets to one class index per output row")
+            hint = (
+                "squeeze the targets' trailing dimension (y.squeeze(-1))"
+                if t == (*expected, 1)
+                else "reshape the targets to one class index per output row"
+            )
             raise ValueError(
                 f"{name} with class-index targets needs outputs [K, C] and targets [K] per task (or [K, C, d...] "
                 f"and [K, d...]), got outputs {o} and targets {t} per task; {hint}"
@@ -789,8 +835,18 @@ def meta_step(
     (``batch_statistics``: see :func:`model_call`; ``rates``: learned inner rates, see :func:`rk_meta_step`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return rk_meta_step(
-        theta, loss, loss, batch.support, batch.query, tableau, inner_lr,
-        first_order=first_order, vectorize=vectorize, backend=backend, workspace=workspace, rates=rates,
+        theta,
+        loss,
+        loss,
+        batch.support,
+        batch.query,
+        tableau,
+        inner_lr,
+        first_order=first_order,
+        vectorize=vectorize,
+        backend=backend,
+        workspace=workspace,
+        rates=rates,
     )
 
 
@@ -812,7 +868,15 @@ def evaluate(
     (``batch_statistics``: see :func:`model_call`; ``rates``: per-step rate vectors, see :func:`adapt`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return adapt(
-        theta, loss, loss, batch.support, batch.query, step_size, steps, vectorize=vectorize, keep_params=keep_params,
+        theta,
+        loss,
+        loss,
+        batch.support,
+        batch.query,
+        step_size,
+        steps,
+        vectorize=vectorize,
+        keep_params=keep_params,
         rates=rates,
     )
 

@@ -23,8 +23,16 @@ from .distributed import LocalTasks, Parallel, TaskParallel, is_ddp_wrapped, res
 from .flat import FlatParameters
 from .layout import ParamLayout
 from .learned import Coefficients, LearnedRates, LearnedTableau, Rates, TableauCoefficients, describe_state_key
-from .outer import (NON_FINITE_GRAD, OuterUpdate, all_finite, cast_state_to_params, check_lr, make_outer_optimizer,
-                    non_finite_direction_error, outer_class)
+from .outer import (
+    NON_FINITE_GRAD,
+    OuterUpdate,
+    all_finite,
+    cast_state_to_params,
+    check_lr,
+    make_outer_optimizer,
+    non_finite_direction_error,
+    outer_class,
+)
 from .results import AdaptationOutput, MetaStepOutput, NonFiniteLossError
 from .tableau import Tableau, get_tableau
 
@@ -56,8 +64,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     the outer optimizer update them; :meth:`compute` and :meth:`apply` are its two halves::
 
         opt = rkfast.MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.01, outer="adam", lr=1e-3)
-        for batch in task_loader:              # rkfast.TaskBatch(support_x, support_y, query_x, query_y)
-            result = opt.step(batch)           # result.loss, result.stage_losses
+        for batch in task_loader:  # rkfast.TaskBatch(support_x, support_y, query_x, query_y)
+            result = opt.step(batch)  # result.loss, result.stage_losses
         scores = opt.evaluate(test_batch, steps=(1, 5, 10))
 
     ``tableau`` is a name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), a :class:`~rkfast.tableau.Tableau` or a
@@ -113,8 +121,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.distributed = _task_parallel(parallel, self.capture)
         self._parallel: Parallel = self.distributed or LocalTasks()
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
-        optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs,
-                                         capturable=self._capture.requires_cuda)
+        optimizer = make_outer_optimizer(
+            outer_class(outer), params, lr, outer_kwargs, capturable=self._capture.requires_cuda
+        )
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
         # object then acts on the optimizer that really updates the parameters
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -123,22 +132,26 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._resolve_device_choices()
         self._bind_coefficients(rates, learned, optimizer, lr)
         self._capture.place(self.device)
-        self._outer = OuterUpdate(optimizer, self._flat, self._coefficient_tensors(),
-                                  [c.check_update for c in self.coefficients])
-        self._norm_layers, self._model_call, self._batch_loss = _model_functions(model, loss_fn, self.layout,
-                                                                                 self.batch_statistics)
+        self._outer = OuterUpdate(
+            optimizer, self._flat, self._coefficient_tensors(), [c.check_update for c in self.coefficients]
+        )
+        self._norm_layers, self._model_call, self._batch_loss = _model_functions(
+            model, loss_fn, self.layout, self.batch_statistics
+        )
         self._workspace = RF.Workspace()
         self._parallel.broadcast_(self._flat.data)  # every rank starts from rank 0's meta-parameters
 
-    def _bind_coefficients(self, rates: Rates | None, learned: LearnedTableau | None,
-                           optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def _bind_coefficients(
+        self, rates: Rates | None, learned: LearnedTableau | None, optimizer: torch.optim.Optimizer, lr: float
+    ) -> None:
         """The learned coefficients bound to the meta-parameters' layout, dtype and device, each checked
         against the step's settings and given its param group."""
         if rates is not None:
             self.rates = rates.bind(self.layout, self.inner_lr, self.tableau.stages, self.dtype, self.device)
         self.learned_tableau: TableauCoefficients | None = learned.bind(self.dtype, self.device) if learned else None
         self.coefficients: tuple[Coefficients, ...] = tuple(
-            c for c in (self.rates, self.learned_tableau) if c is not None)
+            c for c in (self.rates, self.learned_tableau) if c is not None
+        )
         for c in self.coefficients:
             c.check_compatible(first_order=self.first_order, captured=self.capture is not False)
             _add_coefficient_group(optimizer, c.tensors, lr if c.lr is None else c.lr)
@@ -162,8 +175,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         """``{key: summary}`` of each learned coefficient kind (``"rates"``, ``"learned_tableau"``): its
         :meth:`~rkfast.learned.Coefficients.summary` and its param group's learning rate (``"rate_lr"``,
         ``"tableau_lr"``; ``None`` without learned tensors), as ``results.json`` reports them."""
-        return {c.key: {**c.summary(self.inner_lr), c.lr_name: _group_lr(self.param_groups, c.tensors)}
-                for c in self.coefficients}
+        return {
+            c.key: {**c.summary(self.inner_lr), c.lr_name: _group_lr(self.param_groups, c.tensors)}
+            for c in self.coefficients
+        }
 
     def _coefficient_tensors(self) -> list[Tensor]:
         """The learned coefficients' leaf tensors, in :attr:`coefficients` order."""
@@ -172,8 +187,10 @@ class MetaOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
         if hasattr(self, "_flat"):
-            raise RuntimeError("MetaOptimizer cannot take new parameter groups after construction; "
-                               "pass every group through `params` when creating it")
+            raise RuntimeError(
+                "MetaOptimizer cannot take new parameter groups after construction; "
+                "pass every group through `params` when creating it"
+            )
         super().add_param_group(param_group)
 
     # -- the meta-step (docs/api.md, "Steps and failures") ---------------------------------------------
@@ -186,18 +203,22 @@ class MetaOptimizer(torch.optim.Optimizer):
         (:class:`NonFiniteLossError`, with ``check_finite``), a failed rank, a shape change under capture
         or a failing outer optimizer; in every case the parameters, every ``.grad`` and the optimizer state
         are as they were before the call."""
-        out = self._capture.run(tasks, self._eager_step, self._captured_step,
-                                lambda t: self._check_tasks(t, "step", captured=True))
+        out = self._capture.run(
+            tasks, self._eager_step, self._captured_step, lambda t: self._check_tasks(t, "step", captured=True)
+        )
         self._flat.expose_grads()  # a replayed step sets no .grad itself
         return out
 
     def _eager_step(self, tasks: Tasks) -> MetaStepOutput:
         out, ranks = self._reduced_direction(tasks, "step")  # raises before anything changes
         # the reduced direction and loss are identical on every rank: so is every decision below
-        self._outer.checked_update(lambda: self._outer.write_grads(out.direction, _directions(out)),
-                                   [out.direction, out.loss, *_directions(out)],
-                                   lambda: non_finite_direction_error(out, self._parallel.reduction_note(ranks)),
-                                   check_finite=self.check_finite, backend=self.backend)
+        self._outer.checked_update(
+            lambda: self._outer.write_grads(out.direction, _directions(out)),
+            [out.direction, out.loss, *_directions(out)],
+            lambda: non_finite_direction_error(out, self._parallel.reduction_note(ranks)),
+            check_finite=self.check_finite,
+            backend=self.backend,
+        )
         self._parallel.after_update(self._flat.data)
         return out
 
@@ -221,8 +242,13 @@ class MetaOptimizer(torch.optim.Optimizer):
         _refuse_inference_mode("apply")
         self._rebind_if_replaced()
         grads = [self._flat.grad, *(t.grad for t in self._coefficient_tensors())]  # as the update reads them
-        self._outer.checked_update(self._flat.adopt_grads, grads, lambda: NonFiniteLossError(NON_FINITE_GRAD),
-                                   check_finite=self.check_finite, backend=self.backend)
+        self._outer.checked_update(
+            self._flat.adopt_grads,
+            grads,
+            lambda: NonFiniteLossError(NON_FINITE_GRAD),
+            check_finite=self.check_finite,
+            backend=self.backend,
+        )
         self._parallel.after_update(self._flat.data)
 
     def _reduced_direction(self, tasks: Tasks, call: str) -> tuple[MetaStepOutput, tuple[int, ...]]:
@@ -235,8 +261,9 @@ class MetaOptimizer(torch.optim.Optimizer):
             return self._meta_direction(checked), _task_count(checked)
 
         # the parameters' dtype and device as they are now (a re-bind inside local() may change them)
-        return self._parallel.reduce_step(local, self._flat.params[0], self.layout.numel, self.tableau.stages,
-                                          self._coefficient_tensors())
+        return self._parallel.reduce_step(
+            local, self._flat.params[0], self.layout.numel, self.tableau.stages, self._coefficient_tensors()
+        )
 
     def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
         """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device; the
@@ -256,18 +283,31 @@ class MetaOptimizer(torch.optim.Optimizer):
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
         tableau = self.learned_tableau if self.learned_tableau is not None else self.tableau
         return RF.rk_meta_step(
-            self._flat.data.detach(), support_loss, query_loss, support_data, query_data, tableau,
-            self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
-            backend=self.backend, workspace=self._workspace, rates=self.rates,
+            self._flat.data.detach(),
+            support_loss,
+            query_loss,
+            support_data,
+            query_data,
+            tableau,
+            self.inner_lr,
+            first_order=self.first_order,
+            vectorize=self.vectorize,
+            num_tasks=num_tasks,
+            backend=self.backend,
+            workspace=self._workspace,
+            rates=self.rates,
         )
 
     def _stage_losses(self, tasks: TaskBatch | TaskSet) -> tuple[RF.TaskLoss, RF.TaskLoss, Any, Any, int | None]:
         """The per-task losses and data of ``tasks`` in the functional core's terms."""
         if isinstance(tasks, TaskBatch):
             return self._batch_loss, self._batch_loss, tasks.support, tasks.query, None  # type: ignore[return-value]
-        support, query = (RF.model_task_loss(self.model, loss, self.layout, norm_layers=self._norm_layers,
-                                             batch_statistics=self.batch_statistics)
-                          for loss in (tasks.support_loss, tasks.query_loss))
+        support, query = (
+            RF.model_task_loss(
+                self.model, loss, self.layout, norm_layers=self._norm_layers, batch_statistics=self.batch_statistics
+            )
+            for loss in (tasks.support_loss, tasks.query_loss)
+        )
         return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
 
     def _check_tasks(self, tasks: Tasks, call: str, captured: bool = False) -> TaskBatch | TaskSet:
@@ -390,9 +430,18 @@ class MetaOptimizer(torch.optim.Optimizer):
         support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
         stages = RF.StageMap(tableau, rates) if by_stages else None
         return RF.adapt(
-            self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, alpha, steps,
-            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params,
-            rates=None if by_stages else rates, stages=stages,
+            self.flat_parameters.detach(),
+            support_loss,
+            query_loss,
+            support_data,
+            query_data,
+            alpha,
+            steps,
+            vectorize=self.vectorize,
+            num_tasks=num_tasks,
+            keep_params=keep_params,
+            rates=None if by_stages else rates,
+            stages=stages,
         )
 
     # -- state ----------------------------------------------------------------------------------------
@@ -402,9 +451,13 @@ class MetaOptimizer(torch.optim.Optimizer):
         outer optimizer's name and each learned coefficient kind's state under its key (``"rates"``,
         ``"learned_tableau"``; their outer-optimizer state is in the outer state dict, as their param groups)."""
         sd = self.outer_optimizer.state_dict()
-        sd["rkfast"] = {"tableau": self.tableau.to_dict(), "inner_lr": self.inner_lr, "first_order": self.first_order,
-                        "outer": type(self.outer_optimizer).__name__,
-                        **{c.key: c.state() for c in self.coefficients}}
+        sd["rkfast"] = {
+            "tableau": self.tableau.to_dict(),
+            "inner_lr": self.inner_lr,
+            "first_order": self.first_order,
+            "outer": type(self.outer_optimizer).__name__,
+            **{c.key: c.state() for c in self.coefficients},
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -437,17 +490,22 @@ def _refuse_inference_mode(call: str) -> None:
         )
 
 
-def _checked_tasks(tasks: Tasks, has_loss_fn: bool, dtype: torch.dtype, device: torch.device,
-                   captured: bool) -> TaskBatch | TaskSet:
+def _checked_tasks(
+    tasks: Tasks, has_loss_fn: bool, dtype: torch.dtype, device: torch.device, captured: bool
+) -> TaskBatch | TaskSet:
     """``tasks`` checked for a step over parameters of ``dtype`` on ``device`` (``TypeError``/``ValueError``)."""
     if isinstance(tasks, TaskSet):
         if captured:
-            raise TypeError("a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
-                            "graph copies in; run TaskSet steps with capture=False")
+            raise TypeError(
+                "a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
+                "graph copies in; run TaskSet steps with capture=False"
+            )
         return check_task_set(tasks, device=device)
     if not has_loss_fn:
-        raise TypeError("this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
-                        "losses, or build it with a loss_fn for TaskBatch batches")
+        raise TypeError(
+            "this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
+            "losses, or build it with a loss_fn for TaskBatch batches"
+        )
     return check_task_batch(tasks, dtype=dtype, device=device)
 
 
@@ -495,11 +553,13 @@ def _check_arguments(model: Any, loss_fn: Any, vectorize: Any, rates: Any, table
         raise TypeError(f"tableau must be a name, a Tableau or a LearnedTableau, got {type(tableau).__name__}")
 
 
-def _model_functions(model: nn.Module, loss_fn: Any, layout: ParamLayout, batch_statistics: bool
-                     ) -> tuple[bool, Callable[..., Any], RF.TaskLoss | None]:
+def _model_functions(
+    model: nn.Module, loss_fn: Any, layout: ParamLayout, batch_statistics: bool
+) -> tuple[bool, Callable[..., Any], RF.TaskLoss | None]:
     """Whether ``model`` has norm layers, its functional call and the per-task loss of a TaskBatch step."""
-    batch_loss = (RF.module_task_loss(model, loss_fn, layout, batch_statistics=batch_statistics)
-                  if loss_fn is not None else None)
+    batch_loss = (
+        RF.module_task_loss(model, loss_fn, layout, batch_statistics=batch_statistics) if loss_fn is not None else None
+    )
     return RF.has_norm_layers(model), RF.model_call(model, batch_statistics=batch_statistics), batch_loss
 
 

@@ -18,8 +18,17 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["RunError", "RunFolder", "atomic_write", "write_json", "save_payload", "load_checkpoint",
-           "CHECKPOINT_FORMAT", "READABLE_FORMATS", "RUN_FILES"]
+__all__ = [
+    "RunError",
+    "RunFolder",
+    "atomic_write",
+    "write_json",
+    "save_payload",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
+    "READABLE_FORMATS",
+    "RUN_FILES",
+]
 
 CHECKPOINT_FORMAT = "rkfast-run/2"
 READABLE_FORMATS = ("rkfast-run/1", CHECKPOINT_FORMAT)  # /1: written before resume existed (no random state)

@@ -75,8 +75,10 @@ def check_rollout_args(tasks: Tensor, width: int, episodes: object, name: str = 
         ValueError: naming the argument and what it is.
     """
     if tasks.dim() != 2 or tasks.shape[1] != width or tasks.shape[0] == 0 or not tasks.is_floating_point():
-        raise ValueError(f"{name} must be a floating point [T, {width}] tensor with T >= 1, got shape "
-                         f"{tuple(tasks.shape)} and dtype {tasks.dtype}")
+        raise ValueError(
+            f"{name} must be a floating point [T, {width}] tensor with T >= 1, got shape "
+            f"{tuple(tasks.shape)} and dtype {tasks.dtype}"
+        )
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
 
@@ -113,13 +115,20 @@ class TaskEnvironment(Protocol):
     act_dim: int
     max_action: float
 
-    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None, *,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample_tasks(
+        self,
+        num_tasks: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         """``[T, ...]`` task parameters drawn with ``generator`` (the same state gives the same tasks)."""
         ...
 
-    def rollout(self, act: Callable[[Tensor], Tensor], tasks: Tensor, episodes: int,
-                seed: int | None = None) -> Trajectories:
+    def rollout(
+        self, act: Callable[[Tensor], Tensor], tasks: Tensor, episodes: int, seed: int | None = None
+    ) -> Trajectories:
         """``episodes`` episodes of each task, ``act(observations [T, E, obs_dim]) -> actions [T, E, act_dim]``
         called once per step; ``seed`` seeds any randomness of the environment itself (initial states)."""
         ...

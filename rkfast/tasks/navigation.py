@@ -30,18 +30,21 @@ __all__ = ["plot_trajectories", "NAVIGATION"]
 
 def _policy(options: Mapping[str, Any]) -> GaussianMLPPolicy:
     # in units of the clip, with the mean kept inside it (GaussianMLPPolicy says why)
-    return GaussianMLPPolicy(2, 2, hidden=(options["hidden"], options["hidden"]),
-                             max_action=PointNavigation.max_action, bounded_mean=True)
+    return GaussianMLPPolicy(
+        2, 2, hidden=(options["hidden"], options["hidden"]), max_action=PointNavigation.max_action, bounded_mean=True
+    )
 
 
 def _make_tasks(options: Mapping[str, Any], split: str, device: torch.device) -> RolloutTasks:
     env = PointNavigation(horizon=options["horizon"])
-    return RolloutTasks(env, _policy(options), episodes=options["episodes"], discount=options["discount"],
-                           device=device)
+    return RolloutTasks(
+        env, _policy(options), episodes=options["episodes"], discount=options["discount"], device=device
+    )
 
 
-def plot_trajectories(run: TrainedRun, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 3),
-                      episodes: int = 3) -> None:
+def plot_trajectories(
+    run: TrainedRun, path: Path | str, tasks: int = 4, steps: Sequence[int] = (0, 1, 3), episodes: int = 3
+) -> None:
     """The first meta-test goals: the policy's mean-action path (bold) and a few sampled episodes (faint)
     before and after adaptation (on fresh support rollouts, with the meta-test step size)."""
     opt, options = run.opt, run.config.options
@@ -58,8 +61,9 @@ def plot_trajectories(run: TrainedRun, path: Path | str, tasks: int = 4, steps: 
         label = "before adaptation" if n == 0 else f"after {n} step{'s' * (n != 1)}"
         paths = []
         for deterministic in (True, False):
-            act = batched_actor(sampler.policy, sampler.layout, params, torch.Generator().manual_seed(k),
-                                deterministic=deterministic)
+            act = batched_actor(
+                sampler.policy, sampler.layout, params, torch.Generator().manual_seed(k), deterministic=deterministic
+            )
             traj = sampler.env.rollout(act, goals, 1 if deterministic else episodes, seed=k)
             paths.append(torch.cat([traj.observations, traj.final_positions.unsqueeze(2)], dim=2).cpu())
         mean_path, sampled = paths  # [T, E, H + 1, 2]
@@ -75,26 +79,40 @@ def plot_trajectories(run: TrainedRun, path: Path | str, tasks: int = 4, steps: 
         ax.grid(True, alpha=0.3)
         ax.set_title(f"goal ({g[0]:.2f}, {g[1]:.2f})", fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"navigation meta-test goals, tableau {run.tableau.name}: mean-action path (bold), "
-                 f"{episodes} sampled episodes (faint)")
+    fig.suptitle(
+        f"navigation meta-test goals, tableau {run.tableau.name}: mean-action path (bold), "
+        f"{episodes} sampled episodes (faint)"
+    )
     save_figure(fig, path)
 
 
-NAVIGATION = register(Domain(
-    name="navigation",
-    description="2-D point navigation (Finn et al. 2017): reach a goal ~ U[-0.5, 0.5]^2 from the origin, "
-                "velocities clipped to 0.1, reward -distance, horizon 100; Gaussian MLP policy, DiCE + "
-                "linear baseline",
-    make_tasks=_make_tasks,
-    make_model=_policy,
-    loss_fn=None,
-    metrics=(RETURN,),
-    defaults=Defaults(iterations=500, meta_batch=20, inner_lr=0.1, lr=1e-3, eval_every=50, eval_tasks=40,
-                      test_tasks=40, test_steps=(1, 2, 3), eval_steps=(1,), eval_chunk=40,
-                      source="Finn et al. 2017: 20 tasks per meta-batch, 20 episodes per task, inner step 0.1; "
-                             "Adam outside (instead of TRPO) at 1e-3, as ProMP's DiCE-MAML"),
-    options=rollout_options(horizon=100),
-    describe_test=describe_rollout_test,
-    test_protocol=rollout_test_protocol,
-    plots={"trajectories.png": plot_trajectories},
-))
+NAVIGATION = register(
+    Domain(
+        name="navigation",
+        description="2-D point navigation (Finn et al. 2017): reach a goal ~ U[-0.5, 0.5]^2 from the origin, "
+        "velocities clipped to 0.1, reward -distance, horizon 100; Gaussian MLP policy, DiCE + "
+        "linear baseline",
+        make_tasks=_make_tasks,
+        make_model=_policy,
+        loss_fn=None,
+        metrics=(RETURN,),
+        defaults=Defaults(
+            iterations=500,
+            meta_batch=20,
+            inner_lr=0.1,
+            lr=1e-3,
+            eval_every=50,
+            eval_tasks=40,
+            test_tasks=40,
+            test_steps=(1, 2, 3),
+            eval_steps=(1,),
+            eval_chunk=40,
+            source="Finn et al. 2017: 20 tasks per meta-batch, 20 episodes per task, inner step 0.1; "
+            "Adam outside (instead of TRPO) at 1e-3, as ProMP's DiCE-MAML",
+        ),
+        options=rollout_options(horizon=100),
+        describe_test=describe_rollout_test,
+        test_protocol=rollout_test_protocol,
+        plots={"trajectories.png": plot_trajectories},
+    )
+)

@@ -21,8 +21,20 @@ from ..optim import MetaOptimizer
 from ..results import AdaptationOutput
 from ..tableau import Tableau
 
-__all__ = ["Domain", "Option", "Metric", "Defaults", "TaskSampler", "RunSettings", "TrainedRun", "PlotFn",
-           "register", "unregister", "get_domain", "domains"]
+__all__ = [
+    "Domain",
+    "Option",
+    "Metric",
+    "Defaults",
+    "TaskSampler",
+    "RunSettings",
+    "TrainedRun",
+    "PlotFn",
+    "register",
+    "unregister",
+    "get_domain",
+    "domains",
+]
 
 
 class TaskSampler(Protocol):
@@ -229,8 +241,9 @@ class Domain:
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise ValueError(f"domain {self.name!r} has no option {', '.join(unknown)}; "
-                             f"its options: {', '.join(known) or 'none'}")
+            raise ValueError(
+                f"domain {self.name!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}"
+            )
         return {name: o.check(given[name]) if name in given else o.default for name, o in known.items()}
 
 

@@ -27,8 +27,16 @@ from ..rl.navigation import Trajectories
 from ..rl.policy import batched_actor, gaussian_log_prob
 from .registry import Metric, Option
 
-__all__ = ["RolloutTasks", "StageRollouts", "PolicyLoss", "rollout_data", "RETURN", "rollout_options",
-           "describe_rollout_test", "rollout_test_protocol"]
+__all__ = [
+    "RolloutTasks",
+    "StageRollouts",
+    "PolicyLoss",
+    "rollout_data",
+    "RETURN",
+    "rollout_options",
+    "describe_rollout_test",
+    "rollout_test_protocol",
+]
 
 RETURN = Metric("return", "return", "average return", "return", higher_is_better=True)
 """The metric of every reinforcement-learning domain: the average undiscounted return of fresh rollouts."""
@@ -96,8 +104,13 @@ def rollout_data(traj: Trajectories, discount: float) -> dict[str, Tensor]:
     advantages = (returns - baseline).flatten(1)  # [T, E * H]
     values = baseline + advantages.mean(dim=1).view(-1, 1, 1)
     scale = 1.0 / (advantages.std(dim=1) + 1e-8)
-    return {"observations": traj.observations, "actions": traj.actions, "rewards": traj.rewards, "values": values,
-            "scale": scale}
+    return {
+        "observations": traj.observations,
+        "actions": traj.actions,
+        "rewards": traj.rewards,
+        "values": values,
+        "scale": scale,
+    }
 
 
 @dataclass(frozen=True)

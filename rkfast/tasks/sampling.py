@@ -52,6 +52,6 @@ def eval_pieces(chunks: Sequence[Any], parts: int) -> list[Any]:
             continue
         start = 0
         for size in block_sizes(chunk.num_tasks, min(parts, chunk.num_tasks)):
-            pieces.append(TaskBatch(*(t[start:start + size] for t in chunk)))
+            pieces.append(TaskBatch(*(t[start : start + size] for t in chunk)))
             start += size
     return pieces

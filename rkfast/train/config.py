@@ -104,13 +104,31 @@ class TrainConfig:
         domain = get_domain(self.domain)
         options = domain.resolve_options(self.options)
         defaults = domain.defaults_for(options)
-        filled = {name: getattr(defaults, name) for name in
-                  ("tableau", "iterations", "meta_batch", "inner_lr", "lr", "eval_every", "eval_tasks", "test_tasks")
-                  if getattr(self, name) is None}
+        filled = {
+            name: getattr(defaults, name)
+            for name in (
+                "tableau",
+                "iterations",
+                "meta_batch",
+                "inner_lr",
+                "lr",
+                "eval_every",
+                "eval_tasks",
+                "test_tasks",
+            )
+            if getattr(self, name) is None
+        }
         cfg = replace(self, **filled, options=options)
         tableau = get_tableau(cfg.tableau)  # type: ignore[arg-type]  # a bad name fails here, naming it
-        for name, least in (("seed", 0), ("test_seed", 0), ("iterations", 1), ("meta_batch", 1), ("test_tasks", 1),
-                            ("eval_every", 0), ("eval_tasks", 0)):
+        for name, least in (
+            ("seed", 0),
+            ("test_seed", 0),
+            ("iterations", 1),
+            ("meta_batch", 1),
+            ("test_tasks", 1),
+            ("eval_every", 0),
+            ("eval_tasks", 0),
+        ):
             _check_count(name, getattr(cfg, name), least)
         for name in ("inner_lr", "test_step"):  # as MetaOptimizer's inner_lr and evaluate's step_size
             value = getattr(cfg, name)
@@ -146,6 +164,14 @@ def build_optimizer(cfg: TrainConfig, domain: Domain, parallel: Any = "auto") ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = domain.make_model(cfg.options).to(torch.device(cfg.device))
-    return meta_optimizer(model, domain.loss_fn, tableau=get_tableau(cfg.tableau),  # type: ignore[arg-type]
-                          inner_lr=cfg.inner_lr, lr=cfg.lr, first_order=cfg.first_order,  # type: ignore[arg-type]
-                          backend=cfg.backend, parallel=parallel, coefficients=cfg.coefficients)
+    return meta_optimizer(
+        model,
+        domain.loss_fn,
+        tableau=get_tableau(cfg.tableau),  # type: ignore[arg-type]
+        inner_lr=cfg.inner_lr,
+        lr=cfg.lr,
+        first_order=cfg.first_order,  # type: ignore[arg-type]
+        backend=cfg.backend,
+        parallel=parallel,
+        coefficients=cfg.coefficients,
+    )

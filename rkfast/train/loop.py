@@ -58,9 +58,15 @@ class _Training:
     call it at the same points of the loop.
     """
 
-    def __init__(self, cfg: TrainConfig, domain: Domain, folder: RunFolder | None,
-                 parallel: TaskParallel | None = None, callbacks: CallbackList | None = None,
-                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        domain: Domain,
+        folder: RunFolder | None,
+        parallel: TaskParallel | None = None,
+        callbacks: CallbackList | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
         self.cfg, self.domain, self.folder, self.parallel = cfg, domain, folder, parallel
         self.state = RunState(cfg, domain, parallel)
         self.opt = self.state.opt
@@ -69,8 +75,11 @@ class _Training:
         self.meta_batch = cfg.meta_batch if parallel is None else parallel.split(cfg.meta_batch)[1]
         val = domain.make_tasks(cfg.options, "val", self.state.device)
         # every rank draws every held-out task; evaluate_tasks shares them out
-        self.val = (task_chunks(val, cfg.eval_tasks, self.state.defaults.eval_chunk,
-                                task_generator(cfg.test_seed, "val")) if cfg.eval_tasks else [])
+        self.val = (
+            task_chunks(val, cfg.eval_tasks, self.state.defaults.eval_chunk, task_generator(cfg.test_seed, "val"))
+            if cfg.eval_tasks
+            else []
+        )
         self.callbacks = callbacks if callbacks is not None else CallbackList()
         self.on_step = on_step
         self.pending: list[_PendingStep] = []
@@ -182,8 +191,10 @@ class _Training:
         if not self.pending:
             return
         first, count = self.pending[0].iteration, len(self.pending)
-        parts = [self.state.losses[first - 1:first - 1 + count].double(),
-                 *(p.stage_losses.double() for p in self.pending if p.stage_losses is not None)]
+        parts = [
+            self.state.losses[first - 1 : first - 1 + count].double(),
+            *(p.stage_losses.double() for p in self.pending if p.stage_losses is not None),
+        ]
         values = torch.cat(parts).tolist()
         losses, stage_values = values[:count], iter(values[count:])
         pending, self.pending = self.pending, []
@@ -227,9 +238,17 @@ class _Training:
         saving = self.folder is not None
         stop = StopRequests(active=saving) if self.parallel is None else RankStopRequests(self.lead, active=saving)
         with stop, self.callbacks:
-            self.callbacks.on_start(RunStart(state.done, cfg.iterations, cfg, self.domain, state.tableau,
-                                             self.folder.path if self.folder else None,
-                                             state.losses[:state.done].tolist() if self.callbacks else []))
+            self.callbacks.on_start(
+                RunStart(
+                    state.done,
+                    cfg.iterations,
+                    cfg,
+                    self.domain,
+                    state.tableau,
+                    self.folder.path if self.folder else None,
+                    state.losses[: state.done].tolist() if self.callbacks else [],
+                )
+            )
             if state.done == 0:
                 self.evaluate_val()
                 self.save("running")
@@ -312,22 +331,26 @@ def train(
     return training.run(int(every))
 
 
-def _task_parallel(choice: Any, cfg: TrainConfig, every: int, saving: bool, resume: bool,
-                   overwrite: bool) -> TaskParallel | None:
+def _task_parallel(
+    choice: Any, cfg: TrainConfig, every: int, saving: bool, resume: bool, overwrite: bool
+) -> TaskParallel | None:
     """The run's task parallelism (``None`` for one process), with every rank's settings checked alike."""
     parallel = resolve_process_group(choice)
     if parallel is None or parallel.world_size == 1:
         return None  # a group of one: nothing to share
     check_same_settings(parallel, cfg, every, saving, resume, overwrite)
     if cfg.meta_batch < parallel.world_size:
-        raise ValueError(f"meta_batch {cfg.meta_batch} is smaller than the {parallel.world_size} processes of "
-                         f"the run: every process needs at least one task per meta-step; use a meta-batch of "
-                         f"at least {parallel.world_size} or fewer processes")
+        raise ValueError(
+            f"meta_batch {cfg.meta_batch} is smaller than the {parallel.world_size} processes of "
+            f"the run: every process needs at least one task per meta-step; use a meta-batch of "
+            f"at least {parallel.world_size} or fewer processes"
+        )
     return parallel
 
 
-def _run_callbacks(folder: RunFolder | None, progress: bool, log: Callable[[str], None] | None,
-                   callbacks: Sequence[Callback]) -> list[Callback]:
+def _run_callbacks(
+    folder: RunFolder | None, progress: bool, log: Callable[[str], None] | None, callbacks: Sequence[Callback]
+) -> list[Callback]:
     """Rank 0's callbacks: the progress display (when shown), ``metrics.jsonl`` (with a folder), the user's."""
     hooks: list[Callback] = []
     if progress or log is not None:
