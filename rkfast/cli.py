@@ -34,10 +34,11 @@ import os
 import shlex
 import sys
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 
@@ -60,26 +61,26 @@ from .plots import write_run_plots
 from .report import rates_line, step_source, test_report, train_report
 from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
-from .tasks import Domain, domains, get_domain
+from .tasks import Defaults, Domain, domains, get_domain
 from .train import (
     METRICS_FILE,
     Callback,
     RunDiverged,
     RunInterrupted,
     RunResult,
+    TensorBoardLogger,
     TrainConfig,
     check_device,
+    describe_learned_tableau,
     evaluate_tasks,
     lead_decides,
-    load_run,
-    describe_learned_tableau,
     learned_tableau_info,
+    load_run,
     rates_info,
     resume_config,
     slug,
     task_chunks,
     task_generator,
-    TensorBoardLogger,
     train,
 )
 
@@ -307,9 +308,10 @@ def _check_parallel(cfg: TrainConfig, parallel: TaskParallel | None) -> None:
     if parallel is None:
         return
     world, resolved = parallel.world_size, cfg.resolved()
-    if resolved.meta_batch < world:  # type: ignore[operator]
+    meta_batch = resolved.settings().meta_batch
+    if meta_batch < world:
         raise CommandError(
-            f"--meta-batch {resolved.meta_batch} is smaller than the {world} processes of the run: "
+            f"--meta-batch {meta_batch} is smaller than the {world} processes of the run: "
             f"every process needs at least one task per meta-step; give --meta-batch {world} or "
             "more, or start fewer processes"
         )
@@ -340,7 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def decide() -> tuple[TrainConfig, Path, bool]:
         if args.resume is None:
             cfg = _checked(_config(args, args.tableau))
-            tableau = get_tableau(cfg.resolved().tableau)  # type: ignore[arg-type]
+            tableau = cfg.resolved().settings().tableau
             out, resume = _run_folder(args, f"runs/{args.domain}-{slug(tableau.name)}")
         else:
             out, resume = _run_folder(args, "")
@@ -438,7 +440,7 @@ def _compare_settings(out: Path, resume: bool, args: argparse.Namespace) -> Comp
     cfg = _checked(replace(cfg, seed=seeds[0]))
     if (typed_lrs is None or len(typed_lrs) == 1) and len(seeds) == 1:
         return CompareSettings(cfg, list(args.tableaus))
-    lrs = typed_lrs if typed_lrs is not None else [float(cfg.resolved().inner_lr)]  # type: ignore[arg-type]
+    lrs = typed_lrs if typed_lrs is not None else [float(cfg.resolved().settings().inner_lr)]
     select = _check_grid(cfg, lrs, args.select_steps)
     return CompareSettings(replace(cfg, inner_lr=None), list(args.tableaus), lrs, list(seeds), select)
 
@@ -502,7 +504,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg, opt, iterations = load_run(run_dir, device=args.device, checkpoint=f"{args.checkpoint}.pt")
     domain = get_domain(cfg.domain)
-    test_tasks = args.test_tasks or cfg.test_tasks
+    test_tasks = args.test_tasks or cfg.settings().test_tasks
     test_seed = cfg.test_seed if args.test_seed is None else args.test_seed
     test_step = cfg.test_step if args.test_step is None else args.test_step
     defaults = domain.defaults_for(cfg.options)
@@ -660,56 +662,74 @@ def _device_arg(text: str) -> str:
 # -- the parser ---------------------------------------------------------------------------------------
 
 
+# the parsers of the training flags' numbers (an outer learning rate may be 0, as for MetaOptimizer and torch)
+_POSITIVE_INT, _COUNT, _POSITIVE_FLOAT = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
+_RATE = _number(float, 0, False)
+
+
 def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: bool = False) -> None:
-    """The training flags of ``train`` and ``compare``; ``compare`` takes a grid of inner steps
-    (``--inner-lr H[,H...]``) and ``--seeds``."""
+    """The training flags of ``train`` and ``compare``, in the order ``--help`` lists them; ``compare`` takes a
+    grid of inner steps (``--inner-lr H[,H...]``) and ``--seeds``."""
+    _add_run_settings(p, domain, compare)
+    if compare:
+        _add_grid_options(p)
+    _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+    _add_rate_options(p)
+    _add_tableau_options(p)
+    _add_run_control(p)
+    _add_domain_options(p, domain)
+
+
+def _inner_lr_setting(d: Defaults, compare: bool) -> tuple[str, Callable[[str], Any], None, float, str]:
+    """``--inner-lr`` as :func:`_add_run_settings` lists it: one step, or (``compare``) a grid of steps."""
+    if not compare:
+        return ("--inner-lr", _POSITIVE_FLOAT, None, d.inner_lr, "the RK step h of the stages, > 0")
+    return (
+        "--inner-lr",
+        _list_arg(float, 0, True, "inner step"),
+        None,
+        d.inner_lr,
+        "the RK step h of the stages, > 0; several, comma-separated (0.01,0.02,0.04), are a grid: per "
+        "tableau every h trains with the first seed, the best final held-out result picks h, and the other "
+        "seeds train with that h",
+    )
+
+
+def _add_run_settings(p: argparse.ArgumentParser, domain: Domain, compare: bool) -> None:
+    """The flags of a run's :class:`~rkfast.train.TrainConfig` settings, with the domain's defaults in their help."""
     d = domain.defaults
     by_options = " with the default options" if domain.defaults_by_options else ""
-    pos_int, count, pos_float = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
-    rate = _number(float, 0, False)  # an outer learning rate may be 0, as for MetaOptimizer and torch
     # the domain's published settings stay None here, so that TrainConfig.resolved() fills them in for the
     # options given (Omniglot 20-way has its own meta-batch and inner step)
-    inner_lr = (
-        (
-            "--inner-lr",
-            _list_arg(float, 0, True, "inner step"),
-            None,
-            d.inner_lr,
-            "the RK step h of the stages, > 0; several, comma-separated (0.01,0.02,0.04), are a grid: per "
-            "tableau every h trains with the first seed, the best final held-out result picks h, and the other "
-            "seeds train with that h",
-        )
-        if compare
-        else ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages, > 0")
-    )
-    for flag, kind, default, shown, text in [
-        ("--meta-batch", pos_int, None, d.meta_batch, "tasks per meta-step"),
-        ("--iterations", pos_int, None, d.iterations, "meta-steps"),
-        inner_lr,
-        ("--lr", rate, None, d.lr, "Adam's outer learning rate, >= 0 (0 keeps the initialization)"),
-        ("--seed", count, 0, 0, "seed of the initialization and the training tasks"),
+    settings: list[tuple[str, Callable[[str], Any], Any, Any, str]] = [
+        ("--meta-batch", _POSITIVE_INT, None, d.meta_batch, "tasks per meta-step"),
+        ("--iterations", _POSITIVE_INT, None, d.iterations, "meta-steps"),
+        _inner_lr_setting(d, compare),
+        ("--lr", _RATE, None, d.lr, "Adam's outer learning rate, >= 0 (0 keeps the initialization)"),
+        ("--seed", _COUNT, 0, 0, "seed of the initialization and the training tasks"),
         (
             "--eval-every",
-            count,
+            _COUNT,
             None,
             d.eval_every,
             "meta-steps between held-out evaluations (0: at start and end only)",
         ),
-        ("--eval-tasks", count, None, d.eval_tasks, "held-out tasks of those evaluations"),
-        ("--test-tasks", pos_int, None, d.test_tasks, "meta-test tasks"),
-        ("--test-seed", count, 0, 0, "seed of the held-out and test tasks"),
+        ("--eval-tasks", _COUNT, None, d.eval_tasks, "held-out tasks of those evaluations"),
+        ("--test-tasks", _POSITIVE_INT, None, d.test_tasks, "meta-test tasks"),
+        ("--test-seed", _COUNT, 0, 0, "seed of the held-out and test tasks"),
         (
             "--test-step",
-            pos_float,
+            _POSITIVE_FLOAT,
             None,
             None,
             "meta-test step size, > 0 (default: the tableau's own step, docs/method.md)",
         ),
         ("--device", _device_arg, "cpu", "cpu", "torch device"),
-    ]:
+    ]
+    for flag, kind, default, shown, text in settings:
         where = by_options if default is None else ""
         # compare's grid of inner steps has a dest of its own (TrainConfig.inner_lr is one number)
-        more = {"dest": "inner_lrs", "metavar": "H[,H...]"} if compare and flag == "--inner-lr" else {}
+        more: dict[str, Any] = {"dest": "inner_lrs", "metavar": "H[,H...]"} if compare and flag == "--inner-lr" else {}
         p.add_argument(
             flag,
             type=kind,
@@ -718,27 +738,33 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
             **more,
             help=text if shown is None else f"{text} (default: {shown}{where})",
         )
-    if compare:
-        p.add_argument(
-            "--seeds",
-            type=_list_arg(int, 0, False, "seed"),
-            default=None,
-            action=_Typed,
-            metavar="S[,S...]",
-            help="several training seeds (0,1,2), each a run of every tableau with the "
-            "(selected) h; the table gives the mean over seeds x test tasks and "
-            "the seed-to-seed spread (default: --seed)",
-        )
-        p.add_argument(
-            "--select-steps",
-            type=pos_int,
-            default=None,
-            action=_Typed,
-            metavar="N",
-            help="select h on the held-out result after N adaptation steps, one of the domain's "
-            "held-out step counts (default: the last of them)",
-        )
-    _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    """``compare``'s seeds and the step count that selects h on a grid of inner steps."""
+    p.add_argument(
+        "--seeds",
+        type=_list_arg(int, 0, False, "seed"),
+        default=None,
+        action=_Typed,
+        metavar="S[,S...]",
+        help="several training seeds (0,1,2), each a run of every tableau with the "
+        "(selected) h; the table gives the mean over seeds x test tasks and "
+        "the seed-to-seed spread (default: --seed)",
+    )
+    p.add_argument(
+        "--select-steps",
+        type=_POSITIVE_INT,
+        default=None,
+        action=_Typed,
+        metavar="N",
+        help="select h on the held-out result after N adaptation steps, one of the domain's "
+        "held-out step counts (default: the last of them)",
+    )
+
+
+def _add_rate_options(p: argparse.ArgumentParser) -> None:
+    """Learned (or frozen) inner rates."""
     rates = p.add_argument_group("learned inner rates (docs/method.md)")
     rates.add_argument(
         "--learn-rates",
@@ -756,7 +782,7 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
     )
     rates.add_argument(
         "--rate-lr",
-        type=rate,
+        type=_RATE,
         default=None,
         action=_Typed,
         metavar="X",
@@ -771,6 +797,10 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
         help="fixed, not learned, rates of the parameter tensors whose names match a glob "
         "(e.g. '0.*=0,2.*=0' adapts only the sinusoid MLP's head: ANIL)",
     )
+
+
+def _add_tableau_options(p: argparse.ArgumentParser) -> None:
+    """A learned tableau."""
     learned = p.add_argument_group("learned tableau (docs/method.md)")
     learned.add_argument(
         "--learn-tableau",
@@ -790,12 +820,16 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
     )
     learned.add_argument(
         "--tableau-lr",
-        type=rate,
+        type=_RATE,
         default=None,
         action=_Typed,
         metavar="X",
         help="Adam's learning rate of the learned tableau, >= 0 (default: --lr); needs --learn-tableau",
     )
+
+
+def _add_run_control(p: argparse.ArgumentParser) -> None:
+    """How the run computes, shows its progress, saves, resumes and logs."""
     p.add_argument(
         "--backend",
         choices=kernels.backend_choices(),
@@ -806,7 +840,7 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")
     p.add_argument(
         "--checkpoint-every",
-        type=pos_int,
+        type=_POSITIVE_INT,
         default=None,
         metavar="N",
         help="meta-steps between checkpoints (default: --eval-every, or 1000 when that is 0); "
@@ -825,6 +859,10 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
         help="also log to TensorBoard in DIR (compare: one subfolder per run); needs the tensorboard "
         "extra: pip install rkfast[tensorboard]",
     )
+
+
+def _add_domain_options(p: argparse.ArgumentParser, domain: Domain) -> None:
+    """The domain's own options (:class:`~rkfast.tasks.Option`), in a group of their own."""
     if domain.options:
         group = p.add_argument_group(f"{domain.name} options")
         for o in domain.options:
@@ -916,14 +954,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _silenced(streams: Sequence[str], active: bool) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _silenced(streams: Sequence[str], active: bool) -> Iterator[None]:
     """Redirect ``sys.stdout``/``sys.stderr`` (the named ``streams``) to ``os.devnull`` while ``active``."""
-    stack = contextlib.ExitStack()
-    if active:
-        sink = stack.enter_context(open(os.devnull, "w"))
+    if not active:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.ExitStack() as stack:
         for name in streams:
             stack.enter_context((contextlib.redirect_stdout if name == "stdout" else contextlib.redirect_stderr)(sink))
-    return stack
+        yield
 
 
 def _shown_by_this_rank(err: BaseException, rank: int) -> bool:

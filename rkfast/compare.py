@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from . import plots
 from .distributed import TaskParallel, resolve_process_group
@@ -139,11 +140,12 @@ def select_inner_lr(scores: dict[float, float | None], higher_is_better: bool) -
     """The inner step with the best validation score (lower, or higher for a metric where higher is better;
     the first one listed among equals); ``None`` when no score is finite (every run diverged)."""
     best: float | None = None
+    best_score = math.nan
     for h, score in scores.items():
         if score is None:
             continue
-        if best is None or (score > scores[best] if higher_is_better else score < scores[best]):  # type: ignore[operator]
-            best = h
+        if best is None or (score > best_score if higher_is_better else score < best_score):
+            best, best_score = h, score
     return best
 
 
@@ -344,8 +346,8 @@ class _Comparison:
         lrs, seeds, steps = group.grid, group.seeds, self.result.select_steps
         for h in lrs:
             run = self.one(group, h, seeds[0])
-            if self.lead:
-                group.search[h] = run  # type: ignore[assignment]
+            if self.lead and run is not None:  # rank 0 holds every run
+                group.search[h] = run
         if len(lrs) > 1:
 
             def decide() -> tuple[dict[float, float | None], float | None]:
@@ -353,7 +355,7 @@ class _Comparison:
                 return scores, select_inner_lr(scores, self.higher_is_better)
 
             group.scores, group.selected = lead_decides(self.parallel, decide)
-            self.log(selection_line(group, steps))  # type: ignore[arg-type]
+            self.log(selection_line(group, steps))
         else:
             group.scores, group.selected = {lrs[0]: validation_score(group.search.get(lrs[0]), steps)}, lrs[0]
         if group.selected is None:
@@ -362,8 +364,8 @@ class _Comparison:
             group.runs[seeds[0]] = group.search[group.selected]
         for seed in seeds[1:]:
             run = self.one(group, group.selected, seed)
-            if self.lead:
-                group.runs[seed] = run  # type: ignore[assignment]
+            if self.lead and run is not None:
+                group.runs[seed] = run
 
 
 def _distinct(values: Sequence[Any], what: str) -> None:
@@ -398,11 +400,15 @@ def _plan(
         )
         resolved = config.resolved()
         return CompareResult(
-            Path(out), {**config.to_json(), "tableau": None}, tabs, [float(resolved.inner_lr)], [resolved.seed]
-        )  # type: ignore[arg-type]
+            Path(out),
+            {**config.to_json(), "tableau": None},
+            tabs,
+            [float(resolved.settings().inner_lr)],
+            [resolved.seed],
+        )
     seed_list = seed_list or [config.seed]
     config = replace(config, seed=seed_list[0])
-    lrs = lrs or [float(config.resolved().inner_lr)]  # type: ignore[arg-type]
+    lrs = lrs or [float(config.resolved().settings().inner_lr)]
     for h in lrs:
         for seed in seed_list:
             replace(config, inner_lr=h, seed=seed).resolved()  # each checked, naming the setting

@@ -8,8 +8,9 @@ never loads matplotlib.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -56,7 +57,10 @@ def _log_y(ax: Axes) -> None:
     """Log-scale y axis labelled with plain numbers (0.5, 2, 3) rather than powers of ten."""
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    mantissa = lambda v: round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
+
+    def mantissa(v: float) -> float:
+        return round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
+
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if mantissa(v) in (2, 3, 5) else ""))
     ax.grid(True, which="both", alpha=0.3)
 
@@ -120,7 +124,7 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
         if run.test is not None:
             summary = run.test.summary()
             steps = summary["steps"]
-            mean, ci = zip(*(summary[metric.source][n] for n in steps))
+            mean, ci = zip(*(summary[metric.source][n] for n in steps), strict=True)
             label = f"{run.tableau.name} (order {run.tableau.order}, step {summary['step_size']:.4g})"
             left.errorbar(
                 np.array(steps) + 0.06 * (i - (len(runs) - 1) / 2),
@@ -143,7 +147,7 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     left.set(
         xlabel="adaptation steps",
         ylabel=metric.label,
-        title=f"meta-test, {tested[0].test.losses.shape[1] if tested else 0} tasks (95% CI)",
+        title=f"meta-test, {tested[0].meta_test().losses.shape[1] if tested else 0} tasks (95% CI)",
     )
     left.set_xticks(steps)
     faint = "" if metric.higher_is_better else " (faint: smoothed meta-loss)"
@@ -189,10 +193,10 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
                 label=label,
             )
         if len(grid) > 1:
-            hs = [h for h in grid if g.scores.get(h) is not None]
-            right.plot(hs, [g.scores[h] for h in hs], marker="o", ms=4, color=color, label=g.tableau.name)
-            if g.selected is not None:
-                right.plot([g.selected], [g.scores[g.selected]], marker="o", ms=11, mfc="none", color=color)
+            scored = {h: score for h in grid if (score := g.scores.get(h)) is not None}
+            right.plot(list(scored), list(scored.values()), marker="o", ms=4, color=color, label=g.tableau.name)
+            if g.selected in scored:
+                right.plot([g.selected], [scored[g.selected]], marker="o", ms=11, mfc="none", color=color)
         elif tested:
             seeds = [r.config.seed for r in tested]
             right.plot(
@@ -310,19 +314,19 @@ def plot_learned_tableau(history: Any, path: Path | str, info: dict[str, Any] | 
     iterations = np.array([h["iteration"] for h in history])
     stages = len(history[0]["b"]) if history else 0
     entries = [tuple(e) for e in info.get("entries", ())] or [
-        (j, l) for j in range(stages) for l in range(j) if any(h["A"][j][l] != 0.0 for h in history)
+        (j, col) for j in range(stages) for col in range(j) if any(h["A"][j][col] != 0.0 for h in history)
     ]
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     markers = ("o", "s", "^", "v", "D", "x")
-    for k, (j, l) in enumerate(entries):
+    for k, (j, col) in enumerate(entries):
         left.plot(
             iterations,
-            [h["A"][j][l] for h in history],
+            [h["A"][j][col] for h in history],
             marker=markers[k % len(markers)],
             ms=3,
             color=f"C{k % 10}",
-            label=f"$A_{{{j + 1}{l + 1}}}$" if stages < 10 else f"A[{j + 1},{l + 1}]",
+            label=f"$A_{{{j + 1}{col + 1}}}$" if stages < 10 else f"A[{j + 1},{col + 1}]",
         )
     for j in range(stages):
         right.plot(
@@ -333,7 +337,7 @@ def plot_learned_tableau(history: Any, path: Path | str, info: dict[str, Any] | 
             color=f"C{j % 10}",
             label=f"$b_{{{j + 1}}}$" if stages < 10 else f"b[{j + 1}]",
         )
-    weights = {"order": "b by the order conditions", "fixed": "b fixed"}.get(info.get("weights"), "b")
+    weights = {"order": "b by the order conditions", "fixed": "b fixed"}.get(info.get("weights") or "", "b")
     base = f" from {info['base']}" if info.get("base") else ""
     pattern = f"{info['pattern']}, " if info.get("pattern") else ""
     left.set(xlabel="meta-step", ylabel="entry of A", title=f"learned tableau{base} ({pattern}{weights}): entries of A")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -120,7 +123,7 @@ def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None,
 
 def train_report(run: RunResult) -> str:
     """What ``rkfast train`` prints: the tableau, the meta-test table, the learned rates and the training time."""
-    cfg = run.config
+    cfg, test = run.config, run.meta_test()
     rates, learned = rates_line(run.rates), describe_learned_tableau(run.learned_tableau)
     tableau = run.opt.current_tableau()  # the learned one at its final values, if any
     return "\n".join(
@@ -129,8 +132,8 @@ def train_report(run: RunResult) -> str:
             test_report(
                 run.domain,
                 cfg,
-                run.test.summary(),
-                run.test.losses.shape[1],  # type: ignore[union-attr]
+                test.summary(),
+                test.losses.shape[1],
                 step_source(cfg, tableau, cfg.test_step),
             ),
             *([rates] if rates else []),
@@ -175,7 +178,7 @@ def compare_report(runs: Sequence[RunResult]) -> str:
     for run in runs:
         if run.test is None:
             cells = [_not_tested(run), *([""] * (len(steps) - 1))]
-            step = f"{run.tableau.test_step(run.config.inner_lr):.4g}"  # type: ignore[arg-type]
+            step = f"{run.tableau.test_step(run.config.settings().inner_lr):.4g}"
         else:
             s = run.test.summary()
             cells = [_mean_ci(s[metric.source][n]) for n in s["steps"]]
@@ -185,8 +188,8 @@ def compare_report(runs: Sequence[RunResult]) -> str:
             [current.name, str(current.order), step, *cells, f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"]
         )
     tested = [r for r in runs if r.test is not None]
-    tasks = tested[0].test.losses.shape[1] if tested else runs[0].config.test_tasks  # type: ignore[union-attr]
-    protocol = _protocol(domain, runs[0].config, tasks)  # type: ignore[arg-type]
+    tasks = tested[0].meta_test().losses.shape[1] if tested else runs[0].config.settings().test_tasks
+    protocol = _protocol(domain, runs[0].config, tasks)
     named = _single_pairs(runs)
     return "\n".join(
         [f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows), _paired_section(named, named[0][0])]
@@ -198,7 +201,7 @@ def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     difference to the first tableau (``paired_difference``: :func:`paired_summary`, ``None`` when either has no
     meta-test), timings."""
     rows = []
-    for r, (_, pairs) in zip(runs, _single_pairs(runs)):
+    for r, (_, pairs) in zip(runs, _single_pairs(runs), strict=True):
         row: dict[str, Any] = {
             "tableau": r.tableau.name,
             "order": r.tableau.order,
@@ -296,8 +299,8 @@ class GridGroup:
         for h, run in self.search.items():
             yield self.folders.get((h, self.seeds[0]), ""), run
         for seed, run in self.runs.items():
-            if seed != self.seeds[0]:
-                yield self.folders.get((self.selected, seed), ""), run  # type: ignore[arg-type]
+            if seed != self.seeds[0]:  # run with the selected h
+                yield "" if self.selected is None else self.folders.get((self.selected, seed), ""), run
 
     @property
     def tested(self) -> list[RunResult]:
@@ -307,9 +310,8 @@ class GridGroup:
 
 def _metric_table(run: RunResult) -> torch.Tensor:
     """The primary metric of the run's meta-test per task, ``[steps, tasks]``."""
-    source = run.domain.metric.source
-    assert run.test is not None
-    return run.test.losses if source == "loss" else run.test.metrics[source]
+    source, test = run.domain.metric.source, run.meta_test()
+    return test.losses if source == "loss" else test.metrics[source]
 
 
 def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
@@ -319,7 +321,7 @@ def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
     half-width of the mean of the seed means, n-1 dof; ``None`` with one seed), ``seed_min``, ``seed_max``."""
     if not runs:
         return {}
-    return pooled_tables([_metric_table(r) for r in runs], runs[0].test.steps)  # type: ignore[union-attr]
+    return pooled_tables([_metric_table(r) for r in runs], runs[0].meta_test().steps)
 
 
 def pooled_tables(tables: Sequence[torch.Tensor], steps: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -372,7 +374,7 @@ def paired_tables(
             f"{len(reference)} reference tables"
         )
     pairs = []
-    for table_, ref in zip(tables, reference):
+    for table_, ref in zip(tables, reference, strict=True):
         if table_.shape != ref.shape:
             raise ValueError(
                 f"paired differences need the same test tasks: tables of shapes {tuple(table_.shape)} "
@@ -421,8 +423,8 @@ def paired_summary(pairs: _Pairs) -> dict[int, dict[str, Any]]:
                 f"{ref.test.steps}"
             )
     return paired_tables(
-        [_metric_table(r) for r, _ in pairs], [_metric_table(ref) for _, ref in pairs], pairs[0][0].test.steps
-    )  # type: ignore[union-attr]
+        [_metric_table(r) for r, _ in pairs], [_metric_table(ref) for _, ref in pairs], pairs[0][0].meta_test().steps
+    )
 
 
 def _paired_json(pairs: _Pairs, reference: str) -> dict[str, Any] | None:
@@ -478,7 +480,7 @@ def _paired_section(named: Sequence[tuple[str, _Pairs]], reference: str) -> str:
     first = next((pairs[0][0] for _, pairs in named if pairs), None)
     if first is None:
         return f"paired differences to {reference}: none ({reference} has no meta-test)"
-    metric, steps = first.domain.metric, first.test.steps  # type: ignore[union-attr]
+    metric, steps = first.domain.metric, first.meta_test().steps
     headers = ["tableau", "pairs", *(f"Δ{metric.short} @{n}" for n in steps)]
     rows = []
     for name, pairs in named:
@@ -497,11 +499,14 @@ def _paired_section(named: Sequence[tuple[str, _Pairs]], reference: str) -> str:
     return "\n".join([title, table(headers, rows)])
 
 
-def selection_line(group: GridGroup, steps: int) -> str:
-    """One line on how a tableau's h was selected: the validation score of each h, and the choice."""
+def selection_line(group: GridGroup, steps: int | None) -> str:
+    """One line on how a tableau's h was selected: the validation score of each h after ``steps`` adaptation
+    steps (``None``: the domain's last evaluation step count), and the choice."""
     if not group.search:
         return f"{group.tableau.name}: no runs"
-    metric = next(iter(group.search.values())).domain.metric
+    first = next(iter(group.search.values()))
+    metric = first.domain.metric
+    steps = first.defaults.eval_steps[-1] if steps is None else steps
     scores = ", ".join(f"h={h:g} {'diverged' if v is None else f'{v:.4g}'}" for h, v in group.scores.items())
     choice = "every h diverged" if group.selected is None else f"selected h={group.selected:g}"
     return (
@@ -560,7 +565,7 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
             )
             continue
         pooled = pooled_summary(tested)
-        s = tested[0].test.summary()  # type: ignore[union-attr]
+        s = tested[0].meta_test().summary()
         step = f"rates x {s['step_size']:.4g}" if _learned_rates_used(tested[0].config) else f"{s['step_size']:.4g}"
         cells = [_cell(pooled[n]) for n in s["steps"]]
         per_run = sum(r.train_time_s for r in tested) / len(tested)
@@ -576,10 +581,10 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
                 total,
             ]
         )
-    tasks = first.config.test_tasks
+    tasks = first.config.settings().test_tasks
     seeds = groups[0].seeds
     lrs = groups[0].grid
-    protocol = _protocol(domain, first.config, tasks)  # type: ignore[arg-type]
+    protocol = _protocol(domain, first.config, tasks)
     how = (
         f"h selected per tableau from {', '.join(f'{h:g}' for h in lrs)} on the final held-out "
         f"{metric.short} of seed {seeds[0]}"
@@ -604,7 +609,7 @@ def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
     over the seeds both meta-tested (``paired_difference``: :func:`paired_summary`, ``None`` without a pair),
     and the training times."""
     rows = []
-    for g, (_, pairs) in zip(groups, _grid_pairs(groups)):
+    for g, (_, pairs) in zip(groups, _grid_pairs(groups), strict=True):
         tested = g.tested
         every = [r for _, r in g.all_runs()]
         if len(g.search) < len(g.grid) or (g.selected is not None and len(g.runs) < len(g.seeds)):
@@ -626,8 +631,9 @@ def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
         if tested:
             metric = tested[0].domain.metric
             pooled = pooled_summary(tested)
-            row["test_step"] = tested[0].test.step_size  # type: ignore[union-attr]
-            row["tasks_per_seed"] = int(tested[0].test.losses.shape[1])  # type: ignore[union-attr]
+            test = tested[0].meta_test()
+            row["test_step"] = test.step_size
+            row["tasks_per_seed"] = int(test.losses.shape[1])
             row["metric"] = metric.name
             row[metric.name] = {str(n): v for n, v in pooled.items()}
             row["spread"] = SPREAD_NOTE

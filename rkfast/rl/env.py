@@ -102,18 +102,31 @@ def unit_task_draws(num_tasks: int, width: int, generator: torch.Generator | Non
 class TaskEnvironment(Protocol):
     """A family of tasks (goals, directions, velocities, ...) in one environment, rolled out in batches.
 
-    Attributes:
-        horizon: ``H``, the number of steps of every episode (episodes do not end early: rewards and
-            observations are ``[T, E, H]``-shaped).
-        obs_dim, act_dim: the sizes of an observation and of an action.
-        max_action: the environment clips every action dimension to ``[-max_action, max_action]`` (the unit
-            and bound of the domains' policies, :class:`~rkfast.rl.policy.GaussianMLPPolicy`).
+    Its sizes are read-only: an implementation may expose them as fields of a frozen dataclass, class
+    constants or properties.
     """
 
-    horizon: int
-    obs_dim: int
-    act_dim: int
-    max_action: float
+    @property
+    def horizon(self) -> int:
+        """``H``, the number of steps of every episode (episodes do not end early: rewards and observations
+        are ``[T, E, H]``-shaped)."""
+        ...
+
+    @property
+    def obs_dim(self) -> int:
+        """The size of an observation."""
+        ...
+
+    @property
+    def act_dim(self) -> int:
+        """The size of an action."""
+        ...
+
+    @property
+    def max_action(self) -> float:
+        """The environment clips every action dimension to ``[-max_action, max_action]`` (the unit and bound
+        of the domains' policies, :class:`~rkfast.rl.policy.GaussianMLPPolicy`)."""
+        ...
 
     def sample_tasks(
         self,

@@ -10,6 +10,7 @@ from .registry import (
     Metric,
     Option,
     RunSettings,
+    StatefulSampler,
     TaskSampler,
     TrainedRun,
     domains,
@@ -17,12 +18,17 @@ from .registry import (
     register,
     unregister,
 )
-from .sampling import STREAMS, eval_pieces, task_chunks, task_generator
-from .sinusoid import SinusoidTasks
-from .fewshot import EpisodeSampler  # noqa: E402  (registers omniglot, miniimagenet, glyphs)
 from .rollouts import RolloutTasks
-from .navigation import NAVIGATION  # noqa: E402  (registers navigation)
-from .halfcheetah import HALFCHEETAH_DIRECTION, HALFCHEETAH_VELOCITY  # noqa: E402  (registers halfcheetah-dir, -vel)
+from .sampling import STREAMS, eval_pieces, task_chunks, task_generator
+
+# Each domain module registers its domains when imported, and the registry keeps that order (the order in which
+# `rkfast train --help` lists them): sinusoid, the few-shot image domains, then reinforcement learning.
+# isort: off
+from .sinusoid import SINUSOID, SinusoidTasks
+from .fewshot import GLYPHS, MINIIMAGENET, OMNIGLOT, EpisodeSampler
+from .navigation import NAVIGATION
+from .halfcheetah import HALFCHEETAH_DIRECTION, HALFCHEETAH_VELOCITY
+# isort: on
 
 __all__ = [
     "SinusoidTasks",
@@ -33,6 +39,7 @@ __all__ = [
     "Metric",
     "Defaults",
     "TaskSampler",
+    "StatefulSampler",
     "TrainedRun",
     "RunSettings",
     "register",
@@ -43,4 +50,11 @@ __all__ = [
     "task_generator",
     "task_chunks",
     "eval_pieces",
+    "SINUSOID",
+    "OMNIGLOT",
+    "MINIIMAGENET",
+    "GLYPHS",
+    "NAVIGATION",
+    "HALFCHEETAH_DIRECTION",
+    "HALFCHEETAH_VELOCITY",
 ]

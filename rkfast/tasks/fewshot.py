@@ -15,9 +15,10 @@ steps of 0.01, 15 query images per class, ten adaptation steps at meta-test; Ada
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from ..data.images import ClassImages, DataError
 from ..data.miniimagenet import load_miniimagenet
 from ..data.omniglot import load_omniglot
 from ..figures import new_figure, save_figure
-from .registry import Defaults, Domain, Metric, Option, TrainedRun, register
+from .registry import Defaults, Domain, Metric, Option, TrainedRun, kept_params, meta_test_tasks, register
 from .sampling import task_chunks
 
 __all__ = ["EpisodeSampler", "OMNIGLOT", "MINIIMAGENET", "GLYPHS", "plot_episodes"]
@@ -138,7 +139,7 @@ def _predictions(run: TrainedRun, batch: TaskBatch, steps: int) -> Tensor:
     """Query predictions ``[T, N*Q]`` of the run's model after ``steps`` adaptation steps on each support set."""
     opt = run.opt
     adapted = opt.evaluate(batch, steps=(steps,), step_size=run.config.test_step, keep_params=True)
-    rows = adapted.params[-1]  # type: ignore[index]  # [T, N]
+    rows = kept_params(adapted)[-1]  # [T, N]
     with torch.no_grad():
         return opt.task_models(rows)(batch.query_x).argmax(-1)
 
@@ -148,7 +149,7 @@ def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries:
     adapted model predicts (green: right, red: wrong) after the protocol's last number of steps."""
     defaults, options = run.defaults, run.config.options
     sampler = run.domain.make_tasks(options, "test", run.opt.device)
-    batch = task_chunks(sampler, min(episodes, run.config.test_tasks), defaults.eval_chunk, run.task_generator("test"))[
+    batch = task_chunks(sampler, min(episodes, meta_test_tasks(run)), defaults.eval_chunk, run.task_generator("test"))[
         0
     ]
     steps = defaults.test_steps[-1]
@@ -159,7 +160,9 @@ def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries:
     cols = shown_support + shown_query
     fig = new_figure(figsize=(0.9 * cols + 1, 1.3 * batch.num_tasks + 0.6))
     for t in range(batch.num_tasks):
-        images = [(batch.support_x[t, i], int(batch.support_y[t, i]), None) for i in range(shown_support)]
+        images: list[tuple[Tensor, int, int | None]] = [
+            (batch.support_x[t, i], int(batch.support_y[t, i]), None) for i in range(shown_support)
+        ]
         order = torch.randperm(batch.query_x.shape[1], generator=torch.Generator().manual_seed(t))[:shown_query]
         images += [(batch.query_x[t, i], int(batch.query_y[t, i]), int(predicted[t, i])) for i in order.tolist()]
         for j, (image, label, guess) in enumerate(images):

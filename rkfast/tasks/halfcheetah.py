@@ -16,7 +16,8 @@ making their tasks raises a :class:`~rkfast.data.images.DataError` that names th
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

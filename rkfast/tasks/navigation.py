@@ -10,15 +10,16 @@ rollouts after each adaptation step, and a plot of trajectories before and after
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ..figures import new_figure, save_figure
 from ..rl.navigation import PointNavigation
 from ..rl.policy import GaussianMLPPolicy, batched_actor
-from .registry import Defaults, Domain, TrainedRun, register
+from .registry import Defaults, Domain, TrainedRun, kept_params, meta_test_tasks, register
 from .rollouts import RETURN, RolloutTasks, describe_rollout_test, rollout_options, rollout_test_protocol
 from .sampling import task_generator
 
@@ -49,15 +50,16 @@ def plot_trajectories(
     before and after adaptation (on fresh support rollouts, with the meta-test step size)."""
     opt, options = run.opt, run.config.options
     sampler = _make_tasks(options, "test", opt.device)
-    taskset = sampler.sample(min(tasks, run.config.test_tasks), task_generator(run.config.test_seed, "test"))
+    taskset = sampler.sample(min(tasks, meta_test_tasks(run)), task_generator(run.config.test_seed, "test"))
     count = taskset.num_tasks or 1
     step_size = run.config.test_step  # None: evaluate's default (the tableau's own step, or learned rates)
     adapted = opt.evaluate(taskset, steps=[n for n in steps if n > 0], step_size=step_size, keep_params=True)
+    adapted_params = kept_params(adapted)
     goals = taskset.support_data.task_params
     fig = new_figure(figsize=(4.2 * count, 4.4))
     axes = [fig.add_subplot(1, count, i + 1) for i in range(count)]
     for k, n in enumerate(steps):
-        params = adapted.params[adapted.steps.index(n)].to(sampler.policy_dtype)  # type: ignore[union-attr]
+        params = adapted_params[adapted.steps.index(n)].to(sampler.policy_dtype)
         label = "before adaptation" if n == 0 else f"after {n} step{'s' * (n != 1)}"
         paths = []
         for deterministic in (True, False):
@@ -65,6 +67,8 @@ def plot_trajectories(
                 sampler.policy, sampler.layout, params, torch.Generator().manual_seed(k), deterministic=deterministic
             )
             traj = sampler.env.rollout(act, goals, 1 if deterministic else episodes, seed=k)
+            if traj.final_positions is None:  # PointNavigation records them: a path ends where the episode does
+                raise ValueError("the navigation rollout recorded no final positions")
             paths.append(torch.cat([traj.observations, traj.final_positions.unsqueeze(2)], dim=2).cpu())
         mean_path, sampled = paths  # [T, E, H + 1, 2]
         for i, ax in enumerate(axes):

@@ -12,8 +12,9 @@ estimate of the exact one (``docs/method.md``, "Reinforcement learning").
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

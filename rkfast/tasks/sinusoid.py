@@ -8,9 +8,10 @@ adaptation.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from ..batch import TaskBatch
 from ..figures import new_figure, save_figure
 from ..models import sinusoid_mlp
 from ..optim import MetaOptimizer
-from .registry import Defaults, Domain, Metric, Option, TrainedRun, register
+from .registry import Defaults, Domain, Metric, Option, TrainedRun, kept_params, meta_test_tasks, register
 
 __all__ = ["SinusoidTasks", "SinusoidBatch", "SINUSOID", "adapted_predictions", "plot_test_tasks"]
 
@@ -105,7 +106,7 @@ def adapted_predictions(
     truth = SinusoidTasks.target(tasks.amplitude, tasks.phase, grid)
     batch = TaskBatch(tasks.batch.support_x, tasks.batch.support_y, grid, truth)
     adapted = opt.evaluate(batch, steps=[n for n in steps if n > 0], step_size=step_size, keep_params=True)
-    rows = adapted.params[[adapted.steps.index(n) for n in steps]]  # type: ignore[index]
+    rows = kept_params(adapted)[[adapted.steps.index(n) for n in steps]]
     predict = vmap(lambda row: functional_call(opt.model, opt.layout.unflatten(row), (x,)))
     return torch.stack([predict(r) for r in rows])
 
@@ -116,7 +117,7 @@ def plot_test_tasks(run: TrainedRun, path: Path | str, tasks: int = 4, steps: Se
     opt, step_size, options = run.opt, run.config.test_step, run.config.options
     sampler = _make_tasks(options, "test", opt.device)
     first_chunk = sampler.sample_with_params(
-        min(run.config.test_tasks, run.defaults.eval_chunk), run.task_generator("test")
+        min(meta_test_tasks(run), run.defaults.eval_chunk), run.task_generator("test")
     )  # the first meta-test tasks
     count = min(tasks, first_chunk.batch.num_tasks)
     data = SinusoidBatch(

@@ -40,7 +40,7 @@ from .checkpoint import (
     run_files,
     slug,
 )
-from .config import TrainConfig, build_optimizer, check_device
+from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device
 from .evaluation import evaluate_tasks
 from .loggers import JsonLinesLogger, TensorBoardLogger, read_metrics
 from .loop import train
@@ -56,6 +56,7 @@ from .results import (
 
 __all__ = [
     "TrainConfig",
+    "ResolvedSettings",
     "RunResult",
     "RunInterrupted",
     "RunDiverged",

@@ -13,9 +13,10 @@ callbacks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -221,7 +222,7 @@ class CallbackList(Callback):
         for c in self.callbacks:
             c.close()
 
-    def __enter__(self) -> CallbackList:  # noqa: PYI034 - not meant to be subclassed
+    def __enter__(self) -> CallbackList:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -247,7 +248,7 @@ class ProgressCallback(Callback):
     def on_start(self, start: RunStart) -> None:
         self.start = start
         recent = start.losses[-LOG_EVERY:]  # a resumed run's bar shows the steps before it too
-        self.losses = dict(zip(range(start.iteration - len(recent) + 1, start.iteration + 1), recent))
+        self.losses = dict(zip(range(start.iteration - len(recent) + 1, start.iteration + 1), recent, strict=True))
         self.bar = tqdm(
             total=start.iterations,
             initial=start.iteration,

@@ -15,8 +15,8 @@ from ..distributed import TaskParallel, block_sizes
 from ..optim import MetaOptimizer
 from ..results import AdaptationOutput
 from ..runs import CHECKPOINT_FORMAT, RunError, RunFolder, load_checkpoint
-from ..tableau import Tableau, get_tableau
-from ..tasks import Domain, get_domain, task_generator
+from ..tableau import Tableau
+from ..tasks import Domain, StatefulSampler, get_domain, task_generator
 from .config import TrainConfig, build_optimizer
 from .results import RunResult
 
@@ -44,7 +44,7 @@ METRICS_FILE = "metrics.jsonl"  # the event log of every run with a folder (rkfa
 
 class RunState:
     """The state of one run between meta-steps (its optimizer, random streams and history), and what saves it
-    as a checkpoint payload and restores it.
+    as a checkpoint payload and restores it (``cfg`` resolved: :meth:`~rkfast.train.TrainConfig.resolved`).
 
     Distributed (``parallel`` of more than one rank), :meth:`payload` is a collective: every rank calls it.
     """
@@ -52,7 +52,8 @@ class RunState:
     def __init__(self, cfg: TrainConfig, domain: Domain, parallel: TaskParallel | None = None) -> None:
         self.cfg, self.domain, self.parallel = cfg, domain, parallel
         self.rank = 0 if parallel is None else parallel.rank
-        self.tableau = get_tableau(cfg.tableau)  # type: ignore[arg-type]
+        self.settings = cfg.settings()
+        self.tableau = self.settings.tableau
         self.defaults = domain.defaults_for(cfg.options)
         self.device = torch.device(cfg.device)
         self.opt: MetaOptimizer = build_optimizer(cfg, domain, None if parallel is None else parallel.group)
@@ -62,13 +63,13 @@ class RunState:
             else {
                 "world_size": parallel.world_size,
                 "backend": parallel.backend,
-                "meta_batch_per_rank": block_sizes(cfg.meta_batch, parallel.world_size),
+                "meta_batch_per_rank": block_sizes(self.settings.meta_batch, parallel.world_size),
             }
         )
         self.sampler = domain.make_tasks(cfg.options, "train", self.device)
         # this rank's own stream of training tasks
         self.gen = task_generator(cfg.seed if parallel is None else parallel.rank_seed(cfg.seed), "train")
-        self.losses = torch.empty(cfg.iterations, device=self.device)  # no host sync per step
+        self.losses = torch.empty(self.settings.iterations, device=self.device)  # no host sync per step
         self.done = 0
         self.evals: list[dict[str, Any]] = []
         self.rate_history: list[dict[str, Any]] = []  # learned rates at every held-out evaluation
@@ -146,7 +147,12 @@ class RunState:
         if "cuda" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], self.device)
         if mine.get("sampler") is not None:
-            self.sampler.load_state_dict(mine["sampler"])  # type: ignore[attr-defined]
+            if not isinstance(self.sampler, StatefulSampler):
+                raise RunError(
+                    f"the checkpoint holds the state of a {self.domain.name} task sampler, and this one has no "
+                    "load_state_dict to restore it"
+                )
+            self.sampler.load_state_dict(mine["sampler"])
         history = payload["history"]
         self.done = int(payload["iteration"])
         self.losses[: self.done] = history["losses"].to(self.device)
@@ -155,7 +161,7 @@ class RunState:
         self.tableau_history = list(history.get("tableau", ()))  # nor from before learned tableaus
         self.train_time, self.wall_before = float(history["train_time_s"]), float(history["wall_time_s"])
         test = payload.get("test")
-        if test is not None and self.done == self.cfg.iterations:
+        if test is not None and self.done == self.settings.iterations:
             self.test = AdaptationOutput(tuple(test["steps"]), test["step_size"], test["losses"], dict(test["metrics"]))
 
     def result(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
@@ -207,7 +213,7 @@ def prepare_folder(
 
 
 def resumable_checkpoint(folder: RunFolder, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
-    """The folder's checkpoint, if ``cfg`` may continue it with ``world_size`` processes (else
+    """The folder's checkpoint, if ``cfg`` (resolved) may continue it with ``world_size`` processes (else
     :class:`RunError` saying why)."""
     payload = load_checkpoint(folder.checkpoint)
     if payload["format"] != CHECKPOINT_FORMAT:
@@ -232,8 +238,9 @@ def resumable_checkpoint(folder: RunFolder, cfg: TrainConfig, world_size: int = 
         )
     saved = config_from_payload(payload)
     ours, theirs = cfg.to_json(), saved.to_json()
-    ours["tableau"] = get_tableau(cfg.tableau).to_dict()
-    theirs["tableau"] = get_tableau(saved.tableau).to_dict()
+    settings = cfg.settings()
+    ours["tableau"] = settings.tableau.to_dict()
+    theirs["tableau"] = saved.settings().tableau.to_dict()
     differ = [k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs[k]]
     if differ:
         changes = ", ".join(f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in differ)
@@ -241,10 +248,10 @@ def resumable_checkpoint(folder: RunFolder, cfg: TrainConfig, world_size: int = 
             f"cannot resume {folder.path} with other settings ({changes}); a resumed run continues "
             f"as it started (only {', '.join(RESUMABLE_CHANGES)} may change)"
         )
-    if cfg.iterations < payload["iteration"]:
+    if settings.iterations < payload["iteration"]:
         raise RunError(
             f"{folder.path} already has {payload['iteration']} meta-steps; "
-            f"iterations={cfg.iterations} would end before that"
+            f"iterations={settings.iterations} would end before that"
         )
     return payload
 

@@ -3,7 +3,8 @@ distributed run (:func:`evaluate_tasks`)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -30,7 +31,7 @@ def evaluate_tasks(
     chunks: Sequence[Any],
     steps: Sequence[int],
     step_size: float | None,
-    adaptation: str = "gradient",
+    adaptation: Literal["gradient", "stages"] = "gradient",
 ) -> AdaptationOutput:
     """Meta-test ``opt`` on every chunk of tasks and join the per-task results (``adaptation``: plain
     gradient steps or the tableau's stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`).
@@ -56,7 +57,7 @@ def evaluate_tasks(
             mine.append(
                 (i, _output_to(opt.evaluate(pieces[i], steps=steps, step_size=step_size, adaptation=adaptation), "cpu"))
             )
-    except Exception as err:  # reported through the gather, re-raised below: no rank waits for this one
+    except Exception as err:  # noqa: BLE001 - reported through the gather, re-raised below: no rank waits for this one
         error = err
     sent: tuple[str, Any] = ("failed", f"{type(error).__name__}: {error}") if error is not None else ("ok", mine)
     gathered = parallel.all_gather_object(sent)

@@ -11,13 +11,14 @@ objects :class:`~rkfast.optim.MetaOptimizer` takes, and every check is theirs, r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..learned import LearnedTableau, Rates, rate_summary, tableau_summary
+from ..learned import Granularity, LearnedTableau, Rates, rate_summary, tableau_summary
 from ..optim import MetaOptimizer
 from ..tableau import Tableau
 
@@ -56,7 +57,7 @@ class CoefficientSettings:
     """The learned inner coefficients of a run as plain settings (:class:`~rkfast.train.TrainConfig` documents
     each field; they are its fields of the same names)."""
 
-    learn_rates: str | None = None
+    learn_rates: Granularity | None = None
     per_stage_rates: bool = False
     rate_lr: float | None = None
     frozen_rates: Mapping[str, float] | None = None
@@ -95,7 +96,7 @@ class CoefficientSettings:
             if self.learn_rates is not None or self.frozen_rates is not None:
                 rates = Rates(
                     self.learn_rates,
-                    per_stage=self.per_stage_rates,  # type: ignore[arg-type]
+                    per_stage=self.per_stage_rates,
                     frozen=self.frozen_rates,
                     lr=self.rate_lr,
                 )
@@ -104,7 +105,7 @@ class CoefficientSettings:
             learned = LearnedTableau(
                 tableau,
                 self.learn_tableau,
-                self.tableau_weights,  # type: ignore[arg-type]
+                self.tableau_weights,
                 lr=self.tableau_lr,
             )
             return learned, rates
@@ -163,7 +164,7 @@ def meta_optimizer(
         lr=lr,
         first_order=first_order,
         backend=backend,
-        rates=rates,  # type: ignore[arg-type]
+        rates=rates,
         parallel=parallel,
     )
 

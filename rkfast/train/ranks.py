@@ -8,13 +8,13 @@ import pickle
 import signal as signal_module
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from ..distributed import RankFailedError, TaskParallel
 from ..interrupt import StopRequests
-from ..tableau import get_tableau
 from .config import TrainConfig
 
 __all__ = ["lead_decides", "RankStopRequests", "agreed_stop", "check_same_settings", "REPEAT_SIGNAL_S"]
@@ -48,7 +48,7 @@ def lead_decides(parallel: TaskParallel | None, decide: Callable[[], _T], what: 
     if parallel.rank == 0:
         try:
             outcome = ("ok", decide())
-        except Exception as err:  # broadcast, then re-raised on every rank
+        except Exception as err:  # noqa: BLE001 - broadcast, then re-raised on every rank
             own = err
             outcome = ("error", _portable(err, what))
     status, value = parallel.broadcast_object(outcome)
@@ -101,7 +101,7 @@ def check_same_settings(
 ) -> None:
     """``ValueError`` on every rank unless every rank was given the same run (the device may differ)."""
     config = cfg.to_json()
-    config["tableau"] = get_tableau(cfg.tableau).to_dict()  # type: ignore[arg-type]
+    config["tableau"] = cfg.settings().tableau.to_dict()
     config.pop("device")
     mine = {
         **{f"config.{k}": v for k, v in config.items()},

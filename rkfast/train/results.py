@@ -4,9 +4,10 @@ and the one-line descriptions of the learned coefficients' JSON summaries."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -53,9 +54,9 @@ def describe_learned_tableau(info: Mapping[str, Any] | None) -> str | None:
     if info is None:
         return None
     A, b = info["A"], info["b"]
-    entries = info.get("entries") or [[j, l] for j in range(len(A)) for l in range(j) if A[j][l] != 0.0]
+    entries = info.get("entries") or [[j, k] for j in range(len(A)) for k in range(j) if A[j][k] != 0.0]
     shown = ", ".join(
-        f"A{j + 1}{l + 1}={A[j][l]:.4g}" if len(A) < 10 else f"A[{j + 1},{l + 1}]={A[j][l]:.4g}" for j, l in entries
+        f"A{j + 1}{k + 1}={A[j][k]:.4g}" if len(A) < 10 else f"A[{j + 1},{k + 1}]={A[j][k]:.4g}" for j, k in entries
     )
     weights = "b by order" if info["weights"] == "order" else "b fixed"
     return (
@@ -123,11 +124,15 @@ class RunResult:
         """A fresh generator of the run's ``split`` stream: sampling from it again gives the run's tasks."""
         return task_generator(self.config.seed if split == "train" else self.config.test_seed, split)
 
-    def test_summary(self) -> dict[str, dict[int, tuple[float, float]]]:
-        """``{metric name: {steps: (mean, ci95)}}`` of the meta-test, for every metric of the domain."""
+    def meta_test(self) -> AdaptationOutput:
+        """The meta-test result (``test``) of a complete run; ``ValueError`` for a run without one."""
         if self.test is None:
             raise ValueError(f"the run is {self.status}: it has no meta-test result")
-        summary = self.test.summary()
+        return self.test
+
+    def test_summary(self) -> dict[str, dict[int, tuple[float, float]]]:
+        """``{metric name: {steps: (mean, ci95)}}`` of the meta-test, for every metric of the domain."""
+        summary = self.meta_test().summary()
         return {m.name: summary[m.source] for m in self.domain.metrics}
 
     def to_json(self) -> dict[str, Any]:
