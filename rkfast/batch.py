@@ -169,7 +169,7 @@ def _move(t: Tensor, *args, **kwargs) -> Tensor:
     return moved if not moved.is_floating_point() else t.to(device=moved.device)
 
 
-def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device) -> TaskBatch:
+def check_task_batch(batch: Any, *, dtype: torch.dtype, device: torch.device) -> TaskBatch:
     """Validate a meta-batch against the model's parameter ``dtype`` and ``device``.
 
     Accepts a :class:`TaskBatch` or any 4-sequence ``(support_x, support_y, query_x, query_y)``.
@@ -184,7 +184,7 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
         parts = tuple(batch)
     else:
         try:
-            parts = tuple(batch)  # type: ignore[arg-type]
+            parts = tuple(batch)
         except TypeError:
             parts = ()
         if len(parts) != 4:

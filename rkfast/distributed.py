@@ -4,8 +4,9 @@ tasks, and one all-reduce per step makes it the meta-direction of all of them, o
 :class:`~rkfast.optim.MetaOptimizer` does this by itself inside an initialized process group
 (``parallel="auto"``, the default, or a :class:`TaskParallel` or group passed in); :class:`TaskParallel` is
 what it keeps in :attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the
-helpers a training loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
-own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or ``torch.distributed.init_process_group``.
+helpers a training loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the
+process group's own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or
+``torch.distributed.init_process_group``.
 
 One step, on every rank (``docs/distributed.md``):
 
@@ -21,7 +22,8 @@ One step, on every rank (``docs/distributed.md``):
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -333,24 +335,11 @@ class TaskParallel:
                 buf[count_at] = scale
                 ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)  # on the device
                 buf[nonfinite_at + self.rank] = (~ok).to(dtype)
-        except Exception as err:  # reported through the all-reduce, re-raised below
+        except Exception as err:  # noqa: BLE001 - any failure is reported through the all-reduce, re-raised below
             error = err
             buf.zero_()
             buf[failed_at + self.rank] = 1.0
-        try:
-            with torch.no_grad():
-                _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=self.group)
-        except Exception as err:
-            if error is not None:
-                raise error
-            raise RankFailedError(
-                f"the meta-step's all-reduce over {world} ranks failed on rank {self.rank}: {err}. Another rank "
-                "has probably died, or stopped calling step(); the wait is bounded by the process group's "
-                "timeout (init_process_group(timeout=...)). Parameters, .grad and optimizer state are unchanged "
-                "on this rank.",
-                (),
-                self.rank,
-            ) from err
+        self._all_reduce_step(buf, error)
         tail = buf[count_at:].tolist()  # one host synchronization: the task count and the rank flags
         total = tail[0]
         failed = [r for r in range(world) if tail[1 + r] > 0]
@@ -373,6 +362,28 @@ class TaskParallel:
         stage_losses = {j: (buf[stages_at + j - 1] / total).to(v.dtype) for j, v in out.stage_losses.items()}
         nonfinite = tuple(r for r in range(world) if tail[1 + world + r] > 0)
         return MetaStepOutput(direction, loss, stage_losses, out.stage_metrics), nonfinite
+
+    def _all_reduce_step(self, buf: Tensor, error: BaseException | None) -> None:
+        """The step's one all-reduce of ``buf`` (summed in place). If it fails, this rank's own ``error`` (from
+        its ``compute``) is raised, else :class:`RankFailedError`."""
+        reduce_error: Exception | None = None
+        try:
+            with torch.no_grad():
+                _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=self.group)
+        except Exception as err:  # noqa: BLE001 - any failure of the transport is raised below
+            reduce_error = err
+        if reduce_error is None:
+            return
+        if error is not None:  # this rank's own failure comes first
+            raise error
+        raise RankFailedError(
+            f"the meta-step's all-reduce over {self.world_size} ranks failed on rank {self.rank}: {reduce_error}. "
+            "Another rank has probably died, or stopped calling step(); the wait is bounded by the process "
+            "group's timeout (init_process_group(timeout=...)). Parameters, .grad and optimizer state are "
+            "unchanged on this rank.",
+            (),
+            self.rank,
+        ) from reduce_error
 
     def check_identical(self, tensor: Tensor, what: str = "meta-parameters") -> None:
         """Raise :class:`InconsistentParametersError` on every rank unless ``tensor`` is bit-identical on
@@ -438,17 +449,12 @@ class LocalTasks:
         return ""
 
 
-Parallel = Union[TaskParallel, LocalTasks]
-
-
-def _coefficient_directions(out: MetaStepOutput) -> list[Tensor]:
-    """The learned coefficients' meta-directions of a step's output (none for a plain one)."""
-    return list(getattr(out, "coefficient_directions", ()))
+Parallel = TaskParallel | LocalTasks
 
 
 def _joined(out: MetaStepOutput) -> MetaStepOutput:
     """``out`` with the learned coefficients' directions appended to the flat direction (one buffer to reduce)."""
-    extra = [d.reshape(-1).to(out.direction.dtype) for d in _coefficient_directions(out)]
+    extra = [d.reshape(-1).to(out.direction.dtype) for d in out.coefficient_directions]
     return MetaStepOutput(torch.cat([out.direction.reshape(-1), *extra]), out.loss, out.stage_losses, out.stage_metrics)
 
 

@@ -3,10 +3,10 @@
 
 With learned rates the stage points of a meta-step are
 
-    theta_i^(j) = theta - sum_{l<j} A[j][l] * (r_l ⊙ k_i^(l))
+    theta_i^(j) = theta - sum_{m<j} A[j][m] * (r_m ⊙ k_i^(m))
 
-where ``r_l`` is a vector ``[N]`` over the flat meta-parameters: the one set of rates ``r``, or with
-per-stage rates the set of slope ``l`` (the rate of the step that slope ``l`` takes; for ``maml(k)`` set
+where ``r_m`` is a vector ``[N]`` over the flat meta-parameters: the one set of rates ``r``, or with
+per-stage rates the set of slope ``m`` (the rate of the step that slope ``m`` takes; for ``maml(k)`` set
 ``n`` is the rate of inner step ``n + 1``, MAML++'s per-step rates). The vector is built from the learned
 tensors at one of three granularities:
 
@@ -32,18 +32,20 @@ interface through which the optimizer saves, loads, moves, updates and reports t
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .layout import ParamLayout
-from .results import MetaStepOutput, NonFiniteLossError
 from .outer import check_lr
+from .results import MetaStepOutput, NonFiniteLossError
 from .tableau import InconsistentTableauWarning, Tableau, get_tableau
 
 __all__ = [
@@ -98,10 +100,8 @@ def _frozen_rates(frozen: Any) -> dict[str, float]:
             raise TypeError(f"Rates frozen keys must be parameter names or glob patterns, got {pattern!r}")
         rate = math.nan
         if not isinstance(value, (bool, str, bytes)):
-            try:
+            with contextlib.suppress(TypeError, ValueError):  # not a number: NaN, refused below
                 rate = float(value)
-            except (TypeError, ValueError):
-                pass
         if not math.isfinite(rate):
             raise ValueError(f"Rates frozen[{pattern!r}] must be a finite number, got {value!r}")
         out[pattern] = rate
@@ -225,7 +225,7 @@ class _SavedCoefficients:
             )
         values = list(state.get("values", ()))
         if len(values) != len(self.tensors) or any(
-            not isinstance(v, Tensor) or v.shape != t.shape for v, t in zip(values, self.tensors)
+            not isinstance(v, Tensor) or v.shape != t.shape for v, t in zip(values, self.tensors, strict=True)
         ):
             raise ValueError(
                 f"the state dict's {self._what} values do not match this MetaOptimizer's tensors "
@@ -250,7 +250,7 @@ class _SavedCoefficients:
     def load(self, values: Sequence[Tensor]) -> None:
         """Copy checked values (:meth:`check_state`) into the learned tensors (in place)."""
         with torch.no_grad():
-            for t, v in zip(self.tensors, values):
+            for t, v in zip(self.tensors, values, strict=True):
                 t.copy_(v)
 
     def check_update(self) -> None:
@@ -399,7 +399,7 @@ class LearnedRates(_SavedCoefficients):
                 "Rates frozen= freezes every meta-parameter tensor: there is no rate left to learn "
                 "(use granularity=None for fixed rates only)"
             )
-        numels = dict(zip(layout.names, layout.numels))
+        numels = dict(zip(layout.names, layout.numels, strict=True))
         width = {
             "scalar": 1,
             "tensor": len(self.learned_names),
@@ -415,7 +415,7 @@ class LearnedRates(_SavedCoefficients):
         self._frozen_values = [self.frozen[n] for n in layout.names if n in self.frozen]
         index: list[Tensor] = []
         learned_k, offset, frozen_k = 0, 0, 0
-        for name, numel in zip(layout.names, layout.numels):
+        for name, numel in zip(layout.names, layout.numels, strict=True):
             if name in self.frozen:
                 index.append(torch.full((numel,), width + frozen_k, dtype=torch.long))
                 frozen_k += 1
@@ -489,7 +489,7 @@ class LearnedRates(_SavedCoefficients):
             rows = torch.stack([self.vector(s).detach() for s in range(self.sets)])  # [sets, N]
         out = {}
         offset = 0
-        for name, shape, numel in zip(self.layout.names, self.layout.shapes, self.layout.numels):
+        for name, shape, numel in zip(self.layout.names, self.layout.shapes, self.layout.numels, strict=True):
             block = rows[:, offset : offset + numel]
             if self.granularity == "element" and name not in self.frozen:
                 out[name] = block.reshape(self.sets, *shape).clone()
@@ -508,7 +508,7 @@ class LearnedRates(_SavedCoefficients):
             if not isinstance(total, Tensor) or not total.requires_grad:
                 return [torch.zeros_like(t) for t in self.tensors]
             grads = torch.autograd.grad(total, self.tensors, allow_unused=True)
-        return [torch.zeros_like(t) if g is None else g for t, g in zip(self.tensors, grads)]
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(self.tensors, grads, strict=True)]
 
     def config(self) -> dict[str, Any]:
         return {
@@ -621,10 +621,7 @@ def order_weights(A: Tensor, check: bool = True) -> Tensor:
     M = torch.stack(rows)  # [count, s]
     # as many conditions as stages (2 and 4 stages): one solve; else the minimum-norm solution M^T (M M^T)^-1 r
     # (M has full row rank when the conditions are solvable). solve_ex: no check on the host, no SVD
-    if count == s:
-        b = torch.linalg.solve_ex(M, targets)[0]
-    else:
-        b = M.T @ torch.linalg.solve_ex(M @ M.T, targets)[0]
+    b = torch.linalg.solve_ex(M, targets)[0] if count == s else M.T @ torch.linalg.solve_ex(M @ M.T, targets)[0]
     if not check:
         return b
     residual = float((M.detach() @ b.detach() - targets).abs().max())
@@ -658,7 +655,7 @@ class TableauCoefficients(_SavedCoefficients):
 
     Attributes:
         tensors: ``[entries]``: the one learned leaf tensor ``[E]``, in :attr:`entries` order.
-        entries: the ``(j, l)`` positions of ``A`` it holds (0-based).
+        entries: the ``(j, m)`` positions of ``A`` it holds (0-based).
         structure: a fixed :class:`~rkfast.tableau.Tableau` with the pattern's non-zeros, from which the
             meta-step reads which slopes and query losses it computes (every stage's query loss with
             ``weights="order"``, whose ``b`` may move off zero).
@@ -685,8 +682,8 @@ class TableauCoefficients(_SavedCoefficients):
             )
         self.lr = _coefficient_lr("LearnedTableau", lr)
         s = tableau.stages
-        below = [(j, l) for j in range(s) for l in range(j)]
-        entries = below if pattern == "full" else [(j, l) for j, l in below if tableau.A[j][l] != 0.0]
+        below = [(j, m) for j in range(s) for m in range(j)]
+        entries = below if pattern == "full" else [(j, m) for j, m in below if tableau.A[j][m] != 0.0]
         if not entries:
             raise ValueError(
                 f"tableau {tableau.name!r} has no entry of A to learn (pattern={pattern!r}: "
@@ -696,12 +693,12 @@ class TableauCoefficients(_SavedCoefficients):
         self.entries: tuple[tuple[int, int], ...] = tuple(entries)
         self.stages = s
         self.tensors: list[Tensor] = [
-            torch.tensor([tableau.A[j][l] for j, l in entries], dtype=dtype, device=device).requires_grad_()
+            torch.tensor([tableau.A[j][m] for j, m in entries], dtype=dtype, device=device).requires_grad_()
         ]
-        self._flat_index_cpu = torch.tensor([j * s + l for j, l in entries], dtype=torch.long)
+        self._flat_index_cpu = torch.tensor([j * s + m for j, m in entries], dtype=torch.long)
         self._dtype, self._device = dtype, torch.device(device)
         self._place()
-        marked = [[1.0 if (j, l) in self.entries else 0.0 for l in range(s)] for j in range(s)]
+        marked = [[1.0 if (j, m) in self.entries else 0.0 for m in range(s)] for j in range(s)]
         b_struct = tableau.b if weights == "fixed" else [1.0 / s] * s
         with warnings.catch_warnings():  # a fixed b that does not sum to 1 warned when the base was built
             warnings.simplefilter("ignore", InconsistentTableauWarning)
@@ -799,7 +796,7 @@ class TableauCoefficients(_SavedCoefficients):
             )
 
     def summary(self, inner_lr: float) -> dict[str, Any]:
-        """``pattern``, ``weights``, ``base`` (the starting tableau's name), ``entries`` (the learned ``(j, l)``
+        """``pattern``, ``weights``, ``base`` (the starting tableau's name), ``entries`` (the learned ``(j, m)``
         positions of ``A``, 0-based), ``A`` and ``b`` now (:func:`tableau_summary`), its ``order`` and the
         meta-test ``test_step`` it gives at ``inner_lr``."""
         current = self.current()
@@ -852,9 +849,14 @@ class LearnedTableau:
         object.__setattr__(self, "lr", _coefficient_lr("LearnedTableau", self.lr))
         self.bind(torch.float64)  # everything the live tableau refuses, refused now
 
+    @property
+    def _base(self) -> Tableau:
+        """``tableau`` as a :class:`~rkfast.tableau.Tableau` (a name is resolved when the spec is built)."""
+        return get_tableau(self.tableau)  # a Tableau since __post_init__: returned as is
+
     def __repr__(self) -> str:
         return (
-            f"LearnedTableau({self.tableau.name!r}, {self.pattern!r}, {self.weights!r}"  # type: ignore[union-attr]
+            f"LearnedTableau({self._base.name!r}, {self.pattern!r}, {self.weights!r}"
             + (f", lr={self.lr}" if self.lr is not None else "")
             + ")"
         )
@@ -862,22 +864,15 @@ class LearnedTableau:
     @property
     def name(self) -> str:
         """``"learned-<base name>"``: the name of the tableaus it produces."""
-        return f"learned-{self.tableau.name}"  # type: ignore[union-attr]
+        return f"learned-{self._base.name}"
 
     def bind(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TableauCoefficients:
         """The live tableau: its learned entries as one leaf tensor of ``dtype`` on ``device``."""
-        return TableauCoefficients(
-            self.tableau,
-            self.pattern,
-            self.weights,
-            dtype=dtype,  # type: ignore[arg-type]
-            device=device,
-            lr=self.lr,
-        )
+        return TableauCoefficients(self._base, self.pattern, self.weights, dtype=dtype, device=device, lr=self.lr)
 
     def to_json(self) -> dict[str, Any]:
         """A plain-JSON form (:meth:`from_json` reads it back): the tableau by name when the name gives it back."""
-        tab: Tableau = self.tableau  # type: ignore[assignment]
+        tab = self._base
         try:
             named: Any = tab.name if get_tableau(tab.name) == tab else tab.to_dict()
         except (ValueError, TypeError):

@@ -14,9 +14,10 @@ synchronization.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import zip_longest
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,8 +95,9 @@ def make_outer_optimizer(
 
 
 def _construct(
-    cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any], capturable: bool
+    cls: Callable[..., torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any], capturable: bool
 ) -> torch.optim.Optimizer:
+    # Callable, not type[Optimizer]: the base class's __init__ takes no lr, every subclass this builds does
     if capturable and cls in (torch.optim.Adam, torch.optim.AdamW):
         if kwargs.get("capturable") is False:
             raise ValueError("a captured step needs a capturable outer optimizer; drop capturable=False")
@@ -137,7 +139,7 @@ class OuterUpdate:
     def write_grads(self, direction: Tensor, extra: Sequence[Tensor]) -> None:
         """The meta-direction into every ``.grad``: the parameters' flat buffer and the extra tensors'."""
         self.flat.write_grad(direction)
-        for t, d in zip(self.extra, extra):
+        for t, d in zip(self.extra, extra, strict=True):
             t.grad = d
 
     def checked_update(
@@ -310,7 +312,7 @@ class UpdateSnapshot:
                 entries.update(items)
                 state[p] = entries
         copy_all(self._tensors, self._buffers)
-        for p, g in zip([*self.flat.params, *self.extra], self._grads):
+        for p, g in zip([*self.flat.params, *self.extra], self._grads, strict=True):
             p.grad = g
 
     def forget(self) -> None:
@@ -364,7 +366,7 @@ def written_tensors(optimizer: torch.optim.Optimizer, flat: FlatParameters) -> l
     return [flat.data, *state_tensors(optimizer, flat.params)]
 
 
-def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor]:
+def state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
     """The tensors of ``optimizer``'s state for ``params`` (moments, step counters...)."""
     out = []
     for p in params:
