@@ -10,8 +10,16 @@ from .capture import StepCapture
 from .distributed import InconsistentParametersError, RankFailedError, TaskParallel
 from .learned import Coefficients, LearnedRates, LearnedTableau, Rates, TableauCoefficients
 from .optim import MetaOptimizer, NonFiniteLossError
-from .tableau import (InconsistentTableauWarning, Tableau, TableauTypeError, get_tableau, maml, maml_msl,
-                     named_tableaus, rk2)
+from .tableau import (
+    InconsistentTableauWarning,
+    Tableau,
+    TableauTypeError,
+    get_tableau,
+    maml,
+    maml_msl,
+    named_tableaus,
+    rk2,
+)
 from .taskmap import VmapUnsupportedError
 
 __version__ = "0.1.0"

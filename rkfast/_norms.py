@@ -74,7 +74,7 @@ def _group_norm(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
     if kept == [0, 1] and x.dim() > 2:  # instance norm: per sample and channel over space
         return F.group_norm(x, x.shape[1], eps=eps)
     if kept == list(range(len(kept))):  # layer norm: over the trailing dims
-        trailing = math.prod(x.shape[len(kept):])
+        trailing = math.prod(x.shape[len(kept) :])
         return F.group_norm(x.reshape(-1, 1, trailing), 1, eps=eps).reshape(x.shape)
     return _elementary(x, dims, eps)
 
@@ -82,8 +82,17 @@ def _group_norm(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
 # -- the three functionals, with either normalization ------------------------------------------------------
 
 
-def _batch_norm(normalize: Normalize, x, running_mean=None, running_var=None, weight=None, bias=None,
-                training=False, momentum=0.1, eps=1e-5) -> Tensor | None:
+def _batch_norm(
+    normalize: Normalize,
+    x,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+) -> Tensor | None:
     if training and running_mean is not None:
         return None  # running statistics are updated in place: only the fused op does that
     if training or running_mean is None:
@@ -94,8 +103,17 @@ def _batch_norm(normalize: Normalize, x, running_mean=None, running_var=None, we
     return _affine(y, weight, bias, _channel_shape(x))
 
 
-def _instance_norm(normalize: Normalize, x, running_mean=None, running_var=None, weight=None, bias=None,
-                   use_input_stats=True, momentum=0.1, eps=1e-5) -> Tensor | None:
+def _instance_norm(
+    normalize: Normalize,
+    x,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+) -> Tensor | None:
     if not use_input_stats or running_mean is not None:
         return None
     return _affine(normalize(x, range(2, x.dim()), eps), weight, bias, _channel_shape(x))

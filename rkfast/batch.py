@@ -67,12 +67,15 @@ class TaskBatch(NamedTuple):
             ValueError: a tensor without task and example dimensions, or task dimensions that differ.
         """
         if not isinstance(batch, Mapping):
-            raise TypeError("a torchmeta batch is a dict {'train': (x, y), 'test': (x, y)}, "
-                            f"got {type(batch).__name__}")
+            raise TypeError(
+                f"a torchmeta batch is a dict {{'train': (x, y), 'test': (x, y)}}, got {type(batch).__name__}"
+            )
         missing = [split for split in ("train", "test") if split not in batch]
         if missing:
-            raise KeyError(f"the torchmeta batch has no {' or '.join(map(repr, missing))} split "
-                           f"(keys: {list(batch)}); 'train' is the support set and 'test' the query set")
+            raise KeyError(
+                f"the torchmeta batch has no {' or '.join(map(repr, missing))} split "
+                f"(keys: {list(batch)}); 'train' is the support set and 'test' the query set"
+            )
         parts = (*_split_pair(batch, "train"), *_split_pair(batch, "test"))
         num_tasks = {name: int(t.shape[0]) for name, t in zip(cls._fields, parts, strict=True)}
         if len(set(num_tasks.values())) != 1:
@@ -104,12 +107,15 @@ def _split_pair(batch: Mapping[str, Sequence[Tensor]], split: str) -> tuple[Tens
     """``batch[split]`` as an ``(inputs, targets)`` pair of ``[T, K, ...]`` tensors."""
     pair = batch[split]
     if isinstance(pair, Tensor) or len(pair) != 2 or not all(isinstance(t, Tensor) for t in pair):
-        raise TypeError(f"torchmeta batch[{split!r}] must be an (inputs, targets) pair of tensors, "
-                        f"got {type(pair).__name__}")
+        raise TypeError(
+            f"torchmeta batch[{split!r}] must be an (inputs, targets) pair of tensors, got {type(pair).__name__}"
+        )
     for name, t in zip(("inputs", "targets"), pair, strict=True):
         if t.dim() < 2:
-            raise ValueError(f"torchmeta batch[{split!r}] {name} need a task and an example dimension [T, K, ...], "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"torchmeta batch[{split!r}] {name} need a task and an example dimension [T, K, ...], "
+                f"got shape {tuple(t.shape)}"
+            )
     return pair[0], pair[1]
 
 
@@ -117,8 +123,10 @@ def _task_fields(index: int, task: Sequence[Tensor]) -> tuple[Tensor, Tensor, Te
     """Task ``index`` of :meth:`TaskBatch.from_tasks` as four tensors with an example dimension."""
     parts = tuple(task) if not isinstance(task, Tensor) and hasattr(task, "__iter__") else ()
     if len(parts) != 4 or not all(isinstance(t, Tensor) for t in parts):
-        raise TypeError(f"task {index} must be (support_x, support_y, query_x, query_y) tensors, "
-                        f"got {type(task).__name__}" + (f" of {len(parts)}" if parts else ""))
+        raise TypeError(
+            f"task {index} must be (support_x, support_y, query_x, query_y) tensors, "
+            f"got {type(task).__name__}" + (f" of {len(parts)}" if parts else "")
+        )
     for name, t in zip(TaskBatch._fields, parts, strict=True):
         if t.dim() < 1:
             raise ValueError(f"task {index}'s {name} needs an example dimension [K, ...], got a 0-d tensor")
@@ -132,11 +140,13 @@ def _check_like_first(index: int, task: Sequence[Tensor], first: Sequence[Tensor
     """Task ``index`` stacks with task 0: same device, dtype, example counts and example shapes per field."""
     for name, t, t0 in zip(TaskBatch._fields, task, first, strict=True):
         if t.device != t0.device:
-            raise RuntimeError(f"task {index}'s {name} is on {t.device}, task 0's on {t0.device}: "
-                               "move every task to one device")
+            raise RuntimeError(
+                f"task {index}'s {name} is on {t.device}, task 0's on {t0.device}: move every task to one device"
+            )
         if t.dtype != t0.dtype:
-            raise TypeError(f"task {index}'s {name} has dtype {t.dtype}, task 0's {t0.dtype}: "
-                            "convert every task to one dtype")
+            raise TypeError(
+                f"task {index}'s {name} has dtype {t.dtype}, task 0's {t0.dtype}: convert every task to one dtype"
+            )
     for side, x, x0 in (("support", task[0], first[0]), ("query", task[2], first[2])):
         if x.shape[0] != x0.shape[0]:
             raise ValueError(
@@ -145,8 +155,10 @@ def _check_like_first(index: int, task: Sequence[Tensor], first: Sequence[Tensor
             )
     for name, t, t0 in zip(TaskBatch._fields, task, first, strict=True):
         if t.shape[1:] != t0.shape[1:]:
-            raise ValueError(f"task {index}'s {name} has examples of shape {tuple(t.shape[1:])}, task 0's "
-                             f"{tuple(t0.shape[1:])}: every task's examples need one shape")
+            raise ValueError(
+                f"task {index}'s {name} has examples of shape {tuple(t.shape[1:])}, task 0's "
+                f"{tuple(t0.shape[1:])}: every task's examples need one shape"
+            )
 
 
 def _move(t: Tensor, *args, **kwargs) -> Tensor:
@@ -157,7 +169,7 @@ def _move(t: Tensor, *args, **kwargs) -> Tensor:
     return moved if not moved.is_floating_point() else t.to(device=moved.device)
 
 
-def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device) -> TaskBatch:
+def check_task_batch(batch: Any, *, dtype: torch.dtype, device: torch.device) -> TaskBatch:
     """Validate a meta-batch against the model's parameter ``dtype`` and ``device``.
 
     Accepts a :class:`TaskBatch` or any 4-sequence ``(support_x, support_y, query_x, query_y)``.
@@ -172,7 +184,7 @@ def check_task_batch(batch: object, *, dtype: torch.dtype, device: torch.device)
         parts = tuple(batch)
     else:
         try:
-            parts = tuple(batch)  # type: ignore[arg-type]
+            parts = tuple(batch)
         except TypeError:
             parts = ()
         if len(parts) != 4:
@@ -249,10 +261,12 @@ def check_task_set(tasks: TaskSet, *, device: torch.device) -> TaskSet:
     """
     for name in ("support_loss", "query_loss"):
         if not callable(getattr(tasks, name)):
-            raise TypeError(f"TaskSet.{name} must be callable as loss(model, data), "
-                            f"got {type(getattr(tasks, name)).__name__}")
-    if tasks.num_tasks is not None and (isinstance(tasks.num_tasks, bool) or not isinstance(tasks.num_tasks, int)
-                                        or tasks.num_tasks < 1):
+            raise TypeError(
+                f"TaskSet.{name} must be callable as loss(model, data), got {type(getattr(tasks, name)).__name__}"
+            )
+    if tasks.num_tasks is not None and (
+        isinstance(tasks.num_tasks, bool) or not isinstance(tasks.num_tasks, int) or tasks.num_tasks < 1
+    ):
         raise TypeError(f"TaskSet.num_tasks must be a positive integer, got {tasks.num_tasks!r}")
     found: dict[str, int] = {}
     for name in ("support_data", "query_data"):
@@ -261,12 +275,14 @@ def check_task_set(tasks: TaskSet, *, device: torch.device) -> TaskSet:
             continue
         leaves = [leaf for leaf in tree_flatten(data)[0] if isinstance(leaf, Tensor)]
         if not leaves:
-            raise ValueError(f"TaskSet.{name} holds no tensors: give a pytree of [T, ...] tensors or a callable "
-                             "data(stage, params)")
+            raise ValueError(
+                f"TaskSet.{name} holds no tensors: give a pytree of [T, ...] tensors or a callable data(stage, params)"
+            )
         for leaf in leaves:
             if leaf.device != device:
-                raise RuntimeError(f"a tensor of TaskSet.{name} is on {leaf.device} but the model's parameters "
-                                   f"are on {device}")
+                raise RuntimeError(
+                    f"a tensor of TaskSet.{name} is on {leaf.device} but the model's parameters are on {device}"
+                )
             _check_not_inference(leaf, f"a tensor of TaskSet.{name}")
             if leaf.dim() == 0:
                 raise ValueError(f"every tensor of TaskSet.{name} needs the task dimension first, got a 0-d tensor")

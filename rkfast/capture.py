@@ -22,7 +22,8 @@ them) before that. Nothing here synchronizes with the host.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ from .results import MetaStepOutput
 
 __all__ = ["CaptureMode", "CaptureShapeError", "StepCapture", "EagerSteps", "make_step_capture"]
 
-CaptureMode = Union[bool, Literal["auto"]]
+CaptureMode = bool | Literal["auto"]
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
 
@@ -54,7 +55,7 @@ def make_step_capture(capture: object) -> StepCapture | EagerSteps:
         return capture
     if capture not in (False, True, "auto"):
         raise ValueError(f"capture must be False, True or 'auto', got {capture!r}")
-    return StepCapture(capture) if capture else EagerSteps()  # type: ignore[arg-type]
+    return StepCapture(capture) if capture else EagerSteps()
 
 
 class EagerSteps:
@@ -78,13 +79,16 @@ class EagerSteps:
         """``eager_step(tasks)``."""
         return eager_step(tasks)
 
+    def count_skipped(self, ok: Tensor) -> None:
+        """Never called: only a replayed step skips (an eager one raises)."""
+
 
 def signature(batch: TaskBatch) -> Signature:
     return tuple((tuple(t.shape), t.dtype) for t in batch)
 
 
 def _describe(sig: Signature) -> str:
-    return ", ".join(f"{name}{list(shape)}" for name, (shape, _) in zip(TaskBatch._fields, sig))
+    return ", ".join(f"{name}{list(shape)}" for name, (shape, _) in zip(TaskBatch._fields, sig, strict=True))
 
 
 class StepCapture:
@@ -136,12 +140,14 @@ class StepCapture:
         and writes the old buffers, so it is released; the skip counter moves there."""
         self.check_device(device)
         self.release()
-        self.skipped = (torch.zeros((), dtype=torch.int64, device=device) if self.skipped is None
-                        else self.skipped.to(device))
+        self.skipped = (
+            torch.zeros((), dtype=torch.int64, device=device) if self.skipped is None else self.skipped.to(device)
+        )
 
     def count_skipped(self, ok: Tensor) -> None:
         """Add a skipped step to :attr:`skipped` where the 0-d boolean ``ok`` is false (on the device)."""
-        self.skipped.add_((~ok).to(self.skipped.dtype))  # type: ignore[union-attr]
+        assert self.skipped is not None  # set by place(), which binding the optimizer calls first
+        self.skipped.add_((~ok).to(self.skipped.dtype))
 
     @property
     def captured(self) -> bool:
@@ -194,7 +200,7 @@ class StepCapture:
 
     def _replay(self, batch: TaskBatch) -> MetaStepOutput:
         assert self.graph is not None and self.static_batch is not None and self.static_out is not None
-        for static, new in zip(self.static_batch, batch):
+        for static, new in zip(self.static_batch, batch, strict=True):
             if static.data_ptr() != new.data_ptr():
                 static.copy_(new, non_blocking=True)
         self.graph.replay()

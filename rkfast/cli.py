@@ -34,16 +34,25 @@ import os
 import shlex
 import sys
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 
 from . import kernels
-from .compare import (PLOT_FILE, STATE_FILE, CompareInterrupted, CompareSettings, check_grid, compare, load_settings,
-                      selection_steps)
+from .compare import (
+    PLOT_FILE,
+    STATE_FILE,
+    CompareInterrupted,
+    CompareSettings,
+    check_grid,
+    compare,
+    load_settings,
+    selection_steps,
+)
 from .data.images import DataError
 from .distributed import RankFailedError, TaskParallel, resolve_process_group
 from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
@@ -52,26 +61,26 @@ from .plots import write_run_plots
 from .report import rates_line, step_source, test_report, train_report
 from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
-from .tasks import Domain, domains, get_domain
+from .tasks import Defaults, Domain, domains, get_domain
 from .train import (
     METRICS_FILE,
     Callback,
     RunDiverged,
     RunInterrupted,
     RunResult,
+    TensorBoardLogger,
     TrainConfig,
     check_device,
+    describe_learned_tableau,
     evaluate_tasks,
     lead_decides,
-    load_run,
-    describe_learned_tableau,
     learned_tableau_info,
+    load_run,
     rates_info,
     resume_config,
     slug,
     task_chunks,
     task_generator,
-    TensorBoardLogger,
     train,
 )
 
@@ -95,8 +104,13 @@ class _Parser(argparse.ArgumentParser):
 class _Typed(argparse.Action):
     """Store the value and record that the user typed this option."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
         setattr(namespace, _GIVEN, {*getattr(namespace, _GIVEN, ()), self.dest})
 
@@ -121,8 +135,11 @@ def _given(args: argparse.Namespace) -> set[str]:
 
 def _options(args: argparse.Namespace, domain: Domain, only_given: bool = False) -> dict[str, Any]:
     given = _given(args)
-    return {o.name: getattr(args, _OPTION_DEST + o.name) for o in domain.options
-            if not only_given or _OPTION_DEST + o.name in given}
+    return {
+        o.name: getattr(args, _OPTION_DEST + o.name)
+        for o in domain.options
+        if not only_given or _OPTION_DEST + o.name in given
+    }
 
 
 def _config(args: argparse.Namespace, tableau: Tableau | None) -> TrainConfig:
@@ -135,8 +152,10 @@ def _resumed_config(args: argparse.Namespace, saved: TrainConfig, tableau: Table
     """The saved run's configuration with the options typed on this command line laid over it (``train``
     refuses the ones a resumed run may not change)."""
     if saved.domain != args.domain:
-        raise CommandError(f"the run to resume is a {saved.domain!r} run, not {args.domain!r}: "
-                           f"rkfast train {saved.domain} --resume ...")
+        raise CommandError(
+            f"the run to resume is a {saved.domain!r} run, not {args.domain!r}: "
+            f"rkfast train {saved.domain} --resume ..."
+        )
     given = _given(args)
     typed = {k: getattr(args, k) for k in given if k in TrainConfig.__dataclass_fields__ and k != "tableau"}
     options = {**saved.options, **_options(args, get_domain(args.domain), only_given=True)}
@@ -168,14 +187,23 @@ def _run_folder(args: argparse.Namespace, default: str) -> tuple[Path, bool]:
     out = Path(args.out or default)
     # the same test train() applies, said here in the command line's terms
     if not args.overwrite and (RunFolder(out).holds_run() or (out / "compare.json").is_file()):
-        raise CommandError(f"{out} holds an earlier run: --resume {shlex.quote(str(out))} continues it, "
-                           "--overwrite replaces it, --out DIR writes elsewhere")
+        raise CommandError(
+            f"{out} holds an earlier run: --resume {shlex.quote(str(out))} continues it, "
+            "--overwrite replaces it, --out DIR writes elsewhere"
+        )
     return out, False
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, args: argparse.Namespace) -> RunResult:
-    return train(cfg, out=out, resume=resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
-                 progress=not args.quiet, callbacks=_tensorboard(args, ""))
+    return train(
+        cfg,
+        out=out,
+        resume=resume,
+        overwrite=args.overwrite,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+        callbacks=_tensorboard(args, ""),
+    )
 
 
 def _tensorboard(args: argparse.Namespace, run: str) -> list[Callback]:
@@ -243,8 +271,10 @@ def _process_group(args: argparse.Namespace) -> Iterator[None]:
         yield
         return
     if not torch.distributed.is_available():
-        raise CommandError(f"WORLD_SIZE={world} asks for {world} processes (a launcher such as torchrun), but "
-                           "this torch build has no torch.distributed")
+        raise CommandError(
+            f"WORLD_SIZE={world} asks for {world} processes (a launcher such as torchrun), but "
+            "this torch build has no torch.distributed"
+        )
     dist = torch.distributed
     created = False
     if not dist.is_initialized():
@@ -278,15 +308,20 @@ def _check_parallel(cfg: TrainConfig, parallel: TaskParallel | None) -> None:
     if parallel is None:
         return
     world, resolved = parallel.world_size, cfg.resolved()
-    if resolved.meta_batch < world:  # type: ignore[operator]
-        raise CommandError(f"--meta-batch {resolved.meta_batch} is smaller than the {world} processes of the run: "
-                           f"every process needs at least one task per meta-step; give --meta-batch {world} or "
-                           "more, or start fewer processes")
+    meta_batch = resolved.settings().meta_batch
+    if meta_batch < world:
+        raise CommandError(
+            f"--meta-batch {meta_batch} is smaller than the {world} processes of the run: "
+            f"every process needs at least one task per meta-step; give --meta-batch {world} or "
+            "more, or start fewer processes"
+        )
     device = str(resolved.device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     if device.startswith("cuda:") and local_world > 1:
-        raise CommandError(f"--device {device} would put all {local_world} processes of this machine on one GPU: "
-                           "give --device cuda (process LOCAL_RANK computes on GPU LOCAL_RANK)")
+        raise CommandError(
+            f"--device {device} would put all {local_world} processes of this machine on one GPU: "
+            "give --device cuda (process LOCAL_RANK computes on GPU LOCAL_RANK)"
+        )
     _local_gpu(device)
 
 
@@ -307,7 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def decide() -> tuple[TrainConfig, Path, bool]:
         if args.resume is None:
             cfg = _checked(_config(args, args.tableau))
-            tableau = get_tableau(cfg.resolved().tableau)  # type: ignore[arg-type]
+            tableau = cfg.resolved().settings().tableau
             out, resume = _run_folder(args, f"runs/{args.domain}-{slug(tableau.name)}")
         else:
             out, resume = _run_folder(args, "")
@@ -332,8 +367,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(train_report(run))
     if run.distributed is not None:
         d = run.distributed
-        print(f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
-              f"{', '.join(map(str, d['meta_batch_per_rank']))}")
+        print(
+            f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
+            f"{', '.join(map(str, d['meta_batch_per_rank']))}"
+        )
     written = [out / "results.json", out / "checkpoint.pt", out / METRICS_FILE, *write_run_plots(run, out)]
     if run.best is not None:
         written.insert(2, out / "best.pt")
@@ -356,12 +393,12 @@ def _resumed_compare(out: Path, args: argparse.Namespace, typed_lrs: list[float]
     tableaus = saved.tableaus
     cfg = _resumed_config(args, saved.config, tableau=tableaus[0])
     if "tableaus" in given and [t.name for t in args.tableaus] != [t.name for t in tableaus]:
-        raise CommandError(f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; "
-                           "drop --tableaus to resume it")
+        raise CommandError(
+            f"the comparison in {out} runs {', '.join(t.name for t in tableaus)}; drop --tableaus to resume it"
+        )
     if saved.inner_lrs is None or saved.seeds is None:
         if typed_lrs is not None and len(typed_lrs) > 1:
-            raise CommandError(f"the comparison in {out} has one inner step, not a grid; drop --inner-lr to "
-                               "resume it")
+            raise CommandError(f"the comparison in {out} has one inner step, not a grid; drop --inner-lr to resume it")
         if "seeds" in given and list(args.seeds) != [saved.config.seed]:
             raise CommandError(f"the comparison in {out} trains seed {saved.config.seed}; drop --seeds to resume it")
         if typed_lrs is not None:
@@ -369,14 +406,18 @@ def _resumed_compare(out: Path, args: argparse.Namespace, typed_lrs: list[float]
         return CompareSettings(_checked(cfg), tableaus)
     lrs, seeds = saved.inner_lrs, saved.seeds
     if typed_lrs is not None and [float(h) for h in typed_lrs] != lrs:
-        raise CommandError(f"the comparison in {out} runs the inner steps "
-                           f"{','.join(f'{h:g}' for h in lrs)}; drop --inner-lr to resume it")
+        raise CommandError(
+            f"the comparison in {out} runs the inner steps "
+            f"{','.join(f'{h:g}' for h in lrs)}; drop --inner-lr to resume it"
+        )
     if ("seeds" in given and list(args.seeds) != seeds) or "seed" in given:
-        raise CommandError(f"the comparison in {out} trains the seeds {','.join(map(str, seeds))}; "
-                           "drop --seed/--seeds to resume it")
+        raise CommandError(
+            f"the comparison in {out} trains the seeds {','.join(map(str, seeds))}; drop --seed/--seeds to resume it"
+        )
     if "select_steps" in given and args.select_steps != saved.select_steps:
-        raise CommandError(f"the comparison in {out} selects h after {saved.select_steps} step(s); drop "
-                           "--select-steps to resume it")
+        raise CommandError(
+            f"the comparison in {out} selects h after {saved.select_steps} step(s); drop --select-steps to resume it"
+        )
     cfg = _checked(cfg)
     return CompareSettings(cfg, tableaus, lrs, seeds, _check_grid(cfg, lrs, saved.select_steps))
 
@@ -399,7 +440,7 @@ def _compare_settings(out: Path, resume: bool, args: argparse.Namespace) -> Comp
     cfg = _checked(replace(cfg, seed=seeds[0]))
     if (typed_lrs is None or len(typed_lrs) == 1) and len(seeds) == 1:
         return CompareSettings(cfg, list(args.tableaus))
-    lrs = typed_lrs if typed_lrs is not None else [float(cfg.resolved().inner_lr)]  # type: ignore[arg-type]
+    lrs = typed_lrs if typed_lrs is not None else [float(cfg.resolved().settings().inner_lr)]
     select = _check_grid(cfg, lrs, args.select_steps)
     return CompareSettings(replace(cfg, inner_lr=None), list(args.tableaus), lrs, list(seeds), select)
 
@@ -428,10 +469,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     first_lr = settings.config.inner_lr if settings.inner_lrs is None else settings.inner_lrs[0]
     _check_parallel(replace(settings.config, tableau=settings.tableaus[0], inner_lr=first_lr), parallel)
     try:
-        result = compare(settings.config, settings.tableaus, out=out, inner_lrs=settings.inner_lrs,
-                         seeds=settings.seeds, select_steps=settings.select_steps, resume=resume,
-                         overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                         log=lambda line: print(line, flush=True), callbacks=lambda run: _tensorboard(args, run))
+        result = compare(
+            settings.config,
+            settings.tableaus,
+            out=out,
+            inner_lrs=settings.inner_lrs,
+            seeds=settings.seeds,
+            select_steps=settings.select_steps,
+            resume=resume,
+            overwrite=args.overwrite,
+            checkpoint_every=args.checkpoint_every,
+            progress=not args.quiet,
+            log=lambda line: print(line, flush=True),
+            callbacks=lambda run: _tensorboard(args, run),
+        )
     except CompareInterrupted as stop:
         if lead:
             print(f"{stop}; resume the comparison with: {_resume_hint(args, out)}", file=sys.stderr)
@@ -439,8 +490,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not lead:
         return 0
     print(result.report())
-    folders = ("one run folder per tableau, inner step and seed "
-               f"({out}/<tableau>/h<h>-s<seed>)" if result.is_grid else "one run folder per tableau")
+    folders = (
+        f"one run folder per tableau, inner step and seed ({out}/<tableau>/h<h>-s<seed>)"
+        if result.is_grid
+        else "one run folder per tableau"
+    )
     print(f"wrote {out / STATE_FILE}, {out / PLOT_FILE} and {folders}")
     return 0
 
@@ -450,7 +504,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg, opt, iterations = load_run(run_dir, device=args.device, checkpoint=f"{args.checkpoint}.pt")
     domain = get_domain(cfg.domain)
-    test_tasks = args.test_tasks or cfg.test_tasks
+    test_tasks = args.test_tasks or cfg.settings().test_tasks
     test_seed = cfg.test_seed if args.test_seed is None else args.test_seed
     test_step = cfg.test_step if args.test_step is None else args.test_step
     defaults = domain.defaults_for(cfg.options)
@@ -471,12 +525,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for line in (rates_line(rates), describe_learned_tableau(learned)):
         if line:
             print(line)
-    write_json(out, {"run": str(run_dir), "checkpoint": f"{args.checkpoint}.pt", "domain": domain.name,
-                     "iterations": iterations, "config": cfg.to_json(), "adaptation": args.adaptation,
-                     "test": {"tasks": int(result.losses.shape[1]), "seed": test_seed,
-                              **domain.test_protocol(cfg.options), **summary},
-                     **({"rates": rates} if rates is not None else {}),
-                     **({"learned_tableau": learned} if learned is not None else {})})
+    write_json(
+        out,
+        {
+            "run": str(run_dir),
+            "checkpoint": f"{args.checkpoint}.pt",
+            "domain": domain.name,
+            "iterations": iterations,
+            "config": cfg.to_json(),
+            "adaptation": args.adaptation,
+            "test": {
+                "tasks": int(result.losses.shape[1]),
+                "seed": test_seed,
+                **domain.test_protocol(cfg.options),
+                **summary,
+            },
+            **({"rates": rates} if rates is not None else {}),
+            **({"learned_tableau": learned} if learned is not None else {}),
+        },
+    )
     print(f"wrote {out}")
     return 0
 
@@ -518,6 +585,7 @@ def _tableau_list_arg(specs: str) -> list[Tableau]:
 def _number(kind: type, minimum: float | None, strict: bool) -> Callable[[str], Any]:
     """A parser of ``kind`` (``int`` or ``float``) values ``> minimum`` (``strict``) or ``>= minimum``; floats
     must also be finite. The rules are the ones :class:`~rkfast.train.TrainConfig` and the API apply."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -594,117 +662,260 @@ def _device_arg(text: str) -> str:
 # -- the parser ---------------------------------------------------------------------------------------
 
 
+# the parsers of the training flags' numbers (an outer learning rate may be 0, as for MetaOptimizer and torch)
+_POSITIVE_INT, _COUNT, _POSITIVE_FLOAT = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
+_RATE = _number(float, 0, False)
+
+
 def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: bool = False) -> None:
-    """The training flags of ``train`` and ``compare``; ``compare`` takes a grid of inner steps
-    (``--inner-lr H[,H...]``) and ``--seeds``."""
+    """The training flags of ``train`` and ``compare``, in the order ``--help`` lists them; ``compare`` takes a
+    grid of inner steps (``--inner-lr H[,H...]``) and ``--seeds``."""
+    _add_run_settings(p, domain, compare)
+    if compare:
+        _add_grid_options(p)
+    _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+    _add_rate_options(p)
+    _add_tableau_options(p)
+    _add_run_control(p)
+    _add_domain_options(p, domain)
+
+
+def _inner_lr_setting(d: Defaults, compare: bool) -> tuple[str, Callable[[str], Any], None, float, str]:
+    """``--inner-lr`` as :func:`_add_run_settings` lists it: one step, or (``compare``) a grid of steps."""
+    if not compare:
+        return ("--inner-lr", _POSITIVE_FLOAT, None, d.inner_lr, "the RK step h of the stages, > 0")
+    return (
+        "--inner-lr",
+        _list_arg(float, 0, True, "inner step"),
+        None,
+        d.inner_lr,
+        "the RK step h of the stages, > 0; several, comma-separated (0.01,0.02,0.04), are a grid: per "
+        "tableau every h trains with the first seed, the best final held-out result picks h, and the other "
+        "seeds train with that h",
+    )
+
+
+def _add_run_settings(p: argparse.ArgumentParser, domain: Domain, compare: bool) -> None:
+    """The flags of a run's :class:`~rkfast.train.TrainConfig` settings, with the domain's defaults in their help."""
     d = domain.defaults
     by_options = " with the default options" if domain.defaults_by_options else ""
-    pos_int, count, pos_float = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True)
-    rate = _number(float, 0, False)  # an outer learning rate may be 0, as for MetaOptimizer and torch
     # the domain's published settings stay None here, so that TrainConfig.resolved() fills them in for the
     # options given (Omniglot 20-way has its own meta-batch and inner step)
-    inner_lr = (("--inner-lr", _list_arg(float, 0, True, "inner step"), None, d.inner_lr,
-                 "the RK step h of the stages, > 0; several, comma-separated (0.01,0.02,0.04), are a grid: per "
-                 "tableau every h trains with the first seed, the best final held-out result picks h, and the other "
-                 "seeds train with that h") if compare else
-                ("--inner-lr", pos_float, None, d.inner_lr, "the RK step h of the stages, > 0"))
-    for flag, kind, default, shown, text in [
-        ("--meta-batch", pos_int, None, d.meta_batch, "tasks per meta-step"),
-        ("--iterations", pos_int, None, d.iterations, "meta-steps"),
-        inner_lr,
-        ("--lr", rate, None, d.lr, "Adam's outer learning rate, >= 0 (0 keeps the initialization)"),
-        ("--seed", count, 0, 0, "seed of the initialization and the training tasks"),
-        ("--eval-every", count, None, d.eval_every, "meta-steps between held-out evaluations (0: at start and end only)"),
-        ("--eval-tasks", count, None, d.eval_tasks, "held-out tasks of those evaluations"),
-        ("--test-tasks", pos_int, None, d.test_tasks, "meta-test tasks"),
-        ("--test-seed", count, 0, 0, "seed of the held-out and test tasks"),
-        ("--test-step", pos_float, None, None, "meta-test step size, > 0 (default: the tableau's own step, "
-                                               "docs/method.md)"),
+    settings: list[tuple[str, Callable[[str], Any], Any, Any, str]] = [
+        ("--meta-batch", _POSITIVE_INT, None, d.meta_batch, "tasks per meta-step"),
+        ("--iterations", _POSITIVE_INT, None, d.iterations, "meta-steps"),
+        _inner_lr_setting(d, compare),
+        ("--lr", _RATE, None, d.lr, "Adam's outer learning rate, >= 0 (0 keeps the initialization)"),
+        ("--seed", _COUNT, 0, 0, "seed of the initialization and the training tasks"),
+        (
+            "--eval-every",
+            _COUNT,
+            None,
+            d.eval_every,
+            "meta-steps between held-out evaluations (0: at start and end only)",
+        ),
+        ("--eval-tasks", _COUNT, None, d.eval_tasks, "held-out tasks of those evaluations"),
+        ("--test-tasks", _POSITIVE_INT, None, d.test_tasks, "meta-test tasks"),
+        ("--test-seed", _COUNT, 0, 0, "seed of the held-out and test tasks"),
+        (
+            "--test-step",
+            _POSITIVE_FLOAT,
+            None,
+            None,
+            "meta-test step size, > 0 (default: the tableau's own step, docs/method.md)",
+        ),
         ("--device", _device_arg, "cpu", "cpu", "torch device"),
-    ]:
+    ]
+    for flag, kind, default, shown, text in settings:
         where = by_options if default is None else ""
         # compare's grid of inner steps has a dest of its own (TrainConfig.inner_lr is one number)
-        more = {"dest": "inner_lrs", "metavar": "H[,H...]"} if compare and flag == "--inner-lr" else {}
-        p.add_argument(flag, type=kind, default=default, action=_Typed, **more,
-                       help=text if shown is None else f"{text} (default: {shown}{where})")
-    if compare:
-        p.add_argument("--seeds", type=_list_arg(int, 0, False, "seed"), default=None, action=_Typed,
-                       metavar="S[,S...]", help="several training seeds (0,1,2), each a run of every tableau with the "
-                                                "(selected) h; the table gives the mean over seeds x test tasks and "
-                                                "the seed-to-seed spread (default: --seed)")
-        p.add_argument("--select-steps", type=pos_int, default=None, action=_Typed, metavar="N",
-                       help="select h on the held-out result after N adaptation steps, one of the domain's "
-                            "held-out step counts (default: the last of them)")
-    _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+        more: dict[str, Any] = {"dest": "inner_lrs", "metavar": "H[,H...]"} if compare and flag == "--inner-lr" else {}
+        p.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            action=_Typed,
+            **more,
+            help=text if shown is None else f"{text} (default: {shown}{where})",
+        )
+
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    """``compare``'s seeds and the step count that selects h on a grid of inner steps."""
+    p.add_argument(
+        "--seeds",
+        type=_list_arg(int, 0, False, "seed"),
+        default=None,
+        action=_Typed,
+        metavar="S[,S...]",
+        help="several training seeds (0,1,2), each a run of every tableau with the "
+        "(selected) h; the table gives the mean over seeds x test tasks and "
+        "the seed-to-seed spread (default: --seed)",
+    )
+    p.add_argument(
+        "--select-steps",
+        type=_POSITIVE_INT,
+        default=None,
+        action=_Typed,
+        metavar="N",
+        help="select h on the held-out result after N adaptation steps, one of the domain's "
+        "held-out step counts (default: the last of them)",
+    )
+
+
+def _add_rate_options(p: argparse.ArgumentParser) -> None:
+    """Learned (or frozen) inner rates."""
     rates = p.add_argument_group("learned inner rates (docs/method.md)")
-    rates.add_argument("--learn-rates", choices=GRANULARITIES, default=None, action=_Typed,
-                       help="learn the inner rates, starting at --inner-lr: one scalar, one per parameter tensor "
-                            "(MAML++'s per-layer rates) or one per element (Meta-SGD); writes rates.png")
-    _flag(rates, "--per-stage-rates", help="one set of rates per stage slope (with --tableau 'maml(k)': MAML++'s "
-                                           "per-step rates); needs --learn-rates")
-    rates.add_argument("--rate-lr", type=rate, default=None, action=_Typed, metavar="X",
-                       help="Adam's learning rate of the rates, >= 0 (default: --lr); needs --learn-rates")
-    rates.add_argument("--frozen-rates", type=_frozen_rates_arg, default=None, action=_Typed,
-                       metavar="PATTERN=VALUE[,...]",
-                       help="fixed, not learned, rates of the parameter tensors whose names match a glob "
-                            "(e.g. '0.*=0,2.*=0' adapts only the sinusoid MLP's head: ANIL)")
+    rates.add_argument(
+        "--learn-rates",
+        choices=GRANULARITIES,
+        default=None,
+        action=_Typed,
+        help="learn the inner rates, starting at --inner-lr: one scalar, one per parameter tensor "
+        "(MAML++'s per-layer rates) or one per element (Meta-SGD); writes rates.png",
+    )
+    _flag(
+        rates,
+        "--per-stage-rates",
+        help="one set of rates per stage slope (with --tableau 'maml(k)': MAML++'s "
+        "per-step rates); needs --learn-rates",
+    )
+    rates.add_argument(
+        "--rate-lr",
+        type=_RATE,
+        default=None,
+        action=_Typed,
+        metavar="X",
+        help="Adam's learning rate of the rates, >= 0 (default: --lr); needs --learn-rates",
+    )
+    rates.add_argument(
+        "--frozen-rates",
+        type=_frozen_rates_arg,
+        default=None,
+        action=_Typed,
+        metavar="PATTERN=VALUE[,...]",
+        help="fixed, not learned, rates of the parameter tensors whose names match a glob "
+        "(e.g. '0.*=0,2.*=0' adapts only the sinusoid MLP's head: ANIL)",
+    )
+
+
+def _add_tableau_options(p: argparse.ArgumentParser) -> None:
+    """A learned tableau."""
     learned = p.add_argument_group("learned tableau (docs/method.md)")
-    learned.add_argument("--learn-tableau", choices=TABLEAU_PATTERNS, default=None, action=_Typed,
-                         help="learn the tableau's entries of A, starting at --tableau's: its non-zero entries "
-                              "('pattern') or every entry below the diagonal ('full'); writes tableau.png")
-    learned.add_argument("--tableau-weights", choices=TABLEAU_WEIGHTS, default="fixed", action=_Typed,
-                         help="b stays the tableau's ('fixed', default) or follows A through the order conditions "
-                              "('order': the scheme stays consistent); needs --learn-tableau")
-    learned.add_argument("--tableau-lr", type=rate, default=None, action=_Typed, metavar="X",
-                         help="Adam's learning rate of the learned tableau, >= 0 (default: --lr); needs --learn-tableau")
-    p.add_argument("--backend", choices=kernels.backend_choices(), default="auto", action=_Typed,
-                   help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)")
+    learned.add_argument(
+        "--learn-tableau",
+        choices=TABLEAU_PATTERNS,
+        default=None,
+        action=_Typed,
+        help="learn the tableau's entries of A, starting at --tableau's: its non-zero entries "
+        "('pattern') or every entry below the diagonal ('full'); writes tableau.png",
+    )
+    learned.add_argument(
+        "--tableau-weights",
+        choices=TABLEAU_WEIGHTS,
+        default="fixed",
+        action=_Typed,
+        help="b stays the tableau's ('fixed', default) or follows A through the order conditions "
+        "('order': the scheme stays consistent); needs --learn-tableau",
+    )
+    learned.add_argument(
+        "--tableau-lr",
+        type=_RATE,
+        default=None,
+        action=_Typed,
+        metavar="X",
+        help="Adam's learning rate of the learned tableau, >= 0 (default: --lr); needs --learn-tableau",
+    )
+
+
+def _add_run_control(p: argparse.ArgumentParser) -> None:
+    """How the run computes, shows its progress, saves, resumes and logs."""
+    p.add_argument(
+        "--backend",
+        choices=kernels.backend_choices(),
+        default="auto",
+        action=_Typed,
+        help="kernels of the stage arithmetic (default: %(default)s: C++ on CPU, Triton on CUDA)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or periodic evaluation lines")
-    p.add_argument("--checkpoint-every", type=pos_int, default=None, metavar="N",
-                   help="meta-steps between checkpoints (default: --eval-every, or 1000 when that is 0); "
-                        "a checkpoint is also written at the end, on a new best held-out result, on SIGINT/SIGTERM")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR (its settings; "
-                   "only --iterations, --device and --backend may change)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="meta-steps between checkpoints (default: --eval-every, or 1000 when that is 0); "
+        "a checkpoint is also written at the end, on a new best held-out result, on SIGINT/SIGTERM",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run saved in RUN_DIR (its settings; only --iterations, --device and --backend may change)",
+    )
     _flag(p, "--overwrite", help="a new run into a folder that holds an earlier run's files deletes them first")
-    p.add_argument("--tensorboard", metavar="DIR", default=None,
-                   help="also log to TensorBoard in DIR (compare: one subfolder per run); needs the tensorboard "
-                        "extra: pip install rkfast[tensorboard]")
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also log to TensorBoard in DIR (compare: one subfolder per run); needs the tensorboard "
+        "extra: pip install rkfast[tensorboard]",
+    )
+
+
+def _add_domain_options(p: argparse.ArgumentParser, domain: Domain) -> None:
+    """The domain's own options (:class:`~rkfast.tasks.Option`), in a group of their own."""
     if domain.options:
         group = p.add_argument_group(f"{domain.name} options")
         for o in domain.options:
             kind = type(o.default)
             parse = _number(kind, 0, True) if kind in (int, float) and o.positive else kind
-            group.add_argument(o.flag, dest=_OPTION_DEST + o.name, metavar=o.name.upper(), type=parse,
-                               default=o.default, action=_Typed,
-                               help=o.help if o.default == "" else f"{o.help} (default: %(default)s)")
+            group.add_argument(
+                o.flag,
+                dest=_OPTION_DEST + o.name,
+                metavar=o.name.upper(),
+                type=parse,
+                default=o.default,
+                action=_Typed,
+                help=o.help if o.default == "" else f"{o.help} (default: %(default)s)",
+            )
 
 
 def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> None:
-    by_domain = command.add_subparsers(dest="domain", required=True, metavar="DOMAIN",
-                                       title="task domains")
+    by_domain = command.add_subparsers(dest="domain", required=True, metavar="DOMAIN", title="task domains")
     for domain in domains().values():
         source = f" Defaults: {domain.defaults.source}." if domain.defaults.source else ""
         p = by_domain.add_parser(domain.name, help=domain.description, description=domain.description + "." + source)
         if compare:
-            p.add_argument("--tableaus", type=_tableau_list_arg, default=_tableau_list_arg("maml,heun,ralston,rk4"),
-                           action=_Typed,
-                           help="comma-separated tableaus (default: maml,heun,ralston,rk4)")
+            p.add_argument(
+                "--tableaus",
+                type=_tableau_list_arg,
+                default=_tableau_list_arg("maml,heun,ralston,rk4"),
+                action=_Typed,
+                help="comma-separated tableaus (default: maml,heun,ralston,rk4)",
+            )
             p.add_argument("--out", help=f"output folder (default: runs/compare-{domain.name})")
         else:
-            p.add_argument("--tableau", type=_tableau_arg, default=None, action=_Typed,
-                           help="a name (maml, heun, rk4, ...) or a factory call (maml(3), rk2(0.75)); default: "
-                                f"{domain.defaults.tableau}{' with the default options' if domain.defaults_by_options else ''}")
+            p.add_argument(
+                "--tableau",
+                type=_tableau_arg,
+                default=None,
+                action=_Typed,
+                help="a name (maml, heun, rk4, ...) or a factory call (maml(3), rk2(0.75)); default: "
+                f"{domain.defaults.tableau}{' with the default options' if domain.defaults_by_options else ''}",
+            )
             p.add_argument("--out", help=f"output folder (default: runs/{domain.name}-<tableau>)")
         _add_training_options(p, domain, compare=compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rkfast`` argument parser: ``train``/``compare`` per registered domain, ``eval``, ``tableaus``."""
-    parser = _Parser(prog="rkfast", description="Runge-Kutta meta-learning (RK-MAML) in PyTorch.",
-                     epilog="Many processes: torchrun --nproc-per-node N -m rkfast train|compare DOMAIN ... splits "
-                            "every meta-batch over N processes (gloo on CPU, NCCL on CUDA; rank 0 prints and writes). "
-                            f"{DIST_TIMEOUT_ENV}=SECONDS (default {DEFAULT_DIST_TIMEOUT_S:g}) bounds every wait for "
-                            "another process.")
+    parser = _Parser(
+        prog="rkfast",
+        description="Runge-Kutta meta-learning (RK-MAML) in PyTorch.",
+        epilog="Many processes: torchrun --nproc-per-node N -m rkfast train|compare DOMAIN ... splits "
+        "every meta-batch over N processes (gloo on CPU, NCCL on CUDA; rank 0 prints and writes). "
+        f"{DIST_TIMEOUT_ENV}=SECONDS (default {DEFAULT_DIST_TIMEOUT_S:g}) bounds every wait for "
+        "another process.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,tableaus}")
 
     train_cmd = sub.add_parser("train", help="meta-train one tableau on a task domain and meta-test it")
@@ -721,13 +932,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-seed", type=_number(int, 0, False), help="seed of the test tasks (default: the run's)")
     ev.add_argument("--steps", type=_steps_arg, help="adaptation step counts, e.g. 1,5,10 (default: the domain's)")
     ev.add_argument("--test-step", type=_number(float, 0, True), help="adaptation step size (default: the run's)")
-    ev.add_argument("--adaptation", choices=("gradient", "stages"), default="gradient",
-                    help="each adaptation step: a plain gradient step (default), or the tableau's own stages ending "
-                         "at its last stage's point, with the step h or the learned rates (docs/method.md)")
+    ev.add_argument(
+        "--adaptation",
+        choices=("gradient", "stages"),
+        default="gradient",
+        help="each adaptation step: a plain gradient step (default), or the tableau's own stages ending "
+        "at its last stage's point, with the step h or the learned rates (docs/method.md)",
+    )
     ev.add_argument("--device", type=_device_arg, help="torch device (default: the run's)")
     ev.add_argument("--out", help="where to write the results (default: RUN_DIR/eval.json)")
-    ev.add_argument("--checkpoint", choices=("checkpoint", "best"), default="checkpoint",
-                    help="the final state (checkpoint.pt, default) or the best held-out evaluation's (best.pt)")
+    ev.add_argument(
+        "--checkpoint",
+        choices=("checkpoint", "best"),
+        default="checkpoint",
+        help="the final state (checkpoint.pt, default) or the best held-out evaluation's (best.pt)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     tableaus = sub.add_parser("tableaus", help="list the named tableaus")
@@ -735,14 +954,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _silenced(streams: Sequence[str], active: bool) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _silenced(streams: Sequence[str], active: bool) -> Iterator[None]:
     """Redirect ``sys.stdout``/``sys.stderr`` (the named ``streams``) to ``os.devnull`` while ``active``."""
-    stack = contextlib.ExitStack()
-    if active:
-        sink = stack.enter_context(open(os.devnull, "w"))
+    if not active:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.ExitStack() as stack:
         for name in streams:
             stack.enter_context((contextlib.redirect_stdout if name == "stdout" else contextlib.redirect_stderr)(sink))
-    return stack
+        yield
 
 
 def _shown_by_this_rank(err: BaseException, rank: int) -> bool:
@@ -789,8 +1010,9 @@ def _main(argv: Sequence[str] | None, world: int, rank: int) -> int:
     try:
         with _silenced(("stdout",), rank != 0):
             if world > 1 and args.command == "eval":
-                raise CommandError("rkfast eval meta-tests in one process: run it without torchrun "
-                                   "(rkfast eval RUN_DIR)")
+                raise CommandError(
+                    "rkfast eval meta-tests in one process: run it without torchrun (rkfast eval RUN_DIR)"
+                )
             if args.command not in ("train", "compare"):
                 return args.func(args)
             with _process_group(args):
@@ -830,9 +1052,14 @@ def _reported(err: BaseException, command: str, rank: int, where: str) -> int | 
         message, code = "interrupted", 130
     elif dist_error is not None and isinstance(err, dist_error):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        message, code = (f"rkfast {command}{where}: error: lost contact with the other processes of the run "
-                         f"({type(err).__name__}: {first}); another process has probably failed (see its error) "
-                         "or the launcher stopped the job"), 1
+        message, code = (
+            (
+                f"rkfast {command}{where}: error: lost contact with the other processes of the run "
+                f"({type(err).__name__}: {first}); another process has probably failed (see its error) "
+                "or the launcher stopped the job"
+            ),
+            1,
+        )
     else:
         return None
     if _shown_by_this_rank(err, rank):

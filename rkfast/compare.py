@@ -7,8 +7,13 @@ in one folder, with one table, ``compare.json`` and ``compare.png``; optionally 
     from rkfast.compare import compare
     from rkfast.train import TrainConfig
 
-    result = compare(TrainConfig("sinusoid", iterations=2000), ["maml", "heun", "rk4"], out="runs/cmp",
-                     inner_lrs=[0.01, 0.02, 0.04], seeds=[0, 1, 2])
+    result = compare(
+        TrainConfig("sinusoid", iterations=2000),
+        ["maml", "heun", "rk4"],
+        out="runs/cmp",
+        inner_lrs=[0.01, 0.02, 0.04],
+        seeds=[0, 1, 2],
+    )
     print(result.report())  # what `rkfast compare` prints
 
 With one inner step and one seed a comparison is one run per tableau, in ``<out>/<tableau>``; with several
@@ -24,9 +29,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from . import plots
 from .distributed import TaskParallel, resolve_process_group
@@ -36,9 +42,21 @@ from .tableau import Tableau, get_tableau
 from .tasks import get_domain
 from .train import Callback, RunDiverged, RunInterrupted, RunResult, TrainConfig, lead_decides, load_result, slug, train
 
-__all__ = ["compare", "CompareResult", "CompareSettings", "CompareInterrupted", "load_settings", "validation_score",
-           "select_inner_lr", "selection_steps", "check_grid", "grid_folder", "ARGUMENT_NAMES", "STATE_FILE",
-           "PLOT_FILE"]
+__all__ = [
+    "compare",
+    "CompareResult",
+    "CompareSettings",
+    "CompareInterrupted",
+    "load_settings",
+    "validation_score",
+    "select_inner_lr",
+    "selection_steps",
+    "check_grid",
+    "grid_folder",
+    "ARGUMENT_NAMES",
+    "STATE_FILE",
+    "PLOT_FILE",
+]
 
 STATE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
@@ -92,8 +110,13 @@ def load_settings(out: Path | str) -> CompareSettings:
         grid = data.get("grid")
         if grid is None:
             return CompareSettings(config, tableaus)
-        return CompareSettings(config, tableaus, [float(h) for h in grid["inner_lr"]], [int(s) for s in grid["seeds"]],
-                               grid.get("select_steps"))
+        return CompareSettings(
+            config,
+            tableaus,
+            [float(h) for h in grid["inner_lr"]],
+            [int(s) for s in grid["seeds"]],
+            grid.get("select_steps"),
+        )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RunError(f"{state_file} is not a readable rkfast comparison ({type(err).__name__}: {err})") from None
 
@@ -117,16 +140,18 @@ def select_inner_lr(scores: dict[float, float | None], higher_is_better: bool) -
     """The inner step with the best validation score (lower, or higher for a metric where higher is better;
     the first one listed among equals); ``None`` when no score is finite (every run diverged)."""
     best: float | None = None
+    best_score = math.nan
     for h, score in scores.items():
         if score is None:
             continue
-        if best is None or (score > scores[best] if higher_is_better else score < scores[best]):  # type: ignore[operator]
-            best = h
+        if best is None or (score > best_score if higher_is_better else score < best_score):
+            best, best_score = h, score
     return best
 
 
-def selection_steps(config: TrainConfig, select_steps: int | None = None,
-                    names: Mapping[str, str] = ARGUMENT_NAMES) -> int:
+def selection_steps(
+    config: TrainConfig, select_steps: int | None = None, names: Mapping[str, str] = ARGUMENT_NAMES
+) -> int:
     """The adaptation step count whose held-out result selects h: ``select_steps``, which must be one of the
     domain's held-out evaluation step counts, or by default the last of them. ``ValueError`` otherwise, naming
     the setting as ``names`` does (the command line: its flags)."""
@@ -135,19 +160,27 @@ def selection_steps(config: TrainConfig, select_steps: int | None = None,
     if select_steps is None:
         return int(counts[-1])
     if select_steps not in counts:
-        raise ValueError(f"{names['select_steps']}{select_steps}: the held-out evaluations of this domain adapt "
-                         f"{', '.join(map(str, counts))} step(s); select on one of them")
+        raise ValueError(
+            f"{names['select_steps']}{select_steps}: the held-out evaluations of this domain adapt "
+            f"{', '.join(map(str, counts))} step(s); select on one of them"
+        )
     return int(select_steps)
 
 
-def check_grid(config: TrainConfig, inner_lrs: Sequence[float], select_steps: int | None = None,
-               names: Mapping[str, str] = ARGUMENT_NAMES) -> None:
+def check_grid(
+    config: TrainConfig,
+    inner_lrs: Sequence[float],
+    select_steps: int | None = None,
+    names: Mapping[str, str] = ARGUMENT_NAMES,
+) -> None:
     """A grid of several inner steps is selected on the held-out tasks: ``config`` must evaluate some, after
     ``select_steps`` adaptation steps (:func:`selection_steps`). ``ValueError`` naming the setting as ``names``
     does."""
     if len(inner_lrs) > 1 and not config.resolved().eval_tasks:
-        raise ValueError(f"a grid of inner steps ({names['inner_lrs']}) is selected on the held-out tasks: "
-                         f"{names['eval_tasks']} must be > 0")
+        raise ValueError(
+            f"a grid of inner steps ({names['inner_lrs']}) is selected on the held-out tasks: "
+            f"{names['eval_tasks']} must be > 0"
+        )
     if select_steps is not None:
         selection_steps(config, select_steps, names)
 
@@ -200,35 +233,59 @@ class CompareResult:
     def to_json(self) -> dict[str, Any]:
         """``compare.json``: the settings, the table's rows (:func:`~rkfast.report.compare_rows` or
         :func:`~rkfast.report.grid_rows`) and every run's results."""
-        base = {"status": self.status, "domain": self.config["domain"], "config": self.config,
-                "tableaus": [t.name for t in self.tableaus]}
+        base = {
+            "status": self.status,
+            "domain": self.config["domain"],
+            "config": self.config,
+            "tableaus": [t.name for t in self.tableaus],
+        }
         if not self.is_grid:
             return {**base, "table": compare_rows(self.runs), "runs": [r.to_json() for r in self.runs]}
         resolved = TrainConfig(**{**self.config, "tableau": self.tableaus[0], "inner_lr": self.inner_lrs[0]}).resolved()
         metric = get_domain(resolved.domain).metric
-        selection = {"on": "held-out (validation) tasks: the 'val' stream of test_seed; test tasks are never read",
-                     "metric": metric.name, "steps": self.select_steps, "higher_is_better": metric.higher_is_better,
-                     "seed": self.seeds[0], "tasks": resolved.eval_tasks, "test_seed": resolved.test_seed,
-                     "when": "the final held-out evaluation, after the last meta-step"}
-        return {**base, "grid": {"inner_lr": self.inner_lrs, "seeds": self.seeds, "select_steps": self.select_steps},
-                "selection": selection, "table": grid_rows(self.groups),
-                "runs": [{"folder": folder, **run.to_json()} for g in self.groups for folder, run in g.all_runs()]}
+        selection = {
+            "on": "held-out (validation) tasks: the 'val' stream of test_seed; test tasks are never read",
+            "metric": metric.name,
+            "steps": self.select_steps,
+            "higher_is_better": metric.higher_is_better,
+            "seed": self.seeds[0],
+            "tasks": resolved.eval_tasks,
+            "test_seed": resolved.test_seed,
+            "when": "the final held-out evaluation, after the last meta-step",
+        }
+        return {
+            **base,
+            "grid": {"inner_lr": self.inner_lrs, "seeds": self.seeds, "select_steps": self.select_steps},
+            "selection": selection,
+            "table": grid_rows(self.groups),
+            "runs": [{"folder": folder, **run.to_json()} for g in self.groups for folder, run in g.all_runs()],
+        }
 
     def folders(self) -> list[RunFolder]:
         """The run folders the comparison writes (every h and seed of a grid: the selection decides which)."""
         if not self.is_grid:
             return [RunFolder(self.out / slug(t.name)) for t in self.tableaus]
-        return [RunFolder(self.out / grid_folder(t, h, s)) for t in self.tableaus for h in self.inner_lrs
-                for s in self.seeds]
+        return [
+            RunFolder(self.out / grid_folder(t, h, s))
+            for t in self.tableaus
+            for h in self.inner_lrs
+            for s in self.seeds
+        ]
 
 
 class _Comparison:
     """The runs of one :func:`compare` call: trained, resumed or read back, in order; ``compare.json`` kept up
     to date (rank 0 alone reads and writes files, prints and holds the results)."""
 
-    def __init__(self, result: CompareResult, parallel: TaskParallel | None, resume: bool,
-                 train_options: dict[str, Any], log: Callable[[str], None],
-                 callbacks: Callable[[str], Sequence[Callback]] | None = None) -> None:
+    def __init__(
+        self,
+        result: CompareResult,
+        parallel: TaskParallel | None,
+        resume: bool,
+        train_options: dict[str, Any],
+        log: Callable[[str], None],
+        callbacks: Callable[[str], Sequence[Callback]] | None = None,
+    ) -> None:
         self.result, self.parallel, self.resume, self.train_options = result, parallel, resume, train_options
         self.callbacks = callbacks  # each run's, by its folder under out
         self.lead = parallel is None or parallel.rank == 0
@@ -289,15 +346,16 @@ class _Comparison:
         lrs, seeds, steps = group.grid, group.seeds, self.result.select_steps
         for h in lrs:
             run = self.one(group, h, seeds[0])
-            if self.lead:
-                group.search[h] = run  # type: ignore[assignment]
+            if self.lead and run is not None:  # rank 0 holds every run
+                group.search[h] = run
         if len(lrs) > 1:
+
             def decide() -> tuple[dict[float, float | None], float | None]:
                 scores = {h: validation_score(group.search.get(h), steps) for h in lrs}
                 return scores, select_inner_lr(scores, self.higher_is_better)
 
             group.scores, group.selected = lead_decides(self.parallel, decide)
-            self.log(selection_line(group, steps))  # type: ignore[arg-type]
+            self.log(selection_line(group, steps))
         else:
             group.scores, group.selected = {lrs[0]: validation_score(group.search.get(lrs[0]), steps)}, lrs[0]
         if group.selected is None:
@@ -306,8 +364,8 @@ class _Comparison:
             group.runs[seeds[0]] = group.search[group.selected]
         for seed in seeds[1:]:
             run = self.one(group, group.selected, seed)
-            if self.lead:
-                group.runs[seed] = run  # type: ignore[assignment]
+            if self.lead and run is not None:
+                group.runs[seed] = run
 
 
 def _distinct(values: Sequence[Any], what: str) -> None:
@@ -316,8 +374,14 @@ def _distinct(values: Sequence[Any], what: str) -> None:
         raise ValueError(f"{what} lists {', '.join(twice)} more than once")
 
 
-def _plan(config: TrainConfig, tableaus: Sequence[Tableau | str], out: Path | str, inner_lrs: Sequence[float] | None,
-          seeds: Sequence[int] | None, select_steps: int | None) -> CompareResult:
+def _plan(
+    config: TrainConfig,
+    tableaus: Sequence[Tableau | str],
+    out: Path | str,
+    inner_lrs: Sequence[float] | None,
+    seeds: Sequence[int] | None,
+    select_steps: int | None,
+) -> CompareResult:
     """The comparison's settings checked (``ValueError`` naming the bad one), as an empty result."""
     tabs = [t if isinstance(t, Tableau) else get_tableau(t) for t in tableaus]
     if not tabs:
@@ -331,21 +395,34 @@ def _plan(config: TrainConfig, tableaus: Sequence[Tableau | str], out: Path | st
         _distinct(values or [], what)
     config = replace(config, tableau=tabs[0])
     if len(lrs or ()) <= 1 and len(seed_list or ()) <= 1:  # one run per tableau
-        config = replace(config, inner_lr=lrs[0] if lrs else config.inner_lr,
-                         seed=seed_list[0] if seed_list else config.seed)
+        config = replace(
+            config, inner_lr=lrs[0] if lrs else config.inner_lr, seed=seed_list[0] if seed_list else config.seed
+        )
         resolved = config.resolved()
-        return CompareResult(Path(out), {**config.to_json(), "tableau": None}, tabs,
-                             [float(resolved.inner_lr)], [resolved.seed])  # type: ignore[arg-type]
+        return CompareResult(
+            Path(out),
+            {**config.to_json(), "tableau": None},
+            tabs,
+            [float(resolved.settings().inner_lr)],
+            [resolved.seed],
+        )
     seed_list = seed_list or [config.seed]
     config = replace(config, seed=seed_list[0])
-    lrs = lrs or [float(config.resolved().inner_lr)]  # type: ignore[arg-type]
+    lrs = lrs or [float(config.resolved().settings().inner_lr)]
     for h in lrs:
         for seed in seed_list:
             replace(config, inner_lr=h, seed=seed).resolved()  # each checked, naming the setting
     steps = selection_steps(replace(config, inner_lr=lrs[0]), select_steps)
     check_grid(replace(config, inner_lr=lrs[0]), lrs, steps)
-    return CompareResult(Path(out), replace(config, inner_lr=None).to_json(), tabs, lrs, [int(s) for s in seed_list],
-                         is_grid=True, select_steps=steps)
+    return CompareResult(
+        Path(out),
+        replace(config, inner_lr=None).to_json(),
+        tabs,
+        lrs,
+        [int(s) for s in seed_list],
+        is_grid=True,
+        select_steps=steps,
+    )
 
 
 def _check_folders(result: CompareResult, resume: bool, overwrite: bool) -> None:
@@ -355,10 +432,12 @@ def _check_folders(result: CompareResult, resume: bool, overwrite: bool) -> None
     if resume:
         saved = load_settings(out)
         given = (result.is_grid, result.inner_lrs, result.seeds) if result.is_grid else (False,)
-        had = ((True, saved.inner_lrs, saved.seeds) if saved.inner_lrs is not None else (False,))
+        had = (True, saved.inner_lrs, saved.seeds) if saved.inner_lrs is not None else (False,)
         if [t.name for t in saved.tableaus] != [t.name for t in result.tableaus] or given != had:
-            raise ValueError(f"the comparison in {out} runs other tableaus, inner steps or seeds: resume it with "
-                             "its own (rkfast.compare.load_settings reads them)")
+            raise ValueError(
+                f"the comparison in {out} runs other tableaus, inner steps or seeds: resume it with "
+                "its own (rkfast.compare.load_settings reads them)"
+            )
     elif not overwrite and ((out / STATE_FILE).is_file() or RunFolder(out).holds_run()):
         raise RunError(f"{out} holds an earlier comparison: resume=True continues it, overwrite=True replaces it")
     for folder in [RunFolder(out, (STATE_FILE, PLOT_FILE)), *result.folders()]:
@@ -422,8 +501,7 @@ def compare(
     if group_of_ranks is not None and group_of_ranks.world_size == 1:
         group_of_ranks = None  # a group of one: nothing to share
     lead_decides(group_of_ranks, lambda: _check_folders(result, resume, overwrite))
-    options = {"overwrite": overwrite, "checkpoint_every": checkpoint_every, "progress": progress,
-               "parallel": parallel}
+    options = {"overwrite": overwrite, "checkpoint_every": checkpoint_every, "progress": progress, "parallel": parallel}
     comparison = _Comparison(result, group_of_ranks, resume, options, log or (lambda _: None), callbacks)
     comparison.write("running")
     for tableau in result.tableaus:

@@ -4,8 +4,9 @@ tasks, and one all-reduce per step makes it the meta-direction of all of them, o
 :class:`~rkfast.optim.MetaOptimizer` does this by itself inside an initialized process group
 (``parallel="auto"``, the default, or a :class:`TaskParallel` or group passed in); :class:`TaskParallel` is
 what it keeps in :attr:`MetaOptimizer.distributed <rkfast.optim.MetaOptimizer.distributed>`, with the
-helpers a training loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the process group's
-own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or ``torch.distributed.init_process_group``.
+helpers a training loop needs (split the tasks, rank-dependent seeds, gather results). The transport is the
+process group's own (gloo on CPU, NCCL on CUDA), as started by ``torchrun`` or
+``torch.distributed.init_process_group``.
 
 One step, on every rank (``docs/distributed.md``):
 
@@ -21,7 +22,8 @@ One step, on every rank (``docs/distributed.md``):
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -157,8 +159,10 @@ class TaskParallel:
     def __init__(self, group: ProcessGroup | None = None, *, check_consistency: bool = False) -> None:
         dist = _dist()
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
-                               "(torchrun sets up its environment) before building a TaskParallel")
+            raise RuntimeError(
+                "torch.distributed is not initialized: call torch.distributed.init_process_group "
+                "(torchrun sets up its environment) before building a TaskParallel"
+            )
         self.group: ProcessGroup = dist.group.WORLD if group is None else group
         self.rank: int = dist.get_rank(self.group)
         self.world_size: int = dist.get_world_size(self.group)
@@ -179,8 +183,10 @@ class TaskParallel:
         return cls(None, check_consistency=check_consistency)
 
     def __repr__(self) -> str:
-        return (f"TaskParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
-                f"check_consistency={self.check_consistency})")
+        return (
+            f"TaskParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
+            f"check_consistency={self.check_consistency})"
+        )
 
     def global_rank(self, rank: int) -> int:
         """The global (default-group) rank of ``rank`` of this group."""
@@ -244,8 +250,14 @@ class TaskParallel:
 
     # -- what MetaOptimizer uses (LocalTasks has the same) -----------------------------------------------
 
-    def reduce_step(self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor, numel: int,
-                    stages: int, coefficients: Sequence[Tensor] = ()) -> tuple[MetaStepOutput, tuple[int, ...]]:
+    def reduce_step(
+        self,
+        compute: Callable[[], tuple[MetaStepOutput, int]],
+        like: Tensor,
+        numel: int,
+        stages: int,
+        coefficients: Sequence[Tensor] = (),
+    ) -> tuple[MetaStepOutput, tuple[int, ...]]:
         """:meth:`reduce_meta_step` of a step whose output may carry the learned ``coefficients``'
         directions (:class:`~rkfast.learned.RatesStepOutput`): they ride in the same buffer, after the
         parameters' ``numel`` entries (still one all-reduce). ``like``: a tensor of the parameters' dtype
@@ -272,8 +284,10 @@ class TaskParallel:
     def reduction_note(self, ranks: Sequence[int]) -> str:
         """Where a reduced meta-step was non-finite, for its error message."""
         if ranks:
-            return (f" (reduced over {self.world_size} ranks; non-finite on rank(s) {list(ranks)}: every rank "
-                    "raises this error)")
+            return (
+                f" (reduced over {self.world_size} ranks; non-finite on rank(s) {list(ranks)}: every rank "
+                "raises this error)"
+            )
         return f" (reduced over {self.world_size} ranks)"
 
     def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
@@ -282,8 +296,9 @@ class TaskParallel:
             _dist().broadcast(tensor, src=self.global_rank(src), group=self.group)
         return tensor
 
-    def reduce_meta_step(self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor,
-                         stages: int) -> tuple[MetaStepOutput, tuple[int, ...]]:
+    def reduce_meta_step(
+        self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor, stages: int
+    ) -> tuple[MetaStepOutput, tuple[int, ...]]:
         """The meta-step of all ranks' tasks: ``compute()`` on this rank, then one all-reduce.
 
         Args:
@@ -320,21 +335,11 @@ class TaskParallel:
                 buf[count_at] = scale
                 ok = torch.isfinite(out.direction).all() & torch.isfinite(out.loss)  # on the device
                 buf[nonfinite_at + self.rank] = (~ok).to(dtype)
-        except Exception as err:  # reported through the all-reduce, re-raised below
+        except Exception as err:  # noqa: BLE001 - any failure is reported through the all-reduce, re-raised below
             error = err
             buf.zero_()
             buf[failed_at + self.rank] = 1.0
-        try:
-            with torch.no_grad():
-                _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=self.group)
-        except Exception as err:
-            if error is not None:
-                raise error
-            raise RankFailedError(
-                f"the meta-step's all-reduce over {world} ranks failed on rank {self.rank}: {err}. Another rank "
-                "has probably died, or stopped calling step(); the wait is bounded by the process group's "
-                "timeout (init_process_group(timeout=...)). Parameters, .grad and optimizer state are unchanged "
-                "on this rank.", (), self.rank) from err
+        self._all_reduce_step(buf, error)
         tail = buf[count_at:].tolist()  # one host synchronization: the task count and the rank flags
         total = tail[0]
         failed = [r for r in range(world) if tail[1 + r] > 0]
@@ -347,13 +352,38 @@ class TaskParallel:
             raise RankFailedError(
                 f"the distributed meta-step failed on rank(s) {failed} of {world} (each raises its own exception "
                 f"there: see its log); rank {self.rank} raises this error so that no rank waits for it. "
-                "Parameters, .grad and optimizer state are unchanged on every rank.", failed, self.rank)
+                "Parameters, .grad and optimizer state are unchanged on every rank.",
+                failed,
+                self.rank,
+            )
         assert out is not None
         direction = (buf[:n_params] / total).to(like.dtype)
         loss = (buf[loss_at] / total).to(out.loss.dtype)
         stage_losses = {j: (buf[stages_at + j - 1] / total).to(v.dtype) for j, v in out.stage_losses.items()}
         nonfinite = tuple(r for r in range(world) if tail[1 + world + r] > 0)
         return MetaStepOutput(direction, loss, stage_losses, out.stage_metrics), nonfinite
+
+    def _all_reduce_step(self, buf: Tensor, error: BaseException | None) -> None:
+        """The step's one all-reduce of ``buf`` (summed in place). If it fails, this rank's own ``error`` (from
+        its ``compute``) is raised, else :class:`RankFailedError`."""
+        reduce_error: Exception | None = None
+        try:
+            with torch.no_grad():
+                _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=self.group)
+        except Exception as err:  # noqa: BLE001 - any failure of the transport is raised below
+            reduce_error = err
+        if reduce_error is None:
+            return
+        if error is not None:  # this rank's own failure comes first
+            raise error
+        raise RankFailedError(
+            f"the meta-step's all-reduce over {self.world_size} ranks failed on rank {self.rank}: {reduce_error}. "
+            "Another rank has probably died, or stopped calling step(); the wait is bounded by the process "
+            "group's timeout (init_process_group(timeout=...)). Parameters, .grad and optimizer state are "
+            "unchanged on this rank.",
+            (),
+            self.rank,
+        ) from reduce_error
 
     def check_identical(self, tensor: Tensor, what: str = "meta-parameters") -> None:
         """Raise :class:`InconsistentParametersError` on every rank unless ``tensor`` is bit-identical on
@@ -367,13 +397,16 @@ class TaskParallel:
         keys = [r[2:].numpy().tobytes() for r in rows]  # the bit checksum: float sums may differ in rounding
         differ = [r for r in range(self.world_size) if keys[r] != keys[0]]
         if differ:
-            stats = "; ".join(f"rank {r}: sum {float(rows[r][0])!r}, sum of squares {float(rows[r][1])!r}"
-                              for r in [0, *differ])
+            stats = "; ".join(
+                f"rank {r}: sum {float(rows[r][0])!r}, sum of squares {float(rows[r][1])!r}" for r in [0, *differ]
+            )
             raise InconsistentParametersError(
                 f"check_consistency: the {what} differ across ranks after the outer update: rank(s) {differ} "
                 f"differ from rank 0 ({stats}). Something changed them on some ranks only: an edit of the "
                 "parameters outside the optimizer, a rank-dependent .grad edit between compute() and apply(), "
-                "a checkpoint or outer-optimizer state loaded on some ranks only. The update was applied.", differ)
+                "a checkpoint or outer-optimizer state loaded on some ranks only. The update was applied.",
+                differ,
+            )
 
 
 def _checksum(tensor: Tensor) -> Tensor:
@@ -395,8 +428,14 @@ class LocalTasks:
 
     world_size = 1
 
-    def reduce_step(self, compute: Callable[[], tuple[MetaStepOutput, int]], like: Tensor, numel: int,
-                    stages: int, coefficients: Sequence[Tensor] = ()) -> tuple[MetaStepOutput, tuple[int, ...]]:
+    def reduce_step(
+        self,
+        compute: Callable[[], tuple[MetaStepOutput, int]],
+        like: Tensor,
+        numel: int,
+        stages: int,
+        coefficients: Sequence[Tensor] = (),
+    ) -> tuple[MetaStepOutput, tuple[int, ...]]:
         """``compute()``'s output as it is (no rank is non-finite but this one)."""
         return compute()[0], ()
 
@@ -410,19 +449,13 @@ class LocalTasks:
         return ""
 
 
-Parallel = Union[TaskParallel, LocalTasks]
-
-
-def _coefficient_directions(out: MetaStepOutput) -> list[Tensor]:
-    """The learned coefficients' meta-directions of a step's output (none for a plain one)."""
-    return list(getattr(out, "coefficient_directions", ()))
+Parallel = TaskParallel | LocalTasks
 
 
 def _joined(out: MetaStepOutput) -> MetaStepOutput:
     """``out`` with the learned coefficients' directions appended to the flat direction (one buffer to reduce)."""
-    extra = [d.reshape(-1).to(out.direction.dtype) for d in _coefficient_directions(out)]
-    return MetaStepOutput(torch.cat([out.direction.reshape(-1), *extra]), out.loss, out.stage_losses,
-                          out.stage_metrics)
+    extra = [d.reshape(-1).to(out.direction.dtype) for d in out.coefficient_directions]
+    return MetaStepOutput(torch.cat([out.direction.reshape(-1), *extra]), out.loss, out.stage_losses, out.stage_metrics)
 
 
 def _split(out: MetaStepOutput, local: MetaStepOutput, numel: int, coefficients: Sequence[Tensor]) -> MetaStepOutput:
@@ -433,5 +466,8 @@ def _split(out: MetaStepOutput, local: MetaStepOutput, numel: int, coefficients:
         pieces.append(out.direction[offset : offset + t.numel()].view(t.shape).to(t.dtype))
         offset += t.numel()
     rates = len(getattr(local, "rate_directions", ()))
-    return RatesStepOutput(MetaStepOutput(out.direction[:numel], out.loss, out.stage_losses, out.stage_metrics),
-                           pieces[:rates], pieces[rates:])
+    return RatesStepOutput(
+        MetaStepOutput(out.direction[:numel], out.loss, out.stage_losses, out.stage_metrics),
+        pieces[:rates],
+        pieces[rates:],
+    )

@@ -6,7 +6,7 @@ one launch over all of them, and a meta-direction ``[N]`` is written to every ``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -67,13 +67,13 @@ class FlatParameters:
         data = torch.empty(self.layout.numel, dtype=first.dtype, device=first.device)
         grad = torch.zeros_like(data)
         values, grad_views = [], []
-        for p, chunk, grad_chunk in zip(params, data.split(numels), grad.split(numels)):
+        for p, chunk, grad_chunk in zip(params, data.split(numels), grad.split(numels), strict=True):
             chunk.copy_(p.reshape(-1))
             values.append(chunk.view_as(p))
             grad_views.append(grad_chunk.view_as(p))
             if p.grad is not None:
                 grad_chunk.copy_(p.grad.reshape(-1))
-        for p, value, grad_view in zip(params, values, grad_views):
+        for p, value, grad_view in zip(params, values, grad_views, strict=True):
             p.data = value  # same Parameter object, now backed by the flat buffer
             if p.grad is not None:
                 p.grad = grad_view
@@ -82,14 +82,16 @@ class FlatParameters:
 
     def replaced(self) -> bool:
         """Whether something replaced a parameter's storage since the last binding."""
-        return any(p.data_ptr() != a or p.dtype != self.data.dtype or p.device != self.data.device
-                   for p, a in zip(self.params, self._addresses))
+        return any(
+            p.data_ptr() != a or p.dtype != self.data.dtype or p.device != self.data.device
+            for p, a in zip(self.params, self._addresses, strict=True)
+        )
 
     def check_rebind(self) -> None:
         """Raise, before anything changes, unless :meth:`rebind` can bind the parameters as they are now:
         one dtype and device, and every shape the layout's (the flat layout is fixed)."""
         check_one_kind(self.params)
-        for name, p, shape in zip(self.layout.names, self.params, self.layout.shapes):
+        for name, p, shape in zip(self.layout.names, self.params, self.layout.shapes, strict=True):
             if p.shape != shape:
                 raise ValueError(
                     f"parameter {name!r} changed shape from {tuple(shape)} to {tuple(p.shape)} after the optimizer "
@@ -104,7 +106,7 @@ class FlatParameters:
 
     def expose_grads(self) -> None:
         """Make every parameter's ``.grad`` its view into :attr:`grad` (``zero_grad`` may have unset them)."""
-        for p, g in zip(self.params, self._grad_views):
+        for p, g in zip(self.params, self._grad_views, strict=True):
             p.grad = g
 
     def write_grad(self, direction: Tensor) -> None:
@@ -119,11 +121,12 @@ class FlatParameters:
         by another tensor is copied in and becomes the view again; a ``.grad`` set to ``None`` reads as zero
         in the flat buffer and stays ``None`` (a torch optimizer then skips that parameter, as usual).
         """
-        for p, view in zip(self.params, self._grad_views):  # every problem is reported before anything changes
+        # every problem is reported before anything changes
+        for p, view in zip(self.params, self._grad_views, strict=True):
             if p.grad is not None and p.grad.shape != view.shape:
                 raise ValueError(f"a parameter of shape {tuple(view.shape)} has a .grad of shape {tuple(p.grad.shape)}")
         with torch.no_grad():
-            for p, view in zip(self.params, self._grad_views):
+            for p, view in zip(self.params, self._grad_views, strict=True):
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.data_ptr() != view.data_ptr():

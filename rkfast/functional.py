@@ -12,7 +12,7 @@ autograd (``vectorize=False``, for models that cannot run under vmap); both comp
 :func:`model_task_loss` turns a loss over the model's functional call into a per-task loss.
 
 The method is stated in ``docs/method.md``; the names below follow it: the stage points
-``theta_i^(j) = theta - h sum_{l<j} A_jl k_i^(l)``, the slopes ``k_i^(l) = grad L_S,i(theta_i^(l))`` and the
+``theta_i^(j) = theta - h sum_{m<j} A_jm k_i^(m)``, the slopes ``k_i^(m) = grad L_S,i(theta_i^(m))`` and the
 meta-loss ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))``.
 """
 
@@ -21,9 +21,10 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -170,8 +171,8 @@ def _step_count(n: Any, steps: tuple) -> int:
 class Stage:
     """Stage ``index`` (0-based) of every task: its point ``theta [N]`` (``shared``: stage 1, or a stage
     whose row of ``A`` is zero, sits at theta for every task) or ``theta^(j) [T, N]``. With learned rates
-    or a learned tableau, ``terms`` are the ``(l, A[j][l], r_l [N], k^(l) [T, N])`` the point was built from
-    (what the first-order directions of the coefficients need; ``A[j][l]`` a float or a 0-d tensor); empty
+    or a learned tableau, ``terms`` are the ``(m, A[j][m], r_m [N], k^(m) [T, N])`` the point was built from
+    (what the first-order directions of the coefficients need; ``A[j][m]`` a float or a 0-d tensor); empty
     otherwise."""
 
     index: int
@@ -180,10 +181,11 @@ class Stage:
     terms: tuple[tuple[int, Any, Tensor, Tensor], ...] = ()
 
 
-def elementwise_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                            backend: str = "torch") -> Tensor:
-    """``out[t] = theta - sum_l coefs[l] ⊙ slopes[l][t]`` with per-element coefficient vectors ``coefs[l] [N]``
-    (the stage point with learned rates, ``coefs[l] = A[j][l] * r_l``), differentiable in all three.
+def elementwise_stage_point(
+    theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], backend: str = "torch"
+) -> Tensor:
+    """``out[t] = theta - sum_m coefs[m] ⊙ slopes[m][t]`` with per-element coefficient vectors ``coefs[m] [N]``
+    (the stage point with learned rates, ``coefs[m] = A[j][m] * r_m``), differentiable in all three.
 
     The fused :func:`rkfast.kernels.stage_point_elementwise` of ``backend`` (``"torch"``: its pure-PyTorch
     reference)."""
@@ -206,19 +208,19 @@ def stage_points(
 ) -> Iterator[Stage]:
     """The stages whose query loss the meta-loss weighs (``b_j != 0``), in order.
 
-    ``theta^(j) = theta - h sum_{l<j} A[j][l] k^(l)`` with the slopes ``k^(l) = grad L_S(theta^(l))``; a slope
+    ``theta^(j) = theta - h sum_{m<j} A[j][m] k^(m)`` with the slopes ``k^(m) = grad L_S(theta^(m))``; a slope
     is computed only if a later stage reads it, and differentiably in ``theta`` (``create_graph``) for
     second order, with :func:`rkfast.norms.current_step` at ``j`` (the caller sets it around what it
     computes at a yielded stage). ``workspace`` (first order only: nothing is differentiated through the
     points then) holds the stage points between steps.
 
-    ``rates`` (learned inner rates, :mod:`rkfast.learned`): ``rates(l)`` is the rate vector ``r_l [N]`` of
-    slope ``l``, and ``theta^(j) = theta - sum_{l<j} A[j][l] (r_l ⊙ k^(l))`` replaces the step ``h``
+    ``rates`` (learned inner rates, :mod:`rkfast.learned`): ``rates(m)`` is the rate vector ``r_m [N]`` of
+    slope ``m``, and ``theta^(j) = theta - sum_{m<j} A[j][m] (r_m ⊙ k^(m))`` replaces the step ``h``
     (:func:`elementwise_stage_point`; differentiable in the rates, the yielded stages carry their ``terms``).
     ``matrix`` (a learned tableau, with ``rates``): the values ``A [s, s]`` (a tensor, differentiable) that
     replace ``tableau``'s at its non-zero positions (``tableau`` then gives the pattern only).
     """
-    slopes: list[Tensor | None] = [None] * tableau.stages
+    slopes: dict[int, Tensor] = {}  # the slopes a later stage still reads
     last_reader, needs_slope, needs_query = tableau.last_reader, tableau.needs_support_grad, tableau.needs_query_loss
     for j in range(tableau.stages):
         need_slope, need_query = needs_slope[j], needs_query[j]
@@ -230,20 +232,16 @@ def stage_points(
         if shared:
             point = theta
         elif rates is not None:
-            terms = tuple((l, a if matrix is None else matrix[j, l], rates(l), slopes[l])  # type: ignore[misc]
-                          for l, a in coefs)
-            point = elementwise_stage_point(theta, [k for *_, k in terms], [a * r for _, a, r, _ in terms],
-                                            backend)
-            for l, _ in coefs:
-                if last_reader[l] == j:
-                    slopes[l] = None
+            terms = tuple((m, a if matrix is None else matrix[j, m], rates(m), slopes[m]) for m, a in coefs)
+            point = elementwise_stage_point(theta, [k for *_, k in terms], [a * r for _, a, r, _ in terms], backend)
         else:
             out = workspace.get(("point", j), (tasks.num_tasks, theta.shape[0]), theta) if workspace else None
-            point = stage_point(theta, [slopes[l] for l, _ in coefs], [h * a for _, a in coefs],
-                                out=out, backend=backend)
-            for l, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
-                if last_reader[l] == j:
-                    slopes[l] = None
+            point = stage_point(
+                theta, [slopes[m] for m, _ in coefs], [h * a for _, a in coefs], out=out, backend=backend
+            )
+        for m, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
+            if last_reader[m] == j:
+                del slopes[m]
         if need_slope:
             with at_step(j):  # per-step layers (rkfast.norms) normalize for stage j
                 data = tasks.data(support_data, j, point, shared)
@@ -281,13 +279,20 @@ class SecondOrderDirection(_MetaLoss):
 
     second_order = True
 
-    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None, learned: TableauCoefficients | None = None) -> None:
+    def __init__(
+        self,
+        theta: Tensor,
+        tasks: TaskMap,
+        backend: str,
+        workspace: Workspace | None,
+        rates: LearnedRates | None = None,
+        learned: TableauCoefficients | None = None,
+    ) -> None:
         self.theta = theta.detach().requires_grad_()  # a fresh leaf: the caller's theta is left alone
         self.rates, self.learned = rates, learned
         super().__init__(self.theta, tasks)
 
-    def grad_mode(self) -> ContextManager:
+    def grad_mode(self) -> AbstractContextManager:
         return torch.enable_grad()
 
     def add(self, stage: Stage, weight: float, query_loss: TaskLoss, data: Any) -> None:
@@ -310,11 +315,12 @@ class SecondOrderDirection(_MetaLoss):
         else:
             with self.tasks.vmap_errors():
                 grads = torch.autograd.grad(_tracked(self.loss), [self.theta, *leaves], allow_unused=True)
-            if grads[0] is None:
-                raise ValueError(DETACHED_LOSS)
-        extra = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, grads[1:])]
+        direction, *leaf_grads = grads
+        if direction is None:
+            raise ValueError(DETACHED_LOSS)
+        extra = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(leaves, leaf_grads, strict=True)]
         n = len(rate_leaves)
-        return RatesStepOutput(self.output(grads[0]), extra[:n], extra[n:])  # type: ignore[arg-type]
+        return RatesStepOutput(self.output(direction), extra[:n], extra[n:])
 
 
 class FirstOrderDirection(_MetaLoss):
@@ -327,8 +333,15 @@ class FirstOrderDirection(_MetaLoss):
 
     second_order = False
 
-    def __init__(self, theta: Tensor, tasks: TaskMap, backend: str, workspace: Workspace | None,
-                 rates: LearnedRates | None = None, learned: TableauCoefficients | None = None) -> None:
+    def __init__(
+        self,
+        theta: Tensor,
+        tasks: TaskMap,
+        backend: str,
+        workspace: Workspace | None,
+        rates: LearnedRates | None = None,
+        learned: TableauCoefficients | None = None,
+    ) -> None:
         self.theta = theta.detach()
         super().__init__(self.theta, tasks)
         self.backend, self.workspace = backend, workspace
@@ -340,7 +353,7 @@ class FirstOrderDirection(_MetaLoss):
         self.per_task: list[tuple[Tensor, float]] = []  # query gradients [T, N] and their weights b_j / T
         self.summed: list[tuple[Tensor, float]] = []  # at a shared point the backward already summed the tasks
 
-    def grad_mode(self) -> ContextManager:
+    def grad_mode(self) -> AbstractContextManager:
         return nullcontext()
 
     def add(self, stage: Stage, weight: float, query_loss: TaskLoss, data: Any) -> None:
@@ -350,19 +363,19 @@ class FirstOrderDirection(_MetaLoss):
             with self.tasks.vmap_errors():
                 g = loss_gradient(q.sum(), leaf)
         (self.summed if stage.shared else self.per_task).append((g, weight / self.tasks.num_tasks))
-        learn_rates = self.rates is not None and self.rates.learned
-        if learn_rates or self.learned is not None:
-            # with u_jl = sum_i g_ij ⊙ k_il, the meta-loss b_j mean_i L_Q,i(theta - sum_l A_jl r_l ⊙ k_il) has
-            # d/d r_l = -(b_j / T) A_jl u_jl and d/d A_jl = -(b_j / T) <r_l, u_jl>
+        learned_rates = self.rates if self.rates is not None and self.rates.learned else None
+        if learned_rates is not None or self.learned is not None:
+            # with u_jm = sum_i g_ij ⊙ k_im, the meta-loss b_j mean_i L_Q,i(theta - sum_m A_jm r_m ⊙ k_im) has
+            # d/d r_m = -(b_j / T) A_jm u_jm and d/d A_jm = -(b_j / T) <r_m, u_jm>
             scale = -weight / self.tasks.num_tasks
-            for l, a, r, k in stage.terms:
+            for m, a, r, k in stage.terms:
                 u = (g * k).sum(0)
-                if learn_rates:
-                    s = min(l, self.rates.sets - 1)  # type: ignore[union-attr]
+                if learned_rates is not None:
+                    s = min(m, learned_rates.sets - 1)
                     term = u * (a * scale)
                     self.rate_grads[s] = term if s not in self.rate_grads else self.rate_grads[s] + term
                 if self.learned is not None:
-                    self.grad_A[stage.index, l] += scale * torch.dot(r, u)
+                    self.grad_A[stage.index, m] += scale * torch.dot(r, u)
         if self.learned is not None:
             self.grad_b[stage.index] = q.detach().mean()  # d/d b_j: the stage's mean query loss
         self.record(stage, weight, q.detach(), metrics)
@@ -370,7 +383,7 @@ class FirstOrderDirection(_MetaLoss):
     def result(self) -> MetaStepOutput:
         out = self.workspace.get("direction", tuple(self.theta.shape), self.theta) if self.workspace else None
         if self.per_task:
-            grads, weights = zip(*self.per_task)
+            grads, weights = zip(*self.per_task, strict=True)
             direction = combine(list(grads), list(weights), out=out, backend=self.backend)
         else:
             direction = out.zero_() if out is not None else torch.zeros_like(self.theta)
@@ -405,51 +418,43 @@ def rk_meta_step(
 ) -> MetaStepOutput:
     """One Runge-Kutta meta-step over a batch of tasks (``docs/method.md``).
 
-    For each task ``i`` and stage ``j`` the stage point is
-    ``theta_i^(j) = theta - h * sum_{l<j} A[j][l] * k_i^(l)`` with ``k_i^(l)`` the support gradient at
-    ``theta_i^(l)``; the meta-loss is ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))`` and the meta-direction
-    its gradient (:class:`SecondOrderDirection`), or with the slopes held constant
-    (:class:`FirstOrderDirection`). Only the support gradients a later stage uses and the query losses with
-    ``b_j != 0`` are computed.
+    The stage points are ``theta_i^(j) = theta - h sum_{m<j} A[j][m] k_i^(m)``, with ``k_i^(m)`` task ``i``'s
+    support gradient at ``theta_i^(m)``; the meta-direction is the gradient of the meta-loss
+    ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))`` (:class:`SecondOrderDirection`), or with the slopes held
+    constant (:class:`FirstOrderDirection`). Only the support gradients a later stage reads and the query
+    losses with ``b_j != 0`` are computed.
 
     Args:
         theta: flat meta-parameters ``[N]`` (not modified).
         support_loss, query_loss: per-task losses ``loss(row, data)`` (see :mod:`rkfast.taskmap`).
         support_data, query_data: task data, pytrees with the task dimension first or stage callables.
-        tableau: a :class:`~rkfast.tableau.Tableau` or its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), or a
-            :class:`~rkfast.learned.TableauCoefficients` (a bound ``LearnedTableau``): its entries of ``A``
-            (and ``b``, with ``weights="order"``) are its tensors' current values, and the result's
-            ``tableau_directions`` are the meta-loss's gradients with respect to them (exact for second order; for first order with the slopes held
-            constant, ``-(b_j / T) sum_i <h g_ij, k_il>`` for ``A[j][l]`` plus ``mean_i L_Q,i(theta^(j))``
-            through ``db_j/dA``).
+        tableau: a :class:`~rkfast.tableau.Tableau`, its name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), or a
+            bound ``LearnedTableau`` (:class:`~rkfast.learned.TableauCoefficients`): ``A`` (and ``b``) at its
+            tensors' current values; the result's ``tableau_directions`` are the meta-loss's gradients for them.
         inner_lr: the RK step ``h`` of the stages, a finite number ``> 0`` (:func:`check_step`).
         first_order: treat the support gradients as constants (no Hessian-vector products).
         vectorize: all tasks at once under ``vmap``; ``False`` runs them one by one with plain autograd.
         num_tasks: ``T``; needed only when both data are callables.
         randomness: ``vmap`` randomness for stochastic layers (dropout): ``"different"`` per task.
         backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`).
-        workspace: reuse its buffers for the first-order stage points and meta-direction (no allocation
-            for them after the first step of a shape); the returned direction is then one of them.
+        workspace: reuse its buffers for the first-order stage points and meta-direction (:class:`Workspace`).
         rates: learned (or fixed per-tensor) inner rates, :class:`~rkfast.learned.LearnedRates`: the stage
-            points become ``theta - sum_l A[j][l] (r_l ⊙ k^(l))`` with ``r_l = rates.vector(l)`` in place of
-            ``h`` (``docs/method.md``, "Learned inner rates"), and the result is a
-            :class:`~rkfast.learned.RatesStepOutput` whose ``rate_directions`` are the meta-loss's gradients
-            with respect to ``rates.tensors``: exact for second order (the same backward as theta's), with
-            the slopes held constant for first order,
-            ``sum_j b_j mean_i sum_l (-A[j][l] g_ij ⊙ k_il)`` reduced to the granularity.
+            points become ``theta - sum_m A[j][m] (r_m ⊙ k^(m))`` with ``r_m = rates.vector(m)`` in place of
+            ``h``, and the result is a :class:`~rkfast.learned.RatesStepOutput` whose ``rate_directions`` are
+            the meta-loss's gradients for ``rates.tensors``. For first order the coefficients' gradients hold
+            the slopes constant (``docs/method.md``, "Learned inner rates" and "Learned tableaus").
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
 
     Raises:
-        ValueError: a per-task loss that is not a 0-d tensor, or that does not depend on the parameters
-            (detached); ``inner_lr`` not a finite number ``> 0``.
-        VmapUnsupportedError: (``vectorize=True``) the model or loss cannot run under ``vmap``
-            (:mod:`rkfast.taskmap`); ``vectorize=False`` runs it.
+        ValueError: a per-task loss that is not a 0-d tensor or does not depend on the parameters (detached);
+            ``inner_lr`` not a finite number ``> 0``.
+        VmapUnsupportedError: (``vectorize=True``) the model or loss cannot run under ``vmap`` (:mod:`rkfast.taskmap`).
     """
     check_theta(theta)
     learned = tableau if isinstance(tableau, TableauCoefficients) else None
-    tab = learned.structure if learned is not None else get_tableau(tableau)
+    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
     h = check_step("inner_lr", inner_lr)
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
     tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
@@ -457,39 +462,61 @@ def rk_meta_step(
     direction = rule(theta, tasks, backend, workspace, rates, learned)
     with direction.grad_mode():
         rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, first_order)
-        for stage in stage_points(direction.theta, tab, h, tasks, support_loss, support_data,
-                                  second_order=rule.second_order, backend=backend,
-                                  workspace=workspace if first_order else None, rates=rate_of, matrix=matrix):
+        for stage in stage_points(
+            direction.theta,
+            tab,
+            h,
+            tasks,
+            support_loss,
+            support_data,
+            second_order=rule.second_order,
+            backend=backend,
+            workspace=workspace if first_order else None,
+            rates=rate_of,
+            matrix=matrix,
+        ):
             with at_step(stage.index):
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
                 direction.add(stage, weights[stage.index], query_loss, data)
         return direction.result()
 
 
-def _stage_coefficients(theta: Tensor, tab: Tableau, h: float, rates: LearnedRates | None,
-                        learned: TableauCoefficients | None, first_order: bool
-                        ) -> tuple[Callable[[int], Tensor] | None, Tensor | None, list[Any]]:
+def _stage_coefficients(
+    theta: Tensor,
+    tab: Tableau,
+    h: float,
+    rates: LearnedRates | None,
+    learned: TableauCoefficients | None,
+    first_order: bool,
+) -> tuple[Callable[[int], Tensor] | None, Tensor | None, list[Any]]:
     """What the stage points and the meta-loss read of the learned coefficients: the rate vector of slope
-    ``l`` (``None``: the fixed step ``h``), the learned ``A`` (``None``: the tableau's) and the weights ``b``
+    ``m`` (``None``: the fixed step ``h``), the learned ``A`` (``None``: the tableau's) and the weights ``b``
     (tensors for second order, differentiated; plain numbers for first order, whose coefficient directions
     are formulas, so nothing is differentiated through them)."""
-    rate_of, matrix, weights = None, None, list(tab.b)
+    rate_of: Callable[[int], Tensor] | None = None
+    matrix: Tensor | None = None
+    weights: list[Any] = list(tab.b)
     with torch.no_grad() if first_order else nullcontext():
         if rates is not None:
-            vectors = [rates.vector(s) for s in range(rates.sets)]
-            rate_of = lambda l: vectors[min(l, len(vectors) - 1)]  # noqa: E731
+            rate_of = _rate_vectors([rates.vector(s) for s in range(rates.sets)])
         if learned is not None:
             capturing = theta.is_cuda and torch.cuda.is_current_stream_capturing()
             if capturing and first_order:
-                raise ValueError("a learned tableau's first-order step reads its weights b on the host, which a "
-                                 "CUDA graph cannot capture: use second order or capture=False")
+                raise ValueError(
+                    "a learned tableau's first-order step reads its weights b on the host, which a "
+                    "CUDA graph cannot capture: use second order or capture=False"
+                )
             matrix = learned.matrix().to(theta.dtype)
             b = learned.weights(matrix, check=not capturing)  # captured: a singular b skips the step
             weights = b.tolist() if first_order else list(b.unbind())  # first order: plain weights for combine
             if rate_of is None:  # the fixed step h as a rate vector: the points' coefficients are A's tensors
-                step = theta.new_full(theta.shape, h)
-                rate_of = lambda l: step  # noqa: E731
+                rate_of = _rate_vectors([theta.new_full(theta.shape, h)])
     return rate_of, matrix, weights
+
+
+def _rate_vectors(vectors: list[Tensor]) -> Callable[[int], Tensor]:
+    """Slope ``m``'s rate vector: set ``m``, the last set for later slopes (one set: every slope's)."""
+    return lambda m: vectors[min(m, len(vectors) - 1)]
 
 
 def adapt(
@@ -569,27 +596,28 @@ def adapt(
 @dataclass
 class StageMap:
     """The adaptation one RK meta-step trains: from parameters ``p`` (``[N]`` shared, or ``[T, N]``), the stage
-    points ``p^(j) = p - sum_{l<j} A[j][l] (r_l ⊙ k^(l))`` with the support slopes ``k^(l)``, up to the last
+    points ``p^(j) = p - sum_{m<j} A[j][m] (r_m ⊙ k^(m))`` with the support slopes ``k^(m)``, up to the last
     stage, whose point is the adapted parameters (what :func:`adapt` uses with ``stages=``).
 
     Attributes:
         tableau: a fixed tableau, or a learned one at its current values (``TableauCoefficients.current()``).
-        rates: per-slope rate vectors ``rates(l) [N]`` (learned inner rates), or ``None``: the step ``h``.
+        rates: per-slope rate vectors ``rates(m) [N]`` (learned inner rates), or ``None``: the step ``h``.
     """
 
     tableau: Tableau
     rates: Callable[[int], Tensor] | None = None
 
-    def last_point(self, params: Tensor, shared: bool, h: float, tasks: TaskMap, support_loss: TaskLoss,
-                   support_data: TaskData) -> Tensor:
+    def last_point(
+        self, params: Tensor, shared: bool, h: float, tasks: TaskMap, support_loss: TaskLoss, support_data: TaskData
+    ) -> Tensor:
         """The last stage's point from ``params`` (no graph kept; per-step layers use stage ``j``'s row)."""
         slopes: dict[int, Tensor] = {}
 
         def point(j: int) -> tuple[Tensor, bool]:
             p, p_shared = params, shared
-            for l, a in self.tableau.coefficients(j):
-                step = h if self.rates is None else h * self.rates(l).detach()
-                p, p_shared = p - (step * a) * slopes[l], False
+            for m, a in self.tableau.coefficients(j):
+                step = h if self.rates is None else h * self.rates(m).detach()
+                p, p_shared = p - (step * a) * slopes[m], False
             return p, p_shared
 
         last = self.tableau.stages - 1
@@ -635,8 +663,14 @@ def model_call(module: nn.Module, *, batch_statistics: bool = True) -> Callable[
     return call
 
 
-def model_task_loss(module: nn.Module, loss: ModelLoss, layout: ParamLayout | None = None,
-                    *, norm_layers: bool | None = None, batch_statistics: bool = True) -> TaskLoss:
+def model_task_loss(
+    module: nn.Module,
+    loss: ModelLoss,
+    layout: ParamLayout | None = None,
+    *,
+    norm_layers: bool | None = None,
+    batch_statistics: bool = True,
+) -> TaskLoss:
     """The per-task loss ``row, data -> loss(model, data)`` for the core functions.
 
     ``model(*inputs)`` runs ``module`` with ``torch.func.functional_call`` on the parameters viewed out of
@@ -645,15 +679,23 @@ def model_task_loss(module: nn.Module, loss: ModelLoss, layout: ParamLayout | No
     their running statistics alone (:func:`model_call`). ``norm_layers`` (default: looked up in ``module``)
     says whether the model normalizes.
     """
-    layout = layout or ParamLayout.from_module(module)
-    call = model_call(module, batch_statistics=batch_statistics)
+    return _ModelTaskLoss(
+        layout or ParamLayout.from_module(module),
+        model_call(module, batch_statistics=batch_statistics),
+        loss,
+        has_norm_layers(module) if norm_layers is None else norm_layers,
+    )
 
-    def task_loss(row: Tensor, data: Any) -> Any:
-        params = layout.unflatten(row)
-        return loss(lambda *inputs, **kwargs: call(params, *inputs, **kwargs), data)
 
-    task_loss.has_norm_layers = has_norm_layers(module) if norm_layers is None else norm_layers  # type: ignore[attr-defined]
-    return task_loss
+class _ModelTaskLoss:
+    """:func:`model_task_loss`'s loss; ``has_norm_layers`` is what :mod:`rkfast.taskmap` reads of a loss."""
+
+    def __init__(self, layout: ParamLayout, call: Callable[..., Any], loss: ModelLoss, norm_layers: bool) -> None:
+        self.layout, self.call, self.loss, self.has_norm_layers = layout, call, loss, norm_layers
+
+    def __call__(self, row: Tensor, data: Any) -> Any:
+        params = self.layout.unflatten(row)
+        return self.loss(lambda *inputs, **kwargs: self.call(params, *inputs, **kwargs), data)
 
 
 _REGRESSION_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
@@ -668,8 +710,10 @@ def _loss_name(loss_fn: Callable) -> str:
 
 def _reshape_hint(out: tuple[int, ...], y: tuple[int, ...]) -> str:
     if out == (*y, 1):
-        return ("give the targets the outputs' trailing dimension (y.unsqueeze(-1)) "
-                "or squeeze the outputs (out.squeeze(-1))")
+        return (
+            "give the targets the outputs' trailing dimension (y.unsqueeze(-1)) "
+            "or squeeze the outputs (out.squeeze(-1))"
+        )
     if y == (*out, 1):
         return "squeeze the targets' trailing dimension (y.squeeze(-1)) or give the outputs one (out.unsqueeze(-1))"
     return "reshape the targets or the model's outputs so that they match"
@@ -704,8 +748,11 @@ def _class_targets(name: str) -> Callable[[Tensor, Tensor], None]:
             return
         expected = o[:1] + o[2:] if len(o) >= 2 else ()
         if len(o) == 0 or t != expected:
-            hint = ("squeeze the targets' trailing dimension (y.squeeze(-1))" if t == (*expected, 1)
-                    else "reshape the targets to one class index per output row")
+            hint = (
+                "squeeze the targets' trailing dimension (y.squeeze(-1))"
+                if t == (*expected, 1)
+                else "reshape the targets to one class index per output row"
+            )
             raise ValueError(
                 f"{name} with class-index targets needs outputs [K, C] and targets [K] per task (or [K, C, d...] "
                 f"and [K, d...]), got outputs {o} and targets {t} per task; {hint}"
@@ -789,8 +836,18 @@ def meta_step(
     (``batch_statistics``: see :func:`model_call`; ``rates``: learned inner rates, see :func:`rk_meta_step`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return rk_meta_step(
-        theta, loss, loss, batch.support, batch.query, tableau, inner_lr,
-        first_order=first_order, vectorize=vectorize, backend=backend, workspace=workspace, rates=rates,
+        theta,
+        loss,
+        loss,
+        batch.support,
+        batch.query,
+        tableau,
+        inner_lr,
+        first_order=first_order,
+        vectorize=vectorize,
+        backend=backend,
+        workspace=workspace,
+        rates=rates,
     )
 
 
@@ -812,7 +869,15 @@ def evaluate(
     (``batch_statistics``: see :func:`model_call`; ``rates``: per-step rate vectors, see :func:`adapt`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return adapt(
-        theta, loss, loss, batch.support, batch.query, step_size, steps, vectorize=vectorize, keep_params=keep_params,
+        theta,
+        loss,
+        loss,
+        batch.support,
+        batch.query,
+        step_size,
+        steps,
+        vectorize=vectorize,
+        keep_params=keep_params,
         rates=rates,
     )
 

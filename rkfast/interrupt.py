@@ -32,9 +32,11 @@ class StopRequests:
         signal: the number of the first signal received, or ``None``.
     """
 
-    def __init__(self, message: str = "finishing the current step, then saving "
-                                      "(press Ctrl-C again to stop at once without saving)",
-                 active: bool = True) -> None:
+    def __init__(
+        self,
+        message: str = "finishing the current step, then saving (press Ctrl-C again to stop at once without saving)",
+        active: bool = True,
+    ) -> None:
         self.signal: int | None = None
         self.active = active
         self._message = message
@@ -58,8 +60,7 @@ class StopRequests:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous.clear()

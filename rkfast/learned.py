@@ -3,10 +3,10 @@
 
 With learned rates the stage points of a meta-step are
 
-    theta_i^(j) = theta - sum_{l<j} A[j][l] * (r_l ⊙ k_i^(l))
+    theta_i^(j) = theta - sum_{m<j} A[j][m] * (r_m ⊙ k_i^(m))
 
-where ``r_l`` is a vector ``[N]`` over the flat meta-parameters: the one set of rates ``r``, or with
-per-stage rates the set of slope ``l`` (the rate of the step that slope ``l`` takes; for ``maml(k)`` set
+where ``r_m`` is a vector ``[N]`` over the flat meta-parameters: the one set of rates ``r``, or with
+per-stage rates the set of slope ``m`` (the rate of the step that slope ``m`` takes; for ``maml(k)`` set
 ``n`` is the rate of inner step ``n + 1``, MAML++'s per-step rates). The vector is built from the learned
 tensors at one of three granularities:
 
@@ -32,23 +32,40 @@ interface through which the optimizer saves, loads, moves, updates and reports t
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .layout import ParamLayout
-from .results import MetaStepOutput, NonFiniteLossError
 from .outer import check_lr
+from .results import MetaStepOutput, NonFiniteLossError
 from .tableau import InconsistentTableauWarning, Tableau, get_tableau
 
-__all__ = ["GRANULARITIES", "Granularity", "Coefficients", "Rates", "LearnedRates", "RatesStepOutput",
-           "resolve_frozen", "LearnedTableau", "TableauCoefficients", "TABLEAU_PATTERNS", "TABLEAU_WEIGHTS",
-           "order_weights", "OrderConditionsError", "rate_summary", "tableau_summary", "describe_state_key"]
+__all__ = [
+    "GRANULARITIES",
+    "Granularity",
+    "Coefficients",
+    "Rates",
+    "LearnedRates",
+    "RatesStepOutput",
+    "resolve_frozen",
+    "LearnedTableau",
+    "TableauCoefficients",
+    "TABLEAU_PATTERNS",
+    "TABLEAU_WEIGHTS",
+    "order_weights",
+    "OrderConditionsError",
+    "rate_summary",
+    "tableau_summary",
+    "describe_state_key",
+]
 
 Granularity = Literal["scalar", "tensor", "element"]
 GRANULARITIES: tuple[str, ...] = ("scalar", "tensor", "element")
@@ -59,8 +76,9 @@ class RatesStepOutput(MetaStepOutput):
     coefficients (detached): ``rate_directions``, one per tensor of :attr:`LearnedRates.tensors`, and
     ``tableau_directions``, one per tensor of :attr:`TableauCoefficients.tensors`."""
 
-    def __init__(self, out: MetaStepOutput, rate_directions: list[Tensor],
-                 tableau_directions: list[Tensor] | None = None) -> None:
+    def __init__(
+        self, out: MetaStepOutput, rate_directions: list[Tensor], tableau_directions: list[Tensor] | None = None
+    ) -> None:
         super().__init__(out.direction, out.loss, out.stage_losses, out.stage_metrics)
         self.rate_directions = rate_directions
         self.tableau_directions = list(tableau_directions or [])
@@ -82,10 +100,8 @@ def _frozen_rates(frozen: Any) -> dict[str, float]:
             raise TypeError(f"Rates frozen keys must be parameter names or glob patterns, got {pattern!r}")
         rate = math.nan
         if not isinstance(value, (bool, str, bytes)):
-            try:
+            with contextlib.suppress(TypeError, ValueError):  # not a number: NaN, refused below
                 rate = float(value)
-            except (TypeError, ValueError):
-                pass
         if not math.isfinite(rate):
             raise ValueError(f"Rates frozen[{pattern!r}] must be a finite number, got {value!r}")
         out[pattern] = rate
@@ -103,8 +119,9 @@ def resolve_frozen(layout: ParamLayout, frozen: Mapping[str, float] | None) -> d
     for pattern, rate in _frozen_rates(frozen).items():
         matched = [n for n in layout.names if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            raise ValueError(f"Rates frozen pattern {pattern!r} matches no meta-parameter; the names are "
-                             f"{list(layout.names)}")
+            raise ValueError(
+                f"Rates frozen pattern {pattern!r} matches no meta-parameter; the names are {list(layout.names)}"
+            )
         for name in matched:
             if name in out and out[name] != rate:
                 raise ValueError(f"Rates frozen gives parameter {name!r} two rates, {out[name]} and {rate}")
@@ -203,13 +220,17 @@ class _SavedCoefficients:
             raise ValueError(f"the state dict has no {self._what}, but this MetaOptimizer has {self._option()}")
         theirs = {k: state.get(k) for k in self.config()}
         if theirs != self.config():
-            raise ValueError(f"the state dict's {self._what} are configured as {theirs}, this MetaOptimizer's as "
-                             f"{self.config()}")
+            raise ValueError(
+                f"the state dict's {self._what} are configured as {theirs}, this MetaOptimizer's as {self.config()}"
+            )
         values = list(state.get("values", ()))
         if len(values) != len(self.tensors) or any(
-                not isinstance(v, Tensor) or v.shape != t.shape for v, t in zip(values, self.tensors)):
-            raise ValueError(f"the state dict's {self._what} values do not match this MetaOptimizer's tensors "
-                             f"({[tuple(t.shape) for t in self.tensors]})")
+            not isinstance(v, Tensor) or v.shape != t.shape for v, t in zip(values, self.tensors, strict=True)
+        ):
+            raise ValueError(
+                f"the state dict's {self._what} values do not match this MetaOptimizer's tensors "
+                f"({[tuple(t.shape) for t in self.tensors]})"
+            )
         return values
 
     def _place(self) -> None:
@@ -229,7 +250,7 @@ class _SavedCoefficients:
     def load(self, values: Sequence[Tensor]) -> None:
         """Copy checked values (:meth:`check_state`) into the learned tensors (in place)."""
         with torch.no_grad():
-            for t, v in zip(self.tensors, values):
+            for t, v in zip(self.tensors, values, strict=True):
                 t.copy_(v)
 
     def check_update(self) -> None:
@@ -241,8 +262,9 @@ class _SavedCoefficients:
 
 def _check_granularity(granularity: Any) -> None:
     if granularity is not None and granularity not in GRANULARITIES:
-        raise ValueError(f"Rates granularity must be one of {', '.join(map(repr, GRANULARITIES))} or None, "
-                         f"got {granularity!r}")
+        raise ValueError(
+            f"Rates granularity must be one of {', '.join(map(repr, GRANULARITIES))} or None, got {granularity!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -279,25 +301,46 @@ class Rates:
         except TypeError as err:
             raise ValueError(str(err)) from None
         if self.granularity is None and not frozen:
-            raise ValueError("Rates() learns and freezes nothing: give a granularity ('scalar', 'tensor' or "
-                             "'element') or frozen rates, or pass rates=None for the fixed step inner_lr")
+            raise ValueError(
+                "Rates() learns and freezes nothing: give a granularity ('scalar', 'tensor' or "
+                "'element') or frozen rates, or pass rates=None for the fixed step inner_lr"
+            )
         if self.lr is not None and self.granularity is None:
             raise ValueError("Rates lr is the learning rate of learned rates: it needs a granularity")
         object.__setattr__(self, "frozen", frozen)
         object.__setattr__(self, "lr", _coefficient_lr("Rates", self.lr))
 
-    def bind(self, layout: ParamLayout, inner_lr: float, stages: int, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> LearnedRates:
+    def bind(
+        self,
+        layout: ParamLayout,
+        inner_lr: float,
+        stages: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> LearnedRates:
         """The live rates over ``layout`` (learned ones start at ``inner_lr``) for a tableau of ``stages``
         stages. Raises ``ValueError`` for a frozen pattern that matches no parameter, or frozen rates that
         leave nothing to learn."""
-        return LearnedRates(layout, inner_lr, self.granularity, per_stage=self.per_stage, stages=stages,
-                            frozen=self.frozen, dtype=dtype, device=device, lr=self.lr)
+        return LearnedRates(
+            layout,
+            inner_lr,
+            self.granularity,
+            per_stage=self.per_stage,
+            stages=stages,
+            frozen=self.frozen,
+            dtype=dtype,
+            device=device,
+            lr=self.lr,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """A plain-JSON form (:meth:`from_json` reads it back)."""
-        return {"granularity": self.granularity, "per_stage": self.per_stage,
-                "frozen": None if self.frozen is None else dict(self.frozen), "lr": self.lr}
+        return {
+            "granularity": self.granularity,
+            "per_stage": self.per_stage,
+            "frozen": None if self.frozen is None else dict(self.frozen),
+            "lr": self.lr,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Rates:
@@ -329,10 +372,19 @@ class LearnedRates(_SavedCoefficients):
         sets: the number of rate sets.
     """
 
-    def __init__(self, layout: ParamLayout, inner_lr: float, granularity: Granularity | None = None, *,
-                 per_stage: bool = False, stages: int = 2, frozen: Mapping[str, float] | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 lr: float | None = None) -> None:
+    def __init__(
+        self,
+        layout: ParamLayout,
+        inner_lr: float,
+        granularity: Granularity | None = None,
+        *,
+        per_stage: bool = False,
+        stages: int = 2,
+        frozen: Mapping[str, float] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        lr: float | None = None,
+    ) -> None:
         _check_granularity(granularity)
         self.lr = _coefficient_lr("Rates", lr)
         self.layout = layout
@@ -343,11 +395,17 @@ class LearnedRates(_SavedCoefficients):
         self.frozen = resolve_frozen(layout, frozen)
         self.learned_names = tuple(n for n in layout.names if n not in self.frozen)
         if granularity is not None and not self.learned_names:
-            raise ValueError("Rates frozen= freezes every meta-parameter tensor: there is no rate left to learn "
-                             "(use granularity=None for fixed rates only)")
-        numels = dict(zip(layout.names, layout.numels))
-        width = {"scalar": 1, "tensor": len(self.learned_names),
-                 "element": sum(numels[n] for n in self.learned_names), None: 1}[granularity]
+            raise ValueError(
+                "Rates frozen= freezes every meta-parameter tensor: there is no rate left to learn "
+                "(use granularity=None for fixed rates only)"
+            )
+        numels = dict(zip(layout.names, layout.numels, strict=True))
+        width = {
+            "scalar": 1,
+            "tensor": len(self.learned_names),
+            "element": sum(numels[n] for n in self.learned_names),
+            None: 1,
+        }[granularity]
         self.tensors: list[Tensor] = []
         if granularity is not None:
             shape = (self.sets,) if granularity == "scalar" else (self.sets, width)
@@ -357,7 +415,7 @@ class LearnedRates(_SavedCoefficients):
         self._frozen_values = [self.frozen[n] for n in layout.names if n in self.frozen]
         index: list[Tensor] = []
         learned_k, offset, frozen_k = 0, 0, 0
-        for name, numel in zip(layout.names, layout.numels):
+        for name, numel in zip(layout.names, layout.numels, strict=True):
             if name in self.frozen:
                 index.append(torch.full((numel,), width + frozen_k, dtype=torch.long))
                 frozen_k += 1
@@ -408,8 +466,9 @@ class LearnedRates(_SavedCoefficients):
         index = torch.where(self._index >= self._width, self._index - self._width + 1, 0)
         return table.index_select(0, index)
 
-    def adaptation_rates(self, own_step: float, step_size: float | None
-                         ) -> tuple[float, Callable[[int], Tensor] | None]:
+    def adaptation_rates(
+        self, own_step: float, step_size: float | None
+    ) -> tuple[float, Callable[[int], Tensor] | None]:
         """Meta-test with these rates (``MetaOptimizer.evaluate``): ``(alpha, rates)``, adaptation step ``n``
         (0-based) taking ``alpha * rates(n)``. Without ``step_size``: the rates of set ``min(n, sets - 1)``
         scaled by the tableau's test-step factor ``own_step / inner_lr``; with one: that scalar, except that
@@ -430,7 +489,7 @@ class LearnedRates(_SavedCoefficients):
             rows = torch.stack([self.vector(s).detach() for s in range(self.sets)])  # [sets, N]
         out = {}
         offset = 0
-        for name, shape, numel in zip(self.layout.names, self.layout.shapes, self.layout.numels):
+        for name, shape, numel in zip(self.layout.names, self.layout.shapes, self.layout.numels, strict=True):
             block = rows[:, offset : offset + numel]
             if self.granularity == "element" and name not in self.frozen:
                 out[name] = block.reshape(self.sets, *shape).clone()
@@ -449,11 +508,15 @@ class LearnedRates(_SavedCoefficients):
             if not isinstance(total, Tensor) or not total.requires_grad:
                 return [torch.zeros_like(t) for t in self.tensors]
             grads = torch.autograd.grad(total, self.tensors, allow_unused=True)
-        return [torch.zeros_like(t) if g is None else g for t, g in zip(self.tensors, grads)]
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(self.tensors, grads, strict=True)]
 
     def config(self) -> dict[str, Any]:
-        return {"granularity": self.granularity, "per_stage": self.per_stage, "sets": self.sets,
-                "frozen": dict(self.frozen)}
+        return {
+            "granularity": self.granularity,
+            "per_stage": self.per_stage,
+            "sets": self.sets,
+            "frozen": dict(self.frozen),
+        }
 
     _what = "learned rates"
     key = "rates"
@@ -464,12 +527,20 @@ class LearnedRates(_SavedCoefficients):
 
     def summary(self, inner_lr: float) -> dict[str, Any]:
         """Settings and :func:`rate_summary` (``inner_lr``: the optimizer's, which unlearned rates take)."""
-        return {"granularity": self.granularity, "per_stage": self.per_stage, "sets": self.sets,
-                "inner_lr": inner_lr, "frozen": dict(self.frozen), "values": rate_summary(self)}
+        return {
+            "granularity": self.granularity,
+            "per_stage": self.per_stage,
+            "sets": self.sets,
+            "inner_lr": inner_lr,
+            "frozen": dict(self.frozen),
+            "values": rate_summary(self),
+        }
 
     def __repr__(self) -> str:
-        return (f"LearnedRates(granularity={self.granularity!r}, per_stage={self.per_stage}, sets={self.sets}, "
-                f"frozen={self.frozen})")
+        return (
+            f"LearnedRates(granularity={self.granularity!r}, per_stage={self.per_stage}, sets={self.sets}, "
+            f"frozen={self.frozen})"
+        )
 
 
 def _rate(value: Any) -> float:
@@ -542,16 +613,15 @@ def order_weights(A: Tensor, check: bool = True) -> Tensor:
     _, count = order_conditions_used(s)
     c = A64.sum(1)
     Ac = A64 @ c
-    rows = [torch.ones_like(c), c, c * c, Ac, c ** 3, c * Ac, A64 @ (c * c), A64 @ Ac][:count]
+    rows = [torch.ones_like(c), c, c * c, Ac, c**3, c * Ac, A64 @ (c * c), A64 @ Ac][:count]
     # filled on the device (no copy from the host, which a CUDA-graph capture forbids)
-    targets = torch.stack([A64.new_full((), v) for v in (1.0, 1 / 2, 1 / 3, 1 / 6, 1 / 4, 1 / 8, 1 / 12, 1 / 24)[:count]])
+    targets = torch.stack(
+        [A64.new_full((), v) for v in (1.0, 1 / 2, 1 / 3, 1 / 6, 1 / 4, 1 / 8, 1 / 12, 1 / 24)[:count]]
+    )
     M = torch.stack(rows)  # [count, s]
     # as many conditions as stages (2 and 4 stages): one solve; else the minimum-norm solution M^T (M M^T)^-1 r
     # (M has full row rank when the conditions are solvable). solve_ex: no check on the host, no SVD
-    if count == s:
-        b = torch.linalg.solve_ex(M, targets)[0]
-    else:
-        b = M.T @ torch.linalg.solve_ex(M @ M.T, targets)[0]
+    b = torch.linalg.solve_ex(M, targets)[0] if count == s else M.T @ torch.linalg.solve_ex(M @ M.T, targets)[0]
     if not check:
         return b
     residual = float((M.detach() @ b.detach() - targets).abs().max())
@@ -559,7 +629,8 @@ def order_weights(A: Tensor, check: bool = True) -> Tensor:
         raise OrderConditionsError(
             f"no weights b satisfy the order conditions at the learned stage matrix (nodes c = "
             f"{[round(x, 6) for x in c.detach().tolist()]}; residual {residual:.3g}): the learned A has made them "
-            "singular. Lower the tableau's learning rate (LearnedTableau lr), or keep b fixed (weights='fixed')")
+            "singular. Lower the tableau's learning rate (LearnedTableau lr), or keep b fixed (weights='fixed')"
+        )
     return b
 
 
@@ -584,38 +655,50 @@ class TableauCoefficients(_SavedCoefficients):
 
     Attributes:
         tensors: ``[entries]``: the one learned leaf tensor ``[E]``, in :attr:`entries` order.
-        entries: the ``(j, l)`` positions of ``A`` it holds (0-based).
+        entries: the ``(j, m)`` positions of ``A`` it holds (0-based).
         structure: a fixed :class:`~rkfast.tableau.Tableau` with the pattern's non-zeros, from which the
             meta-step reads which slopes and query losses it computes (every stage's query loss with
             ``weights="order"``, whose ``b`` may move off zero).
         base: the starting tableau.
     """
 
-    def __init__(self, tableau: Tableau, pattern: str = "pattern", weights: str = "fixed", *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 lr: float | None = None) -> None:
+    def __init__(
+        self,
+        tableau: Tableau,
+        pattern: str = "pattern",
+        weights: str = "fixed",
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        lr: float | None = None,
+    ) -> None:
         if pattern not in TABLEAU_PATTERNS:
-            raise ValueError(f"LearnedTableau pattern must be one of {', '.join(map(repr, TABLEAU_PATTERNS))}, "
-                             f"got {pattern!r}")
+            raise ValueError(
+                f"LearnedTableau pattern must be one of {', '.join(map(repr, TABLEAU_PATTERNS))}, got {pattern!r}"
+            )
         if weights not in TABLEAU_WEIGHTS:
-            raise ValueError(f"LearnedTableau weights must be one of {', '.join(map(repr, TABLEAU_WEIGHTS))}, "
-                             f"got {weights!r}")
+            raise ValueError(
+                f"LearnedTableau weights must be one of {', '.join(map(repr, TABLEAU_WEIGHTS))}, got {weights!r}"
+            )
         self.lr = _coefficient_lr("LearnedTableau", lr)
         s = tableau.stages
-        below = [(j, l) for j in range(s) for l in range(j)]
-        entries = below if pattern == "full" else [(j, l) for j, l in below if tableau.A[j][l] != 0.0]
+        below = [(j, m) for j in range(s) for m in range(j)]
+        entries = below if pattern == "full" else [(j, m) for j, m in below if tableau.A[j][m] != 0.0]
         if not entries:
-            raise ValueError(f"tableau {tableau.name!r} has no entry of A to learn (pattern={pattern!r}: "
-                             + ("a 1-stage scheme has none)" if s == 1 else "A is zero; use pattern='full')"))
+            raise ValueError(
+                f"tableau {tableau.name!r} has no entry of A to learn (pattern={pattern!r}: "
+                + ("a 1-stage scheme has none)" if s == 1 else "A is zero; use pattern='full')")
+            )
         self.base, self.pattern, self.weights_mode = tableau, pattern, weights
         self.entries: tuple[tuple[int, int], ...] = tuple(entries)
         self.stages = s
-        self.tensors: list[Tensor] = [torch.tensor([tableau.A[j][l] for j, l in entries], dtype=dtype,
-                                                   device=device).requires_grad_()]
-        self._flat_index_cpu = torch.tensor([j * s + l for j, l in entries], dtype=torch.long)
+        self.tensors: list[Tensor] = [
+            torch.tensor([tableau.A[j][m] for j, m in entries], dtype=dtype, device=device).requires_grad_()
+        ]
+        self._flat_index_cpu = torch.tensor([j * s + m for j, m in entries], dtype=torch.long)
         self._dtype, self._device = dtype, torch.device(device)
         self._place()
-        marked = [[1.0 if (j, l) in self.entries else 0.0 for l in range(s)] for j in range(s)]
+        marked = [[1.0 if (j, m) in self.entries else 0.0 for m in range(s)] for j in range(s)]
         b_struct = tableau.b if weights == "fixed" else [1.0 / s] * s
         with warnings.catch_warnings():  # a fixed b that does not sum to 1 warned when the base was built
             warnings.simplefilter("ignore", InconsistentTableauWarning)
@@ -657,7 +740,8 @@ class TableauCoefficients(_SavedCoefficients):
                     f"conditions at nodes c = {[round(x, 6) for x in A.detach().sum(1).tolist()]}) have a negative "
                     "entry: the meta-loss sum_j b_j L_j is then not bounded below (a negative weight rewards a larger "
                     "query loss at its stage) and training diverges. Keep b fixed (weights='fixed') or "
-                    "lower the LearnedTableau lr (docs/method.md, \"Learned tableaus\")")
+                    'lower the LearnedTableau lr (docs/method.md, "Learned tableaus")'
+                )
         else:
             b = torch.where(b.min() < -_NEGATIVE_WEIGHT_TOL, torch.full_like(b, math.nan), b)
         return b.to(A.dtype)
@@ -683,8 +767,12 @@ class TableauCoefficients(_SavedCoefficients):
         return [torch.zeros_like(self.tensor) if g is None else g]
 
     def config(self) -> dict[str, Any]:
-        return {"base": self.base.to_dict(), "pattern": self.pattern, "weights": self.weights_mode,
-                "entries": [list(e) for e in self.entries]}
+        return {
+            "base": self.base.to_dict(),
+            "pattern": self.pattern,
+            "weights": self.weights_mode,
+            "entries": [list(e) for e in self.entries],
+        }
 
     _what = "learned tableau"
     key = "learned_tableau"
@@ -701,18 +789,26 @@ class TableauCoefficients(_SavedCoefficients):
     def check_compatible(self, *, first_order: bool, captured: bool) -> None:
         """A captured step needs second order: the first-order step reads ``b`` on the host."""
         if first_order and captured:
-            raise ValueError("a learned tableau (LearnedTableau) with capture needs second order: the first-order "
-                             "step reads the tableau's weights b on the host, which a CUDA graph cannot replay. "
-                             "Use first_order=False or capture=False.")
+            raise ValueError(
+                "a learned tableau (LearnedTableau) with capture needs second order: the first-order "
+                "step reads the tableau's weights b on the host, which a CUDA graph cannot replay. "
+                "Use first_order=False or capture=False."
+            )
 
     def summary(self, inner_lr: float) -> dict[str, Any]:
-        """``pattern``, ``weights``, ``base`` (the starting tableau's name), ``entries`` (the learned ``(j, l)``
+        """``pattern``, ``weights``, ``base`` (the starting tableau's name), ``entries`` (the learned ``(j, m)``
         positions of ``A``, 0-based), ``A`` and ``b`` now (:func:`tableau_summary`), its ``order`` and the
         meta-test ``test_step`` it gives at ``inner_lr``."""
         current = self.current()
-        return {"pattern": self.pattern, "weights": self.weights_mode, "base": self.base.name,
-                "entries": [list(e) for e in self.entries], **tableau_summary(current),
-                "order": current.order, "test_step": _rate(current.test_step(inner_lr))}
+        return {
+            "pattern": self.pattern,
+            "weights": self.weights_mode,
+            "base": self.base.name,
+            "entries": [list(e) for e in self.entries],
+            **tableau_summary(current),
+            "order": current.order,
+            "test_step": _rate(current.test_step(inner_lr)),
+        }
 
     def values(self) -> dict[str, Any]:
         """``{"A": [[...]], "b": [...]}``: the current tableau as plain lists (for logs and results)."""
@@ -720,8 +816,10 @@ class TableauCoefficients(_SavedCoefficients):
         return {"A": [list(r) for r in tab.A], "b": list(tab.b)}
 
     def __repr__(self) -> str:
-        return (f"TableauCoefficients(base={self.base.name!r}, pattern={self.pattern!r}, "
-                f"weights={self.weights_mode!r}, entries={list(self.entries)})")
+        return (
+            f"TableauCoefficients(base={self.base.name!r}, pattern={self.pattern!r}, "
+            f"weights={self.weights_mode!r}, entries={list(self.entries)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -751,23 +849,30 @@ class LearnedTableau:
         object.__setattr__(self, "lr", _coefficient_lr("LearnedTableau", self.lr))
         self.bind(torch.float64)  # everything the live tableau refuses, refused now
 
+    @property
+    def _base(self) -> Tableau:
+        """``tableau`` as a :class:`~rkfast.tableau.Tableau` (a name is resolved when the spec is built)."""
+        return get_tableau(self.tableau)  # a Tableau since __post_init__: returned as is
+
     def __repr__(self) -> str:
-        return (f"LearnedTableau({self.tableau.name!r}, {self.pattern!r}, {self.weights!r}"  # type: ignore[union-attr]
-                + (f", lr={self.lr}" if self.lr is not None else "") + ")")
+        return (
+            f"LearnedTableau({self._base.name!r}, {self.pattern!r}, {self.weights!r}"
+            + (f", lr={self.lr}" if self.lr is not None else "")
+            + ")"
+        )
 
     @property
     def name(self) -> str:
         """``"learned-<base name>"``: the name of the tableaus it produces."""
-        return f"learned-{self.tableau.name}"  # type: ignore[union-attr]
+        return f"learned-{self._base.name}"
 
     def bind(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TableauCoefficients:
         """The live tableau: its learned entries as one leaf tensor of ``dtype`` on ``device``."""
-        return TableauCoefficients(self.tableau, self.pattern, self.weights, dtype=dtype,  # type: ignore[arg-type]
-                                   device=device, lr=self.lr)
+        return TableauCoefficients(self._base, self.pattern, self.weights, dtype=dtype, device=device, lr=self.lr)
 
     def to_json(self) -> dict[str, Any]:
         """A plain-JSON form (:meth:`from_json` reads it back): the tableau by name when the name gives it back."""
-        tab: Tableau = self.tableau  # type: ignore[assignment]
+        tab = self._base
         try:
             named: Any = tab.name if get_tableau(tab.name) == tab else tab.to_dict()
         except (ValueError, TypeError):

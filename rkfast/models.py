@@ -21,8 +21,9 @@ def sinusoid_mlp(hidden: Sequence[int] = (40, 40)) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
 
 
-def conv4(in_channels: int = 1, num_classes: int = 5, hidden: int = 64, image_size: int = 28,
-          per_step_norm: int | None = None) -> nn.Sequential:
+def conv4(
+    in_channels: int = 1, num_classes: int = 5, hidden: int = 64, image_size: int = 28, per_step_norm: int | None = None
+) -> nn.Sequential:
     """The conv4 few-shot backbone: 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2], then a linear head.
 
     BatchNorm is created with ``track_running_stats=False``: each task normalizes with its own batch

@@ -128,8 +128,14 @@ class PerStepBatchNorm(nn.Module):
     input_dims: tuple[int, ...] = ()
     """The input ranks a subclass accepts (empty: any rank >= 2)."""
 
-    def __init__(self, num_features: int, steps: int, eps: float = 1e-5,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        steps: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if operator.index(num_features) < 1 or operator.index(steps) < 1:
             raise ValueError(f"num_features and steps must be positive integers, got {num_features} and {steps}")

@@ -9,7 +9,8 @@ through one interface (``docs/api.md``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +24,16 @@ from .distributed import LocalTasks, Parallel, TaskParallel, is_ddp_wrapped, res
 from .flat import FlatParameters
 from .layout import ParamLayout
 from .learned import Coefficients, LearnedRates, LearnedTableau, Rates, TableauCoefficients, describe_state_key
-from .outer import (NON_FINITE_GRAD, OuterUpdate, all_finite, cast_state_to_params, check_lr, make_outer_optimizer,
-                    non_finite_direction_error, outer_class)
+from .outer import (
+    NON_FINITE_GRAD,
+    OuterUpdate,
+    all_finite,
+    cast_state_to_params,
+    check_lr,
+    make_outer_optimizer,
+    non_finite_direction_error,
+    outer_class,
+)
 from .results import AdaptationOutput, MetaStepOutput, NonFiniteLossError
 from .tableau import Tableau, get_tableau
 
@@ -33,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MetaOptimizer", "NonFiniteLossError", "resolve_vectorize"]
 
-Tasks = Union[TaskBatch, TaskSet, Sequence[Tensor]]
+Tasks = TaskBatch | TaskSet | Sequence[Tensor]
 """What a step learns from: a :class:`~rkfast.batch.TaskBatch` (or its 4-tuple) or a :class:`~rkfast.batch.TaskSet`."""
 
 _META_KEYS = ("tableau", "inner_lr", "first_order", "outer")  # the state dict's entries besides coefficients'
@@ -56,27 +65,23 @@ class MetaOptimizer(torch.optim.Optimizer):
     the outer optimizer update them; :meth:`compute` and :meth:`apply` are its two halves::
 
         opt = rkfast.MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.01, outer="adam", lr=1e-3)
-        for batch in task_loader:              # rkfast.TaskBatch(support_x, support_y, query_x, query_y)
-            result = opt.step(batch)           # result.loss, result.stage_losses
+        for batch in task_loader:  # rkfast.TaskBatch(support_x, support_y, query_x, query_y)
+            result = opt.step(batch)  # result.loss, result.stage_losses
         scores = opt.evaluate(test_batch, steps=(1, 5, 10))
 
     ``tableau`` is a name (``"maml"``, ``"rk4"``, ``"maml(3)"``...), a :class:`~rkfast.tableau.Tableau` or a
-    :class:`~rkfast.learned.LearnedTableau`; ``inner_lr`` the RK step ``h`` (finite, ``> 0``); ``outer``,
-    ``lr`` and ``outer_kwargs`` the outer optimizer (``"sgd"``, ``"adam"``, ``"adamw"`` or a
-    ``torch.optim.Optimizer`` subclass). The optional capabilities are one object each, documented in its
-    class: ``rates`` a :class:`~rkfast.learned.Rates`, ``parallel`` a
-    :class:`~rkfast.distributed.TaskParallel` (or a process group, ``"auto"``, ``None``), ``capture`` a
-    :class:`~rkfast.capture.StepCapture` (or ``True``/``"auto"``/``False``). ``param_groups`` and ``state``
-    are the outer optimizer's own (shared), so schedulers and ``state_dict`` behave as on any torch optimizer.
+    :class:`~rkfast.learned.LearnedTableau`; ``inner_lr`` the RK step ``h``; ``outer``, ``lr`` and
+    ``outer_kwargs`` the outer optimizer. Each optional capability is one object: ``rates`` a
+    :class:`~rkfast.learned.Rates`, ``parallel`` a :class:`~rkfast.distributed.TaskParallel`, ``capture`` a
+    :class:`~rkfast.capture.StepCapture`. ``param_groups`` and ``state`` are the outer optimizer's own.
 
     Attributes:
-        tableau: the base :class:`~rkfast.tableau.Tableau`; rates: the bound
-            :class:`~rkfast.learned.LearnedRates` or ``None``; learned_tableau: the live
-            :class:`~rkfast.learned.TableauCoefficients` or ``None``; coefficients: those present, the
-            :class:`~rkfast.learned.Coefficients` updated beside the parameters; distributed: the
-            :class:`~rkfast.distributed.TaskParallel` or ``None``; capture: ``False``, ``True`` or ``"auto"``;
-            layout: the :class:`~rkfast.layout.ParamLayout` of the flat meta-parameters; backend, vectorize:
-            resolved choices.
+        tableau: the base :class:`~rkfast.tableau.Tableau`; rates, learned_tableau: the bound
+            :class:`~rkfast.learned.LearnedRates` and :class:`~rkfast.learned.TableauCoefficients` or ``None``;
+            coefficients: those present (:class:`~rkfast.learned.Coefficients`, updated beside the parameters);
+            distributed: the :class:`~rkfast.distributed.TaskParallel` or ``None``; capture: ``False``, ``True``
+            or ``"auto"``; layout: the flat meta-parameters' :class:`~rkfast.layout.ParamLayout`; backend,
+            vectorize: resolved choices.
     """
 
     def __init__(
@@ -101,8 +106,7 @@ class MetaOptimizer(torch.optim.Optimizer):
     ) -> None:
         _check_arguments(model, loss_fn, vectorize, rates, tableau)
         learned = tableau if isinstance(tableau, LearnedTableau) else None
-        base = learned.tableau if learned is not None else tableau
-        self.tableau = get_tableau(base)  # type: ignore[arg-type]
+        self.tableau = get_tableau(tableau.tableau if isinstance(tableau, LearnedTableau) else tableau)
         self.rates: LearnedRates | None = None
         self.inner_lr = RF.check_step("inner_lr", inner_lr)
         self.first_order, self.check_finite = bool(first_order), bool(check_finite)
@@ -113,8 +117,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.distributed = _task_parallel(parallel, self.capture)
         self._parallel: Parallel = self.distributed or LocalTasks()
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
-        optimizer = make_outer_optimizer(outer_class(outer), params, lr, outer_kwargs,
-                                         capturable=self._capture.requires_cuda)
+        optimizer = make_outer_optimizer(
+            outer_class(outer), params, lr, outer_kwargs, capturable=self._capture.requires_cuda
+        )
         # share the outer optimizer's groups and state: a scheduler or load_state_dict acting on this
         # object then acts on the optimizer that really updates the parameters
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -123,22 +128,24 @@ class MetaOptimizer(torch.optim.Optimizer):
         self._resolve_device_choices()
         self._bind_coefficients(rates, learned, optimizer, lr)
         self._capture.place(self.device)
-        self._outer = OuterUpdate(optimizer, self._flat, self._coefficient_tensors(),
-                                  [c.check_update for c in self.coefficients])
-        self._norm_layers, self._model_call, self._batch_loss = _model_functions(model, loss_fn, self.layout,
-                                                                                 self.batch_statistics)
+        self._outer = OuterUpdate(
+            optimizer, self._flat, self._coefficient_tensors(), [c.check_update for c in self.coefficients]
+        )
+        self._functions = _ModelFunctions(model, loss_fn, self.layout, self.batch_statistics)
         self._workspace = RF.Workspace()
         self._parallel.broadcast_(self._flat.data)  # every rank starts from rank 0's meta-parameters
 
-    def _bind_coefficients(self, rates: Rates | None, learned: LearnedTableau | None,
-                           optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def _bind_coefficients(
+        self, rates: Rates | None, learned: LearnedTableau | None, optimizer: torch.optim.Optimizer, lr: float
+    ) -> None:
         """The learned coefficients bound to the meta-parameters' layout, dtype and device, each checked
         against the step's settings and given its param group."""
         if rates is not None:
             self.rates = rates.bind(self.layout, self.inner_lr, self.tableau.stages, self.dtype, self.device)
         self.learned_tableau: TableauCoefficients | None = learned.bind(self.dtype, self.device) if learned else None
         self.coefficients: tuple[Coefficients, ...] = tuple(
-            c for c in (self.rates, self.learned_tableau) if c is not None)
+            c for c in (self.rates, self.learned_tableau) if c is not None
+        )
         for c in self.coefficients:
             c.check_compatible(first_order=self.first_order, captured=self.capture is not False)
             _add_coefficient_group(optimizer, c.tensors, lr if c.lr is None else c.lr)
@@ -162,8 +169,10 @@ class MetaOptimizer(torch.optim.Optimizer):
         """``{key: summary}`` of each learned coefficient kind (``"rates"``, ``"learned_tableau"``): its
         :meth:`~rkfast.learned.Coefficients.summary` and its param group's learning rate (``"rate_lr"``,
         ``"tableau_lr"``; ``None`` without learned tensors), as ``results.json`` reports them."""
-        return {c.key: {**c.summary(self.inner_lr), c.lr_name: _group_lr(self.param_groups, c.tensors)}
-                for c in self.coefficients}
+        return {
+            c.key: {**c.summary(self.inner_lr), c.lr_name: _group_lr(self.param_groups, c.tensors)}
+            for c in self.coefficients
+        }
 
     def _coefficient_tensors(self) -> list[Tensor]:
         """The learned coefficients' leaf tensors, in :attr:`coefficients` order."""
@@ -172,32 +181,37 @@ class MetaOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the flat layout of the meta-parameters is fixed afterwards."""
         if hasattr(self, "_flat"):
-            raise RuntimeError("MetaOptimizer cannot take new parameter groups after construction; "
-                               "pass every group through `params` when creating it")
+            raise RuntimeError(
+                "MetaOptimizer cannot take new parameter groups after construction; "
+                "pass every group through `params` when creating it"
+            )
         super().add_param_group(param_group)
 
     # -- the meta-step (docs/api.md, "Steps and failures") ---------------------------------------------
 
+    # takes the tasks where torch's Optimizer.step takes an optional closure: not a drop-in override there
     def step(self, tasks: Tasks) -> MetaStepOutput:  # type: ignore[override]
         """One meta-step on ``tasks``: the meta-direction into ``.grad`` (overwritten), then the outer update.
 
         Returns the :class:`~rkfast.results.MetaStepOutput` (its tensors may be buffers the next step
-        reuses). Raises (``docs/api.md``, "Steps and failures") for malformed tasks, a non-finite step
-        (:class:`NonFiniteLossError`, with ``check_finite``), a failed rank, a shape change under capture
-        or a failing outer optimizer; in every case the parameters, every ``.grad`` and the optimizer state
-        are as they were before the call."""
-        out = self._capture.run(tasks, self._eager_step, self._captured_step,
-                                lambda t: self._check_tasks(t, "step", captured=True))
+        reuses). When it raises (``docs/api.md``, "Steps and failures": malformed tasks, a non-finite step...),
+        the parameters, every ``.grad`` and the optimizer state are as they were before the call."""
+        out = self._capture.run(
+            tasks, self._eager_step, self._captured_step, lambda t: self._check_tasks(t, "step", captured=True)
+        )
         self._flat.expose_grads()  # a replayed step sets no .grad itself
         return out
 
     def _eager_step(self, tasks: Tasks) -> MetaStepOutput:
         out, ranks = self._reduced_direction(tasks, "step")  # raises before anything changes
         # the reduced direction and loss are identical on every rank: so is every decision below
-        self._outer.checked_update(lambda: self._outer.write_grads(out.direction, _directions(out)),
-                                   [out.direction, out.loss, *_directions(out)],
-                                   lambda: non_finite_direction_error(out, self._parallel.reduction_note(ranks)),
-                                   check_finite=self.check_finite, backend=self.backend)
+        self._outer.checked_update(
+            lambda: self._outer.write_grads(out.direction, out.coefficient_directions),
+            [out.direction, out.loss, *out.coefficient_directions],
+            lambda: non_finite_direction_error(out, self._parallel.reduction_note(ranks)),
+            check_finite=self.check_finite,
+            backend=self.backend,
+        )
         self._parallel.after_update(self._flat.data)
         return out
 
@@ -208,9 +222,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         :meth:`step` does, before ``.grad`` changes. With task parallelism it is the collective half: ``.grad``
         receives the reduced meta-direction, and edits must be identical on every rank."""
         out, ranks = self._reduced_direction(tasks, "compute")
-        if self.check_finite and not bool(all_finite(out.direction, out.loss, *_directions(out))):  # one sync
+        if self.check_finite and not bool(all_finite(out.direction, out.loss, *out.coefficient_directions)):  # one sync
             raise non_finite_direction_error(out, self._parallel.reduction_note(ranks))
-        self._outer.write_grads(out.direction, _directions(out))
+        self._outer.write_grads(out.direction, out.coefficient_directions)
         return out
 
     def apply(self) -> None:
@@ -221,8 +235,13 @@ class MetaOptimizer(torch.optim.Optimizer):
         _refuse_inference_mode("apply")
         self._rebind_if_replaced()
         grads = [self._flat.grad, *(t.grad for t in self._coefficient_tensors())]  # as the update reads them
-        self._outer.checked_update(self._flat.adopt_grads, grads, lambda: NonFiniteLossError(NON_FINITE_GRAD),
-                                   check_finite=self.check_finite, backend=self.backend)
+        self._outer.checked_update(
+            self._flat.adopt_grads,
+            grads,
+            lambda: NonFiniteLossError(NON_FINITE_GRAD),
+            check_finite=self.check_finite,
+            backend=self.backend,
+        )
         self._parallel.after_update(self._flat.data)
 
     def _reduced_direction(self, tasks: Tasks, call: str) -> tuple[MetaStepOutput, tuple[int, ...]]:
@@ -235,40 +254,42 @@ class MetaOptimizer(torch.optim.Optimizer):
             return self._meta_direction(checked), _task_count(checked)
 
         # the parameters' dtype and device as they are now (a re-bind inside local() may change them)
-        return self._parallel.reduce_step(local, self._flat.params[0], self.layout.numel, self.tableau.stages,
-                                          self._coefficient_tensors())
+        return self._parallel.reduce_step(
+            local, self._flat.params[0], self.layout.numel, self.tableau.stages, self._coefficient_tensors()
+        )
 
     def _captured_step(self, batch: TaskBatch) -> MetaStepOutput:
         """The step recorded into the CUDA graph: the finiteness check and the skip stay on the device; the
         learned coefficients are part of it (a skipped step keeps them too)."""
         out = self._meta_direction(batch)
         if not self.check_finite:
-            self._outer.write_grads(out.direction, _directions(out))
+            self._outer.write_grads(out.direction, out.coefficient_directions)
             self._outer.update(self.backend)
             return out
-        ok = all_finite(out.direction, out.loss, *_directions(out))
-        self._outer.guarded_step(out.direction, _directions(out), ok, self.backend)
-        self._capture.count_skipped(ok)  # type: ignore[union-attr]
+        ok = all_finite(out.direction, out.loss, *out.coefficient_directions)
+        self._outer.guarded_step(out.direction, out.coefficient_directions, ok, self.backend)
+        self._capture.count_skipped(ok)
         return out
 
     def _meta_direction(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         """The RK meta-direction of checked ``tasks`` at the current parameters (finiteness: the caller's)."""
-        support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
+        support_loss, query_loss, support_data, query_data, num_tasks = self._functions.stage_losses(tasks)
         tableau = self.learned_tableau if self.learned_tableau is not None else self.tableau
         return RF.rk_meta_step(
-            self._flat.data.detach(), support_loss, query_loss, support_data, query_data, tableau,
-            self.inner_lr, first_order=self.first_order, vectorize=self.vectorize, num_tasks=num_tasks,
-            backend=self.backend, workspace=self._workspace, rates=self.rates,
+            self._flat.data.detach(),
+            support_loss,
+            query_loss,
+            support_data,
+            query_data,
+            tableau,
+            self.inner_lr,
+            first_order=self.first_order,
+            vectorize=self.vectorize,
+            num_tasks=num_tasks,
+            backend=self.backend,
+            workspace=self._workspace,
+            rates=self.rates,
         )
-
-    def _stage_losses(self, tasks: TaskBatch | TaskSet) -> tuple[RF.TaskLoss, RF.TaskLoss, Any, Any, int | None]:
-        """The per-task losses and data of ``tasks`` in the functional core's terms."""
-        if isinstance(tasks, TaskBatch):
-            return self._batch_loss, self._batch_loss, tasks.support, tasks.query, None  # type: ignore[return-value]
-        support, query = (RF.model_task_loss(self.model, loss, self.layout, norm_layers=self._norm_layers,
-                                             batch_statistics=self.batch_statistics)
-                          for loss in (tasks.support_loss, tasks.query_loss))
-        return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
 
     def _check_tasks(self, tasks: Tasks, call: str, captured: bool = False) -> TaskBatch | TaskSet:
         """``tasks`` checked against the parameters as they are now (raises before anything changes), then
@@ -341,12 +362,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         callable) on ``inputs[t]`` under ``vmap``. For rollouts of each task's policy. Norm layers use batch
         statistics as in a step (``batch_statistics``), and per-step layers (:mod:`rkfast.norms`) the row
         of the stage being computed."""
-        layout, call = self.layout, self._model_call
-
-        def run(*inputs: Any) -> Any:
-            return vmap(lambda row, *xs: call(layout.unflatten(row), *xs))(params, *inputs)
-
-        return run
+        return self._functions.task_models(params)
 
     @property
     def skipped_steps(self) -> Tensor | None:
@@ -371,13 +387,9 @@ class MetaOptimizer(torch.optim.Optimizer):
     ) -> AdaptationOutput:
         """Meta-test: adapt the current parameters to each task (they are not modified) and return per-task
         query losses (and accuracies) before adaptation and after each count in ``steps`` (``docs/api.md``,
-        "Meta-test").
-
-        ``adaptation="gradient"``: plain gradient steps of ``step_size`` (default
-        ``tableau.test_step(inner_lr)``, or the learned rates scaled by the tableau's test-step factor);
-        ``"stages"``: each step is one RK meta-step's stage points, ending at the last stage's point.
-        ``keep_params`` also returns the adapted flat parameters ``[len(steps), T, N]``. Does not
-        communicate: with task parallelism each rank evaluates the tasks it is given."""
+        "Meta-test"). ``adaptation="gradient"``: gradient steps of ``step_size`` (default: the tableau's
+        test step, or the learned rates); ``"stages"``: each step is one RK meta-step's stage points.
+        ``keep_params`` also returns the adapted flat parameters ``[len(steps), T, N]``. Does not communicate."""
         if adaptation not in ("gradient", "stages"):
             raise ValueError(f"adaptation must be 'gradient' or 'stages', got {adaptation!r}")
         tasks = self._check_tasks(tasks, "evaluate")
@@ -387,12 +399,21 @@ class MetaOptimizer(torch.optim.Optimizer):
         alpha, rates = (own_step if step_size is None else step_size), None
         if self.rates is not None:
             alpha, rates = self.rates.adaptation_rates(own_step, step_size)
-        support_loss, query_loss, support_data, query_data, num_tasks = self._stage_losses(tasks)
+        support_loss, query_loss, support_data, query_data, num_tasks = self._functions.stage_losses(tasks)
         stages = RF.StageMap(tableau, rates) if by_stages else None
         return RF.adapt(
-            self.flat_parameters.detach(), support_loss, query_loss, support_data, query_data, alpha, steps,
-            vectorize=self.vectorize, num_tasks=num_tasks, keep_params=keep_params,
-            rates=None if by_stages else rates, stages=stages,
+            self.flat_parameters.detach(),
+            support_loss,
+            query_loss,
+            support_data,
+            query_data,
+            alpha,
+            steps,
+            vectorize=self.vectorize,
+            num_tasks=num_tasks,
+            keep_params=keep_params,
+            rates=None if by_stages else rates,
+            stages=stages,
         )
 
     # -- state ----------------------------------------------------------------------------------------
@@ -402,9 +423,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         outer optimizer's name and each learned coefficient kind's state under its key (``"rates"``,
         ``"learned_tableau"``; their outer-optimizer state is in the outer state dict, as their param groups)."""
         sd = self.outer_optimizer.state_dict()
-        sd["rkfast"] = {"tableau": self.tableau.to_dict(), "inner_lr": self.inner_lr, "first_order": self.first_order,
-                        "outer": type(self.outer_optimizer).__name__,
-                        **{c.key: c.state() for c in self.coefficients}}
+        sd["rkfast"] = _meta_state(
+            self.tableau, self.inner_lr, self.first_order, self.outer_optimizer, self.coefficients
+        )
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -417,7 +438,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.outer_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "rkfast"})
         self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
         self.tableau, self.inner_lr, self.first_order = tableau, inner_lr, bool(meta["first_order"])
-        for c, v in zip(self.coefficients, values):
+        for c, v in zip(self.coefficients, values, strict=True):
             c.load(v)
 
     def __repr__(self) -> str:
@@ -437,18 +458,40 @@ def _refuse_inference_mode(call: str) -> None:
         )
 
 
-def _checked_tasks(tasks: Tasks, has_loss_fn: bool, dtype: torch.dtype, device: torch.device,
-                   captured: bool) -> TaskBatch | TaskSet:
+def _checked_tasks(
+    tasks: Tasks, has_loss_fn: bool, dtype: torch.dtype, device: torch.device, captured: bool
+) -> TaskBatch | TaskSet:
     """``tasks`` checked for a step over parameters of ``dtype`` on ``device`` (``TypeError``/``ValueError``)."""
     if isinstance(tasks, TaskSet):
         if captured:
-            raise TypeError("a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
-                            "graph copies in; run TaskSet steps with capture=False")
+            raise TypeError(
+                "a captured step (capture=True/'auto') takes TaskBatch batches, whose tensors the "
+                "graph copies in; run TaskSet steps with capture=False"
+            )
         return check_task_set(tasks, device=device)
     if not has_loss_fn:
-        raise TypeError("this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
-                        "losses, or build it with a loss_fn for TaskBatch batches")
+        raise TypeError(
+            "this MetaOptimizer was built with loss_fn=None: give each step a TaskSet with its "
+            "losses, or build it with a loss_fn for TaskBatch batches"
+        )
     return check_task_batch(tasks, dtype=dtype, device=device)
+
+
+def _meta_state(
+    tableau: Tableau,
+    inner_lr: float,
+    first_order: bool,
+    outer: torch.optim.Optimizer,
+    coefficients: Sequence[Coefficients],
+) -> dict[str, Any]:
+    """The ``"rkfast"`` entry of a state dict (:data:`_META_KEYS`, and each coefficient kind's state)."""
+    return {
+        "tableau": tableau.to_dict(),
+        "inner_lr": inner_lr,
+        "first_order": first_order,
+        "outer": type(outer).__name__,
+        **{c.key: c.state() for c in coefficients},
+    }
 
 
 def _checked_meta(state_dict: dict[str, Any], outer: str, coefficients: Sequence[Coefficients]) -> dict[str, Any]:
@@ -495,12 +538,40 @@ def _check_arguments(model: Any, loss_fn: Any, vectorize: Any, rates: Any, table
         raise TypeError(f"tableau must be a name, a Tableau or a LearnedTableau, got {type(tableau).__name__}")
 
 
-def _model_functions(model: nn.Module, loss_fn: Any, layout: ParamLayout, batch_statistics: bool
-                     ) -> tuple[bool, Callable[..., Any], RF.TaskLoss | None]:
-    """Whether ``model`` has norm layers, its functional call and the per-task loss of a TaskBatch step."""
-    batch_loss = (RF.module_task_loss(model, loss_fn, layout, batch_statistics=batch_statistics)
-                  if loss_fn is not None else None)
-    return RF.has_norm_layers(model), RF.model_call(model, batch_statistics=batch_statistics), batch_loss
+class _ModelFunctions:
+    """The model in the functional core's terms (:mod:`rkfast.functional`): the per-task losses of a step's
+    tasks and the model of every task at once, its norm layers as ``batch_statistics`` says."""
+
+    def __init__(self, model: nn.Module, loss_fn: Any, layout: ParamLayout, batch_statistics: bool) -> None:
+        self.model, self.layout, self.batch_statistics = model, layout, batch_statistics
+        self.norm_layers = RF.has_norm_layers(model)
+        self.call = RF.model_call(model, batch_statistics=batch_statistics)
+        self.batch_loss = (
+            None if loss_fn is None else RF.module_task_loss(model, loss_fn, layout, batch_statistics=batch_statistics)
+        )
+
+    def stage_losses(self, tasks: TaskBatch | TaskSet) -> tuple[RF.TaskLoss, RF.TaskLoss, Any, Any, int | None]:
+        """The support and query losses and data of checked ``tasks``, and the task count a TaskSet gives."""
+        if isinstance(tasks, TaskBatch):
+            assert self.batch_loss is not None  # without a loss_fn a TaskBatch is refused (_checked_tasks)
+            return self.batch_loss, self.batch_loss, tasks.support, tasks.query, None
+        support, query = (
+            RF.model_task_loss(
+                self.model, loss, self.layout, norm_layers=self.norm_layers, batch_statistics=self.batch_statistics
+            )
+            for loss in (tasks.support_loss, tasks.query_loss)
+        )
+        return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
+
+    def task_models(self, params: Tensor) -> Callable[..., Any]:
+        """``f(*inputs)``: task ``t``'s parameters ``params[t]`` (flat rows ``[T, N]``) on ``inputs[t]``, under
+        ``vmap`` (:meth:`MetaOptimizer.task_models`)."""
+        layout, call = self.layout, self.call
+
+        def run(*inputs: Any) -> Any:
+            return vmap(lambda row, *xs: call(layout.unflatten(row), *xs))(params, *inputs)
+
+        return run
 
 
 def _task_parallel(parallel: Any, capture: CaptureMode) -> TaskParallel | None:
@@ -545,9 +616,3 @@ def _task_count(tasks: TaskBatch | TaskSet) -> int:
     if isinstance(tasks, TaskBatch):
         return tasks.num_tasks
     return RF.resolve_num_tasks(tasks.num_tasks, tasks.support_data, tasks.query_data)
-
-
-def _directions(out: MetaStepOutput) -> list[Tensor]:
-    """The learned coefficients' meta-directions of a step's output, in ``coefficients`` order (none
-    without learned coefficients)."""
-    return list(getattr(out, "coefficient_directions", ()))

@@ -14,9 +14,10 @@ synchronization.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import zip_longest
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,9 +27,19 @@ from .flat import FlatParameters
 from .results import MetaStepOutput, NonFiniteLossError
 
 __all__ = [
-    "OUTER_OPTIMIZERS", "outer_class", "make_outer_optimizer", "check_lr", "OuterUpdate", "UpdateSnapshot",
-    "guarded_update", "written_tensors", "state_tensors", "cast_state_to_params", "all_finite",
-    "non_finite_direction_error", "NON_FINITE_GRAD",
+    "OUTER_OPTIMIZERS",
+    "outer_class",
+    "make_outer_optimizer",
+    "check_lr",
+    "OuterUpdate",
+    "UpdateSnapshot",
+    "guarded_update",
+    "written_tensors",
+    "state_tensors",
+    "cast_state_to_params",
+    "all_finite",
+    "non_finite_direction_error",
+    "NON_FINITE_GRAD",
 ]
 
 NON_FINITE_GRAD = "non-finite .grad; parameters, .grad and optimizer state were left unchanged"
@@ -68,8 +79,9 @@ def check_lr(value: Any, where: str = "lr") -> None:
         raise ValueError(f"{where} must be a finite, non-negative number, got {number}")
 
 
-def make_outer_optimizer(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
-                         capturable: bool = False) -> torch.optim.Optimizer:
+def make_outer_optimizer(
+    cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any], capturable: bool = False
+) -> torch.optim.Optimizer:
     """The outer optimizer; torch's fused implementation for SGD/Adam/AdamW unless the caller chose, and
     Adam/AdamW with ``capturable=True`` (its step counter on the device) for a step replayed from a graph.
 
@@ -82,8 +94,10 @@ def make_outer_optimizer(cls: type[torch.optim.Optimizer], params: Any, lr: floa
     return optimizer
 
 
-def _construct(cls: type[torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any],
-               capturable: bool) -> torch.optim.Optimizer:
+def _construct(
+    cls: Callable[..., torch.optim.Optimizer], params: Any, lr: float, kwargs: dict[str, Any], capturable: bool
+) -> torch.optim.Optimizer:
+    # Callable, not type[Optimizer]: the base class's __init__ takes no lr, every subclass this builds does
     if capturable and cls in (torch.optim.Adam, torch.optim.AdamW):
         if kwargs.get("capturable") is False:
             raise ValueError("a captured step needs a capturable outer optimizer; drop capturable=False")
@@ -109,8 +123,13 @@ class OuterUpdate:
         checks: called after each checked update (:meth:`checked_update`); one that raises undoes it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, flat: FlatParameters, extra: Sequence[Tensor] = (),
-                 checks: Sequence[Callable[[], None]] = ()) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        flat: FlatParameters,
+        extra: Sequence[Tensor] = (),
+        checks: Sequence[Callable[[], None]] = (),
+    ) -> None:
         self.optimizer = optimizer
         self.flat = flat
         self.extra = list(extra)
@@ -120,12 +139,18 @@ class OuterUpdate:
     def write_grads(self, direction: Tensor, extra: Sequence[Tensor]) -> None:
         """The meta-direction into every ``.grad``: the parameters' flat buffer and the extra tensors'."""
         self.flat.write_grad(direction)
-        for t, d in zip(self.extra, extra):
+        for t, d in zip(self.extra, extra, strict=True):
             t.grad = d
 
-    def checked_update(self, set_grad: Callable[[], None], inputs: Sequence[Tensor | None],
-                       direction_error: Callable[[], NonFiniteLossError], *, check_finite: bool,
-                       backend: kernels.Backend = "auto") -> None:
+    def checked_update(
+        self,
+        set_grad: Callable[[], None],
+        inputs: Sequence[Tensor | None],
+        direction_error: Callable[[], NonFiniteLossError],
+        *,
+        check_finite: bool,
+        backend: kernels.Backend = "auto",
+    ) -> None:
         """``set_grad()`` (the new ``.grad``), :meth:`update` and the :attr:`checks` as one :meth:`transaction`:
         any exception, and with ``check_finite`` non-finite ``inputs`` (the direction, the loss) or non-finite
         updated parameters, restores everything and raises (``direction_error()`` for the inputs).
@@ -149,8 +174,9 @@ class OuterUpdate:
                 raise
             raise direction_error() from err
 
-    def guarded_step(self, direction: Tensor, extra: Sequence[Tensor], ok: Tensor,
-                     backend: kernels.Backend = "auto") -> None:
+    def guarded_step(
+        self, direction: Tensor, extra: Sequence[Tensor], ok: Tensor, backend: kernels.Backend = "auto"
+    ) -> None:
         """The update of a step replayed from a CUDA graph: where the 0-d boolean ``ok`` is false, a zero
         ``.grad`` and every parameter and state tensor kept (:meth:`update_if`); no host synchronization."""
         self.write_grads(torch.where(ok, direction, 0.0), [torch.where(ok, d, 0.0) for d in extra])
@@ -162,8 +188,12 @@ class OuterUpdate:
         if type(self.optimizer) is not torch.optim.SGD or len(groups) != 1:
             return False
         group = groups[0]
-        return (group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False)
-                and len(group["params"]) == len(self.flat.params))
+        return (
+            group["momentum"] == 0
+            and group["weight_decay"] == 0
+            and not group.get("maximize", False)
+            and len(group["params"]) == len(self.flat.params)
+        )
 
     def update(self, backend: kernels.Backend = "auto") -> None:
         """One outer step from the current ``.grad`` (``backend`` runs the plain-SGD ``axpy_``)."""
@@ -255,9 +285,14 @@ class UpdateSnapshot:
         self._grads = [p.grad for p in params]
         self._state = [(p, state.get(p), dict(state.get(p, {}))) for p in params]
         self._groups = [(group, dict(group)) for group in self.optimizer.param_groups]
-        extra_grads = [g for g in self._grads[len(self.flat.params):] if g is not None]
-        self._tensors = [self.flat.grad, *written_tensors(self.optimizer, self.flat), *self.extra, *extra_grads,
-                         *state_tensors(self.optimizer, self.extra)]
+        extra_grads = [g for g in self._grads[len(self.flat.params) :] if g is not None]
+        self._tensors = [
+            self.flat.grad,
+            *written_tensors(self.optimizer, self.flat),
+            *self.extra,
+            *extra_grads,
+            *state_tensors(self.optimizer, self.extra),
+        ]
         self._buffers = [_reuse(buf, t) for buf, t in zip_longest(self._buffers, self._tensors) if t is not None]
         copy_all(self._buffers, self._tensors)
 
@@ -277,7 +312,7 @@ class UpdateSnapshot:
                 entries.update(items)
                 state[p] = entries
         copy_all(self._tensors, self._buffers)
-        for p, g in zip([*self.flat.params, *self.extra], self._grads):
+        for p, g in zip([*self.flat.params, *self.extra], self._grads, strict=True):
             p.grad = g
 
     def forget(self) -> None:
@@ -331,7 +366,7 @@ def written_tensors(optimizer: torch.optim.Optimizer, flat: FlatParameters) -> l
     return [flat.data, *state_tensors(optimizer, flat.params)]
 
 
-def state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor]:
+def state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
     """The tensors of ``optimizer``'s state for ``params`` (moments, step counters...)."""
     out = []
     for p in params:

@@ -8,8 +8,9 @@ never loads matplotlib.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -20,8 +21,16 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from .report import GridGroup, pooled_summary
 from .train import RATES_PLOT, TABLEAU_PLOT, RunResult
 
-__all__ = ["new_figure", "save_figure", "plot_training", "plot_compare", "plot_compare_grid", "plot_rates",
-           "plot_learned_tableau", "write_run_plots"]
+__all__ = [
+    "new_figure",
+    "save_figure",
+    "plot_training",
+    "plot_compare",
+    "plot_compare_grid",
+    "plot_rates",
+    "plot_learned_tableau",
+    "write_run_plots",
+]
 
 
 def new_figure(**kwargs: Any) -> Figure:
@@ -48,7 +57,10 @@ def _log_y(ax: Axes) -> None:
     """Log-scale y axis labelled with plain numbers (0.5, 2, 3) rather than powers of ten."""
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    mantissa = lambda v: round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
+
+    def mantissa(v: float) -> float:
+        return round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
+
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if mantissa(v) in (2, 3, 5) else ""))
     ax.grid(True, which="both", alpha=0.3)
 
@@ -81,8 +93,14 @@ def plot_training(run: RunResult, path: Path | str) -> None:
     steps = (0, *run.defaults.eval_steps)
     markers = ("x", "o", "s", "^", "v", "D")
     for k, step in enumerate(steps):
-        ax.plot(*_eval_curve(run, str(step)), marker=markers[k % len(markers)], ms=4, ls="--", color=f"C{k + 1}",
-                label=f"held-out {metric.short} {_steps_label(step)}")
+        ax.plot(
+            *_eval_curve(run, str(step)),
+            marker=markers[k % len(markers)],
+            ms=4,
+            ls="--",
+            color=f"C{k + 1}",
+            label=f"held-out {metric.short} {_steps_label(step)}",
+        )
     ax.set(xlabel="meta-step", ylabel=metric.short, title=f"{run.domain.name}, tableau {run.tableau.name}")
     _scale(ax, metric.higher_is_better)
     if loss_ax is not ax:
@@ -106,19 +124,36 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
         if run.test is not None:
             summary = run.test.summary()
             steps = summary["steps"]
-            mean, ci = zip(*(summary[metric.source][n] for n in steps))
+            mean, ci = zip(*(summary[metric.source][n] for n in steps), strict=True)
             label = f"{run.tableau.name} (order {run.tableau.order}, step {summary['step_size']:.4g})"
-            left.errorbar(np.array(steps) + 0.06 * (i - (len(runs) - 1) / 2), mean, yerr=ci, marker="o",
-                          capsize=3, color=f"C{i}", label=label)
-        right.plot(*_eval_curve(run, first), marker="o", ms=3, color=f"C{i}",
-                   label=f"{run.tableau.name}, {_steps_label(int(first))}")
+            left.errorbar(
+                np.array(steps) + 0.06 * (i - (len(runs) - 1) / 2),
+                mean,
+                yerr=ci,
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=label,
+            )
+        right.plot(
+            *_eval_curve(run, first),
+            marker="o",
+            ms=3,
+            color=f"C{i}",
+            label=f"{run.tableau.name}, {_steps_label(int(first))}",
+        )
         if not metric.higher_is_better:
             right.plot(*_smooth(run.losses), color=f"C{i}", alpha=0.35, lw=1)
-    left.set(xlabel="adaptation steps", ylabel=metric.label,
-             title=f"meta-test, {tested[0].test.losses.shape[1] if tested else 0} tasks (95% CI)")
+    left.set(
+        xlabel="adaptation steps",
+        ylabel=metric.label,
+        title=f"meta-test, {tested[0].meta_test().losses.shape[1] if tested else 0} tasks (95% CI)",
+    )
     left.set_xticks(steps)
     faint = "" if metric.higher_is_better else " (faint: smoothed meta-loss)"
-    right.set(xlabel="meta-step", ylabel=metric.short, title=f"held-out {metric.short} {_steps_label(int(first))}{faint}")
+    right.set(
+        xlabel="meta-step", ylabel=metric.short, title=f"held-out {metric.short} {_steps_label(int(first))}{faint}"
+    )
     for ax in (left, right):
         _scale(ax, metric.higher_is_better)
         if ax.get_legend_handles_labels()[0]:
@@ -148,20 +183,34 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
             steps = sorted(pooled)
             mean, ci = [pooled[n]["mean"] for n in steps], [pooled[n]["ci95"] for n in steps]
             label = f"{g.tableau.name} (h={g.selected:g}, {len(tested)} seed{'s' * (len(tested) != 1)})"
-            left.errorbar(np.array(steps) + 0.06 * (i - (len(groups) - 1) / 2), mean, yerr=ci, marker="o",
-                          capsize=3, color=color, label=label)
+            left.errorbar(
+                np.array(steps) + 0.06 * (i - (len(groups) - 1) / 2),
+                mean,
+                yerr=ci,
+                marker="o",
+                capsize=3,
+                color=color,
+                label=label,
+            )
         if len(grid) > 1:
-            hs = [h for h in grid if g.scores.get(h) is not None]
-            right.plot(hs, [g.scores[h] for h in hs], marker="o", ms=4, color=color, label=g.tableau.name)
-            if g.selected is not None:
-                right.plot([g.selected], [g.scores[g.selected]], marker="o", ms=11, mfc="none", color=color)
+            scored = {h: score for h in grid if (score := g.scores.get(h)) is not None}
+            right.plot(list(scored), list(scored.values()), marker="o", ms=4, color=color, label=g.tableau.name)
+            if g.selected in scored:
+                right.plot([g.selected], [scored[g.selected]], marker="o", ms=11, mfc="none", color=color)
         elif tested:
             seeds = [r.config.seed for r in tested]
-            right.plot(seeds, [pooled_summary([r])[shown_step]["mean"] for r in tested], marker="o", ls="",
-                       color=color, label=g.tableau.name)
+            right.plot(
+                seeds,
+                [pooled_summary([r])[shown_step]["mean"] for r in tested],
+                marker="o",
+                ls="",
+                color=color,
+                label=g.tableau.name,
+            )
     tasks = first.config.test_tasks
-    left.set(xlabel="adaptation steps", ylabel=metric.label,
-             title=f"meta-test, selected h, seeds x {tasks} tasks (95% CI)")
+    left.set(
+        xlabel="adaptation steps", ylabel=metric.label, title=f"meta-test, selected h, seeds x {tasks} tasks (95% CI)"
+    )
     left.set_xticks(steps)
     if len(grid) > 1:
         eval_step = first.defaults.eval_steps[-1]
@@ -169,13 +218,19 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
         right.set_xticks(list(grid))
         right.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         right.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        right.set(xlabel="inner step h", ylabel=metric.short,
-                  title=f"final held-out {metric.short} {_steps_label(eval_step)}, seed {groups[0].seeds[0]} "
-                        "(circled: selected)")
+        right.set(
+            xlabel="inner step h",
+            ylabel=metric.short,
+            title=f"final held-out {metric.short} {_steps_label(eval_step)}, seed {groups[0].seeds[0]} "
+            "(circled: selected)",
+        )
     else:
         right.xaxis.set_major_locator(MaxNLocator(integer=True))
-        right.set(xlabel="training seed", ylabel=metric.short,
-                  title=f"test {metric.short} {_steps_label(shown_step)} per seed (h={grid[0]:g})")
+        right.set(
+            xlabel="training seed",
+            ylabel=metric.short,
+            title=f"test {metric.short} {_steps_label(shown_step)} per seed (h={grid[0]:g})",
+        )
     for ax in (left, right):
         _scale(ax, metric.higher_is_better)
         if ax.get_legend_handles_labels()[0]:
@@ -206,19 +261,35 @@ def plot_rates(run: RunResult, path: Path | str) -> None:
             color = f"C{k % 10}"
             if entries and isinstance(entries[0], dict):
                 mean = np.array([e["mean"] for e in entries])
-                ax.fill_between(iterations, [e["min"] for e in entries], [e["max"] for e in entries],
-                                color=color, alpha=0.06 if len(names) * sets > 3 else 0.15, lw=0)
+                ax.fill_between(
+                    iterations,
+                    [e["min"] for e in entries],
+                    [e["max"] for e in entries],
+                    color=color,
+                    alpha=0.06 if len(names) * sets > 3 else 0.15,
+                    lw=0,
+                )
                 ax.plot(iterations, mean, marker="o", ms=3, color=color, label=label)
             else:
                 ax.plot(iterations, entries, marker="o", ms=3, color=color, label=label)
             k += 1
     ax.axhline(float(info.get("inner_lr", run.config.inner_lr or 0.0)), color="k", ls=":", lw=1, label="inner_lr")
-    fixed = "" if not frozen else (f"\nfixed: {', '.join(f'{n}={v:g}' for n, v in info['frozen'].items())}"
-                                   if len(frozen) <= 4 else f"\n{len(frozen)} tensors fixed")
+    fixed = (
+        ""
+        if not frozen
+        else (
+            f"\nfixed: {', '.join(f'{n}={v:g}' for n, v in info['frozen'].items())}"
+            if len(frozen) <= 4
+            else f"\n{len(frozen)} tensors fixed"
+        )
+    )
     per_stage = ", per stage" if info.get("per_stage") else ""
     per_stage += ": mean and min-max band" if info.get("granularity") == "element" else ""
-    ax.set(xlabel="meta-step", ylabel="inner rate",
-           title=f"learned rates ({info.get('granularity')}{per_stage}), tableau {run.tableau.name}{fixed}")
+    ax.set(
+        xlabel="meta-step",
+        ylabel="inner rate",
+        title=f"learned rates ({info.get('granularity')}{per_stage}), tableau {run.tableau.name}{fixed}",
+    )
     ax.title.set_fontsize(10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
@@ -243,17 +314,30 @@ def plot_learned_tableau(history: Any, path: Path | str, info: dict[str, Any] | 
     iterations = np.array([h["iteration"] for h in history])
     stages = len(history[0]["b"]) if history else 0
     entries = [tuple(e) for e in info.get("entries", ())] or [
-        (j, l) for j in range(stages) for l in range(j) if any(h["A"][j][l] != 0.0 for h in history)]
+        (j, col) for j in range(stages) for col in range(j) if any(h["A"][j][col] != 0.0 for h in history)
+    ]
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     markers = ("o", "s", "^", "v", "D", "x")
-    for k, (j, l) in enumerate(entries):
-        left.plot(iterations, [h["A"][j][l] for h in history], marker=markers[k % len(markers)], ms=3,
-                  color=f"C{k % 10}", label=f"$A_{{{j + 1}{l + 1}}}$" if stages < 10 else f"A[{j + 1},{l + 1}]")
+    for k, (j, col) in enumerate(entries):
+        left.plot(
+            iterations,
+            [h["A"][j][col] for h in history],
+            marker=markers[k % len(markers)],
+            ms=3,
+            color=f"C{k % 10}",
+            label=f"$A_{{{j + 1}{col + 1}}}$" if stages < 10 else f"A[{j + 1},{col + 1}]",
+        )
     for j in range(stages):
-        right.plot(iterations, [h["b"][j] for h in history], marker=markers[j % len(markers)], ms=3,
-                   color=f"C{j % 10}", label=f"$b_{{{j + 1}}}$" if stages < 10 else f"b[{j + 1}]")
-    weights = {"order": "b by the order conditions", "fixed": "b fixed"}.get(info.get("weights"), "b")
+        right.plot(
+            iterations,
+            [h["b"][j] for h in history],
+            marker=markers[j % len(markers)],
+            ms=3,
+            color=f"C{j % 10}",
+            label=f"$b_{{{j + 1}}}$" if stages < 10 else f"b[{j + 1}]",
+        )
+    weights = {"order": "b by the order conditions", "fixed": "b fixed"}.get(info.get("weights") or "", "b")
     base = f" from {info['base']}" if info.get("base") else ""
     pattern = f"{info['pattern']}, " if info.get("pattern") else ""
     left.set(xlabel="meta-step", ylabel="entry of A", title=f"learned tableau{base} ({pattern}{weights}): entries of A")

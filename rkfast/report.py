@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -13,9 +14,27 @@ from .tableau import Tableau
 from .tasks import Domain
 from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates
 
-__all__ = ["table", "train_report", "compare_report", "test_report", "compare_rows", "run_line", "step_source",
-           "rates_line", "GridGroup", "pooled_summary", "pooled_tables", "t_quantile_975", "grid_report", "grid_rows",
-           "selection_line", "SPREAD_NOTE", "paired_tables", "paired_summary", "PAIRED_NOTE"]
+__all__ = [
+    "table",
+    "train_report",
+    "compare_report",
+    "test_report",
+    "compare_rows",
+    "run_line",
+    "step_source",
+    "rates_line",
+    "GridGroup",
+    "pooled_summary",
+    "pooled_tables",
+    "t_quantile_975",
+    "grid_report",
+    "grid_rows",
+    "selection_line",
+    "SPREAD_NOTE",
+    "paired_tables",
+    "paired_summary",
+    "PAIRED_NOTE",
+]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -23,7 +42,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -31,8 +52,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _protocol(domain: Domain, cfg: TrainConfig, tasks: int, adaptation: str = "gradient") -> str:
     described = domain.describe_test(cfg.options)
     steps = "plain gradient steps" if adaptation == "gradient" else "adaptation steps (each: the tableau's stages)"
-    return (f"meta-test on {tasks} tasks (test seed {cfg.test_seed}): {described + '; ' if described else ''}"
-            f"{domain.metric.label} after n {steps} on the support set")
+    return (
+        f"meta-test on {tasks} tasks (test seed {cfg.test_seed}): {described + '; ' if described else ''}"
+        f"{domain.metric.label} after n {steps} on the support set"
+    )
 
 
 def _learned_rates_used(cfg: TrainConfig) -> bool:
@@ -49,8 +72,14 @@ def rates_line(info: Mapping[str, Any] | None) -> str | None:
     return describe_rates(info)
 
 
-def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], tasks: int, step_source: str,
-                adaptation: str = "gradient") -> str:
+def test_report(
+    domain: Domain,
+    cfg: TrainConfig,
+    summary: Mapping[str, Any],
+    tasks: int,
+    step_source: str,
+    adaptation: str = "gradient",
+) -> str:
     """The protocol, the step size and a table of every metric after each number of adaptation steps.
 
     With learned inner rates (and no ``test_step``) the step line says that the adaptation used them, times
@@ -65,8 +94,11 @@ def test_report(domain: Domain, cfg: TrainConfig, summary: Mapping[str, Any], ta
             mean, ci = summary[m.source][n]
             row += [f"{mean:.4f}", f"± {ci:.4f}"]
         rows.append(row)
-    step = (f"test step: the learned inner rates ({_rates_name(cfg)}) x {summary['step_size']:.4g} ({step_source})"
-            if _learned_rates_used(cfg) else f"test step size {summary['step_size']:.4g} ({step_source})")
+    step = (
+        f"test step: the learned inner rates ({_rates_name(cfg)}) x {summary['step_size']:.4g} ({step_source})"
+        if _learned_rates_used(cfg)
+        else f"test step size {summary['step_size']:.4g} ({step_source})"
+    )
     return "\n".join([_protocol(domain, cfg, tasks, adaptation), step, table(headers, rows)])
 
 
@@ -75,8 +107,11 @@ def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None,
     stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`)."""
     learned = getattr(run_cfg, "learn_rates", None) is not None
     if adaptation == "stages":
-        what = "--test-step as h" if test_step is not None else (
-            "the learned rates" if learned else f"h = {run_cfg.inner_lr:g}")
+        what = (
+            "--test-step as h"
+            if test_step is not None
+            else ("the learned rates" if learned else f"h = {run_cfg.inner_lr:g}")
+        )
         return f"each step is the tableau's stages up to its last stage's point, with {what}, docs/method.md"
     if test_step is not None:
         return "--test-step, in place of the learned rates" if learned else "--test-step"
@@ -88,18 +123,25 @@ def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None,
 
 def train_report(run: RunResult) -> str:
     """What ``rkfast train`` prints: the tableau, the meta-test table, the learned rates and the training time."""
-    cfg = run.config
+    cfg, test = run.config, run.meta_test()
     rates, learned = rates_line(run.rates), describe_learned_tableau(run.learned_tableau)
     tableau = run.opt.current_tableau()  # the learned one at its final values, if any
-    return "\n".join([
-        tableau.describe(),
-        test_report(run.domain, cfg, run.test.summary(), run.test.losses.shape[1],  # type: ignore[union-attr]
-                    step_source(cfg, tableau, cfg.test_step)),
-        *([rates] if rates else []),
-        *([learned] if learned else []),
-        f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
-        f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
-    ])
+    return "\n".join(
+        [
+            tableau.describe(),
+            test_report(
+                run.domain,
+                cfg,
+                test.summary(),
+                test.losses.shape[1],
+                step_source(cfg, tableau, cfg.test_step),
+            ),
+            *([rates] if rates else []),
+            *([learned] if learned else []),
+            f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
+            f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
+        ]
+    )
 
 
 def _mean_ci(mean_ci: tuple[float, float]) -> str:
@@ -119,8 +161,10 @@ def run_line(run: RunResult) -> str:
     metric, first = run.domain.metric, run.defaults.test_steps[0]
     mean, ci = run.test.summary()[metric.source][first]
     extra = [x for x in (rates_line(run.rates), describe_learned_tableau(run.learned_tableau)) if x]
-    return (f"{name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
-            f"({run.train_time_s:.1f} s){''.join('; ' + x for x in extra)}")
+    return (
+        f"{name}: test {metric.short} after {first} step {mean:.3f} ± {ci:.3f} "
+        f"({run.train_time_s:.1f} s){''.join('; ' + x for x in extra)}"
+    )
 
 
 def compare_report(runs: Sequence[RunResult]) -> str:
@@ -134,20 +178,22 @@ def compare_report(runs: Sequence[RunResult]) -> str:
     for run in runs:
         if run.test is None:
             cells = [_not_tested(run), *([""] * (len(steps) - 1))]
-            step = f"{run.tableau.test_step(run.config.inner_lr):.4g}"  # type: ignore[arg-type]
+            step = f"{run.tableau.test_step(run.config.settings().inner_lr):.4g}"
         else:
             s = run.test.summary()
             cells = [_mean_ci(s[metric.source][n]) for n in s["steps"]]
             step = f"rates x {s['step_size']:.4g}" if _learned_rates_used(run.config) else f"{s['step_size']:.4g}"
         current = run.opt.current_tableau()  # a learned tableau: its name and order at its final values
-        rows.append([current.name, str(current.order), step, *cells,
-                     f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"])
+        rows.append(
+            [current.name, str(current.order), step, *cells, f"{run.train_time_s:.1f}", f"{run.ms_per_step:.2f}"]
+        )
     tested = [r for r in runs if r.test is not None]
-    tasks = tested[0].test.losses.shape[1] if tested else runs[0].config.test_tasks  # type: ignore[union-attr]
-    protocol = _protocol(domain, runs[0].config, tasks)  # type: ignore[arg-type]
+    tasks = tested[0].meta_test().losses.shape[1] if tested else runs[0].config.settings().test_tasks
+    protocol = _protocol(domain, runs[0].config, tasks)
     named = _single_pairs(runs)
-    return "\n".join([f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows),
-                      _paired_section(named, named[0][0])])
+    return "\n".join(
+        [f"{protocol} (± 95% CI; each tableau's test step)", table(headers, rows), _paired_section(named, named[0][0])]
+    )
 
 
 def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -155,9 +201,13 @@ def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     difference to the first tableau (``paired_difference``: :func:`paired_summary`, ``None`` when either has no
     meta-test), timings."""
     rows = []
-    for r, (_, pairs) in zip(runs, _single_pairs(runs)):
-        row: dict[str, Any] = {"tableau": r.tableau.name, "order": r.tableau.order, "status": r.status,
-                               "iteration": r.iteration}
+    for r, (_, pairs) in zip(runs, _single_pairs(runs), strict=True):
+        row: dict[str, Any] = {
+            "tableau": r.tableau.name,
+            "order": r.tableau.order,
+            "status": r.status,
+            "iteration": r.iteration,
+        }
         if r.test is not None:
             s = r.test.summary()
             row["test_step"] = r.test.step_size
@@ -174,11 +224,42 @@ def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
 # -- comparisons over a grid of inner steps and several seeds -------------------------------------------
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
-SPREAD_NOTE = ("seed spread: ± the 95% CI of the mean of the per-seed means (Student t, n-1 dof), with the "
-               "per-seed min..max")
+SPREAD_NOTE = (
+    "seed spread: ± the 95% CI of the mean of the per-seed means (Student t, n-1 dof), with the per-seed min..max"
+)
 
 
 def t_quantile_975(dof: int) -> float:
@@ -218,8 +299,8 @@ class GridGroup:
         for h, run in self.search.items():
             yield self.folders.get((h, self.seeds[0]), ""), run
         for seed, run in self.runs.items():
-            if seed != self.seeds[0]:
-                yield self.folders.get((self.selected, seed), ""), run  # type: ignore[arg-type]
+            if seed != self.seeds[0]:  # run with the selected h
+                yield "" if self.selected is None else self.folders.get((self.selected, seed), ""), run
 
     @property
     def tested(self) -> list[RunResult]:
@@ -229,9 +310,8 @@ class GridGroup:
 
 def _metric_table(run: RunResult) -> torch.Tensor:
     """The primary metric of the run's meta-test per task, ``[steps, tasks]``."""
-    source = run.domain.metric.source
-    assert run.test is not None
-    return run.test.losses if source == "loss" else run.test.metrics[source]
+    source, test = run.domain.metric.source, run.meta_test()
+    return test.losses if source == "loss" else test.metrics[source]
 
 
 def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
@@ -241,7 +321,7 @@ def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
     half-width of the mean of the seed means, n-1 dof; ``None`` with one seed), ``seed_min``, ``seed_max``."""
     if not runs:
         return {}
-    return pooled_tables([_metric_table(r) for r in runs], runs[0].test.steps)  # type: ignore[union-attr]
+    return pooled_tables([_metric_table(r) for r in runs], runs[0].meta_test().steps)
 
 
 def pooled_tables(tables: Sequence[torch.Tensor], steps: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -253,8 +333,15 @@ def pooled_tables(tables: Sequence[torch.Tensor], steps: Sequence[int]) -> dict[
         pooled = torch.cat([t[i] for t in tables])
         mean, ci = mean_ci95(pooled)
         means = [float(t[i].mean()) for t in tables]
-        out[int(n)] = {"mean": mean, "ci95": ci, "n": int(pooled.numel()), "seed_means": means,
-                       "seed_ci95": _seed_ci95(means), "seed_min": min(means), "seed_max": max(means)}
+        out[int(n)] = {
+            "mean": mean,
+            "ci95": ci,
+            "n": int(pooled.numel()),
+            "seed_means": means,
+            "seed_ci95": _seed_ci95(means),
+            "seed_min": min(means),
+            "seed_max": max(means),
+        }
     return out
 
 
@@ -266,8 +353,9 @@ def _seed_ci95(means: Sequence[float]) -> float | None:
     return t_quantile_975(len(means) - 1) * sd / math.sqrt(len(means))
 
 
-def paired_tables(tables: Sequence[torch.Tensor], reference: Sequence[torch.Tensor],
-                  steps: Sequence[int]) -> dict[int, dict[str, Any]]:
+def paired_tables(
+    tables: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], steps: Sequence[int]
+) -> dict[int, dict[str, Any]]:
     """The paired difference ``tables[s] - reference[s]``, task by task, of per-seed tables ``[len(steps),
     tasks]`` measured on the same test tasks (the same index is the same task), per adaptation step count.
 
@@ -281,13 +369,17 @@ def paired_tables(tables: Sequence[torch.Tensor], reference: Sequence[torch.Tens
         ValueError: a different number of seeds, or tables of different shapes (not the same tasks).
     """
     if len(tables) != len(reference):
-        raise ValueError(f"paired differences need a reference table per seed: {len(tables)} tables, "
-                         f"{len(reference)} reference tables")
+        raise ValueError(
+            f"paired differences need a reference table per seed: {len(tables)} tables, "
+            f"{len(reference)} reference tables"
+        )
     pairs = []
-    for table_, ref in zip(tables, reference):
+    for table_, ref in zip(tables, reference, strict=True):
         if table_.shape != ref.shape:
-            raise ValueError(f"paired differences need the same test tasks: tables of shapes {tuple(table_.shape)} "
-                             f"and {tuple(ref.shape)}")
+            raise ValueError(
+                f"paired differences need the same test tasks: tables of shapes {tuple(table_.shape)} "
+                f"and {tuple(ref.shape)}"
+            )
         table_, ref = table_.detach().double().cpu(), ref.detach().double().cpu()
         pairs.append((table_ - ref, torch.isfinite(table_) & torch.isfinite(ref)))
     out: dict[int, dict[str, Any]] = {}
@@ -297,15 +389,23 @@ def paired_tables(tables: Sequence[torch.Tensor], reference: Sequence[torch.Tens
         mean, ci = mean_ci95(pooled) if pooled.numel() else (None, None)
         means = [float(d.mean()) for d in per_seed if d.numel()]
         tasks = sum(int(diff[i].numel()) for diff, _ in pairs)
-        out[int(n)] = {"mean": mean, "ci95": ci, "n": int(pooled.numel()), "nonfinite": tasks - int(pooled.numel()),
-                       "seed_means": means, "seed_ci95": _seed_ci95(means)}
+        out[int(n)] = {
+            "mean": mean,
+            "ci95": ci,
+            "n": int(pooled.numel()),
+            "nonfinite": tasks - int(pooled.numel()),
+            "seed_means": means,
+            "seed_ci95": _seed_ci95(means),
+        }
     return out
 
 
-PAIRED_NOTE = ("per test task, this tableau's primary metric minus the reference's (the first tableau) on the "
-               "same task (same test_seed), after each adaptation step count, over the tasks finite in both "
-               "(nonfinite: tasks left out); mean and 95% CI over seeds x tasks (normal), seed_ci95: the 95% CI "
-               "of the per-seed mean differences (Student t, n-1 dof)")
+PAIRED_NOTE = (
+    "per test task, this tableau's primary metric minus the reference's (the first tableau) on the "
+    "same task (same test_seed), after each adaptation step count, over the tasks finite in both "
+    "(nonfinite: tasks left out); mean and 95% CI over seeds x tasks (normal), seed_ci95: the 95% CI "
+    "of the per-seed mean differences (Student t, n-1 dof)"
+)
 
 _Pairs = Sequence[tuple[RunResult, RunResult]]  # (run, the reference's run) per seed, both meta-tested
 
@@ -317,20 +417,28 @@ def paired_summary(pairs: _Pairs) -> dict[int, dict[str, Any]]:
         if run.test is None or ref.test is None:
             raise ValueError("paired differences need runs with a meta-test")
         if run.config.test_seed != ref.config.test_seed or run.test.steps != ref.test.steps:
-            raise ValueError(f"paired differences need the same test tasks and step counts: test seeds "
-                             f"{run.config.test_seed} and {ref.config.test_seed}, steps {run.test.steps} and "
-                             f"{ref.test.steps}")
-    return paired_tables([_metric_table(r) for r, _ in pairs], [_metric_table(ref) for _, ref in pairs],
-                         pairs[0][0].test.steps)  # type: ignore[union-attr]
+            raise ValueError(
+                f"paired differences need the same test tasks and step counts: test seeds "
+                f"{run.config.test_seed} and {ref.config.test_seed}, steps {run.test.steps} and "
+                f"{ref.test.steps}"
+            )
+    return paired_tables(
+        [_metric_table(r) for r, _ in pairs], [_metric_table(ref) for _, ref in pairs], pairs[0][0].meta_test().steps
+    )
 
 
 def _paired_json(pairs: _Pairs, reference: str) -> dict[str, Any] | None:
     if not pairs:
         return None
     run = pairs[0][0]
-    return {"reference": reference, "metric": run.domain.metric.name, "seeds": [r.config.seed for r, _ in pairs],
-            "tasks_per_seed": int(_metric_table(run).shape[1]),
-            "steps": {str(n): v for n, v in paired_summary(pairs).items()}, "note": PAIRED_NOTE}
+    return {
+        "reference": reference,
+        "metric": run.domain.metric.name,
+        "seeds": [r.config.seed for r, _ in pairs],
+        "tasks_per_seed": int(_metric_table(run).shape[1]),
+        "steps": {str(n): v for n, v in paired_summary(pairs).items()},
+        "note": PAIRED_NOTE,
+    }
 
 
 def _single_pairs(runs: Sequence[RunResult]) -> list[tuple[str, list[tuple[RunResult, RunResult]]]]:
@@ -338,16 +446,26 @@ def _single_pairs(runs: Sequence[RunResult]) -> list[tuple[str, list[tuple[RunRe
     if not runs:
         return []
     ref = runs[0]
-    return [(r.opt.current_tableau().name, [(r, ref)] if r.test is not None and ref.test is not None else [])
-            for r in runs]
+    return [
+        (r.opt.current_tableau().name, [(r, ref)] if r.test is not None and ref.test is not None else []) for r in runs
+    ]
 
 
 def _grid_pairs(groups: Sequence[GridGroup]) -> list[tuple[str, list[tuple[RunResult, RunResult]]]]:
     """``(row name, pairs)`` of a grid comparison: each seed's run with the selected h and the first
     tableau's run of the same seed, where both were meta-tested."""
     ref = groups[0].runs if groups else {}
-    return [(g.tableau.name, [(g.runs[s], ref[s]) for s in g.seeds if s in g.runs and s in ref
-                              and g.runs[s].test is not None and ref[s].test is not None]) for g in groups]
+    return [
+        (
+            g.tableau.name,
+            [
+                (g.runs[s], ref[s])
+                for s in g.seeds
+                if s in g.runs and s in ref and g.runs[s].test is not None and ref[s].test is not None
+            ],
+        )
+        for g in groups
+    ]
 
 
 def _paired_cell(stats: Mapping[str, Any]) -> str:
@@ -362,7 +480,7 @@ def _paired_section(named: Sequence[tuple[str, _Pairs]], reference: str) -> str:
     first = next((pairs[0][0] for _, pairs in named if pairs), None)
     if first is None:
         return f"paired differences to {reference}: none ({reference} has no meta-test)"
-    metric, steps = first.domain.metric, first.test.steps  # type: ignore[union-attr]
+    metric, steps = first.domain.metric, first.meta_test().steps
     headers = ["tableau", "pairs", *(f"Δ{metric.short} @{n}" for n in steps)]
     rows = []
     for name, pairs in named:
@@ -373,22 +491,28 @@ def _paired_section(named: Sequence[tuple[str, _Pairs]], reference: str) -> str:
         total = sum(int(_metric_table(r).shape[1]) for r, _ in pairs)
         rows.append([name, f"{min(v['n'] for v in stats.values())}/{total}", *(_paired_cell(stats[n]) for n in steps)])
     several = any(len(pairs) > 1 for _, pairs in named)
-    over = ("seeds x tasks (± the 95% CI of the per-seed mean differences, Student t, n-1 dof)" if several
-            else "tasks")
-    title = (f"paired difference to {reference} on the same test tasks: per task, tableau - {reference} "
-             f"({metric.label}); mean ± 95% CI over {over}; pairs: tasks finite in both (the fewest over step counts)")
+    over = "seeds x tasks (± the 95% CI of the per-seed mean differences, Student t, n-1 dof)" if several else "tasks"
+    title = (
+        f"paired difference to {reference} on the same test tasks: per task, tableau - {reference} "
+        f"({metric.label}); mean ± 95% CI over {over}; pairs: tasks finite in both (the fewest over step counts)"
+    )
     return "\n".join([title, table(headers, rows)])
 
 
-def selection_line(group: GridGroup, steps: int) -> str:
-    """One line on how a tableau's h was selected: the validation score of each h, and the choice."""
+def selection_line(group: GridGroup, steps: int | None) -> str:
+    """One line on how a tableau's h was selected: the validation score of each h after ``steps`` adaptation
+    steps (``None``: the domain's last evaluation step count), and the choice."""
     if not group.search:
         return f"{group.tableau.name}: no runs"
-    metric = next(iter(group.search.values())).domain.metric
+    first = next(iter(group.search.values()))
+    metric = first.domain.metric
+    steps = first.defaults.eval_steps[-1] if steps is None else steps
     scores = ", ".join(f"h={h:g} {'diverged' if v is None else f'{v:.4g}'}" for h, v in group.scores.items())
     choice = "every h diverged" if group.selected is None else f"selected h={group.selected:g}"
-    return (f"{group.tableau.name}: final held-out {metric.short} after {steps} step{'s' * (steps != 1)} "
-            f"(seed {group.seeds[0]}): {scores}; {choice}")
+    return (
+        f"{group.tableau.name}: final held-out {metric.short} after {steps} step{'s' * (steps != 1)} "
+        f"(seed {group.seeds[0]}): {scores}; {choice}"
+    )
 
 
 def _cell(stats: Mapping[str, Any]) -> str:
@@ -409,8 +533,16 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
         return "no runs"
     domain, metric = first.domain, first.domain.metric
     steps = (0, *first.defaults.test_steps)
-    headers = ["tableau", "order", "h", "test step", "seeds", *(f"{metric.short} @{n}" for n in steps),
-               "train s/run", "train s all"]
+    headers = [
+        "tableau",
+        "order",
+        "h",
+        "test step",
+        "seeds",
+        *(f"{metric.short} @{n}" for n in steps),
+        "train s/run",
+        "train s all",
+    ]
     rows = []
     for g in groups:
         every = [r for _, r in g.all_runs()]
@@ -419,27 +551,55 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
         if not tested:
             why = "every h diverged" if g.selected is None else "diverged"
             cells = [why, *([""] * (len(steps) - 1))]
-            rows.append([g.tableau.name, str(g.tableau.order), "" if g.selected is None else f"{g.selected:g}", "",
-                         f"0/{len(g.seeds)}", *cells, "", total])
+            rows.append(
+                [
+                    g.tableau.name,
+                    str(g.tableau.order),
+                    "" if g.selected is None else f"{g.selected:g}",
+                    "",
+                    f"0/{len(g.seeds)}",
+                    *cells,
+                    "",
+                    total,
+                ]
+            )
             continue
         pooled = pooled_summary(tested)
-        s = tested[0].test.summary()  # type: ignore[union-attr]
+        s = tested[0].meta_test().summary()
         step = f"rates x {s['step_size']:.4g}" if _learned_rates_used(tested[0].config) else f"{s['step_size']:.4g}"
         cells = [_cell(pooled[n]) for n in s["steps"]]
         per_run = sum(r.train_time_s for r in tested) / len(tested)
-        rows.append([g.tableau.name, str(g.tableau.order), f"{g.selected:g}", step, f"{len(tested)}/{len(g.seeds)}",
-                     *cells, f"{per_run:.1f}", total])
-    tasks = first.config.test_tasks
+        rows.append(
+            [
+                g.tableau.name,
+                str(g.tableau.order),
+                f"{g.selected:g}",
+                step,
+                f"{len(tested)}/{len(g.seeds)}",
+                *cells,
+                f"{per_run:.1f}",
+                total,
+            ]
+        )
+    tasks = first.config.settings().test_tasks
     seeds = groups[0].seeds
     lrs = groups[0].grid
-    protocol = _protocol(domain, first.config, tasks)  # type: ignore[arg-type]
-    how = (f"h selected per tableau from {', '.join(f'{h:g}' for h in lrs)} on the final held-out "
-           f"{metric.short} of seed {seeds[0]}" if len(lrs) > 1 else f"h = {lrs[0]:g}")
-    return "\n".join([
-        f"{protocol}; {how}; seeds {', '.join(map(str, seeds))}",
-        "cells: mean over seeds x test tasks ± 95% CI (± seed-to-seed spread: the 95% CI of the mean of the "
-        "per-seed means, Student t, n-1 dof; per-seed min..max in compare.json)",
-        table(headers, rows), _paired_section(_grid_pairs(groups), groups[0].tableau.name)])
+    protocol = _protocol(domain, first.config, tasks)
+    how = (
+        f"h selected per tableau from {', '.join(f'{h:g}' for h in lrs)} on the final held-out "
+        f"{metric.short} of seed {seeds[0]}"
+        if len(lrs) > 1
+        else f"h = {lrs[0]:g}"
+    )
+    return "\n".join(
+        [
+            f"{protocol}; {how}; seeds {', '.join(map(str, seeds))}",
+            "cells: mean over seeds x test tasks ± 95% CI (± seed-to-seed spread: the 95% CI of the mean of the "
+            "per-seed means, Student t, n-1 dof; per-seed min..max in compare.json)",
+            table(headers, rows),
+            _paired_section(_grid_pairs(groups), groups[0].tableau.name),
+        ]
+    )
 
 
 def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
@@ -449,7 +609,7 @@ def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
     over the seeds both meta-tested (``paired_difference``: :func:`paired_summary`, ``None`` without a pair),
     and the training times."""
     rows = []
-    for g, (_, pairs) in zip(groups, _grid_pairs(groups)):
+    for g, (_, pairs) in zip(groups, _grid_pairs(groups), strict=True):
         tested = g.tested
         every = [r for _, r in g.all_runs()]
         if len(g.search) < len(g.grid) or (g.selected is not None and len(g.runs) < len(g.seeds)):
@@ -457,17 +617,23 @@ def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
         else:
             status = "complete" if tested else "diverged"
         row: dict[str, Any] = {
-            "tableau": g.tableau.name, "order": g.tableau.order, "status": status,
-            "validation": [{"inner_lr": h, "value": g.scores.get(h),
-                            "status": g.search[h].status if h in g.search else "not run"} for h in g.grid],
-            "selected_inner_lr": g.selected, "seeds": list(g.seeds),
+            "tableau": g.tableau.name,
+            "order": g.tableau.order,
+            "status": status,
+            "validation": [
+                {"inner_lr": h, "value": g.scores.get(h), "status": g.search[h].status if h in g.search else "not run"}
+                for h in g.grid
+            ],
+            "selected_inner_lr": g.selected,
+            "seeds": list(g.seeds),
             "seed_status": {str(s): g.runs[s].status for s in g.seeds if s in g.runs},
         }
         if tested:
             metric = tested[0].domain.metric
             pooled = pooled_summary(tested)
-            row["test_step"] = tested[0].test.step_size  # type: ignore[union-attr]
-            row["tasks_per_seed"] = int(tested[0].test.losses.shape[1])  # type: ignore[union-attr]
+            test = tested[0].meta_test()
+            row["test_step"] = test.step_size
+            row["tasks_per_seed"] = int(test.losses.shape[1])
             row["metric"] = metric.name
             row[metric.name] = {str(n): v for n, v in pooled.items()}
             row["spread"] = SPREAD_NOTE

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +35,12 @@ class MetaStepOutput:
     loss: Tensor
     stage_losses: dict[int, Tensor]
     stage_metrics: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+
+    @property
+    def coefficient_directions(self) -> list[Tensor]:
+        """The learned coefficients' meta-directions, in the order of the optimizer's learned tensors: none
+        here (:class:`~rkfast.learned.RatesStepOutput` carries them)."""
+        return []
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -68,7 +75,7 @@ class AdaptationOutput:
         """``{"step_size", "steps", "loss": {step: (mean, ci95)}, <metric>: {...}}``, JSON-friendly."""
         out: dict[str, Any] = {"step_size": self.step_size, "steps": list(self.steps)}
         for name, table in {"loss": self.losses, **self.metrics}.items():
-            out[name] = {n: mean_ci95(row) for n, row in zip(self.steps, table)}
+            out[name] = {n: mean_ci95(row) for n, row in zip(self.steps, table, strict=True)}
         return out
 
     @staticmethod
@@ -79,11 +86,11 @@ class AdaptationOutput:
         first = parts[0]
         if any(p.steps != first.steps or p.step_size != first.step_size for p in parts):
             raise ValueError("AdaptationOutput.cat: results differ in steps or step size")
-        keep = all(p.params is not None for p in parts)
+        params = [p.params for p in parts if p.params is not None]
         return AdaptationOutput(
             first.steps,
             first.step_size,
             torch.cat([p.losses for p in parts], dim=1),
             {k: torch.cat([p.metrics[k] for p in parts], dim=1) for k in first.metrics},
-            torch.cat([p.params for p in parts], dim=1) if keep else None,  # type: ignore[misc]
+            torch.cat(params, dim=1) if len(params) == len(parts) else None,
         )

@@ -13,13 +13,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-__all__ = ["RunError", "RunFolder", "atomic_write", "write_json", "save_payload", "load_checkpoint",
-           "CHECKPOINT_FORMAT", "READABLE_FORMATS", "RUN_FILES"]
+__all__ = [
+    "RunError",
+    "RunFolder",
+    "atomic_write",
+    "write_json",
+    "save_payload",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
+    "READABLE_FORMATS",
+    "RUN_FILES",
+]
 
 CHECKPOINT_FORMAT = "rkfast-run/2"
 READABLE_FORMATS = ("rkfast-run/1", CHECKPOINT_FORMAT)  # /1: written before resume existed (no random state)

@@ -150,9 +150,7 @@ class Tableau:
             raise ValueError("tableau is empty: A must have at least one row (one stage)")
         for j, row in enumerate(A):
             if len(row) != s:
-                raise ValueError(
-                    f"tableau A must be square: it has {s} rows but row {j} has {len(row)} entries"
-                )
+                raise ValueError(f"tableau A must be square: it has {s} rows but row {j} has {len(row)} entries")
         if len(b) != s:
             raise ValueError(f"tableau b has {len(b)} entries but A has {s} stages: len(b) must equal s")
         bad = [f"A[{j}][{i}]" for j in range(s) for i in range(s) if not math.isfinite(A[j][i])]
@@ -373,8 +371,9 @@ def maml_msl(weights: Sequence[float]) -> Tableau:
     w = _as_float_vector(weights, "maml_msl(weights): weights")
     if len(w) < 2:
         raise ValueError(f"maml_msl(weights) needs at least 2 weights (one inner step), got {len(w)}")
-    return Tableau(_maml_matrix(len(w) - 1, f"maml_msl with {len(w)} weights"), w,
-                   f"maml_msl({', '.join(_exact(x) for x in w)})")
+    return Tableau(
+        _maml_matrix(len(w) - 1, f"maml_msl with {len(w)} weights"), w, f"maml_msl({', '.join(_exact(x) for x in w)})"
+    )
 
 
 _NAMED: dict[str, Callable[[], Tableau]] = {
@@ -383,9 +382,7 @@ _NAMED: dict[str, Callable[[], Tableau]] = {
     "midpoint": lambda: Tableau(((0.0, 0.0), (0.5, 0.0)), (0.0, 1.0), "midpoint"),
     "heun": lambda: Tableau(((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), "heun"),
     "ralston": lambda: Tableau(((0.0, 0.0), (2 / 3, 0.0)), (0.25, 0.75), "ralston"),
-    "kutta3": lambda: Tableau(
-        ((0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (-1.0, 2.0, 0.0)), (1 / 6, 2 / 3, 1 / 6), "kutta3"
-    ),
+    "kutta3": lambda: Tableau(((0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (-1.0, 2.0, 0.0)), (1 / 6, 2 / 3, 1 / 6), "kutta3"),
     "rk4": lambda: Tableau(
         ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0)),
         (1 / 6, 1 / 3, 1 / 3, 1 / 6),
@@ -398,14 +395,16 @@ _NAMED: dict[str, Callable[[], Tableau]] = {
     ),
 }
 
+
 def _whole(text: str) -> int:
     """A ``maml(...)`` argument: an integer as Python writes it (``"3"``; not ``"3.0"`` or ``"1e3"``, which
     the Python call ``maml(3.0)`` refuses too)."""
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"maml(steps) needs a whole number of steps written as an integer, e.g. 'maml(3)', "
-                         f"got {text!r}") from None
+        raise ValueError(
+            f"maml(steps) needs a whole number of steps written as an integer, e.g. 'maml(3)', got {text!r}"
+        ) from None
 
 
 def _real(text: str) -> float:

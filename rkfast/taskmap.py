@@ -229,8 +229,9 @@ class TaskMap:
         for i, row in enumerate(rows):
             yield row, _task(data, i)
 
-    def _loop_grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool,
-                    create_graph: bool) -> Iterator[Tensor]:
+    def _loop_grads(
+        self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool
+    ) -> Iterator[Tensor]:
         """Task by task with plain autograd: each task's gradient."""
         for row, task_data in self._rows(params, data, shared):
             if not create_graph:

@@ -14,5 +14,14 @@ from .images import ClassImages, DataError
 from .miniimagenet import load_miniimagenet
 from .omniglot import load_omniglot
 
-__all__ = ["ClassImages", "DataError", "CacheWarning", "cache_dir", "cached", "load_omniglot", "load_miniimagenet",
-           "load_glyphs", "render_glyphs"]
+__all__ = [
+    "ClassImages",
+    "DataError",
+    "CacheWarning",
+    "cache_dir",
+    "cached",
+    "load_omniglot",
+    "load_miniimagenet",
+    "load_glyphs",
+    "render_glyphs",
+]

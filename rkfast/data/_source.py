@@ -40,8 +40,9 @@ def check_root(root: str | os.PathLike[str], expected: str) -> Path:
     if not path.exists():
         raise DataError(f"{path} does not exist; expected a folder holding {expected}")
     if not path.is_dir():
-        raise DataError(f"{path} is a file, not a folder (unpack an archive first); expected a folder "
-                        f"holding {expected}")
+        raise DataError(
+            f"{path} is a file, not a folder (unpack an archive first); expected a folder holding {expected}"
+        )
     return path
 
 
@@ -56,9 +57,11 @@ def files_by_name(folder: Path, suffixes: tuple[str, ...] | None = None) -> dict
     """The plain files in ``folder`` by name, optionally only those ending in one of ``suffixes`` (any
     case); hidden files skipped. Entries are not stat'ed here: :meth:`os.DirEntry.stat` caches on use."""
     with os.scandir(folder) as entries:
-        return {e.name: e for e in entries
-                if not e.name.startswith(".") and (suffixes is None or e.name.lower().endswith(suffixes))
-                and e.is_file()}
+        return {
+            e.name: e
+            for e in entries
+            if not e.name.startswith(".") and (suffixes is None or e.name.lower().endswith(suffixes)) and e.is_file()
+        }
 
 
 def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -92,8 +95,12 @@ def _channels_first(pixels: np.ndarray) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def decode_classes(items: Sequence[Sequence[Item]], decode: Callable[[Item], np.ndarray],
-                   image_shape: tuple[int, int, int], description: str) -> np.ndarray:
+def decode_classes(
+    items: Sequence[Sequence[Item]],
+    decode: Callable[[Item], np.ndarray],
+    image_shape: tuple[int, int, int],
+    description: str,
+) -> np.ndarray:
     """``uint8 [classes, per_class, *image_shape]``: ``decode(items[c][i])`` for every class ``c`` (all
     classes hold the same number of items: the caller checks), a class per worker thread, with a progress
     bar above :data:`PROGRESS_MIN_IMAGES` images. The first failing class (in order) raises its error."""
@@ -105,8 +112,7 @@ def decode_classes(items: Sequence[Sequence[Item]], decode: Callable[[Item], np.
             images[index, position] = decode(item)
 
     total = len(items) * per_class
-    with tqdm(total=total, desc=description, unit="img", disable=total < PROGRESS_MIN_IMAGES,
-              leave=False) as bar:
+    with tqdm(total=total, desc=description, unit="img", disable=total < PROGRESS_MIN_IMAGES, leave=False) as bar:
         pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="rkfast-decode")
         try:
             for _ in pool.map(decode_class, range(len(items))):  # in order: a failure stops here

@@ -68,12 +68,10 @@ def fingerprint(files: Iterable[tuple[str, os.stat_result]]) -> dict[str, Any]:
         total_bytes += stat.st_size
         newest_ns = max(newest_ns, stat.st_mtime_ns)
         names.update(name.encode("utf-8", "surrogateescape") + b"\n")
-    return {"files": count, "bytes": total_bytes, "newest_mtime_ns": newest_ns,
-            "names_sha256": names.hexdigest()[:16]}
+    return {"files": count, "bytes": total_bytes, "newest_mtime_ns": newest_ns, "names_sha256": names.hexdigest()[:16]}
 
 
-def cache_files(name: str, key: dict[str, Any], directory: str | os.PathLike[str] | None = None
-                ) -> tuple[Path, Path]:
+def cache_files(name: str, key: dict[str, Any], directory: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """The ``(.npy, .json)`` paths that cache ``name`` under ``key`` (see the module docstring)."""
     if not _NAME.fullmatch(name):
         raise ValueError(f"cache name {name!r}: use letters, digits, '.', '_' and '-' only")
@@ -82,8 +80,9 @@ def cache_files(name: str, key: dict[str, Any], directory: str | os.PathLike[str
     return folder / f"{name}-{digest}.npy", folder / f"{name}-{digest}.json"
 
 
-def cached(name: str, key: dict[str, Any], build: Callable[[], ClassImages],
-           directory: str | os.PathLike[str] | None = None) -> ClassImages:
+def cached(
+    name: str, key: dict[str, Any], build: Callable[[], ClassImages], directory: str | os.PathLike[str] | None = None
+) -> ClassImages:
     """``build()``'s images, from the cache when an earlier call stored them under the same ``name`` and
     ``key``, else built now and stored.
 
@@ -107,9 +106,11 @@ def cached(name: str, key: dict[str, Any], build: Callable[[], ClassImages],
     try:
         _store(array_path, index_path, name, key, built)
     except OSError as error:
-        _warn_once(str(array_path.parent),
-                   f"cannot write the image cache in {array_path.parent} ({error}); using the data "
-                   f"uncached (set RKFAST_CACHE or pass a writable cache folder)")
+        _warn_once(
+            str(array_path.parent),
+            f"cannot write the image cache in {array_path.parent} ({error}); using the data "
+            f"uncached (set RKFAST_CACHE or pass a writable cache folder)",
+        )
     return built
 
 
@@ -124,8 +125,9 @@ def _load(array_path: Path, index_path: Path, key: dict[str, Any]) -> ClassImage
     except (FileNotFoundError, NotADirectoryError):  # never written (or the folder is a file: see _store)
         return None
     except OSError as error:
-        warnings.warn(f"cannot read the image cache file {index_path} ({error}); rebuilding it", CacheWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"cannot read the image cache file {index_path} ({error}); rebuilding it", CacheWarning, stacklevel=3
+        )
         return None
     try:
         index = json.loads(text)
@@ -138,19 +140,28 @@ def _load(array_path: Path, index_path: Path, key: dict[str, Any]) -> ClassImage
         return ClassImages(images, tuple(index["classes"]), index["meta"])
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as error:
         # np.load of a truncated file: ValueError (mmap larger than the file) or EOFError (empty file)
-        warnings.warn(f"the image cache file {array_path} is unusable ({error}); rebuilding it", CacheWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"the image cache file {array_path} is unusable ({error}); rebuilding it", CacheWarning, stacklevel=3
+        )
         return None
 
 
 def _store(array_path: Path, index_path: Path, name: str, key: dict[str, Any], data: ClassImages) -> None:
     """The array, then its index (a reader that finds the index finds the complete array)."""
-    atomic_write(array_path, lambda file: np.save(file, np.ascontiguousarray(data.images),
-                                                  allow_pickle=False), "wb")
+    atomic_write(array_path, lambda file: np.save(file, np.ascontiguousarray(data.images), allow_pickle=False), "wb")
     try:
-        write_json(index_path, {"format": CACHE_FORMAT, "name": name, "key": json.loads(_canonical(key)),
-                                "shape": list(data.images.shape), "dtype": "uint8",
-                                "classes": list(data.classes), "meta": data.meta})
+        write_json(
+            index_path,
+            {
+                "format": CACHE_FORMAT,
+                "name": name,
+                "key": json.loads(_canonical(key)),
+                "shape": list(data.images.shape),
+                "dtype": "uint8",
+                "classes": list(data.classes),
+                "meta": data.meta,
+            },
+        )
     except OSError:
         array_path.unlink(missing_ok=True)  # an array without its index is never read: free the space
         raise

@@ -46,8 +46,18 @@ from PIL import __version__ as pillow_version
 from .cache import cached, fingerprint
 from .images import ClassImages, DataError
 
-__all__ = ["load_glyphs", "render_glyphs", "glyph_catalog", "split_classes", "GlyphClass", "ALPHABETS",
-           "ALPHABET_SPLITS", "FONT_FACES", "SPLITS", "SPLIT_RULE"]
+__all__ = [
+    "load_glyphs",
+    "render_glyphs",
+    "glyph_catalog",
+    "split_classes",
+    "GlyphClass",
+    "ALPHABETS",
+    "ALPHABET_SPLITS",
+    "FONT_FACES",
+    "SPLITS",
+    "SPLIT_RULE",
+]
 
 # Of the rendered arrays: bump whenever a change here changes a pixel, so that old cache files are not used.
 FORMAT_VERSION = 1
@@ -58,13 +68,16 @@ FORMAT_VERSION = 1
 # (big delimiters), the Computer Modern faces (TeX encodings, not Unicode) and LastResort (placeholder boxes).
 # The order is a priority: the first face that has a code point draws it when the catalog compares classes.
 FONT_FACES: tuple[str, ...] = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
 )
-BOLD_FACES = frozenset({"DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf",
-                        "STIXGeneralBol.ttf"})
+BOLD_FACES = frozenset({"DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf", "STIXGeneralBol.ttf"})
 
 # name -> (code point ranges, inclusive; general categories kept by their first letter). Letters-only where a
 # block also holds symbols that belong to another alphabet.
@@ -105,10 +118,12 @@ ALPHABETS: dict[str, tuple[tuple[tuple[int, int], ...], str]] = {
     "Emoticons": (((0x1F600, 0x1F64F),), "S"),
 }
 
-SPLIT_RULE = ("by alphabet: alphabets by class count, largest first (ties by name), each given to the split "
-              "whose class count is furthest below its share (train 70%, val 10%, test 20%), the shortfall "
-              "measured relative to the share; frozen in ALPHABET_SPLITS, so a split never moves with the "
-              "environment")
+SPLIT_RULE = (
+    "by alphabet: alphabets by class count, largest first (ties by name), each given to the split "
+    "whose class count is furthest below its share (train 70%, val 10%, test 20%), the shortfall "
+    "measured relative to the share; frozen in ALPHABET_SPLITS, so a split never moves with the "
+    "environment"
+)
 
 # SPLIT_RULE applied once (balanced_split(alphabet_sizes())) to the catalog of matplotlib 3.11's fonts, then
 # frozen; the comments give those class counts.
@@ -234,13 +249,15 @@ def _draw_cell(code_point: int, face: str, pixels: int) -> Image.Image:
     """The glyph with the middle of its cell (half its advance, halfway between the font's ascender and
     descender) at the centre of a ``4 * pixels`` square canvas; ink 255 on 0."""
     canvas = Image.new("L", (4 * pixels, 4 * pixels), 0)
-    ImageDraw.Draw(canvas).text((2 * pixels, 2 * pixels), chr(code_point), font=_font(face, pixels), fill=255,
-                                anchor="mm")
+    ImageDraw.Draw(canvas).text(
+        (2 * pixels, 2 * pixels), chr(code_point), font=_font(face, pixels), fill=255, anchor="mm"
+    )
     return canvas
 
 
-def _inked_cell(code_point: int, face: str, pixels: int, min_ink: float = 0.0
-                ) -> tuple[Image.Image, tuple[int, int, int, int]] | None:
+def _inked_cell(
+    code_point: int, face: str, pixels: int, min_ink: float = 0.0
+) -> tuple[Image.Image, tuple[int, int, int, int]] | None:
     """:func:`_draw_cell` and the box around its ink, or None when it has less ink than ``min_ink`` times
     ``pixels**2`` (or none at all)."""
     canvas = _draw_cell(code_point, face, pixels)
@@ -278,8 +295,11 @@ def _candidates() -> list[tuple[str, int]]:
         for first, last in ranges:
             for code_point in range(first, last + 1):
                 char = chr(code_point)
-                if (code_point in mapped and unicodedata.category(char)[0] in categories
-                        and not unicodedata.decomposition(char)):
+                if (
+                    code_point in mapped
+                    and unicodedata.category(char)[0] in categories
+                    and not unicodedata.decomposition(char)
+                ):
                     found.append((alphabet, code_point))
     return found
 
@@ -432,8 +452,9 @@ def _affine_grid(theta: torch.Tensor, side: int) -> torch.Tensor:
     return along_x + along_y
 
 
-def _stroked_sources(classes: tuple[GlyphClass, ...], choices: list[_DrawingChoices], image_size: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _stroked_sources(
+    classes: tuple[GlyphClass, ...], choices: list[_DrawingChoices], image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct (glyph, face, stroke) sources that the drawings use, ``float32 [sources, 1, s, s]`` at
     the supersampled size ``s``, and the source of every drawing (class-major), ``int64 [classes * drawings]``.
 
@@ -475,8 +496,9 @@ def _drawing_glyph(code_point: int, face: str, side: int) -> np.ndarray:
 def _warp(sources: torch.Tensor, theta: torch.Tensor, image_size: int) -> torch.Tensor:
     """Drawings ``uint8 [n, 1, image_size, image_size]`` of ``sources float32 [n, 1, s, s]`` (s the
     supersampled size) under the affine maps ``theta [n, 2, 3]``, area-averaged down."""
-    warped = F.grid_sample(sources, _affine_grid(theta, sources.shape[-1]), mode="bilinear",
-                           padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(
+        sources, _affine_grid(theta, sources.shape[-1]), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     small = F.avg_pool2d(warped, _SUPERSAMPLE)
     # A hairline (a thin face, shrunk) averages to grey: stretch each drawing so its darkest ink is full ink.
     peak = small.amax(dim=(1, 2, 3), keepdim=True)
@@ -492,8 +514,9 @@ def _evenly_spaced(classes: tuple[GlyphClass, ...], count: int | None) -> tuple[
     return tuple(classes[int(i)] for i in np.linspace(0, len(classes) - 1, count).round())
 
 
-def load_glyphs(split: str, seed: int = 0, image_size: int = 28, drawings: int = 20,
-                cache_dir: str | os.PathLike[str] | None = None) -> ClassImages:
+def load_glyphs(
+    split: str, seed: int = 0, image_size: int = 28, drawings: int = 20, cache_dir: str | os.PathLike[str] | None = None
+) -> ClassImages:
     """:func:`render_glyphs`, through the image cache (:mod:`rkfast.data.cache`): rendered once per split,
     seed, size and drawing count, then read back as a memory map.
 
@@ -502,15 +525,34 @@ def load_glyphs(split: str, seed: int = 0, image_size: int = 28, drawings: int =
     if split not in SPLITS:  # before the cache makes a file name of it
         raise DataError(f"glyphs: split must be one of {', '.join(SPLITS)}, got {split!r}")
     fonts = fingerprint((face, (font_dir() / face).stat()) for face in FONT_FACES if (font_dir() / face).is_file())
-    key = {"dataset": "glyphs", "format": FORMAT_VERSION, "split": split, "seed": seed, "image_size": image_size,
-           "drawings": drawings, "fonts": fonts, "matplotlib": matplotlib.__version__, "pillow": pillow_version,
-           "freetype": features.version("freetype2")}
-    return cached(f"glyphs-{split}-{image_size}px", key,
-                  lambda: render_glyphs(split, seed=seed, image_size=image_size, drawings=drawings), cache_dir)
+    key = {
+        "dataset": "glyphs",
+        "format": FORMAT_VERSION,
+        "split": split,
+        "seed": seed,
+        "image_size": image_size,
+        "drawings": drawings,
+        "fonts": fonts,
+        "matplotlib": matplotlib.__version__,
+        "pillow": pillow_version,
+        "freetype": features.version("freetype2"),
+    }
+    return cached(
+        f"glyphs-{split}-{image_size}px",
+        key,
+        lambda: render_glyphs(split, seed=seed, image_size=image_size, drawings=drawings),
+        cache_dir,
+    )
 
 
-def render_glyphs(split: str, seed: int = 0, image_size: int = 28, drawings: int = 20,
-                  max_classes: int | None = None, chunk: int = 4096) -> ClassImages:
+def render_glyphs(
+    split: str,
+    seed: int = 0,
+    image_size: int = 28,
+    drawings: int = 20,
+    max_classes: int | None = None,
+    chunk: int = 4096,
+) -> ClassImages:
     """The drawings of one split of the ``glyphs`` benchmark (see the module's docstring).
 
     Args:
@@ -544,12 +586,14 @@ def render_glyphs(split: str, seed: int = 0, image_size: int = 28, drawings: int
         part = slice(start, start + chunk)
         images[part] = _warp(sources[source_of_drawing[part]], theta[part], image_size)
     array = images.view(len(classes), drawings, 1, image_size, image_size).numpy()
-    return ClassImages(array, tuple(glyph.name for glyph in classes), _meta(split, seed, image_size, drawings,
-                                                                             classes, max_classes))
+    return ClassImages(
+        array, tuple(glyph.name for glyph in classes), _meta(split, seed, image_size, drawings, classes, max_classes)
+    )
 
 
-def _meta(split: str, seed: int, image_size: int, drawings: int, classes: tuple[GlyphClass, ...],
-          max_classes: int | None) -> dict[str, Any]:
+def _meta(
+    split: str, seed: int, image_size: int, drawings: int, classes: tuple[GlyphClass, ...], max_classes: int | None
+) -> dict[str, Any]:
     alphabets: dict[str, int] = {}
     for glyph in classes:
         alphabets[glyph.alphabet] = alphabets.get(glyph.alphabet, 0) + 1

@@ -38,8 +38,10 @@ class ClassImages:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 5:
-            raise ValueError(f"ClassImages.images must be uint8 [classes, per_class, C, H, W], "
-                             f"got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"ClassImages.images must be uint8 [classes, per_class, C, H, W], "
+                f"got {self.images.dtype} {self.images.shape}"
+            )
         if len(self.classes) != self.images.shape[0]:
             raise ValueError(f"{len(self.classes)} class names for {self.images.shape[0]} classes")
 

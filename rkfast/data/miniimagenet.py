@@ -36,20 +36,29 @@ __all__ = ["load_miniimagenet", "SPLITS"]
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1  # of the cached array: bump when decoding changes, so old cache files are not used
 CSV_HEADER = ["filename", "label"]
-_LAYOUTS = ("either {split}.csv (header 'filename,label') with an images/ folder (Ravi & Larochelle's "
-            "split), or mini-imagenet-cache-{split}.pkl (the pickled layout)")
+_LAYOUTS = (
+    "either {split}.csv (header 'filename,label') with an images/ folder (Ravi & Larochelle's "
+    "split), or mini-imagenet-cache-{split}.pkl (the pickled layout)"
+)
 # What a mini-ImageNet pickle may construct: numpy arrays, dtypes and scalars, and the helpers that
 # pickles of bytes use; anything else (os.system...) is refused before it runs.
 _PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
 }
 
 
-def load_miniimagenet(root: str | os.PathLike[str], split: str, image_size: int = 84,
-                      cache_dir: str | os.PathLike[str] | None = None) -> ClassImages:
+def load_miniimagenet(
+    root: str | os.PathLike[str], split: str, image_size: int = 84, cache_dir: str | os.PathLike[str] | None = None
+) -> ClassImages:
     """One split of MiniImageNet: ``uint8 [classes, per_class, 3, image_size, image_size]`` (RGB).
 
     The pickled layout is read with a restricted unpickler that only builds numpy arrays, so a pickle
@@ -86,22 +95,41 @@ def load_miniimagenet(root: str | os.PathLike[str], split: str, image_size: int 
         source = fingerprint([(pickle_file.name, pickle_file.stat())])
         build = functools.partial(_from_pickle, pickle_file, image_size)
     elif csv_file.is_file():
-        raise DataError(f"{root}: {csv_file.name} is there but no images/ folder; expected "
-                        f"{_LAYOUTS.format(split=split)}")
+        raise DataError(
+            f"{root}: {csv_file.name} is there but no images/ folder; expected {_LAYOUTS.format(split=split)}"
+        )
     else:
         raise DataError(f"{root}: no MiniImageNet {split} split; expected {_LAYOUTS.format(split=split)}")
-    key = {"dataset": "miniimagenet", "format": FORMAT_VERSION, "root": str(root), "split": split,
-           "layout": layout, "source": source, "image_size": image_size, "resize": _source.RESIZE_FILTER}
+    key = {
+        "dataset": "miniimagenet",
+        "format": FORMAT_VERSION,
+        "root": str(root),
+        "split": split,
+        "layout": layout,
+        "source": source,
+        "image_size": image_size,
+        "resize": _source.RESIZE_FILTER,
+    }
     data = cached(f"miniimagenet-{split}-{image_size}px", key, build, cache_dir)
-    meta = {"dataset": "miniimagenet", "root": str(root), "split": split, "layout": layout,
-            "source_file": source_file.name, "classes": data.num_classes, "images_per_class": data.per_class,
-            "image_size": image_size, "resize": _source.RESIZE_FILTER, "pixels": "uint8 RGB",
-            "source": source}
+    meta = {
+        "dataset": "miniimagenet",
+        "root": str(root),
+        "split": split,
+        "layout": layout,
+        "source_file": source_file.name,
+        "classes": data.num_classes,
+        "images_per_class": data.per_class,
+        "image_size": image_size,
+        "resize": _source.RESIZE_FILTER,
+        "pixels": "uint8 RGB",
+        "source": source,
+    }
     return ClassImages(data.images, data.classes, meta)
 
 
-def _csv_source(csv_file: Path, images_folder: Path, image_size: int
-                ) -> tuple[dict[str, Any], Callable[[], ClassImages]]:
+def _csv_source(
+    csv_file: Path, images_folder: Path, image_size: int
+) -> tuple[dict[str, Any], Callable[[], ClassImages]]:
     """The csv layout's fingerprint (the CSV and every image it names) and its decoder; a wrong header,
     a missing image or unequal class counts raise here, before any decoding."""
     rows = _read_split_csv(csv_file)
@@ -119,16 +147,20 @@ def _csv_source(csv_file: Path, images_folder: Path, image_size: int
     if missing:
         line, filename = missing[0]
         more = f" ({len(missing) - 1} more of its files are missing too)" if len(missing) > 1 else ""
-        raise DataError(f"{csv_file}, line {line}: {images_folder / filename} does not exist{more}; "
-                        f"expected every file the CSV names in {images_folder}/")
+        raise DataError(
+            f"{csv_file}, line {line}: {images_folder / filename} does not exist{more}; "
+            f"expected every file the CSV names in {images_folder}/"
+        )
     labels = sorted(by_class)
     _check_class_sizes({label: len(by_class[label]) for label in labels}, csv_file)
 
     def build() -> ClassImages:
-        images = _source.decode_classes([by_class[label] for label in labels],
-                                        lambda path: _source.decode_image(path, image_size, channels=3),
-                                        (3, image_size, image_size),
-                                        f"Decoding MiniImageNet {csv_file.stem} ({image_size}px)")
+        images = _source.decode_classes(
+            [by_class[label] for label in labels],
+            lambda path: _source.decode_image(path, image_size, channels=3),
+            (3, image_size, image_size),
+            f"Decoding MiniImageNet {csv_file.stem} ({image_size}px)",
+        )
         return ClassImages(images, tuple(labels))
 
     return fingerprint(stats), build
@@ -143,8 +175,10 @@ def _read_split_csv(csv_file: Path) -> list[tuple[int, str, str]]:
         raise DataError(f"{csv_file}: unreadable CSV ({error})") from error
     header = [cell.strip() for cell in lines[0]] if lines else []
     if header != CSV_HEADER:
-        raise DataError(f"{csv_file}: header {','.join(header)!r}, expected {','.join(CSV_HEADER)!r} "
-                        f"(Ravi & Larochelle's split files)")
+        raise DataError(
+            f"{csv_file}: header {','.join(header)!r}, expected {','.join(CSV_HEADER)!r} "
+            f"(Ravi & Larochelle's split files)"
+        )
     rows = []
     for line, cells in enumerate(lines[1:], start=2):
         if not any(cell.strip() for cell in cells):
@@ -176,8 +210,10 @@ def _check_class_sizes(sizes: dict[str, int], source: Path) -> None:
         return
     usual, how_many = counts.most_common(1)[0]
     odd = next(label for label, size in sizes.items() if size != usual)
-    raise DataError(f"{source}: class {odd!r} has {sizes[odd]} images, but {how_many} other classes have "
-                    f"{usual}; every class needs the same number (600 in the published split)")
+    raise DataError(
+        f"{source}: class {odd!r} has {sizes[odd]} images, but {how_many} other classes have "
+        f"{usual}; every class needs the same number (600 in the published split)"
+    )
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -194,10 +230,12 @@ def _from_pickle(pickle_file: Path, image_size: int) -> ClassImages:
     image_data, class_dict = _read_pickle(pickle_file)
     labels = sorted(class_dict)
     _check_class_sizes({label: len(class_dict[label]) for label in labels}, pickle_file)
-    images = _source.decode_classes([class_dict[label] for label in labels],
-                                    lambda index: _source.resize_pixels(image_data[index], image_size),
-                                    (3, image_size, image_size),
-                                    f"Reading {pickle_file.name} ({image_size}px)")
+    images = _source.decode_classes(
+        [class_dict[label] for label in labels],
+        lambda index: _source.resize_pixels(image_data[index], image_size),
+        (3, image_size, image_size),
+        f"Reading {pickle_file.name} ({image_size}px)",
+    )
     return ClassImages(images, tuple(labels))
 
 
@@ -209,22 +247,29 @@ def _read_pickle(pickle_file: Path) -> tuple[np.ndarray, dict[str, Sequence[int]
             content = _ArrayUnpickler(file, encoding="latin1").load()
     except Exception as error:  # malformed pickle data can raise nearly any exception type
         raise DataError(f"{pickle_file}: not a readable pickle ({type(error).__name__}: {error})") from error
-    expected = ("expected a dict with 'image_data' (uint8 [N, H, W, 3]) and 'class_dict' "
-                "({wnid: [indices]})")
+    expected = "expected a dict with 'image_data' (uint8 [N, H, W, 3]) and 'class_dict' ({wnid: [indices]})"
     if not isinstance(content, dict) or not {"image_data", "class_dict"} <= content.keys():
         found = sorted(map(str, content)) if isinstance(content, dict) else type(content).__name__
         raise DataError(f"{pickle_file}: holds {found}; {expected}")
     image_data, class_dict = content["image_data"], content["class_dict"]
-    if (not isinstance(image_data, np.ndarray) or image_data.dtype != np.uint8 or image_data.ndim != 4
-            or image_data.shape[3] != 3):
-        found = (f"{image_data.dtype} {image_data.shape}" if isinstance(image_data, np.ndarray)
-                 else type(image_data).__name__)
+    if (
+        not isinstance(image_data, np.ndarray)
+        or image_data.dtype != np.uint8
+        or image_data.ndim != 4
+        or image_data.shape[3] != 3
+    ):
+        found = (
+            f"{image_data.dtype} {image_data.shape}"
+            if isinstance(image_data, np.ndarray)
+            else type(image_data).__name__
+        )
         raise DataError(f"{pickle_file}: 'image_data' is {found}; {expected}")
     if not isinstance(class_dict, dict) or not class_dict:
         found = "empty" if isinstance(class_dict, dict) else type(class_dict).__name__
         raise DataError(f"{pickle_file}: 'class_dict' is {found}; {expected}")
-    return image_data, {str(label): _indices(indices, len(image_data), pickle_file, label)
-                        for label, indices in class_dict.items()}
+    return image_data, {
+        str(label): _indices(indices, len(image_data), pickle_file, label) for label, indices in class_dict.items()
+    }
 
 
 def _indices(indices: Any, count: int, pickle_file: Path, label: Any) -> list[int]:
@@ -233,8 +278,14 @@ def _indices(indices: Any, count: int, pickle_file: Path, label: Any) -> list[in
         array = np.asarray(indices)
     except (TypeError, ValueError):
         array = np.zeros(0)
-    if (array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer)
-            or array.min() < 0 or array.max() >= count):
-        raise DataError(f"{pickle_file}: class_dict[{label!r}] is not a list of indices into the {count} "
-                        f"images of image_data")
+    if (
+        array.ndim != 1
+        or array.size == 0
+        or not np.issubdtype(array.dtype, np.integer)
+        or array.min() < 0
+        or array.max() >= count
+    ):
+        raise DataError(
+            f"{pickle_file}: class_dict[{label!r}] is not a list of indices into the {count} images of image_data"
+        )
     return array.tolist()

@@ -53,8 +53,10 @@ SPLIT_RULES = ("finn", "alphabets")
 FOLDERS = ("images_background", "images_evaluation")
 ROTATIONS = (0, 90, 180, 270)
 FORMAT_VERSION = 1  # of the decoded array: bump when decoding changes, so old cache files are not used
-_LAYOUT = ("images_background/<Alphabet>/<characterNN>/*.png and images_evaluation/<Alphabet>/<characterNN>/"
-           "*.png (the original Omniglot release, unzipped)")
+_LAYOUT = (
+    "images_background/<Alphabet>/<characterNN>/*.png and images_evaluation/<Alphabet>/<characterNN>/"
+    "*.png (the original Omniglot release, unzipped)"
+)
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,18 @@ class _Character:
         return f"{self.alphabet}/{self.name}"
 
 
-def load_omniglot(root: str | os.PathLike[str], split: str, image_size: int = 28,
-                  cache_dir: str | os.PathLike[str] | None = None, split_rule: str = "finn", *, seed: int = 1,
-                  train_characters: int = 1100, val_characters: int = 100,
-                  val_alphabets: int = 5) -> ClassImages:
+def load_omniglot(
+    root: str | os.PathLike[str],
+    split: str,
+    image_size: int = 28,
+    cache_dir: str | os.PathLike[str] | None = None,
+    split_rule: str = "finn",
+    *,
+    seed: int = 1,
+    train_characters: int = 1100,
+    val_characters: int = 100,
+    val_alphabets: int = 5,
+) -> ClassImages:
     """One split of Omniglot: ``uint8 [4 * characters, drawings, 1, image_size, image_size]``, ink high.
 
     Args:
@@ -100,29 +110,48 @@ def load_omniglot(root: str | os.PathLike[str], split: str, image_size: int = 28
     _check_arguments(split, image_size, split_rule, train_characters, val_characters, val_alphabets)
     root = _dataset_root(root)
     characters, source_files = _list_characters(root)
-    splits, split_meta = _split(characters, root, split_rule, seed, train_characters, val_characters,
-                                val_alphabets)
+    splits, split_meta = _split(characters, root, split_rule, seed, train_characters, val_characters, val_alphabets)
     source = fingerprint(source_files)
-    key = {"dataset": "omniglot", "format": FORMAT_VERSION, "root": str(root), "source": source,
-           "image_size": image_size, "resize": _source.RESIZE_FILTER, "pixels": "ink-high"}
+    key = {
+        "dataset": "omniglot",
+        "format": FORMAT_VERSION,
+        "root": str(root),
+        "source": source,
+        "image_size": image_size,
+        "resize": _source.RESIZE_FILTER,
+        "pixels": "ink-high",
+    }
     decoded = cached(f"omniglot-{image_size}px", key, lambda: _decode(characters, image_size), cache_dir)
     chosen = splits[split]
-    meta = {"dataset": "omniglot", "root": str(root), "split": split, **split_meta,
-            "rotations": list(ROTATIONS), "classes": len(chosen) * len(ROTATIONS),
-            "drawings_per_class": decoded.per_class, "image_size": image_size,
-            "resize": _source.RESIZE_FILTER, "pixels": "uint8, ink 255 on paper 0 (the PNGs inverted)",
-            "source": source}
+    meta = {
+        "dataset": "omniglot",
+        "root": str(root),
+        "split": split,
+        **split_meta,
+        "rotations": list(ROTATIONS),
+        "classes": len(chosen) * len(ROTATIONS),
+        "drawings_per_class": decoded.per_class,
+        "image_size": image_size,
+        "resize": _source.RESIZE_FILTER,
+        "pixels": "uint8, ink 255 on paper 0 (the PNGs inverted)",
+        "source": source,
+    }
     return ClassImages(_rotated(decoded.images, chosen), _class_names(characters, chosen), meta)
 
 
-def _check_arguments(split: str, image_size: int, split_rule: str, train_characters: int,
-                     val_characters: int, val_alphabets: int) -> None:
+def _check_arguments(
+    split: str, image_size: int, split_rule: str, train_characters: int, val_characters: int, val_alphabets: int
+) -> None:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if split_rule not in SPLIT_RULES:
         raise ValueError(f"split_rule {split_rule!r}: expected one of {', '.join(SPLIT_RULES)}")
-    for name, value in [("image_size", image_size), ("train_characters", train_characters),
-                        ("val_characters", val_characters), ("val_alphabets", val_alphabets)]:
+    for name, value in [
+        ("image_size", image_size),
+        ("train_characters", train_characters),
+        ("val_characters", val_characters),
+        ("val_alphabets", val_alphabets),
+    ]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -150,17 +179,21 @@ def _list_characters(root: Path) -> tuple[list[_Character], list[tuple[str, os.s
             for character in _source.subfolders(Path(alphabet.path)):
                 pngs = _source.files_by_name(Path(character.path), (".png",))
                 if not pngs:
-                    raise DataError(f"{character.path}: no .png drawings; expected each "
-                                    f"<Alphabet>/<characterNN>/ folder to hold the PNG drawings of one "
-                                    f"character (20 in the original release)")
+                    raise DataError(
+                        f"{character.path}: no .png drawings; expected each "
+                        f"<Alphabet>/<characterNN>/ folder to hold the PNG drawings of one "
+                        f"character (20 in the original release)"
+                    )
                 names = sorted(pngs)
-                characters.append(_Character(folder, alphabet.name, character.name,
-                                             tuple(Path(pngs[n].path) for n in names)))
+                characters.append(
+                    _Character(folder, alphabet.name, character.name, tuple(Path(pngs[n].path) for n in names))
+                )
                 prefix = f"{folder}/{alphabet.name}/{character.name}/"
                 source_files += [(prefix + n, pngs[n].stat()) for n in names]
         if len(characters) == found_before:
-            raise DataError(f"{root / folder}: no <Alphabet>/<characterNN>/ folders with .png drawings; "
-                            f"expected {_LAYOUT}")
+            raise DataError(
+                f"{root / folder}: no <Alphabet>/<characterNN>/ folders with .png drawings; expected {_LAYOUT}"
+            )
     characters.sort(key=lambda c: (c.alphabet, c.name, c.folder))
     _check_drawing_counts(characters, root)
     return characters, source_files
@@ -173,13 +206,22 @@ def _check_drawing_counts(characters: Sequence[_Character], root: Path) -> None:
         return
     usual, how_many = counts.most_common(1)[0]
     odd = next(c for c in characters if len(c.drawings) != usual)
-    raise DataError(f"{root / odd.folder / odd.alphabet / odd.name}: {len(odd.drawings)} drawings, but "
-                    f"{how_many} other characters have {usual}; every character needs the same number "
-                    f"(20 in the original release)")
+    raise DataError(
+        f"{root / odd.folder / odd.alphabet / odd.name}: {len(odd.drawings)} drawings, but "
+        f"{how_many} other characters have {usual}; every character needs the same number "
+        f"(20 in the original release)"
+    )
 
 
-def _split(characters: Sequence[_Character], root: Path, rule: str, seed: int, train_characters: int,
-           val_characters: int, val_alphabets: int) -> tuple[dict[str, list[int]], dict[str, Any]]:
+def _split(
+    characters: Sequence[_Character],
+    root: Path,
+    rule: str,
+    seed: int,
+    train_characters: int,
+    val_characters: int,
+    val_alphabets: int,
+) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """The character indices of each split (sorted) and the meta that describes the rule."""
     if rule == "finn":
         splits = _finn_split(len(characters), root, seed, train_characters, val_characters)
@@ -187,37 +229,44 @@ def _split(characters: Sequence[_Character], root: Path, rule: str, seed: int, t
     else:
         splits, held_out = _alphabet_split(characters, root, seed, val_alphabets)
         rule_meta = {"val_alphabets": held_out}
-    meta = {"split_rule": rule, "seed": seed,
-            "characters": {name: len(indices) for name, indices in splits.items()},
-            "alphabets": {name: len({characters[i].alphabet for i in indices})
-                          for name, indices in splits.items()},
-            **rule_meta}
+    meta = {
+        "split_rule": rule,
+        "seed": seed,
+        "characters": {name: len(indices) for name, indices in splits.items()},
+        "alphabets": {name: len({characters[i].alphabet for i in indices}) for name, indices in splits.items()},
+        **rule_meta,
+    }
     return splits, meta
 
 
-def _finn_split(count: int, root: Path, seed: int, train_characters: int,
-                val_characters: int) -> dict[str, list[int]]:
+def _finn_split(count: int, root: Path, seed: int, train_characters: int, val_characters: int) -> dict[str, list[int]]:
     if count <= train_characters + val_characters:
-        raise DataError(f"{root}: {count} characters, but split_rule='finn' takes {train_characters} for "
-                        f"train and {val_characters} for val and needs at least one more for test (the "
-                        f"original release has 1623; for a smaller data set set train_characters/"
-                        f"val_characters, on the command line --train-characters/--val-characters)")
+        raise DataError(
+            f"{root}: {count} characters, but split_rule='finn' takes {train_characters} for "
+            f"train and {val_characters} for val and needs at least one more for test (the "
+            f"original release has 1623; for a smaller data set set train_characters/"
+            f"val_characters, on the command line --train-characters/--val-characters)"
+        )
     order = np.random.RandomState(seed).permutation(count)
-    boundaries = {"train": (0, train_characters),
-                  "val": (train_characters, train_characters + val_characters),
-                  "test": (train_characters + val_characters, count)}
+    boundaries = {
+        "train": (0, train_characters),
+        "val": (train_characters, train_characters + val_characters),
+        "test": (train_characters + val_characters, count),
+    }
     return {name: sorted(order[start:stop].tolist()) for name, (start, stop) in boundaries.items()}
 
 
-def _alphabet_split(characters: Sequence[_Character], root: Path, seed: int,
-                    val_alphabets: int) -> tuple[dict[str, list[int]], list[str]]:
+def _alphabet_split(
+    characters: Sequence[_Character], root: Path, seed: int, val_alphabets: int
+) -> tuple[dict[str, list[int]], list[str]]:
     background = sorted({c.alphabet for c in characters if c.folder == FOLDERS[0]})
     if len(background) <= val_alphabets:
-        raise DataError(f"{root / FOLDERS[0]}: {len(background)} alphabets, but split_rule='alphabets' "
-                        f"holds out {val_alphabets} for val and needs at least one more for train (the "
-                        f"original release has 30; set val_alphabets for a smaller data set)")
-    held_out = sorted(background[i] for i in np.random.RandomState(seed).permutation(len(background))
-                      [:val_alphabets])
+        raise DataError(
+            f"{root / FOLDERS[0]}: {len(background)} alphabets, but split_rule='alphabets' "
+            f"holds out {val_alphabets} for val and needs at least one more for train (the "
+            f"original release has 30; set val_alphabets for a smaller data set)"
+        )
+    held_out = sorted(background[i] for i in np.random.RandomState(seed).permutation(len(background))[:val_alphabets])
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for index, character in enumerate(characters):
         if character.folder == FOLDERS[1]:
@@ -229,9 +278,12 @@ def _alphabet_split(characters: Sequence[_Character], root: Path, seed: int,
 
 def _decode(characters: Sequence[_Character], image_size: int) -> ClassImages:
     """All characters, unrotated: ``uint8 [characters, drawings, 1, size, size]``, ink high."""
-    images = _source.decode_classes([c.drawings for c in characters],
-                                    lambda path: _decode_drawing(path, image_size),
-                                    (1, image_size, image_size), f"Decoding Omniglot ({image_size}px)")
+    images = _source.decode_classes(
+        [c.drawings for c in characters],
+        lambda path: _decode_drawing(path, image_size),
+        (1, image_size, image_size),
+        f"Decoding Omniglot ({image_size}px)",
+    )
     classes = tuple(f"{c.folder}/{c.label}" for c in characters)
     return ClassImages(images, classes, {"dataset": "omniglot", "image_size": image_size})
 

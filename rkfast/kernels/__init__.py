@@ -42,8 +42,17 @@ from .checks import check_float, check_like, check_list, check_out, check_vector
 from .registry import Backend, available, backend_choices, resolve_backend, runnable_targets
 
 __all__ = [
-    "Backend", "BACKENDS", "KernelBackend", "available", "backend_choices", "resolve_backend", "runnable_targets",
-    "stage_point", "stage_point_elementwise", "combine", "axpy_",
+    "Backend",
+    "BACKENDS",
+    "KernelBackend",
+    "available",
+    "backend_choices",
+    "resolve_backend",
+    "runnable_targets",
+    "stage_point",
+    "stage_point_elementwise",
+    "combine",
+    "axpy_",
 ]
 
 BACKENDS: tuple[str, ...] = tuple(registry.REGISTRY)
@@ -76,15 +85,18 @@ def stage_point(
     coefs = floats("coefs", coefs)
     slopes = check_list("slopes", slopes, coefs, "coefs")
     if theta.dim() != 1 or theta.shape[0] != slopes[0].shape[1]:
-        raise ValueError(f"theta must be [N] with N = {slopes[0].shape[1]} (the slopes' last dimension), "
-                         f"got shape {tuple(theta.shape)}")
+        raise ValueError(
+            f"theta must be [N] with N = {slopes[0].shape[1]} (the slopes' last dimension), "
+            f"got shape {tuple(theta.shape)}"
+        )
     check_like("theta", theta, slopes[0], "slopes[0]")
     resolved = resolve_backend(backend, theta.device, theta.dtype)
     if out is not None:
         check_out(out, slopes[0].shape, theta)
     differentiable = torch.is_grad_enabled() and (theta.requires_grad or any(k.requires_grad for k in slopes))
-    return dispatch.run(dispatch.STAGE_POINT, resolved, (theta.contiguous(), slopes, coefs), out=out,
-                        differentiable=differentiable)
+    return dispatch.run(
+        dispatch.STAGE_POINT, resolved, (theta.contiguous(), slopes, coefs), out=out, differentiable=differentiable
+    )
 
 
 def stage_point_elementwise(
@@ -109,21 +121,31 @@ def stage_point_elementwise(
     """
     theta = check_float("theta", theta)
     if isinstance(coefs, Tensor) or not isinstance(coefs, Sequence):
-        raise ValueError(f"coefs must be a list of [N] tensors, one per slope; got {type(coefs).__name__} "
-                         "(for scalar coefficients use stage_point)")
+        raise ValueError(
+            f"coefs must be a list of [N] tensors, one per slope; got {type(coefs).__name__} "
+            "(for scalar coefficients use stage_point)"
+        )
     slopes = check_list("slopes", slopes, coefs, "coefs")
     if theta.dim() != 1 or theta.shape[0] != slopes[0].shape[1]:
-        raise ValueError(f"theta must be [N] with N = {slopes[0].shape[1]} (the slopes' last dimension), "
-                         f"got shape {tuple(theta.shape)}")
+        raise ValueError(
+            f"theta must be [N] with N = {slopes[0].shape[1]} (the slopes' last dimension), "
+            f"got shape {tuple(theta.shape)}"
+        )
     check_like("theta", theta, slopes[0], "slopes[0]")
     coefs = check_vectors("coefs", coefs, len(slopes), "slopes", theta, "theta")
     resolved = resolve_backend(backend, theta.device, theta.dtype)
     if out is not None:
         check_out(out, slopes[0].shape, theta)
     differentiable = torch.is_grad_enabled() and (
-        theta.requires_grad or any(k.requires_grad for k in slopes) or any(c.requires_grad for c in coefs))
-    return dispatch.run(dispatch.STAGE_POINT_ELEMENTWISE, resolved, (theta.contiguous(), slopes, coefs), out=out,
-                        differentiable=differentiable)
+        theta.requires_grad or any(k.requires_grad for k in slopes) or any(c.requires_grad for c in coefs)
+    )
+    return dispatch.run(
+        dispatch.STAGE_POINT_ELEMENTWISE,
+        resolved,
+        (theta.contiguous(), slopes, coefs),
+        out=out,
+        differentiable=differentiable,
+    )
 
 
 def combine(

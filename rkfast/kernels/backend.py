@@ -50,19 +50,27 @@ class KernelBackend(Protocol):
         """``out[t] = theta - sum_l coefs[l] * slopes[l][t]``."""
         ...
 
-    def stage_point_backward_(self, grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
-                              grad_slopes: Sequence[Tensor]) -> None:
+    def stage_point_backward_(
+        self, grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None, grad_slopes: Sequence[Tensor]
+    ) -> None:
         """``grad_theta = sum_t grad_out[t]`` (skipped when ``None``); ``grad_slopes[l] = -coefs[l] * grad_out``."""
         ...
 
-    def stage_point_elementwise_(self, theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                                 out: Tensor) -> None:
+    def stage_point_elementwise_(
+        self, theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor
+    ) -> None:
         """``out[t] = theta - sum_l coefs[l] * slopes[l][t]`` with ``[N]`` coefficient vectors (elementwise)."""
         ...
 
-    def stage_point_elementwise_backward_(self, grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                                          grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
-                                          grad_coefs: Sequence[Tensor] | None) -> None:
+    def stage_point_elementwise_backward_(
+        self,
+        grad_out: Tensor,
+        slopes: Sequence[Tensor],
+        coefs: Sequence[Tensor],
+        grad_theta: Tensor | None,
+        grad_slopes: Sequence[Tensor] | None,
+        grad_coefs: Sequence[Tensor] | None,
+    ) -> None:
         """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``;
         ``grad_coefs[l] = -sum_t grad_out[t] * slopes[l][t]``; each output skipped when ``None``."""
         ...

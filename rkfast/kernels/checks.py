@@ -27,8 +27,9 @@ def check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
         raise RuntimeError(f"{name} is on {t.device}, {ref_name} on {ref.device}: they must be on one device")
 
 
-def check_list(name: str, tensors: Sequence[Tensor], scalars: Sequence[float] | Sequence[Tensor],
-               scalar_name: str) -> list[Tensor]:
+def check_list(
+    name: str, tensors: Sequence[Tensor], scalars: Sequence[float] | Sequence[Tensor], scalar_name: str
+) -> list[Tensor]:
     """A non-empty list of ``[T, N]`` tensors of one shape, dtype and device, one per entry of ``scalars`` (the
     coefficients that go with them: numbers, or coefficient vectors); made contiguous."""
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or len(tensors) == 0:
@@ -46,20 +47,24 @@ def check_list(name: str, tensors: Sequence[Tensor], scalars: Sequence[float] | 
     return [t.contiguous() for t in tensors]
 
 
-def check_vectors(name: str, vectors: Sequence[Tensor], count: int, count_name: str, ref: Tensor,
-                  ref_name: str) -> list[Tensor]:
+def check_vectors(
+    name: str, vectors: Sequence[Tensor], count: int, count_name: str, ref: Tensor, ref_name: str
+) -> list[Tensor]:
     """A list of ``count`` (one per ``count_name``) ``[N]`` tensors with ``ref``'s length (``ref`` is ``[N]``),
     dtype and device; made contiguous."""
     if isinstance(vectors, Tensor) or not isinstance(vectors, Sequence):
-        raise ValueError(f"{name} must be a list of [N] tensors, one per {count_name.removesuffix('s')}; "
-                         f"got {type(vectors).__name__}")
+        raise ValueError(
+            f"{name} must be a list of [N] tensors, one per {count_name.removesuffix('s')}; "
+            f"got {type(vectors).__name__}"
+        )
     if len(vectors) != count:
         raise ValueError(f"{count} {count_name} but {len(vectors)} {name}: one per tensor")
     for i, v in enumerate(vectors):
         check_float(f"{name}[{i}]", v)
         if v.shape != ref.shape:
-            raise ValueError(f"{name}[{i}] must be [N] like {ref_name}, shape {tuple(ref.shape)}; "
-                             f"got shape {tuple(v.shape)}")
+            raise ValueError(
+                f"{name}[{i}] must be [N] like {ref_name}, shape {tuple(ref.shape)}; got shape {tuple(v.shape)}"
+            )
         check_like(f"{name}[{i}]", v, ref, ref_name)
     return [v.contiguous() for v in vectors]
 

@@ -86,22 +86,31 @@ def _load() -> tuple[ModuleType | None, ImportError | None, str]:
     "Not built" (no module file: the compiler failed or was missing at install time, see setup.py) is told
     apart from "built but fails to load" (a module file that does not import here).
     """
+
     def not_built_hint(locate: bool = True) -> str:
-        return (f"install a C++ compiler (g++ or clang) and reinstall rkfast: {reinstall_command(locate)} "
-                "(RKFAST_REQUIRE_CPP=1 makes a failed build an error)")
+        return (
+            f"install a C++ compiler (g++ or clang) and reinstall rkfast: {reinstall_command(locate)} "
+            "(RKFAST_REQUIRE_CPP=1 makes a failed build an error)"
+        )
 
     try:
         spec = importlib.util.find_spec(EXTENSION)
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        others = sorted(name for name in _listdir(_PACKAGE_DIR)
-                        if name.startswith("_C.") and name.endswith((".so", ".pyd")))
+        others = sorted(
+            name for name in _listdir(_PACKAGE_DIR) if name.startswith("_C.") and name.endswith((".so", ".pyd"))
+        )
         if others:
             suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-            return None, ImportError(
-                f"rkfast._C was built for another Python: {_PACKAGE_DIR} holds {', '.join(others)}, and this "
-                f"Python loads _C{suffix}"), f"rebuild it for this Python: {reinstall_command()}"
+            return (
+                None,
+                ImportError(
+                    f"rkfast._C was built for another Python: {_PACKAGE_DIR} holds {', '.join(others)}, and this "
+                    f"Python loads _C{suffix}"
+                ),
+                f"rebuild it for this Python: {reinstall_command()}",
+            )
         record = read_build_record()
         if record and record.get("reason"):
             why = f"rkfast._C was not built when rkfast was installed: {record['reason']}"
@@ -112,8 +121,11 @@ def _load() -> tuple[ModuleType | None, ImportError | None, str]:
         return importlib.import_module(EXTENSION), None, not_built_hint(locate=False)  # unused while _C imports
     except Exception as exc:  # noqa: BLE001 - ImportError, OSError, ...: built, but unusable here
         origin = f" ({spec.origin})" if spec.origin and spec.origin not in str(exc) else ""
-        return None, ImportError(f"rkfast._C was built but fails to load{origin}: {type(exc).__name__}: {exc}"), (
-            f"reinstall rkfast so that rkfast._C is rebuilt here: {reinstall_command()}")
+        return (
+            None,
+            ImportError(f"rkfast._C was built but fails to load{origin}: {type(exc).__name__}: {exc}"),
+            (f"reinstall rkfast so that rkfast._C is rebuilt here: {reinstall_command()}"),
+        )
 
 
 def _listdir(path: str) -> list[str]:
@@ -150,44 +162,84 @@ def _tasks_and_n(t: Tensor) -> tuple[int, int]:
 def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float], out: Tensor) -> None:
     tasks, n = _tasks_and_n(out)
     _extension().stage_point(
-        _dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes], [float(c) for c in coefs], out.data_ptr(),
-        tasks, n, torch.get_num_threads())
+        _dtype(out),
+        theta.data_ptr(),
+        [k.data_ptr() for k in slopes],
+        [float(c) for c in coefs],
+        out.data_ptr(),
+        tasks,
+        n,
+        torch.get_num_threads(),
+    )
 
 
-def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
-                          grad_slopes: Sequence[Tensor]) -> None:
+def stage_point_backward_(
+    grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None, grad_slopes: Sequence[Tensor]
+) -> None:
     tasks, n = _tasks_and_n(grad_out)
     _extension().stage_point_backward(
-        _dtype(grad_out), grad_out.data_ptr(), [float(c) for c in coefs],
-        0 if grad_theta is None else grad_theta.data_ptr(), [g.data_ptr() for g in grad_slopes], tasks, n,
-        torch.get_num_threads())
+        _dtype(grad_out),
+        grad_out.data_ptr(),
+        [float(c) for c in coefs],
+        0 if grad_theta is None else grad_theta.data_ptr(),
+        [g.data_ptr() for g in grad_slopes],
+        tasks,
+        n,
+        torch.get_num_threads(),
+    )
 
 
 def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor], out: Tensor) -> None:
     tasks, n = _tasks_and_n(out)
     _extension().stage_point_elementwise(
-        _dtype(out), theta.data_ptr(), [k.data_ptr() for k in slopes], [c.data_ptr() for c in coefs],
-        out.data_ptr(), tasks, n, torch.get_num_threads())
+        _dtype(out),
+        theta.data_ptr(),
+        [k.data_ptr() for k in slopes],
+        [c.data_ptr() for c in coefs],
+        out.data_ptr(),
+        tasks,
+        n,
+        torch.get_num_threads(),
+    )
 
 
-def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                                      grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
-                                      grad_coefs: Sequence[Tensor] | None) -> None:
+def stage_point_elementwise_backward_(
+    grad_out: Tensor,
+    slopes: Sequence[Tensor],
+    coefs: Sequence[Tensor],
+    grad_theta: Tensor | None,
+    grad_slopes: Sequence[Tensor] | None,
+    grad_coefs: Sequence[Tensor] | None,
+) -> None:
     tasks, n = _tasks_and_n(grad_out)
     _extension().stage_point_elementwise_backward(
-        _dtype(grad_out), grad_out.data_ptr(), [k.data_ptr() for k in slopes] if grad_coefs else [],
-        [c.data_ptr() for c in coefs] if grad_slopes else [], 0 if grad_theta is None else grad_theta.data_ptr(),
-        [g.data_ptr() for g in grad_slopes or ()], [g.data_ptr() for g in grad_coefs or ()], tasks, n,
-        torch.get_num_threads())
+        _dtype(grad_out),
+        grad_out.data_ptr(),
+        [k.data_ptr() for k in slopes] if grad_coefs else [],
+        [c.data_ptr() for c in coefs] if grad_slopes else [],
+        0 if grad_theta is None else grad_theta.data_ptr(),
+        [g.data_ptr() for g in grad_slopes or ()],
+        [g.data_ptr() for g in grad_coefs or ()],
+        tasks,
+        n,
+        torch.get_num_threads(),
+    )
 
 
 def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
     tasks, n = _tasks_and_n(grads[0])
     _extension().combine(
-        _dtype(out), [g.data_ptr() for g in grads], [float(w) for w in weights], out.data_ptr(), tasks, n,
-        torch.get_num_threads())
+        _dtype(out),
+        [g.data_ptr() for g in grads],
+        [float(w) for w in weights],
+        out.data_ptr(),
+        tasks,
+        n,
+        torch.get_num_threads(),
+    )
 
 
 def axpy_(theta: Tensor, d: Tensor, alpha: float) -> None:
-    _extension().axpy(_dtype(theta), theta.data_ptr(), d.data_ptr(), float(alpha), theta.numel(),
-                      torch.get_num_threads())
+    _extension().axpy(
+        _dtype(theta), theta.data_ptr(), d.data_ptr(), float(alpha), theta.numel(), torch.get_num_threads()
+    )

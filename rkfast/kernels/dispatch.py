@@ -21,8 +21,7 @@ from torch import Tensor
 from . import ops
 from .registry import backend_module
 
-__all__ = ["OpPaths", "Allocating", "STAGE_POINT", "STAGE_POINT_ELEMENTWISE", "COMBINE", "AXPY", "run",
-           "run_in_place"]
+__all__ = ["OpPaths", "Allocating", "STAGE_POINT", "STAGE_POINT_ELEMENTWISE", "COMBINE", "AXPY", "run", "run_in_place"]
 
 
 @dataclass(frozen=True)
@@ -50,25 +49,30 @@ class OpPaths:
     """The forms that return a new tensor; ``None``: the op updates its first input in place only."""
 
 
-STAGE_POINT = OpPaths("stage_point", "stage_point_", ops.stage_point_out,
-                      Allocating(ops.stage_point, ops.stage_point_autograd, ops.new_stage_point))
+STAGE_POINT = OpPaths(
+    "stage_point",
+    "stage_point_",
+    ops.stage_point_out,
+    Allocating(ops.stage_point, ops.stage_point_autograd, ops.new_stage_point),
+)
 STAGE_POINT_ELEMENTWISE = OpPaths(
-    "stage_point_elementwise", "stage_point_elementwise_", ops.stage_point_elementwise_out,
-    Allocating(ops.stage_point_elementwise, ops.stage_point_elementwise_autograd, ops.new_stage_point))
+    "stage_point_elementwise",
+    "stage_point_elementwise_",
+    ops.stage_point_elementwise_out,
+    Allocating(ops.stage_point_elementwise, ops.stage_point_elementwise_autograd, ops.new_stage_point),
+)
 COMBINE = OpPaths("combine", "combine_", ops.combine_out, Allocating(ops.combine, ops.combine, ops.new_combine))
 AXPY = OpPaths("axpy_", "axpy_", ops.axpy_)
 
 
-def run(op: OpPaths, backend: str, inputs: tuple, *, out: Tensor | None = None,
-        differentiable: bool = False) -> Tensor:
+def run(op: OpPaths, backend: str, inputs: tuple, *, out: Tensor | None = None, differentiable: bool = False) -> Tensor:
     """Run ``op`` on checked ``inputs`` with the resolved ``backend``; returns the result (``out`` or a new
     tensor). ``differentiable`` (autograd is recording and an input requires grad) needs the allocating
     form: with ``out=`` it raises. An op without an allocating form runs with :func:`run_in_place`."""
     compiling = torch.compiler.is_compiling()
     if out is None:
         if op.allocating is None:
-            raise TypeError(f"{op.name} updates its first input in place and has no result: run it with "
-                            "run_in_place")
+            raise TypeError(f"{op.name} updates its first input in place and has no result: run it with run_in_place")
         if compiling:
             return op.allocating.registered(*inputs, backend)
         if differentiable:
@@ -76,8 +80,9 @@ def run(op: OpPaths, backend: str, inputs: tuple, *, out: Tensor | None = None,
         out = op.allocating.new_out(*inputs)
     elif differentiable:
         # torch allows no autograd formula on an op that mutates its inputs
-        raise RuntimeError(f"{op.name}(out=...) is not differentiable; call it without out= to backpropagate, "
-                           "or under torch.no_grad()")
+        raise RuntimeError(
+            f"{op.name}(out=...) is not differentiable; call it without out= to backpropagate, or under torch.no_grad()"
+        )
     _write(op, backend, (*inputs, out), compiling)
     return out
 

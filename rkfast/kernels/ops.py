@@ -22,8 +22,16 @@ from torch import Tensor
 
 from .registry import backend_module
 
-__all__ = ["new_stage_point", "new_combine", "stage_point_autograd", "stage_point_grads", "StagePointFunction",
-           "stage_point_elementwise_autograd", "stage_point_elementwise_grads", "StagePointElementwiseFunction"]
+__all__ = [
+    "new_stage_point",
+    "new_combine",
+    "stage_point_autograd",
+    "stage_point_grads",
+    "StagePointFunction",
+    "stage_point_elementwise_autograd",
+    "stage_point_elementwise_grads",
+    "StagePointElementwiseFunction",
+]
 
 
 def new_stage_point(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float] | Sequence[Tensor]) -> Tensor:
@@ -85,8 +93,9 @@ def _(grad_out: Tensor, coefs: list[float], backend: str) -> list[Tensor]:
     return [grad_theta, *grad_slopes]
 
 
-def stage_point_grads(grad_out: Tensor, coefs: list[float], backend: str, *,
-                      registered: bool) -> tuple[Tensor, list[Tensor]]:
+def stage_point_grads(
+    grad_out: Tensor, coefs: list[float], backend: str, *, registered: bool
+) -> tuple[Tensor, list[Tensor]]:
     """The backward of ``stage_point``: ``(sum_t grad_out[t], [-c * grad_out for c in coefs])``.
 
     ``registered``: run the kernel through the registered op ``rkfast::stage_point_backward``, as the
@@ -153,8 +162,9 @@ def _(theta: Tensor, slopes: list[Tensor], coefs: list[Tensor], backend: str) ->
 
 
 @torch.library.custom_op("rkfast::stage_point_elementwise_out", mutates_args=("out",))
-def stage_point_elementwise_out(theta: Tensor, slopes: list[Tensor], coefs: list[Tensor], out: Tensor,
-                                backend: str) -> None:
+def stage_point_elementwise_out(
+    theta: Tensor, slopes: list[Tensor], coefs: list[Tensor], out: Tensor, backend: str
+) -> None:
     backend_module(backend).stage_point_elementwise_(theta, slopes, coefs, out)
 
 
@@ -169,16 +179,24 @@ def _count(slopes: Sequence[Tensor], coefs: Sequence[Tensor]) -> int:
     return max(len(slopes), len(coefs))
 
 
-def _new_elementwise_grads(grad_out: Tensor, count: int, want_theta: bool, want_slopes: bool, want_coefs: bool
-                           ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None]:
+def _new_elementwise_grads(
+    grad_out: Tensor, count: int, want_theta: bool, want_slopes: bool, want_coefs: bool
+) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None]:
     grad_theta = grad_out.new_empty(grad_out.shape[1:]) if want_theta else None
     grad_slopes = [torch.empty_like(grad_out) for _ in range(count)] if want_slopes else None
     grad_coefs = [grad_out.new_empty(grad_out.shape[1:]) for _ in range(count)] if want_coefs else None
     return grad_theta, grad_slopes, grad_coefs
 
 
-def _elementwise_grads_kernel(grad_out: Tensor, slopes: list[Tensor], coefs: list[Tensor], want_theta: bool,
-                              want_slopes: bool, want_coefs: bool, backend: str):
+def _elementwise_grads_kernel(
+    grad_out: Tensor,
+    slopes: list[Tensor],
+    coefs: list[Tensor],
+    want_theta: bool,
+    want_slopes: bool,
+    want_coefs: bool,
+    backend: str,
+):
     grads = _new_elementwise_grads(grad_out, _count(slopes, coefs), want_theta, want_slopes, want_coefs)
     backend_module(backend).stage_point_elementwise_backward_(grad_out, slopes, coefs, *grads)
     return grads
@@ -189,37 +207,62 @@ def _flatten_grads(grad_theta, grad_slopes, grad_coefs) -> list[Tensor]:
 
 
 @torch.library.custom_op("rkfast::stage_point_elementwise_backward", mutates_args=())
-def stage_point_elementwise_backward(grad_out: Tensor, slopes: list[Tensor], coefs: list[Tensor], want_theta: bool,
-                                     want_slopes: bool, want_coefs: bool, backend: str) -> list[Tensor]:
+def stage_point_elementwise_backward(
+    grad_out: Tensor,
+    slopes: list[Tensor],
+    coefs: list[Tensor],
+    want_theta: bool,
+    want_slopes: bool,
+    want_coefs: bool,
+    backend: str,
+) -> list[Tensor]:
     """The wanted ones of ``[sum_t grad_out[t]]``, ``[-c * grad_out for c in coefs]`` and
     ``[-sum_t grad_out[t] * k[t] for k in slopes]``, concatenated, in one pass."""
-    return _flatten_grads(*_elementwise_grads_kernel(grad_out, slopes, coefs, want_theta, want_slopes, want_coefs,
-                                                     backend))
+    return _flatten_grads(
+        *_elementwise_grads_kernel(grad_out, slopes, coefs, want_theta, want_slopes, want_coefs, backend)
+    )
 
 
 @stage_point_elementwise_backward.register_fake
-def _(grad_out: Tensor, slopes: list[Tensor], coefs: list[Tensor], want_theta: bool, want_slopes: bool,
-      want_coefs: bool, backend: str) -> list[Tensor]:
-    return _flatten_grads(*_new_elementwise_grads(grad_out, _count(slopes, coefs), want_theta, want_slopes,
-                                                  want_coefs))
+def _(
+    grad_out: Tensor,
+    slopes: list[Tensor],
+    coefs: list[Tensor],
+    want_theta: bool,
+    want_slopes: bool,
+    want_coefs: bool,
+    backend: str,
+) -> list[Tensor]:
+    return _flatten_grads(*_new_elementwise_grads(grad_out, _count(slopes, coefs), want_theta, want_slopes, want_coefs))
 
 
-def stage_point_elementwise_grads(grad_out: Tensor, slopes: list[Tensor], coefs: list[Tensor],
-                                  wanted: tuple[bool, bool, bool], backend: str, *, registered: bool
-                                  ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None]:
+def stage_point_elementwise_grads(
+    grad_out: Tensor,
+    slopes: list[Tensor],
+    coefs: list[Tensor],
+    wanted: tuple[bool, bool, bool],
+    backend: str,
+    *,
+    registered: bool,
+) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None]:
     """The backward of ``stage_point_elementwise``: ``(grad_theta, grad_slopes, grad_coefs)``, each ``None``
     where ``wanted`` (theta, slopes, coefs) says it is not needed. ``registered``: as in
     :func:`stage_point_grads`."""
     want_theta, want_slopes, want_coefs = wanted
     if torch.is_grad_enabled() and (grad_out.requires_grad or any(t.requires_grad for t in (*slopes, *coefs))):
         # create_graph: this backward is itself differentiated, so keep it in differentiable torch ops
-        return (grad_out.sum(0) if want_theta else None,
-                [grad_out * -c for c in coefs] if want_slopes else None,
-                [-(grad_out * k).sum(0) for k in slopes] if want_coefs else None)
+        return (
+            grad_out.sum(0) if want_theta else None,
+            [grad_out * -c for c in coefs] if want_slopes else None,
+            [-(grad_out * k).sum(0) for k in slopes] if want_coefs else None,
+        )
     grad_out = grad_out.contiguous()
     if registered or torch.compiler.is_compiling():
-        flat = list(torch.ops.rkfast.stage_point_elementwise_backward(grad_out, slopes, coefs, want_theta,
-                                                                      want_slopes, want_coefs, backend))
+        flat = list(
+            torch.ops.rkfast.stage_point_elementwise_backward(
+                grad_out, slopes, coefs, want_theta, want_slopes, want_coefs, backend
+            )
+        )
         count = _count(slopes, coefs)
         grad_theta = flat.pop(0) if want_theta else None
         grad_slopes = flat[:count] if want_slopes else None
@@ -238,15 +281,16 @@ def _elementwise_setup(ctx, inputs, output) -> None:
 
 def _saved_slopes_and_coefs(ctx) -> tuple[list[Tensor], list[Tensor]]:
     saved = list(ctx.saved_tensors)
-    slopes = saved[:ctx.count] if ctx.wanted[2] else []
-    coefs = saved[-ctx.count:] if ctx.wanted[1] else []
+    slopes = saved[: ctx.count] if ctx.wanted[2] else []
+    coefs = saved[-ctx.count :] if ctx.wanted[1] else []
     return slopes, coefs
 
 
 def _elementwise_grad(ctx, grad_out: Tensor):
     slopes, coefs = _saved_slopes_and_coefs(ctx)
-    grad_theta, grad_slopes, grad_coefs = stage_point_elementwise_grads(grad_out, slopes, coefs, ctx.wanted,
-                                                                        ctx.backend, registered=True)
+    grad_theta, grad_slopes, grad_coefs = stage_point_elementwise_grads(
+        grad_out, slopes, coefs, ctx.wanted, ctx.backend, registered=True
+    )
     none = [None] * ctx.count
     return grad_theta, grad_slopes or none, grad_coefs or none, None
 
@@ -264,15 +308,16 @@ class StagePointElementwiseFunction(torch.autograd.Function):
         backend_module(backend).stage_point_elementwise_(theta, slopes, coefs, out)
         needs = ctx.needs_input_grad
         ctx.backend, ctx.count = backend, count
-        ctx.wanted = (needs[0], any(needs[3:3 + count]), any(needs[3 + count:]))
+        ctx.wanted = (needs[0], any(needs[3 : 3 + count]), any(needs[3 + count :]))
         ctx.save_for_backward(*(slopes if ctx.wanted[2] else ()), *(coefs if ctx.wanted[1] else ()))
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         slopes, coefs = _saved_slopes_and_coefs(ctx)
-        grad_theta, grad_slopes, grad_coefs = stage_point_elementwise_grads(grad_out, slopes, coefs, ctx.wanted,
-                                                                            ctx.backend, registered=False)
+        grad_theta, grad_slopes, grad_coefs = stage_point_elementwise_grads(
+            grad_out, slopes, coefs, ctx.wanted, ctx.backend, registered=False
+        )
         none = [None] * ctx.count
         return (grad_theta, None, None, *(grad_slopes or none), *(grad_coefs or none))
 

@@ -31,8 +31,9 @@ def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float]
         out.sub_(k, alpha=c)
 
 
-def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
-                          grad_slopes: Sequence[Tensor]) -> None:
+def stage_point_backward_(
+    grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None, grad_slopes: Sequence[Tensor]
+) -> None:
     """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``."""
     if grad_theta is not None:
         torch.sum(grad_out, 0, out=grad_theta)
@@ -47,9 +48,14 @@ def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Seq
         out.addcmul_(c, k, value=-1)
 
 
-def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                                      grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
-                                      grad_coefs: Sequence[Tensor] | None) -> None:
+def stage_point_elementwise_backward_(
+    grad_out: Tensor,
+    slopes: Sequence[Tensor],
+    coefs: Sequence[Tensor],
+    grad_theta: Tensor | None,
+    grad_slopes: Sequence[Tensor] | None,
+    grad_coefs: Sequence[Tensor] | None,
+) -> None:
     """``grad_theta = sum_t grad_out[t]``; ``grad_slopes[l] = -coefs[l] * grad_out``;
     ``grad_coefs[l] = -sum_t grad_out[t] * slopes[l][t]`` (each skipped when ``None``)."""
     if grad_theta is not None:

@@ -20,8 +20,15 @@ import torch
 from .backend import KernelBackend
 
 __all__ = [
-    "REGISTRY", "FALLBACK", "Backend", "backend_choices", "backend_module", "backend_status", "available",
-    "resolve_backend", "runnable_targets",
+    "REGISTRY",
+    "FALLBACK",
+    "Backend",
+    "backend_choices",
+    "backend_module",
+    "backend_status",
+    "available",
+    "resolve_backend",
+    "runnable_targets",
 ]
 
 REGISTRY: dict[str, str] = {  # backend name -> its module; the order is the order of the names everywhere

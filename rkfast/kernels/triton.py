@@ -42,8 +42,10 @@ LABEL = "Triton"
 DEVICE_TYPES: tuple[str, ...] | None = ("cuda", "cpu") if INTERPRET else ("cuda",)
 DTYPES: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 AUTO_FOR: tuple[str, ...] = ("cuda",)
-HINT = ("run on a machine with a CUDA GPU, or set TRITON_INTERPRET=1 before importing rkfast to run CPU "
-        "tensors in Triton's interpreter")
+HINT = (
+    "run on a machine with a CUDA GPU, or set TRITON_INTERPRET=1 before importing rkfast to run CPU "
+    "tensors in Triton's interpreter"
+)
 
 
 def status() -> tuple[bool, str]:
@@ -63,8 +65,10 @@ def _pair(x: float) -> tuple[float, float]:
     normal range cannot be represented and is refused rather than rounded to 0 or infinity."""
     low, high = _FLOAT32_RANGE
     if math.isfinite(x) and x != 0.0 and not low <= abs(x) <= high:
-        raise ValueError(f"the Triton kernels take coefficients of magnitude {low:.3g} to {high:.3g} (or 0); "
-                         f"got {x:g}. Use backend='cpp' (CPU) or 'torch' for such coefficients")
+        raise ValueError(
+            f"the Triton kernels take coefficients of magnitude {low:.3g} to {high:.3g} (or 0); "
+            f"got {x:g}. Use backend='cpp' (CPU) or 'torch' for such coefficients"
+        )
     hi = struct.unpack("f", struct.pack("f", x))[0]
     lo = struct.unpack("f", struct.pack("f", x - hi))[0]
     return hi, lo
@@ -95,10 +99,26 @@ def _coef(hi, lo, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["theta_task_stride", "tasks", "n"])
 def _stage_point_kernel(
-    theta_ptr, theta_task_stride, k0, k1, k2, k3,
-    c0h, c0l, c1h, c1l, c2h, c2l, c3h, c3l,
-    out_ptr, tasks, n,
-    NUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    theta_ptr,
+    theta_task_stride,
+    k0,
+    k1,
+    k2,
+    k3,
+    c0h,
+    c0l,
+    c1h,
+    c1l,
+    c2h,
+    c2l,
+    c3h,
+    c3l,
+    out_ptr,
+    tasks,
+    n,
+    NUM: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # the task varies fastest between consecutive programs: the T programs of one block read the same
     # block of theta, which then comes from L2 (block-major order re-reads all of theta from memory for
@@ -129,10 +149,25 @@ def _column_sum(ptr, tasks, n, offs, mask, ACC: tl.constexpr, BLOCK: tl.constexp
 
 @triton.jit(do_not_specialize=["tasks", "n"])
 def _combine_kernel(
-    g0, g1, g2, g3,
-    w0h, w0l, w1h, w1l, w2h, w2l, w3h, w3l,
-    out_ptr, tasks, n,
-    NUM: tl.constexpr, ACCUMULATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    g0,
+    g1,
+    g2,
+    g3,
+    w0h,
+    w0l,
+    w1h,
+    w1l,
+    w2h,
+    w2l,
+    w3h,
+    w3l,
+    out_ptr,
+    tasks,
+    n,
+    NUM: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -153,10 +188,26 @@ def _combine_kernel(
 
 @triton.jit(do_not_specialize=["tasks", "n"])
 def _stage_point_backward_kernel(
-    grad_out, grad_theta, o0, o1, o2, o3,
-    c0h, c0l, c1h, c1l, c2h, c2l, c3h, c3l,
-    tasks, n,
-    NUM: tl.constexpr, WRITE_THETA: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    grad_out,
+    grad_theta,
+    o0,
+    o1,
+    o2,
+    o3,
+    c0h,
+    c0l,
+    c1h,
+    c1l,
+    c2h,
+    c2l,
+    c3h,
+    c3l,
+    tasks,
+    n,
+    NUM: tl.constexpr,
+    WRITE_THETA: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -183,9 +234,22 @@ def _stage_point_backward_kernel(
 
 @triton.jit(do_not_specialize=["theta_task_stride", "tasks", "n"])
 def _stage_point_elementwise_kernel(
-    theta_ptr, theta_task_stride, k0, k1, k2, k3, c0, c1, c2, c3,
-    out_ptr, tasks, n,
-    NUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    theta_ptr,
+    theta_task_stride,
+    k0,
+    k1,
+    k2,
+    k3,
+    c0,
+    c1,
+    c2,
+    c3,
+    out_ptr,
+    tasks,
+    n,
+    NUM: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # task-minor program order, as _stage_point_kernel: theta's and the coefficients' blocks come from L2
     pid = tl.program_id(0).to(tl.int64)
@@ -213,8 +277,9 @@ def _coef_block(c_ptr, offs, mask, WRITE_SLOPES: tl.constexpr, ACC: tl.constexpr
 
 
 @triton.jit
-def _elementwise_stream(g, c, row, mask, k_ptr, o_ptr, total,
-                        WRITE_SLOPES: tl.constexpr, WRITE_COEFS: tl.constexpr, ACC: tl.constexpr):
+def _elementwise_stream(
+    g, c, row, mask, k_ptr, o_ptr, total, WRITE_SLOPES: tl.constexpr, WRITE_COEFS: tl.constexpr, ACC: tl.constexpr
+):
     """One stream's share of a task row: stores ``-c * g`` and returns ``total + g * k``."""
     if WRITE_SLOPES:
         tl.store(o_ptr + row, (-(c * g)).to(o_ptr.dtype.element_ty), mask=mask)
@@ -225,10 +290,32 @@ def _elementwise_stream(g, c, row, mask, k_ptr, o_ptr, total,
 
 @triton.jit(do_not_specialize=["tasks", "n"])
 def _stage_point_elementwise_backward_kernel(
-    grad_out, grad_theta, k0, k1, k2, k3, c0, c1, c2, c3, o0, o1, o2, o3, gc0, gc1, gc2, gc3,
-    tasks, n,
-    NUM: tl.constexpr, WRITE_THETA: tl.constexpr, WRITE_SLOPES: tl.constexpr, WRITE_COEFS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    grad_out,
+    grad_theta,
+    k0,
+    k1,
+    k2,
+    k3,
+    c0,
+    c1,
+    c2,
+    c3,
+    o0,
+    o1,
+    o2,
+    o3,
+    gc0,
+    gc1,
+    gc2,
+    gc3,
+    tasks,
+    n,
+    NUM: tl.constexpr,
+    WRITE_THETA: tl.constexpr,
+    WRITE_SLOPES: tl.constexpr,
+    WRITE_COEFS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -297,21 +384,33 @@ def stage_point_(theta: Tensor, slopes: Sequence[Tensor], coefs: Sequence[float]
     for start, num, group, pairs in _chunks(slopes, coefs):
         # later chunks continue from the partial stage point already in `out` (row stride n, not 0)
         base, stride = (theta, 0) if start == 0 else (out, n)
-        _stage_point_kernel[grid](base, stride, *group, *pairs, out, tasks, n,
-                                  NUM=num, ACC=acc, BLOCK=block, num_warps=warps)
+        _stage_point_kernel[grid](
+            base, stride, *group, *pairs, out, tasks, n, NUM=num, ACC=acc, BLOCK=block, num_warps=warps
+        )
 
 
-def stage_point_backward_(grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None,
-                          grad_slopes: Sequence[Tensor]) -> None:
+def stage_point_backward_(
+    grad_out: Tensor, coefs: Sequence[float], grad_theta: Tensor | None, grad_slopes: Sequence[Tensor]
+) -> None:
     tasks, n = _tasks_and_n(grad_out)
     block, warps = _config(n, per_block_grid=True)
     grid = (triton.cdiv(n, block),)
     acc = _acc(grad_out.dtype)
     for start, num, group, pairs in _chunks(grad_slopes, coefs):
         write_theta = start == 0 and grad_theta is not None
-        _stage_point_backward_kernel[grid](grad_out, grad_theta if write_theta else grad_out, *group, *pairs,
-                                           tasks, n, NUM=num, WRITE_THETA=write_theta, ACC=acc,
-                                           BLOCK=block, num_warps=warps)
+        _stage_point_backward_kernel[grid](
+            grad_out,
+            grad_theta if write_theta else grad_out,
+            *group,
+            *pairs,
+            tasks,
+            n,
+            NUM=num,
+            WRITE_THETA=write_theta,
+            ACC=acc,
+            BLOCK=block,
+            num_warps=warps,
+        )
 
 
 def _groups(*lists: Sequence[Tensor] | None, fill: Tensor):
@@ -335,13 +434,19 @@ def stage_point_elementwise_(theta: Tensor, slopes: Sequence[Tensor], coefs: Seq
     for start, num, (ks, cs) in _groups(slopes, coefs, fill=out):
         # later chunks continue from the partial stage point already in `out` (row stride n, not 0)
         base, stride = (theta, 0) if start == 0 else (out, n)
-        _stage_point_elementwise_kernel[grid](base, stride, *ks, *cs, out, tasks, n,
-                                              NUM=num, ACC=acc, BLOCK=block, num_warps=warps)
+        _stage_point_elementwise_kernel[grid](
+            base, stride, *ks, *cs, out, tasks, n, NUM=num, ACC=acc, BLOCK=block, num_warps=warps
+        )
 
 
-def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor], coefs: Sequence[Tensor],
-                                      grad_theta: Tensor | None, grad_slopes: Sequence[Tensor] | None,
-                                      grad_coefs: Sequence[Tensor] | None) -> None:
+def stage_point_elementwise_backward_(
+    grad_out: Tensor,
+    slopes: Sequence[Tensor],
+    coefs: Sequence[Tensor],
+    grad_theta: Tensor | None,
+    grad_slopes: Sequence[Tensor] | None,
+    grad_coefs: Sequence[Tensor] | None,
+) -> None:
     tasks, n = _tasks_and_n(grad_out)
     block, warps = _config(n, per_block_grid=True)
     grid = (triton.cdiv(n, block),)
@@ -355,9 +460,22 @@ def stage_point_elementwise_backward_(grad_out: Tensor, slopes: Sequence[Tensor]
     for start, num, (ks, cs, os_, gcs) in _groups(*lists, fill=grad_out):
         write_theta = start == 0 and grad_theta is not None
         _stage_point_elementwise_backward_kernel[grid](
-            grad_out, grad_theta if write_theta else grad_out, *ks, *cs, *os_, *gcs, tasks, n,
-            NUM=num, WRITE_THETA=write_theta, WRITE_SLOPES=write_slopes, WRITE_COEFS=write_coefs,
-            ACC=acc, BLOCK=block, num_warps=warps)
+            grad_out,
+            grad_theta if write_theta else grad_out,
+            *ks,
+            *cs,
+            *os_,
+            *gcs,
+            tasks,
+            n,
+            NUM=num,
+            WRITE_THETA=write_theta,
+            WRITE_SLOPES=write_slopes,
+            WRITE_COEFS=write_coefs,
+            ACC=acc,
+            BLOCK=block,
+            num_warps=warps,
+        )
 
 
 def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> None:
@@ -366,12 +484,14 @@ def combine_(grads: Sequence[Tensor], weights: Sequence[float], out: Tensor) -> 
     grid = (triton.cdiv(n, block),)
     acc = _acc(out.dtype)
     for start, num, group, pairs in _chunks(grads, weights):
-        _combine_kernel[grid](*group, *pairs, out, tasks, n,
-                              NUM=num, ACCUMULATE=start > 0, ACC=acc, BLOCK=block, num_warps=warps)
+        _combine_kernel[grid](
+            *group, *pairs, out, tasks, n, NUM=num, ACCUMULATE=start > 0, ACC=acc, BLOCK=block, num_warps=warps
+        )
 
 
 def axpy_(theta: Tensor, d: Tensor, alpha: float) -> None:
     n = theta.numel()
     block, warps = _config(n, per_block_grid=False)
-    _axpy_kernel[(triton.cdiv(n, block),)](theta, d, *_pair(float(alpha)), n,
-                                           ACC=_acc(theta.dtype), BLOCK=block, num_warps=warps)
+    _axpy_kernel[(triton.cdiv(n, block),)](
+        theta, d, *_pair(float(alpha)), n, ACC=_acc(theta.dtype), BLOCK=block, num_warps=warps
+    )

@@ -46,8 +46,10 @@ def discounted_returns(rewards: Tensor, discount: float) -> Tensor:
     if isinstance(discount, bool) or not isinstance(discount, Real) or not 0.0 < float(discount) <= 1.0:
         raise ValueError(f"discount must be a real number in (0, 1], got {discount!r}")
     if rewards.dim() < 1 or not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a floating point [..., H] tensor, got shape {tuple(rewards.shape)} and "
-                         f"dtype {rewards.dtype}")
+        raise ValueError(
+            f"rewards must be a floating point [..., H] tensor, got shape {tuple(rewards.shape)} and "
+            f"dtype {rewards.dtype}"
+        )
     horizon = rewards.shape[-1]
     steps = torch.arange(horizon, dtype=torch.float64, device=rewards.device)
     # delays[t', t] = t' - t: how many steps after t the reward r_t' comes
@@ -72,8 +74,10 @@ def baseline_features(observations: Tensor) -> Tensor:
         ValueError: ``observations`` that are not floating point ``[..., H, D]``.
     """
     if observations.dim() < 2 or not observations.is_floating_point():
-        raise ValueError(f"observations must be a floating point [..., H, D] tensor, got shape "
-                         f"{tuple(observations.shape)} and dtype {observations.dtype}")
+        raise ValueError(
+            f"observations must be a floating point [..., H, D] tensor, got shape "
+            f"{tuple(observations.shape)} and dtype {observations.dtype}"
+        )
     clipped = observations.clamp(-_OBSERVATION_BOUND, _OBSERVATION_BOUND)
     horizon = observations.shape[-2]
     time = torch.arange(horizon, dtype=observations.dtype, device=observations.device) / _TIME_SCALE
@@ -104,12 +108,16 @@ def fit_linear_baseline(observations: Tensor, returns: Tensor, reg: float = 1e-5
             or a ``reg`` that is not a positive finite number.
     """
     if observations.dim() != 4 or not observations.is_floating_point():
-        raise ValueError(f"observations must be a floating point [T, E, H, D] tensor, got shape "
-                         f"{tuple(observations.shape)} and dtype {observations.dtype}")
+        raise ValueError(
+            f"observations must be a floating point [T, E, H, D] tensor, got shape "
+            f"{tuple(observations.shape)} and dtype {observations.dtype}"
+        )
     if returns.shape != observations.shape[:-1] or not returns.is_floating_point():
-        raise ValueError(f"returns must be a floating point [T, E, H] tensor matching the observations "
-                         f"{tuple(observations.shape[:-1])}, got shape {tuple(returns.shape)} and dtype "
-                         f"{returns.dtype}")
+        raise ValueError(
+            f"returns must be a floating point [T, E, H] tensor matching the observations "
+            f"{tuple(observations.shape[:-1])}, got shape {tuple(returns.shape)} and dtype "
+            f"{returns.dtype}"
+        )
     if isinstance(reg, bool) or not isinstance(reg, Real) or not math.isfinite(float(reg)) or reg <= 0:
         raise ValueError(f"reg must be a positive finite number, got {reg!r}")
     num_tasks = observations.shape[0]
@@ -132,9 +140,12 @@ def fit_linear_baseline(observations: Tensor, returns: Tensor, reg: float = 1e-5
         values = (design @ coefficients).squeeze(-1)
         if not bool(solved.all()):
             failed = torch.nonzero(~solved).flatten().tolist()
-            warnings.warn(f"the linear baseline has no finite fit in tasks {failed} even with reg x "
-                          f"{10 ** (_ATTEMPTS - 1)} (non-finite observations or returns, or too small a reg?): their "
-                          "baseline is 0",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"the linear baseline has no finite fit in tasks {failed} even with reg x "
+                f"{10 ** (_ATTEMPTS - 1)} (non-finite observations or returns, or too small a reg?): their "
+                "baseline is 0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             values = torch.where(solved[:, None], values, torch.zeros_like(values))
     return values.reshape(returns.shape).to(returns.dtype)

@@ -110,14 +110,19 @@ def dice_objective(
         if not isinstance(tensor, Tensor) and not (name == "values" and tensor is None):
             raise TypeError(f"dice_objective: {name} must be a tensor, got {type(tensor).__name__}")
     if log_probs.dim() < 2:
-        raise ValueError("dice_objective: log_probs must be [..., E, H] (episodes, steps), "
-                         f"got shape {tuple(log_probs.shape)}")
+        raise ValueError(
+            f"dice_objective: log_probs must be [..., E, H] (episodes, steps), got shape {tuple(log_probs.shape)}"
+        )
     if rewards.shape != log_probs.shape:
-        raise ValueError(f"dice_objective: rewards have shape {tuple(rewards.shape)} but log_probs "
-                         f"{tuple(log_probs.shape)}; both must be [..., E, H]")
+        raise ValueError(
+            f"dice_objective: rewards have shape {tuple(rewards.shape)} but log_probs "
+            f"{tuple(log_probs.shape)}; both must be [..., E, H]"
+        )
     if values is not None and values.shape != log_probs.shape:
-        raise ValueError(f"dice_objective: values have shape {tuple(values.shape)} but log_probs "
-                         f"{tuple(log_probs.shape)}; both must be [..., E, H]")
+        raise ValueError(
+            f"dice_objective: values have shape {tuple(values.shape)} but log_probs "
+            f"{tuple(log_probs.shape)}; both must be [..., E, H]"
+        )
     if isinstance(discount, bool) or not isinstance(discount, (int, float)):
         raise TypeError(f"dice_objective: discount must be a real number in (0, 1], got {type(discount).__name__}")
     if not (math.isfinite(discount) and 0.0 < discount <= 1.0):

@@ -75,8 +75,10 @@ def check_rollout_args(tasks: Tensor, width: int, episodes: object, name: str = 
         ValueError: naming the argument and what it is.
     """
     if tasks.dim() != 2 or tasks.shape[1] != width or tasks.shape[0] == 0 or not tasks.is_floating_point():
-        raise ValueError(f"{name} must be a floating point [T, {width}] tensor with T >= 1, got shape "
-                         f"{tuple(tasks.shape)} and dtype {tasks.dtype}")
+        raise ValueError(
+            f"{name} must be a floating point [T, {width}] tensor with T >= 1, got shape "
+            f"{tuple(tasks.shape)} and dtype {tasks.dtype}"
+        )
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
 
@@ -100,26 +102,46 @@ def unit_task_draws(num_tasks: int, width: int, generator: torch.Generator | Non
 class TaskEnvironment(Protocol):
     """A family of tasks (goals, directions, velocities, ...) in one environment, rolled out in batches.
 
-    Attributes:
-        horizon: ``H``, the number of steps of every episode (episodes do not end early: rewards and
-            observations are ``[T, E, H]``-shaped).
-        obs_dim, act_dim: the sizes of an observation and of an action.
-        max_action: the environment clips every action dimension to ``[-max_action, max_action]`` (the unit
-            and bound of the domains' policies, :class:`~rkfast.rl.policy.GaussianMLPPolicy`).
+    Its sizes are read-only: an implementation may expose them as fields of a frozen dataclass, class
+    constants or properties.
     """
 
-    horizon: int
-    obs_dim: int
-    act_dim: int
-    max_action: float
+    @property
+    def horizon(self) -> int:
+        """``H``, the number of steps of every episode (episodes do not end early: rewards and observations
+        are ``[T, E, H]``-shaped)."""
+        ...
 
-    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None, *,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    @property
+    def obs_dim(self) -> int:
+        """The size of an observation."""
+        ...
+
+    @property
+    def act_dim(self) -> int:
+        """The size of an action."""
+        ...
+
+    @property
+    def max_action(self) -> float:
+        """The environment clips every action dimension to ``[-max_action, max_action]`` (the unit and bound
+        of the domains' policies, :class:`~rkfast.rl.policy.GaussianMLPPolicy`)."""
+        ...
+
+    def sample_tasks(
+        self,
+        num_tasks: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         """``[T, ...]`` task parameters drawn with ``generator`` (the same state gives the same tasks)."""
         ...
 
-    def rollout(self, act: Callable[[Tensor], Tensor], tasks: Tensor, episodes: int,
-                seed: int | None = None) -> Trajectories:
+    def rollout(
+        self, act: Callable[[Tensor], Tensor], tasks: Tensor, episodes: int, seed: int | None = None
+    ) -> Trajectories:
         """``episodes`` episodes of each task, ``act(observations [T, E, obs_dim]) -> actions [T, E, act_dim]``
         called once per step; ``seed`` seeds any randomness of the environment itself (initial states)."""
         ...

@@ -65,8 +65,10 @@ def _env_id(gymnasium: Any) -> str:
     for env_id in ENV_IDS:
         if env_id in gymnasium.envs.registry:
             return env_id
-    raise DataError(f"HalfCheetahTasks {_EXTRA_HINT}; this gymnasium ({getattr(gymnasium, '__version__', '?')}) "
-                    f"registers none of {', '.join(ENV_IDS)}")
+    raise DataError(
+        f"HalfCheetahTasks {_EXTRA_HINT}; this gymnasium ({getattr(gymnasium, '__version__', '?')}) "
+        f"registers none of {', '.join(ENV_IDS)}"
+    )
 
 
 def _simulators(gymnasium: Any, env_id: str, count: int) -> list[Any]:
@@ -80,8 +82,9 @@ def _simulators(gymnasium: Any, env_id: str, count: int) -> list[Any]:
         try:
             env = gymnasium.make(env_id, disable_env_checker=True)
         except Exception as err:  # a missing dependency of the MuJoCo environments, a broken mujoco install
-            raise DataError(f"HalfCheetahTasks {_EXTRA_HINT}; making {env_id} failed: "
-                            f"{type(err).__name__}: {err}") from err
+            raise DataError(
+                f"HalfCheetahTasks {_EXTRA_HINT}; making {env_id} failed: {type(err).__name__}: {err}"
+            ) from err
         simulators.append(env.unwrapped)
     return simulators[:count]
 
@@ -142,15 +145,16 @@ class HalfCheetahTasks:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"HalfCheetahTasks.kind must be one of {', '.join(map(repr, _KINDS))}, "
-                             f"got {self.kind!r}")
+            raise ValueError(f"HalfCheetahTasks.kind must be one of {', '.join(map(repr, _KINDS))}, got {self.kind!r}")
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
             raise ValueError(f"HalfCheetahTasks.horizon must be a positive integer, got {self.horizon!r}")
         low = finite_field("HalfCheetahTasks", "velocity_low", self.velocity_low)
         high = finite_field("HalfCheetahTasks", "velocity_high", self.velocity_high)
         if not low < high:
-            raise ValueError(f"HalfCheetahTasks.velocity_low must be below velocity_high, got "
-                             f"velocity_low={self.velocity_low!r} and velocity_high={self.velocity_high!r}")
+            raise ValueError(
+                f"HalfCheetahTasks.velocity_low must be below velocity_high, got "
+                f"velocity_low={self.velocity_low!r} and velocity_high={self.velocity_high!r}"
+            )
         gymnasium = _import_gymnasium()
         object.__setattr__(self, "env_id", _env_id(gymnasium))  # frozen: set once, here
         _simulators(gymnasium, self.env_id, 1)
@@ -168,8 +172,14 @@ class HalfCheetahTasks:
         """The size of an action (6: the torques of the six joints, each in ``[-1, 1]``)."""
         return int(self._simulator().action_space.shape[0])
 
-    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None, *,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample_tasks(
+        self,
+        num_tasks: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         """Draw the tasks' parameters: directions ``+1``/``-1`` with probability 1/2 each, or target velocities
         uniform in ``[velocity_low, velocity_high]``.
 
@@ -195,8 +205,9 @@ class HalfCheetahTasks:
             tasks = self.velocity_low + (self.velocity_high - self.velocity_low) * unit
         return tasks.to(device=device, dtype=dtype)
 
-    def rollout(self, act: Callable[[Tensor], Tensor], tasks: Tensor, episodes: int,
-                seed: int | None = None) -> Trajectories:
+    def rollout(
+        self, act: Callable[[Tensor], Tensor], tasks: Tensor, episodes: int, seed: int | None = None
+    ) -> Trajectories:
         """Run ``episodes`` episodes of each task in lockstep, ``T * E`` simulators stepped one after another.
 
         Runs under ``torch.no_grad()``. The simulators get the actions clipped to the action space; the
@@ -244,11 +255,14 @@ class HalfCheetahTasks:
                 # the actor gets its own copy: one that keeps or edits its input cannot alter the record
                 step_actions = act(observations[:, :, time].clone())
                 if step_actions.shape != (num_tasks, episodes, act_dim):
-                    raise ValueError(f"act must return actions of shape {(num_tasks, episodes, act_dim)} "
-                                     f"[T, E, {act_dim}], got {tuple(step_actions.shape)}")
+                    raise ValueError(
+                        f"act must return actions of shape {(num_tasks, episodes, act_dim)} "
+                        f"[T, E, {act_dim}], got {tuple(step_actions.shape)}"
+                    )
                 actions[:, :, time] = step_actions
-                clipped = np.clip(step_actions.detach().to("cpu", torch.float64).numpy().reshape(count, act_dim),
-                                  low, high)
+                clipped = np.clip(
+                    step_actions.detach().to("cpu", torch.float64).numpy().reshape(count, act_dim), low, high
+                )
                 for i, sim in enumerate(simulators):
                     current[i], _, _, _, info = sim.step(clipped[i])
                     velocities[i], positions[i] = info["x_velocity"], info["x_position"]

@@ -54,8 +54,10 @@ class PointNavigation:
         low = finite_field("PointNavigation", "goal_low", self.goal_low)
         high = finite_field("PointNavigation", "goal_high", self.goal_high)
         if not low < high:
-            raise ValueError(f"PointNavigation.goal_low must be below goal_high, got goal_low={self.goal_low!r} "
-                             f"and goal_high={self.goal_high!r}")
+            raise ValueError(
+                f"PointNavigation.goal_low must be below goal_high, got goal_low={self.goal_low!r} "
+                f"and goal_high={self.goal_high!r}"
+            )
 
     def step(self, positions: Tensor, actions: Tensor, goals: Tensor) -> tuple[Tensor, Tensor]:
         """One step of any batch of points; the three inputs broadcast against each other.
@@ -104,8 +106,9 @@ class PointNavigation:
         goals = self.goal_low + (self.goal_high - self.goal_low) * unit
         return goals.to(device=device, dtype=dtype)
 
-    def rollout(self, act: Callable[[Tensor], Tensor], goals: Tensor, episodes: int,
-                seed: int | None = None) -> Trajectories:
+    def rollout(
+        self, act: Callable[[Tensor], Tensor], goals: Tensor, episodes: int, seed: int | None = None
+    ) -> Trajectories:
         """Run ``episodes`` episodes in each task, all at once, starting at the origin.
 
         The only Python loop is over the ``horizon`` time steps; tasks and episodes are one batch. Runs
@@ -140,8 +143,10 @@ class PointNavigation:
                 # the actor gets its own copy: one that keeps or edits its input cannot alter the record
                 step_actions = act(positions.clone())
                 if step_actions.shape != positions.shape:
-                    raise ValueError(f"act must return actions of shape {tuple(positions.shape)} [T, E, 2], "
-                                     f"got {tuple(step_actions.shape)}")
+                    raise ValueError(
+                        f"act must return actions of shape {tuple(positions.shape)} [T, E, 2], "
+                        f"got {tuple(step_actions.shape)}"
+                    )
                 actions[:, :, time] = step_actions
                 positions, rewards[:, :, time] = self.step(positions, actions[:, :, time], episode_goals)
         return Trajectories(observations, actions, rewards, positions)

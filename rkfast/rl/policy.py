@@ -51,18 +51,32 @@ class GaussianMLPPolicy(nn.Module):
             ``init_std`` or ``max_action`` that is not a positive finite number.
     """
 
-    def __init__(self, obs_dim: int = 2, act_dim: int = 2, hidden: Sequence[int] = (100, 100),
-                 init_std: float = 1.0, max_action: float = 1.0, bounded_mean: bool = False) -> None:
+    def __init__(
+        self,
+        obs_dim: int = 2,
+        act_dim: int = 2,
+        hidden: Sequence[int] = (100, 100),
+        init_std: float = 1.0,
+        max_action: float = 1.0,
+        bounded_mean: bool = False,
+    ) -> None:
         super().__init__()
         for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim)):
             if not _is_positive_int(value):
                 raise ValueError(f"GaussianMLPPolicy {name} must be a positive integer, got {value!r}")
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) \
-                or not all(_is_positive_int(width) for width in hidden):
+        if (
+            isinstance(hidden, (str, bytes))
+            or not isinstance(hidden, Sequence)
+            or not all(_is_positive_int(width) for width in hidden)
+        ):
             raise ValueError(f"GaussianMLPPolicy hidden must be a sequence of positive integers, got {hidden!r}")
         for name, number in (("init_std", init_std), ("max_action", max_action)):
-            if isinstance(number, bool) or not isinstance(number, Real) or not math.isfinite(float(number)) \
-                    or number <= 0:
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, Real)
+                or not math.isfinite(float(number))
+                or number <= 0
+            ):
                 raise ValueError(f"GaussianMLPPolicy {name} must be a positive finite number, got {number!r}")
         if not isinstance(bounded_mean, bool):
             raise ValueError(f"GaussianMLPPolicy bounded_mean must be True or False, got {bounded_mean!r}")
@@ -160,8 +174,7 @@ def batched_actor(
             task dimension is not ``T``.
     """
     if params.dim() != 2 or params.shape[1] != layout.numel:
-        raise ValueError(f"params must be [T, {layout.numel}] (one flat row per task), got shape "
-                         f"{tuple(params.shape)}")
+        raise ValueError(f"params must be [T, {layout.numel}] (one flat row per task), got shape {tuple(params.shape)}")
     rows = params.detach()
 
     def task_distribution(row: Tensor, observations: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,8 +184,10 @@ def batched_actor(
 
     def act(observations: Tensor) -> Tensor:
         if observations.dim() < 1 or observations.shape[0] != rows.shape[0]:
-            raise ValueError(f"observations must have the task dimension first, of size {rows.shape[0]}, got "
-                             f"shape {tuple(observations.shape)}")
+            raise ValueError(
+                f"observations must have the task dimension first, of size {rows.shape[0]}, got "
+                f"shape {tuple(observations.shape)}"
+            )
         with torch.no_grad():
             mean, log_std = distributions(rows, observations)
             return mean if deterministic else sample_actions(mean, log_std, generator)

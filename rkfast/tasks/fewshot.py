@@ -15,9 +15,10 @@ steps of 0.01, 15 query images per class, ten adaptation steps at meta-test; Ada
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from ..data.images import ClassImages, DataError
 from ..data.miniimagenet import load_miniimagenet
 from ..data.omniglot import load_omniglot
 from ..figures import new_figure, save_figure
-from .registry import Defaults, Domain, Metric, Option, TrainedRun, register
+from .registry import Defaults, Domain, Metric, Option, TrainedRun, kept_params, meta_test_tasks, register
 from .sampling import task_chunks
 
 __all__ = ["EpisodeSampler", "OMNIGLOT", "MINIIMAGENET", "GLYPHS", "plot_episodes"]
@@ -66,8 +67,10 @@ class EpisodeSampler:
         if self.data.num_classes < self.ways:
             raise DataError(f"{name} {split} has {self.data.num_classes} classes, fewer than --ways {self.ways}")
         if self.data.per_class < self.shots + self.query:
-            raise DataError(f"{name} {split} has {self.data.per_class} images per class, fewer than --shots "
-                            f"{self.shots} + --query {self.query}")
+            raise DataError(
+                f"{name} {split} has {self.data.per_class} images per class, fewer than --shots "
+                f"{self.shots} + --query {self.query}"
+            )
         # one copy on the device (a cached split is a read-only memory map); uint8 keeps it 4x smaller
         self.images = torch.from_numpy(np.array(self.data.images, copy=True)).to(self.device)
 
@@ -91,8 +94,7 @@ class EpisodeSampler:
             return t[:, :, lo:hi].reshape(num_tasks, self.ways * (hi - lo), *t.shape[3:])
 
         k = self.shots
-        return TaskBatch(part(images, 0, k), part(labels, 0, k), part(images, k, per_class),
-                         part(labels, k, per_class))
+        return TaskBatch(part(images, 0, k), part(labels, 0, k), part(images, k, per_class), part(labels, k, per_class))
 
 
 # -- models -----------------------------------------------------------------------------------------------
@@ -105,14 +107,21 @@ def conv4(in_channels: int, ways: int, filters: int, image_size: int, strided: b
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
     for _ in range(4):
-        layers += [nn.Conv2d(channels, filters, 3, stride=2 if strided else 1, padding=1),
-                   nn.BatchNorm2d(filters, track_running_stats=False), nn.ReLU()]
+        layers += [
+            nn.Conv2d(channels, filters, 3, stride=2 if strided else 1, padding=1),
+            nn.BatchNorm2d(filters, track_running_stats=False),
+            nn.ReLU(),
+        ]
         if not strided:
             layers.append(nn.MaxPool2d(2))
         channels, size = filters, (size + 1) // 2 if strided else size // 2
     if size < 1:
         raise ValueError(f"image size {image_size} is too small for four halvings")
-    head = [_SpatialMean(), nn.Linear(filters, ways)] if strided else [nn.Flatten(), nn.Linear(filters * size * size, ways)]
+    head = (
+        [_SpatialMean(), nn.Linear(filters, ways)]
+        if strided
+        else [nn.Flatten(), nn.Linear(filters * size * size, ways)]
+    )
     return nn.Sequential(*layers, *head)
 
 
@@ -130,7 +139,7 @@ def _predictions(run: TrainedRun, batch: TaskBatch, steps: int) -> Tensor:
     """Query predictions ``[T, N*Q]`` of the run's model after ``steps`` adaptation steps on each support set."""
     opt = run.opt
     adapted = opt.evaluate(batch, steps=(steps,), step_size=run.config.test_step, keep_params=True)
-    rows = adapted.params[-1]  # type: ignore[index]  # [T, N]
+    rows = kept_params(adapted)[-1]  # [T, N]
     with torch.no_grad():
         return opt.task_models(rows)(batch.query_x).argmax(-1)
 
@@ -140,8 +149,9 @@ def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries:
     adapted model predicts (green: right, red: wrong) after the protocol's last number of steps."""
     defaults, options = run.defaults, run.config.options
     sampler = run.domain.make_tasks(options, "test", run.opt.device)
-    batch = task_chunks(sampler, min(episodes, run.config.test_tasks), defaults.eval_chunk,
-                        run.task_generator("test"))[0]
+    batch = task_chunks(sampler, min(episodes, meta_test_tasks(run)), defaults.eval_chunk, run.task_generator("test"))[
+        0
+    ]
     steps = defaults.test_steps[-1]
     predicted = _predictions(run, batch, steps).cpu()
     ways, shots = options["ways"], options["shots"]
@@ -150,7 +160,9 @@ def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries:
     cols = shown_support + shown_query
     fig = new_figure(figsize=(0.9 * cols + 1, 1.3 * batch.num_tasks + 0.6))
     for t in range(batch.num_tasks):
-        images = [(batch.support_x[t, i], int(batch.support_y[t, i]), None) for i in range(shown_support)]
+        images: list[tuple[Tensor, int, int | None]] = [
+            (batch.support_x[t, i], int(batch.support_y[t, i]), None) for i in range(shown_support)
+        ]
         order = torch.randperm(batch.query_x.shape[1], generator=torch.Generator().manual_seed(t))[:shown_query]
         images += [(batch.query_x[t, i], int(batch.query_y[t, i]), int(predicted[t, i])) for i in order.tolist()]
         for j, (image, label, guess) in enumerate(images):
@@ -166,9 +178,11 @@ def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries:
                 for spine in ax.spines.values():
                     spine.set_edgecolor("green" if guess == label else "red")
                     spine.set_linewidth(1.5)
-    fig.suptitle(f"{run.domain.name}: {ways}-way {shots}-shot test episodes, tableau {run.tableau.name}. Left: "
-                 f"support with labels; right: query with the prediction after {steps} steps (green right, red wrong)",
-                 fontsize=9)
+    fig.suptitle(
+        f"{run.domain.name}: {ways}-way {shots}-shot test episodes, tableau {run.tableau.name}. Left: "
+        f"support with labels; right: query with the prediction after {steps} steps (green right, red wrong)",
+        fontsize=9,
+    )
     save_figure(fig, path)
 
 
@@ -198,9 +212,15 @@ def _load_omniglot(options: Mapping[str, Any], split: str) -> ClassImages:
     root = _root(options, "omniglot", "images_background/ and images_evaluation/")
     if options["split_rule"] not in ("finn", "alphabets"):
         raise DataError(f"omniglot --split-rule must be 'finn' or 'alphabets', got {options['split_rule']!r}")
-    return load_omniglot(root, split, image_size=options["image_size"], cache_dir=options["cache_dir"] or None,
-                         split_rule=options["split_rule"], train_characters=options["train_characters"],
-                         val_characters=options["val_characters"])
+    return load_omniglot(
+        root,
+        split,
+        image_size=options["image_size"],
+        cache_dir=options["cache_dir"] or None,
+        split_rule=options["split_rule"],
+        train_characters=options["train_characters"],
+        val_characters=options["val_characters"],
+    )
 
 
 def _load_miniimagenet(options: Mapping[str, Any], split: str) -> ClassImages:
@@ -209,21 +229,32 @@ def _load_miniimagenet(options: Mapping[str, Any], split: str) -> ClassImages:
 
 
 def _load_glyphs(options: Mapping[str, Any], split: str) -> ClassImages:
-    return load_glyphs(split, seed=options["data_seed"], image_size=options["image_size"],
-                       cache_dir=options["cache_dir"] or None)
+    return load_glyphs(
+        split, seed=options["data_seed"], image_size=options["image_size"], cache_dir=options["cache_dir"] or None
+    )
 
 
-def _common_options(ways: int, shots: int, query: int, test_query: int, filters: int, image_size: int) -> tuple[Option, ...]:
+def _common_options(
+    ways: int, shots: int, query: int, test_query: int, filters: int, image_size: int
+) -> tuple[Option, ...]:
     return (
         Option("ways", ways, "classes per task (N)"),
         Option("shots", shots, "support images per class (K)"),
-        Option("query", query, "query images per class of a training task (Finn et al.: as many as --shots "
-                               "for Omniglot, 15 for MiniImageNet)"),
+        Option(
+            "query",
+            query,
+            "query images per class of a training task (Finn et al.: as many as --shots "
+            "for Omniglot, 15 for MiniImageNet)",
+        ),
         Option("test_query", test_query, "query images per class of a held-out and meta-test task"),
         Option("filters", filters, "convolution filters per layer of conv4"),
         Option("image_size", image_size, "images are resized to this many pixels square"),
-        Option("cache_dir", "", "where decoded images are cached (default: $RKFAST_CACHE or ~/.cache/rkfast)",
-               positive=False),
+        Option(
+            "cache_dir",
+            "",
+            "where decoded images are cached (default: $RKFAST_CACHE or ~/.cache/rkfast)",
+            positive=False,
+        ),
     )
 
 
@@ -239,19 +270,39 @@ def _protocol(o: Mapping[str, Any]) -> dict[str, Any]:
     return {"ways": o["ways"], "shots": o["shots"], "query_per_class": o["test_query"], "image_size": o["image_size"]}
 
 
-ACCURACY = (Metric("accuracy", "accuracy", "query accuracy", "acc", higher_is_better=True),
-            Metric("loss", "loss", "query loss", "loss"))
+ACCURACY = (
+    Metric("accuracy", "accuracy", "query accuracy", "acc", higher_is_better=True),
+    Metric("loss", "loss", "query loss", "loss"),
+)
 
 
-def _image_domain(name: str, description: str, load: Loader, channels: int, strided: bool, defaults: Defaults,
-                  options: tuple[Option, ...],
-                  defaults_by_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> Domain:
+def _image_domain(
+    name: str,
+    description: str,
+    load: Loader,
+    channels: int,
+    strided: bool,
+    defaults: Defaults,
+    options: tuple[Option, ...],
+    defaults_by_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> Domain:
     """A registered N-way K-shot domain: what the image domains share (loss, metrics, protocol, plots)."""
-    return register(Domain(
-        name=name, description=description, make_tasks=_sampler(load, channels), make_model=_model(channels, strided),
-        loss_fn=F.cross_entropy, metrics=ACCURACY, defaults=defaults, options=options, describe_test=_describe,
-        test_protocol=_protocol, plots={"episodes.png": plot_episodes}, defaults_by_options=defaults_by_options,
-    ))
+    return register(
+        Domain(
+            name=name,
+            description=description,
+            make_tasks=_sampler(load, channels),
+            make_model=_model(channels, strided),
+            loss_fn=F.cross_entropy,
+            metrics=ACCURACY,
+            defaults=defaults,
+            options=options,
+            describe_test=_describe,
+            test_protocol=_protocol,
+            plots={"episodes.png": plot_episodes},
+            defaults_by_options=defaults_by_options,
+        )
+    )
 
 
 def _omniglot_defaults(o: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,18 +315,37 @@ OMNIGLOT = _image_domain(
     "omniglot",
     "Omniglot few-shot classification (Lake et al. 2015) from the original release's files; "
     "characters in 4 rotations are the classes; conv4 with strided convolutions",
-    _load_omniglot, channels=1, strided=True,
-    defaults=Defaults(iterations=60000, meta_batch=32, inner_lr=0.4, lr=1e-3, eval_every=1000, eval_tasks=300,
-                      test_tasks=600, test_steps=(1, 3, 10), eval_steps=(1, 3), eval_chunk=100,
-                      source="Finn et al. 2017: 5-way meta-batch 32, one inner step of 0.4; 20-way meta-batch 16, "
-                             "5 inner steps of 0.1; Adam 1e-3"),
-    options=(Option("root", "", "the Omniglot folder (images_background/, images_evaluation/)", positive=False),
-             *_common_options(5, 1, 1, 5, 64, 28),
-             Option("split_rule", "finn", "'finn': all characters shuffled with a fixed seed, then train / val / "
-                                          "test; 'alphabets': background alphabets train (5 held out for val), "
-                                          "evaluation alphabets test", positive=False),
-             Option("train_characters", 1100, "characters (each in 4 rotations) of the 'finn' training split"),
-             Option("val_characters", 100, "characters of the 'finn' validation split (the rest, 423, test)")),
+    _load_omniglot,
+    channels=1,
+    strided=True,
+    defaults=Defaults(
+        iterations=60000,
+        meta_batch=32,
+        inner_lr=0.4,
+        lr=1e-3,
+        eval_every=1000,
+        eval_tasks=300,
+        test_tasks=600,
+        test_steps=(1, 3, 10),
+        eval_steps=(1, 3),
+        eval_chunk=100,
+        source="Finn et al. 2017: 5-way meta-batch 32, one inner step of 0.4; 20-way meta-batch 16, "
+        "5 inner steps of 0.1; Adam 1e-3",
+    ),
+    options=(
+        Option("root", "", "the Omniglot folder (images_background/, images_evaluation/)", positive=False),
+        *_common_options(5, 1, 1, 5, 64, 28),
+        Option(
+            "split_rule",
+            "finn",
+            "'finn': all characters shuffled with a fixed seed, then train / val / "
+            "test; 'alphabets': background alphabets train (5 held out for val), "
+            "evaluation alphabets test",
+            positive=False,
+        ),
+        Option("train_characters", 1100, "characters (each in 4 rotations) of the 'finn' training split"),
+        Option("val_characters", 100, "characters of the 'finn' validation split (the rest, 423, test)"),
+    ),
     defaults_by_options=_omniglot_defaults,
 )
 
@@ -288,13 +358,25 @@ MINIIMAGENET = _image_domain(
     "miniimagenet",
     "MiniImageNet few-shot classification (Vinyals et al. 2016, the Ravi & Larochelle split) from "
     "its CSV + images or pickled-cache files; conv4 with max-pooling",
-    _load_miniimagenet, channels=3, strided=False,
-    defaults=Defaults(iterations=60000, meta_batch=4, inner_lr=0.01, lr=1e-3, tableau="maml(5)", eval_every=1000,
-                      eval_tasks=300, test_tasks=600, test_steps=(1, 10), eval_steps=(1, 10), eval_chunk=50,
-                      source="Finn et al. 2017: 5 inner steps of 0.01, meta-batch 4 (1-shot) / 2 (5-shot), "
-                             "15 query images per class, 10 steps at meta-test; Adam 1e-3"),
-    options=(Option("root", "", "the MiniImageNet folder", positive=False),
-             *_common_options(5, 1, 15, 15, 32, 84)),
+    _load_miniimagenet,
+    channels=3,
+    strided=False,
+    defaults=Defaults(
+        iterations=60000,
+        meta_batch=4,
+        inner_lr=0.01,
+        lr=1e-3,
+        tableau="maml(5)",
+        eval_every=1000,
+        eval_tasks=300,
+        test_tasks=600,
+        test_steps=(1, 10),
+        eval_steps=(1, 10),
+        eval_chunk=50,
+        source="Finn et al. 2017: 5 inner steps of 0.01, meta-batch 4 (1-shot) / 2 (5-shot), "
+        "15 query images per class, 10 steps at meta-test; Adam 1e-3",
+    ),
+    options=(Option("root", "", "the MiniImageNet folder", positive=False), *_common_options(5, 1, 15, 15, 32, 84)),
     defaults_by_options=_miniimagenet_defaults,
 )
 
@@ -303,11 +385,25 @@ GLYPHS = _image_domain(
     "glyphs",
     "built-in Omniglot-style benchmark rendered from the fonts matplotlib ships (alphabets = Unicode "
     "blocks, classes = characters, drawings = random affine distortions); needs no data",
-    _load_glyphs, channels=1, strided=True,
-    defaults=Defaults(iterations=3000, meta_batch=16, inner_lr=0.4, lr=1e-3, eval_every=500, eval_tasks=200,
-                      test_tasks=600, test_steps=(1, 3, 10), eval_steps=(1, 3), eval_chunk=100,
-                      source="Omniglot's (Finn et al. 2017: one inner step of 0.4, Adam 1e-3) at a CPU budget: "
-                             "32 filters, meta-batch 16, 3000 meta-steps"),
-    options=(Option("data_seed", 0, "seed of the rendered drawings", positive=False),
-             *_common_options(5, 1, 1, 5, 32, 28)),
+    _load_glyphs,
+    channels=1,
+    strided=True,
+    defaults=Defaults(
+        iterations=3000,
+        meta_batch=16,
+        inner_lr=0.4,
+        lr=1e-3,
+        eval_every=500,
+        eval_tasks=200,
+        test_tasks=600,
+        test_steps=(1, 3, 10),
+        eval_steps=(1, 3),
+        eval_chunk=100,
+        source="Omniglot's (Finn et al. 2017: one inner step of 0.4, Adam 1e-3) at a CPU budget: "
+        "32 filters, meta-batch 16, 3000 meta-steps",
+    ),
+    options=(
+        Option("data_seed", 0, "seed of the rendered drawings", positive=False),
+        *_common_options(5, 1, 1, 5, 32, 28),
+    ),
 )

@@ -9,9 +9,10 @@ read the trained run through :class:`TrainedRun` (what a :class:`~rkfast.train.R
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Union
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -21,15 +22,44 @@ from ..optim import MetaOptimizer
 from ..results import AdaptationOutput
 from ..tableau import Tableau
 
-__all__ = ["Domain", "Option", "Metric", "Defaults", "TaskSampler", "RunSettings", "TrainedRun", "PlotFn",
-           "register", "unregister", "get_domain", "domains"]
+__all__ = [
+    "Domain",
+    "Option",
+    "Metric",
+    "Defaults",
+    "TaskSampler",
+    "StatefulSampler",
+    "RunSettings",
+    "TrainedRun",
+    "PlotFn",
+    "meta_test_tasks",
+    "kept_params",
+    "register",
+    "unregister",
+    "get_domain",
+    "domains",
+]
 
 
 class TaskSampler(Protocol):
     """Draws meta-batches of one split of a domain."""
 
-    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> Union[TaskBatch, TaskSet]:
+    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch | TaskSet:
         """``num_tasks`` tasks drawn with ``generator`` (the same generator state gives the same tasks)."""
+        ...
+
+
+@runtime_checkable
+class StatefulSampler(Protocol):
+    """A task sampler with a random state of its own besides the generator it is given: a run's checkpoint saves
+    it (``state_dict``) and resuming restores it (``load_state_dict``)."""
+
+    def state_dict(self) -> Any:
+        """The sampler's state, as a checkpoint can hold it."""
+        ...
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore a state that :meth:`state_dict` returned."""
         ...
 
 
@@ -171,6 +201,21 @@ class TrainedRun(Protocol):
 PlotFn = Callable[[TrainedRun, Path], None]  # plot(run, path): a domain's plot of a trained run
 
 
+def meta_test_tasks(run: TrainedRun) -> int:
+    """The number of meta-test tasks of ``run``: its ``test_tasks``, which a resolved configuration always sets
+    (unset, the domain's default for the run's options, as resolving would set it)."""
+    count = run.config.test_tasks
+    return run.defaults.test_tasks if count is None else count
+
+
+def kept_params(adapted: AdaptationOutput) -> Tensor:
+    """The adapted flat parameters ``[len(steps), T, N]`` of an evaluation with ``keep_params=True``
+    (``ValueError`` for one that did not keep them)."""
+    if adapted.params is None:
+        raise ValueError("this adaptation kept no parameters: evaluate with keep_params=True")
+    return adapted.params
+
+
 @dataclass(frozen=True)
 class Domain:
     """One task domain: its tasks, model, loss, metrics, defaults, options and plots.
@@ -229,8 +274,9 @@ class Domain:
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise ValueError(f"domain {self.name!r} has no option {', '.join(unknown)}; "
-                             f"its options: {', '.join(known) or 'none'}")
+            raise ValueError(
+                f"domain {self.name!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}"
+            )
         return {name: o.check(given[name]) if name in given else o.default for name, o in known.items()}
 
 

@@ -12,8 +12,9 @@ estimate of the exact one (``docs/method.md``, "Reinforcement learning").
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +28,16 @@ from ..rl.navigation import Trajectories
 from ..rl.policy import batched_actor, gaussian_log_prob
 from .registry import Metric, Option
 
-__all__ = ["RolloutTasks", "StageRollouts", "PolicyLoss", "rollout_data", "RETURN", "rollout_options",
-           "describe_rollout_test", "rollout_test_protocol"]
+__all__ = [
+    "RolloutTasks",
+    "StageRollouts",
+    "PolicyLoss",
+    "rollout_data",
+    "RETURN",
+    "rollout_options",
+    "describe_rollout_test",
+    "rollout_test_protocol",
+]
 
 RETURN = Metric("return", "return", "average return", "return", higher_is_better=True)
 """The metric of every reinforcement-learning domain: the average undiscounted return of fresh rollouts."""
@@ -96,8 +105,13 @@ def rollout_data(traj: Trajectories, discount: float) -> dict[str, Tensor]:
     advantages = (returns - baseline).flatten(1)  # [T, E * H]
     values = baseline + advantages.mean(dim=1).view(-1, 1, 1)
     scale = 1.0 / (advantages.std(dim=1) + 1e-8)
-    return {"observations": traj.observations, "actions": traj.actions, "rewards": traj.rewards, "values": values,
-            "scale": scale}
+    return {
+        "observations": traj.observations,
+        "actions": traj.actions,
+        "rewards": traj.rewards,
+        "values": values,
+        "scale": scale,
+    }
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ tasks a run trained and was tested on.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,6 @@ def eval_pieces(chunks: Sequence[Any], parts: int) -> list[Any]:
             continue
         start = 0
         for size in block_sizes(chunk.num_tasks, min(parts, chunk.num_tasks)):
-            pieces.append(TaskBatch(*(t[start:start + size] for t in chunk)))
+            pieces.append(TaskBatch(*(t[start : start + size] for t in chunk)))
             start += size
     return pieces

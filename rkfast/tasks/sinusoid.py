@@ -8,9 +8,10 @@ adaptation.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from ..batch import TaskBatch
 from ..figures import new_figure, save_figure
 from ..models import sinusoid_mlp
 from ..optim import MetaOptimizer
-from .registry import Defaults, Domain, Metric, Option, TrainedRun, register
+from .registry import Defaults, Domain, Metric, Option, TrainedRun, kept_params, meta_test_tasks, register
 
 __all__ = ["SinusoidTasks", "SinusoidBatch", "SINUSOID", "adapted_predictions", "plot_test_tasks"]
 
@@ -105,7 +106,7 @@ def adapted_predictions(
     truth = SinusoidTasks.target(tasks.amplitude, tasks.phase, grid)
     batch = TaskBatch(tasks.batch.support_x, tasks.batch.support_y, grid, truth)
     adapted = opt.evaluate(batch, steps=[n for n in steps if n > 0], step_size=step_size, keep_params=True)
-    rows = adapted.params[[adapted.steps.index(n) for n in steps]]  # type: ignore[index]
+    rows = kept_params(adapted)[[adapted.steps.index(n) for n in steps]]
     predict = vmap(lambda row: functional_call(opt.model, opt.layout.unflatten(row), (x,)))
     return torch.stack([predict(r) for r in rows])
 
@@ -115,11 +116,13 @@ def plot_test_tasks(run: TrainedRun, path: Path | str, tasks: int = 4, steps: Se
     # the run's own meta-test adaptation: --test-step if given, else evaluate's default (learned rates too)
     opt, step_size, options = run.opt, run.config.test_step, run.config.options
     sampler = _make_tasks(options, "test", opt.device)
-    first_chunk = sampler.sample_with_params(min(run.config.test_tasks, run.defaults.eval_chunk),
-                                             run.task_generator("test"))  # the first meta-test tasks
+    first_chunk = sampler.sample_with_params(
+        min(meta_test_tasks(run), run.defaults.eval_chunk), run.task_generator("test")
+    )  # the first meta-test tasks
     count = min(tasks, first_chunk.batch.num_tasks)
-    data = SinusoidBatch(TaskBatch(*(t[:count] for t in first_chunk.batch)), first_chunk.amplitude[:count],
-                         first_chunk.phase[:count])
+    data = SinusoidBatch(
+        TaskBatch(*(t[:count] for t in first_chunk.batch)), first_chunk.amplitude[:count], first_chunk.phase[:count]
+    )
     batch = data.batch
     x = torch.linspace(-5.0, 5.0, 200, dtype=opt.dtype, device=opt.device).unsqueeze(-1)
     cols = 2 if count > 1 else 1
@@ -134,8 +137,14 @@ def plot_test_tasks(run: TrainedRun, path: Path | str, tasks: int = 4, steps: Se
         for k, n in enumerate(steps):
             label = "before adaptation" if n == 0 else f"after {n} step{'s' if n > 1 else ''}"
             ax.plot(xs, preds[k, i].squeeze(-1).cpu().numpy(), color=f"C{k}", ls="--" if n == 0 else "-", label=label)
-        ax.scatter(batch.support_x[i].cpu().numpy(), batch.support_y[i].cpu().numpy(), color="r", zorder=5,
-                   s=20, label=f"support ({batch.support_x.shape[1]} points)")
+        ax.scatter(
+            batch.support_x[i].cpu().numpy(),
+            batch.support_y[i].cpu().numpy(),
+            color="r",
+            zorder=5,
+            s=20,
+            label=f"support ({batch.support_x.shape[1]} points)",
+        )
         ax.set_title(f"A={float(data.amplitude[i]):.2f}, phase={float(data.phase[i]):.2f}", fontsize=9)
         if i == 0:
             ax.legend(fontsize=7)
@@ -153,21 +162,28 @@ def _make_tasks(options: Mapping[str, Any], split: str, device: torch.device) ->
     return SinusoidTasks(shots=options["shots"], query_shots=query, device=device)
 
 
-SINUSOID = register(Domain(
-    name="sinusoid",
-    description="sinusoid regression (Finn et al. 2017): y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], "
-                "x ~ U[-5, 5]; MLP 1-40-40-1",
-    make_tasks=_make_tasks,
-    make_model=lambda options: sinusoid_mlp(),
-    loss_fn=F.mse_loss,
-    metrics=(Metric("mse", "loss", "query MSE", "MSE"),),
-    defaults=Defaults(iterations=20000, meta_batch=25, inner_lr=0.01, lr=1e-3,
-                      source="Finn et al. 2017: 10-shot, 25 tasks per meta-batch, inner step 0.01, Adam 1e-3"),
-    options=(
-        Option("shots", 10, "support (and training query) points per task"),
-        Option("test_query_shots", 100, "query points per held-out and test task"),
-    ),
-    describe_test=lambda o: f"{o['shots']}-shot support, {o['test_query_shots']} query points per task",
-    test_protocol=lambda o: {"support_shots": o["shots"], "query_shots": o["test_query_shots"]},
-    plots={"test_tasks.png": plot_test_tasks},
-))
+SINUSOID = register(
+    Domain(
+        name="sinusoid",
+        description="sinusoid regression (Finn et al. 2017): y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], "
+        "x ~ U[-5, 5]; MLP 1-40-40-1",
+        make_tasks=_make_tasks,
+        make_model=lambda options: sinusoid_mlp(),
+        loss_fn=F.mse_loss,
+        metrics=(Metric("mse", "loss", "query MSE", "MSE"),),
+        defaults=Defaults(
+            iterations=20000,
+            meta_batch=25,
+            inner_lr=0.01,
+            lr=1e-3,
+            source="Finn et al. 2017: 10-shot, 25 tasks per meta-batch, inner step 0.01, Adam 1e-3",
+        ),
+        options=(
+            Option("shots", 10, "support (and training query) points per task"),
+            Option("test_query_shots", 100, "query points per held-out and test task"),
+        ),
+        describe_test=lambda o: f"{o['shots']}-shot support, {o['test_query_shots']} query points per task",
+        test_protocol=lambda o: {"support_shots": o["shots"], "query_shots": o["test_query_shots"]},
+        plots={"test_tasks.png": plot_test_tasks},
+    )
+)

@@ -13,9 +13,10 @@ callbacks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -24,8 +25,18 @@ from ..tasks import Domain
 from .config import TrainConfig
 from .results import RunResult
 
-__all__ = ["LOG_EVERY", "RunStart", "StepEvent", "EvaluationEvent", "CheckpointEvent", "EndEvent", "Callback",
-           "CallbackList", "ProgressCallback", "finite_or_none"]
+__all__ = [
+    "LOG_EVERY",
+    "RunStart",
+    "StepEvent",
+    "EvaluationEvent",
+    "CheckpointEvent",
+    "EndEvent",
+    "Callback",
+    "CallbackList",
+    "ProgressCallback",
+    "finite_or_none",
+]
 
 LOG_EVERY = 50  # steps between the loop's reads of the meta-loss (one host sync each) and progress-bar updates
 
@@ -80,8 +91,13 @@ class StepEvent:
     time_s: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "step", "iteration": self.iteration, "loss": self.loss,
-                "stage_losses": {str(j): v for j, v in self.stage_losses.items()}, "time_s": self.time_s}
+        return {
+            "event": "step",
+            "iteration": self.iteration,
+            "loss": self.loss,
+            "stage_losses": {str(j): v for j, v in self.stage_losses.items()},
+            "time_s": self.time_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -126,8 +142,13 @@ class EndEvent:
 
     def to_json(self) -> dict[str, Any]:
         test = None if self.result.test is None else self.result.test_summary()
-        return {"event": "end", "iteration": self.iteration, "status": self.status,
-                **({"error": self.result.error} if self.result.error else {}), "test": test}
+        return {
+            "event": "end",
+            "iteration": self.iteration,
+            "status": self.status,
+            **({"error": self.result.error} if self.result.error else {}),
+            "test": test,
+        }
 
 
 class Callback:
@@ -201,7 +222,7 @@ class CallbackList(Callback):
         for c in self.callbacks:
             c.close()
 
-    def __enter__(self) -> CallbackList:  # noqa: PYI034 - not meant to be subclassed
+    def __enter__(self) -> CallbackList:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -227,9 +248,14 @@ class ProgressCallback(Callback):
     def on_start(self, start: RunStart) -> None:
         self.start = start
         recent = start.losses[-LOG_EVERY:]  # a resumed run's bar shows the steps before it too
-        self.losses = dict(zip(range(start.iteration - len(recent) + 1, start.iteration + 1), recent))
-        self.bar = tqdm(total=start.iterations, initial=start.iteration, desc=start.tableau.name, unit="step",
-                        disable=not self.show_bar)
+        self.losses = dict(zip(range(start.iteration - len(recent) + 1, start.iteration + 1), recent, strict=True))
+        self.bar = tqdm(
+            total=start.iterations,
+            initial=start.iteration,
+            desc=start.tableau.name,
+            unit="step",
+            disable=not self.show_bar,
+        )
 
     def on_meta_step(self, iteration: int) -> None:
         if self.bar is not None:
@@ -247,9 +273,11 @@ class ProgressCallback(Callback):
             return
         metric, steps = self.start.domain.metric, self.start.domain.defaults_for(self.start.config.options).eval_steps
         values = evaluation.scores[metric.name]
-        self.log(f"[{self.start.tableau.name}] step {evaluation.iteration:>6}: held-out {metric.label} "
-                 f"{values['0']:.3f} before, "
-                 + ", ".join(f"{values[str(n)]:.3f} after {n} step{'s' if n > 1 else ''}" for n in steps))
+        self.log(
+            f"[{self.start.tableau.name}] step {evaluation.iteration:>6}: held-out {metric.label} "
+            f"{values['0']:.3f} before, "
+            + ", ".join(f"{values[str(n)]:.3f} after {n} step{'s' if n > 1 else ''}" for n in steps)
+        )
 
     def on_end(self, end: EndEvent) -> None:
         self.close()

@@ -15,14 +15,26 @@ from ..distributed import TaskParallel, block_sizes
 from ..optim import MetaOptimizer
 from ..results import AdaptationOutput
 from ..runs import CHECKPOINT_FORMAT, RunError, RunFolder, load_checkpoint
-from ..tableau import Tableau, get_tableau
-from ..tasks import Domain, get_domain, task_generator
+from ..tableau import Tableau
+from ..tasks import Domain, StatefulSampler, get_domain, task_generator
 from .config import TrainConfig, build_optimizer
 from .results import RunResult
 
-__all__ = ["RunState", "RESUMABLE_CHANGES", "RATES_PLOT", "TABLEAU_PLOT", "METRICS_FILE", "run_files", "slug",
-           "prepare_folder", "resumable_checkpoint", "config_from_payload", "resume_config", "load_run",
-           "load_result"]
+__all__ = [
+    "RunState",
+    "RESUMABLE_CHANGES",
+    "RATES_PLOT",
+    "TABLEAU_PLOT",
+    "METRICS_FILE",
+    "run_files",
+    "slug",
+    "prepare_folder",
+    "resumable_checkpoint",
+    "config_from_payload",
+    "resume_config",
+    "load_run",
+    "load_result",
+]
 
 RESUMABLE_CHANGES = ("iterations", "device", "backend")  # what a resumed run may set differently
 RATES_PLOT = "rates.png"  # written by runs with learned inner rates (a run folder's files always name it)
@@ -32,7 +44,7 @@ METRICS_FILE = "metrics.jsonl"  # the event log of every run with a folder (rkfa
 
 class RunState:
     """The state of one run between meta-steps (its optimizer, random streams and history), and what saves it
-    as a checkpoint payload and restores it.
+    as a checkpoint payload and restores it (``cfg`` resolved: :meth:`~rkfast.train.TrainConfig.resolved`).
 
     Distributed (``parallel`` of more than one rank), :meth:`payload` is a collective: every rank calls it.
     """
@@ -40,17 +52,24 @@ class RunState:
     def __init__(self, cfg: TrainConfig, domain: Domain, parallel: TaskParallel | None = None) -> None:
         self.cfg, self.domain, self.parallel = cfg, domain, parallel
         self.rank = 0 if parallel is None else parallel.rank
-        self.tableau = get_tableau(cfg.tableau)  # type: ignore[arg-type]
+        self.settings = cfg.settings()
+        self.tableau = self.settings.tableau
         self.defaults = domain.defaults_for(cfg.options)
         self.device = torch.device(cfg.device)
         self.opt: MetaOptimizer = build_optimizer(cfg, domain, None if parallel is None else parallel.group)
-        self.distributed: dict[str, Any] | None = None if parallel is None else {
-            "world_size": parallel.world_size, "backend": parallel.backend,
-            "meta_batch_per_rank": block_sizes(cfg.meta_batch, parallel.world_size)}
+        self.distributed: dict[str, Any] | None = (
+            None
+            if parallel is None
+            else {
+                "world_size": parallel.world_size,
+                "backend": parallel.backend,
+                "meta_batch_per_rank": block_sizes(self.settings.meta_batch, parallel.world_size),
+            }
+        )
         self.sampler = domain.make_tasks(cfg.options, "train", self.device)
         # this rank's own stream of training tasks
         self.gen = task_generator(cfg.seed if parallel is None else parallel.rank_seed(cfg.seed), "train")
-        self.losses = torch.empty(cfg.iterations, device=self.device)  # no host sync per step
+        self.losses = torch.empty(self.settings.iterations, device=self.device)  # no host sync per step
         self.done = 0
         self.evals: list[dict[str, Any]] = []
         self.rate_history: list[dict[str, Any]] = []  # learned rates at every held-out evaluation
@@ -79,9 +98,16 @@ class RunState:
         random = {k: v for k, v in first.items() if k != "sampler"}
         if ranks is not None:
             random.update(world_size=len(ranks), ranks=ranks)
-        test = None if self.test is None else {
-            "steps": list(self.test.steps), "step_size": self.test.step_size, "losses": self.test.losses.cpu(),
-            "metrics": {k: v.cpu() for k, v in self.test.metrics.items()}}
+        test = (
+            None
+            if self.test is None
+            else {
+                "steps": list(self.test.steps),
+                "step_size": self.test.step_size,
+                "losses": self.test.losses.cpu(),
+                "metrics": {k: v.cpu() for k, v in self.test.metrics.items()},
+            }
+        )
         return {
             "format": CHECKPOINT_FORMAT,
             "status": status,
@@ -93,9 +119,15 @@ class RunState:
             "random": random,
             "sampler": first["sampler"],
             "distributed": self.distributed,
-            "history": {"losses": self.losses[:self.done].to("cpu", copy=True), "evals": self.evals, "best": self.best,
-                        "rates": self.rate_history, "tableau": self.tableau_history, "train_time_s": self.train_time,
-                        "wall_time_s": self.wall_before},
+            "history": {
+                "losses": self.losses[: self.done].to("cpu", copy=True),
+                "evals": self.evals,
+                "best": self.best,
+                "rates": self.rate_history,
+                "tableau": self.tableau_history,
+                "train_time_s": self.train_time,
+                "wall_time_s": self.wall_before,
+            },
             "test": test,
         }
 
@@ -115,23 +147,41 @@ class RunState:
         if "cuda" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], self.device)
         if mine.get("sampler") is not None:
-            self.sampler.load_state_dict(mine["sampler"])  # type: ignore[attr-defined]
+            if not isinstance(self.sampler, StatefulSampler):
+                raise RunError(
+                    f"the checkpoint holds the state of a {self.domain.name} task sampler, and this one has no "
+                    "load_state_dict to restore it"
+                )
+            self.sampler.load_state_dict(mine["sampler"])
         history = payload["history"]
         self.done = int(payload["iteration"])
-        self.losses[:self.done] = history["losses"].to(self.device)
+        self.losses[: self.done] = history["losses"].to(self.device)
         self.evals, self.best = list(history["evals"]), history["best"]
         self.rate_history = list(history.get("rates", ()))  # none in checkpoints from before learned rates
         self.tableau_history = list(history.get("tableau", ()))  # nor from before learned tableaus
         self.train_time, self.wall_before = float(history["train_time_s"]), float(history["wall_time_s"])
         test = payload.get("test")
-        if test is not None and self.done == self.cfg.iterations:
+        if test is not None and self.done == self.settings.iterations:
             self.test = AdaptationOutput(tuple(test["steps"]), test["step_size"], test["losses"], dict(test["metrics"]))
 
     def result(self, status: str, wall_start: float, error: str | None = None) -> RunResult:
-        return RunResult(self.cfg, self.domain, self.tableau, self.losses[:self.done].tolist(), list(self.evals),
-                         self.test, self.train_time, self.wall_before + time.perf_counter() - wall_start, self.opt,
-                         status, error, self.best, self.distributed, list(self.rate_history),
-                         list(self.tableau_history))
+        return RunResult(
+            self.cfg,
+            self.domain,
+            self.tableau,
+            self.losses[: self.done].tolist(),
+            list(self.evals),
+            self.test,
+            self.train_time,
+            self.wall_before + time.perf_counter() - wall_start,
+            self.opt,
+            status,
+            error,
+            self.best,
+            self.distributed,
+            list(self.rate_history),
+            list(self.tableau_history),
+        )
 
 
 def run_files(domain: Domain) -> tuple[str, ...]:
@@ -142,8 +192,9 @@ def run_files(domain: Domain) -> tuple[str, ...]:
     return (METRICS_FILE, "training.png", *domain.plots, RATES_PLOT, TABLEAU_PLOT)
 
 
-def prepare_folder(folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool,
-                    world_size: int) -> dict[str, Any] | None:
+def prepare_folder(
+    folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool, world_size: int
+) -> dict[str, Any] | None:
     """Check the run folder before training: writable, and either the checkpoint to resume (returned) or
     free for a new run (an earlier run's files deleted with ``overwrite``). Raises :class:`RunError`."""
     if folder is None:
@@ -153,40 +204,55 @@ def prepare_folder(folder: RunFolder | None, cfg: TrainConfig, resume: bool, ove
         return resumable_checkpoint(folder, cfg, world_size)
     if folder.holds_run():
         if not overwrite:
-            raise RunError(f"{folder.path} holds an earlier run ({folder.describe_run()}): resume it, "
-                           "overwrite it, or choose another output folder")
+            raise RunError(
+                f"{folder.path} holds an earlier run ({folder.describe_run()}): resume it, "
+                "overwrite it, or choose another output folder"
+            )
         folder.clear()
     return None
 
 
 def resumable_checkpoint(folder: RunFolder, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
-    """The folder's checkpoint, if ``cfg`` may continue it with ``world_size`` processes (else
+    """The folder's checkpoint, if ``cfg`` (resolved) may continue it with ``world_size`` processes (else
     :class:`RunError` saying why)."""
     payload = load_checkpoint(folder.checkpoint)
     if payload["format"] != CHECKPOINT_FORMAT:
         raise RunError(f"{folder.checkpoint} was written by an older rkfast without the state needed to resume")
     saved_world = int(payload["random"].get("world_size", 1))
     if saved_world != world_size:
+
         def procs(n: int) -> str:
             return f"{n} process{'es' if n > 1 else ''}"
 
-        how = ("without torchrun" if saved_world == 1 else f"torchrun --nproc-per-node {saved_world} -m rkfast ..."
-               if world_size == 1 else f"{procs(saved_world)} in all")
-        raise RunError(f"{folder.path} was trained by {procs(saved_world)} and this run has {procs(world_size)}: "
-                       f"resume it with {procs(saved_world)} ({how}); every process continues its own stream "
-                       "of training tasks, saved in the checkpoint")
+        how = (
+            "without torchrun"
+            if saved_world == 1
+            else f"torchrun --nproc-per-node {saved_world} -m rkfast ..."
+            if world_size == 1
+            else f"{procs(saved_world)} in all"
+        )
+        raise RunError(
+            f"{folder.path} was trained by {procs(saved_world)} and this run has {procs(world_size)}: "
+            f"resume it with {procs(saved_world)} ({how}); every process continues its own stream "
+            "of training tasks, saved in the checkpoint"
+        )
     saved = config_from_payload(payload)
     ours, theirs = cfg.to_json(), saved.to_json()
-    ours["tableau"] = get_tableau(cfg.tableau).to_dict()
-    theirs["tableau"] = get_tableau(saved.tableau).to_dict()
+    settings = cfg.settings()
+    ours["tableau"] = settings.tableau.to_dict()
+    theirs["tableau"] = saved.settings().tableau.to_dict()
     differ = [k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs[k]]
     if differ:
         changes = ", ".join(f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in differ)
-        raise RunError(f"cannot resume {folder.path} with other settings ({changes}); a resumed run continues "
-                       f"as it started (only {', '.join(RESUMABLE_CHANGES)} may change)")
-    if cfg.iterations < payload["iteration"]:
-        raise RunError(f"{folder.path} already has {payload['iteration']} meta-steps; "
-                       f"iterations={cfg.iterations} would end before that")
+        raise RunError(
+            f"cannot resume {folder.path} with other settings ({changes}); a resumed run continues "
+            f"as it started (only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )
+    if settings.iterations < payload["iteration"]:
+        raise RunError(
+            f"{folder.path} already has {payload['iteration']} meta-steps; "
+            f"iterations={settings.iterations} would end before that"
+        )
     return payload
 
 
@@ -210,8 +276,9 @@ def resume_config(run_dir: Path | str) -> TrainConfig:
     return config_from_payload(load_checkpoint(RunFolder(run_dir).checkpoint))
 
 
-def load_run(run_dir: Path | str, device: str | None = None, checkpoint: str = "checkpoint.pt"
-             ) -> tuple[TrainConfig, MetaOptimizer, int]:
+def load_run(
+    run_dir: Path | str, device: str | None = None, checkpoint: str = "checkpoint.pt"
+) -> tuple[TrainConfig, MetaOptimizer, int]:
     """The configuration, the trained optimizer (with its model) and the iteration count of a run folder
     (``checkpoint="best.pt"``: the state at the best held-out evaluation). The optimizer belongs to this
     process alone (``parallel=None``), even inside a distributed job. Learned rates and a learned tableau

@@ -5,19 +5,20 @@ builds (:func:`build_optimizer`)."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 from ..functional import check_step
+from ..learned import Granularity
 from ..optim import MetaOptimizer
 from ..outer import check_lr
 from ..tableau import Tableau, get_tableau
 from ..tasks import Domain, get_domain
 from .optimizer import CoefficientSettings, meta_optimizer
 
-__all__ = ["TrainConfig", "check_device", "build_optimizer"]
+__all__ = ["TrainConfig", "ResolvedSettings", "check_device", "build_optimizer"]
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -36,6 +37,25 @@ def _check_count(name: str, value: Any, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """The settings that :meth:`TrainConfig.resolved` fills in from the domain's defaults, as a resolved
+    configuration holds them: never ``None``, and the tableau as a :class:`~rkfast.tableau.Tableau` (code that
+    runs on a resolved configuration reads them through :meth:`TrainConfig.settings`)."""
+
+    tableau: Tableau
+    iterations: int
+    meta_batch: int
+    inner_lr: float
+    lr: float
+    eval_every: int
+    eval_tasks: int
+    test_tasks: int
+
+
+_DEFAULTED = tuple(f.name for f in fields(ResolvedSettings))  # the fields that None leaves to the domain
 
 
 @dataclass
@@ -91,7 +111,7 @@ class TrainConfig:
     device: str = "cpu"
     backend: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
-    learn_rates: str | None = None
+    learn_rates: Granularity | None = None
     per_stage_rates: bool = False
     rate_lr: float | None = None
     frozen_rates: dict[str, float] | None = None
@@ -104,13 +124,18 @@ class TrainConfig:
         domain = get_domain(self.domain)
         options = domain.resolve_options(self.options)
         defaults = domain.defaults_for(options)
-        filled = {name: getattr(defaults, name) for name in
-                  ("tableau", "iterations", "meta_batch", "inner_lr", "lr", "eval_every", "eval_tasks", "test_tasks")
-                  if getattr(self, name) is None}
+        filled = {name: getattr(defaults, name) for name in _DEFAULTED if getattr(self, name) is None}
         cfg = replace(self, **filled, options=options)
-        tableau = get_tableau(cfg.tableau)  # type: ignore[arg-type]  # a bad name fails here, naming it
-        for name, least in (("seed", 0), ("test_seed", 0), ("iterations", 1), ("meta_batch", 1), ("test_tasks", 1),
-                            ("eval_every", 0), ("eval_tasks", 0)):
+        tableau = cfg.settings().tableau  # a bad name fails here, naming it
+        for name, least in (
+            ("seed", 0),
+            ("test_seed", 0),
+            ("iterations", 1),
+            ("meta_batch", 1),
+            ("test_tasks", 1),
+            ("eval_every", 0),
+            ("eval_tasks", 0),
+        ):
             _check_count(name, getattr(cfg, name), least)
         for name in ("inner_lr", "test_step"):  # as MetaOptimizer's inner_lr and evaluate's step_size
             value = getattr(cfg, name)
@@ -125,6 +150,17 @@ class TrainConfig:
         coefficients = cfg.coefficients.checked(tableau, lambda: domain.make_model(cfg.options))
         return replace(cfg, **asdict(coefficients))
 
+    def settings(self) -> ResolvedSettings:
+        """The settings :meth:`resolved` fills in (:class:`ResolvedSettings`), for code that runs on a resolved
+        configuration. ``ValueError`` naming the unset ones on a configuration that was not resolved."""
+        values = {name: getattr(self, name) for name in _DEFAULTED}
+        unset = [name for name, value in values.items() if value is None]
+        if unset:
+            raise ValueError(
+                f"{', '.join(unset)} unset: a configuration's defaults are filled in by TrainConfig.resolved()"
+            )
+        return ResolvedSettings(**{**values, "tableau": get_tableau(values["tableau"])})
+
     @property
     def coefficients(self) -> CoefficientSettings:
         """The learned-coefficient settings (``learn_rates`` ... ``tableau_lr``) as one value."""
@@ -137,15 +173,25 @@ class TrainConfig:
 
 
 def build_optimizer(cfg: TrainConfig, domain: Domain, parallel: Any = "auto") -> MetaOptimizer:
-    """The run's model (initialized under ``cfg.seed``, the global RNG left alone) and its optimizer.
+    """The run's model (initialized under ``cfg.seed``, the global RNG left alone) and its optimizer, for a
+    resolved ``cfg`` (:meth:`TrainConfig.resolved`).
 
     ``parallel`` is :class:`~rkfast.optim.MetaOptimizer`'s: ``"auto"`` reduces the meta-direction over
     torch.distributed's default group when it is initialized with more than one rank, ``None`` keeps the
     optimizer to this process, or a :class:`~rkfast.distributed.TaskParallel` or ``ProcessGroup``.
     """
+    settings = cfg.settings()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = domain.make_model(cfg.options).to(torch.device(cfg.device))
-    return meta_optimizer(model, domain.loss_fn, tableau=get_tableau(cfg.tableau),  # type: ignore[arg-type]
-                          inner_lr=cfg.inner_lr, lr=cfg.lr, first_order=cfg.first_order,  # type: ignore[arg-type]
-                          backend=cfg.backend, parallel=parallel, coefficients=cfg.coefficients)
+    return meta_optimizer(
+        model,
+        domain.loss_fn,
+        tableau=settings.tableau,
+        inner_lr=settings.inner_lr,
+        lr=settings.lr,
+        first_order=cfg.first_order,
+        backend=cfg.backend,
+        parallel=parallel,
+        coefficients=cfg.coefficients,
+    )

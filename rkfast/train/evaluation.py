@@ -3,7 +3,8 @@ distributed run (:func:`evaluate_tasks`)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -16,13 +17,22 @@ __all__ = ["evaluate_tasks"]
 
 
 def _output_to(out: AdaptationOutput, device: torch.device | str) -> AdaptationOutput:
-    return AdaptationOutput(out.steps, out.step_size, out.losses.to(device),
-                            {k: v.to(device) for k, v in out.metrics.items()},
-                            None if out.params is None else out.params.to(device))
+    return AdaptationOutput(
+        out.steps,
+        out.step_size,
+        out.losses.to(device),
+        {k: v.to(device) for k, v in out.metrics.items()},
+        None if out.params is None else out.params.to(device),
+    )
 
 
-def evaluate_tasks(opt: MetaOptimizer, chunks: Sequence[Any], steps: Sequence[int],
-                   step_size: float | None, adaptation: str = "gradient") -> AdaptationOutput:
+def evaluate_tasks(
+    opt: MetaOptimizer,
+    chunks: Sequence[Any],
+    steps: Sequence[int],
+    step_size: float | None,
+    adaptation: Literal["gradient", "stages"] = "gradient",
+) -> AdaptationOutput:
     """Meta-test ``opt`` on every chunk of tasks and join the per-task results (``adaptation``: plain
     gradient steps or the tableau's stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`).
 
@@ -35,17 +45,19 @@ def evaluate_tasks(opt: MetaOptimizer, chunks: Sequence[Any], steps: Sequence[in
     """
     parallel = opt.distributed
     if parallel is None or parallel.world_size == 1:
-        return AdaptationOutput.cat([opt.evaluate(t, steps=steps, step_size=step_size, adaptation=adaptation)
-                                     for t in chunks])
+        return AdaptationOutput.cat(
+            [opt.evaluate(t, steps=steps, step_size=step_size, adaptation=adaptation) for t in chunks]
+        )
     world, rank = parallel.world_size, parallel.rank
     pieces = eval_pieces(chunks, world)
     mine: list[tuple[int, AdaptationOutput]] = []
     error: Exception | None = None
     try:
         for i in range(rank, len(pieces), world):
-            mine.append((i, _output_to(opt.evaluate(pieces[i], steps=steps, step_size=step_size,
-                                                    adaptation=adaptation), "cpu")))
-    except Exception as err:  # reported through the gather, re-raised below: no rank waits for this one
+            mine.append(
+                (i, _output_to(opt.evaluate(pieces[i], steps=steps, step_size=step_size, adaptation=adaptation), "cpu"))
+            )
+    except Exception as err:  # noqa: BLE001 - reported through the gather, re-raised below: no rank waits for this one
         error = err
     sent: tuple[str, Any] = ("failed", f"{type(error).__name__}: {error}") if error is not None else ("ok", mine)
     gathered = parallel.all_gather_object(sent)
@@ -56,7 +68,9 @@ def evaluate_tasks(opt: MetaOptimizer, chunks: Sequence[Any], steps: Sequence[in
         raise RankFailedError(
             f"the distributed evaluation failed on rank(s) {sorted(failed)} of {world} (each raises its own "
             f"exception there): " + "; ".join(f"rank {r}: {what}" for r, what in sorted(failed.items())),
-            sorted(failed), rank)
+            sorted(failed),
+            rank,
+        )
     parts = sorted((pair for _, got in gathered for pair in got), key=lambda pair: pair[0])
     if [i for i, _ in parts] != list(range(len(pieces))):  # pragma: no cover - a bug, not a user error
         raise RuntimeError(f"the distributed evaluation gathered pieces {[i for i, _ in parts]} of {len(pieces)}")

@@ -62,8 +62,11 @@ class JsonLinesLogger(Callback):
 
     def on_start(self, start: RunStart) -> None:
         if start.resumed and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if (i := _iteration_of(line)) is not None and i <= start.iteration]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines(keepends=True)
+                if (i := _iteration_of(line)) is not None and i <= start.iteration
+            ]
             atomic_write(self.path, lambda f: f.writelines(kept), "w")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a" if start.resumed else "w")  # noqa: SIM115 - open until close()
@@ -109,8 +112,10 @@ class TensorBoardLogger(Callback):
         try:  # an optional dependency: imported by the logger that needs it, not with rkfast
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError(f"TensorBoardLogger needs the tensorboard package ({err}); install it with "
-                              "`pip install rkfast[tensorboard]` (or `pip install tensorboard`)") from None
+            raise ImportError(
+                f"TensorBoardLogger needs the tensorboard package ({err}); install it with "
+                "`pip install rkfast[tensorboard]` (or `pip install tensorboard`)"
+            ) from None
         self.log_dir = Path(log_dir)
         self._writer_type = SummaryWriter
         self.writer: Any = None

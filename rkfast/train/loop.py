@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -58,19 +59,30 @@ class _Training:
     call it at the same points of the loop.
     """
 
-    def __init__(self, cfg: TrainConfig, domain: Domain, folder: RunFolder | None,
-                 parallel: TaskParallel | None = None, callbacks: CallbackList | None = None,
-                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        domain: Domain,
+        folder: RunFolder | None,
+        parallel: TaskParallel | None = None,
+        callbacks: CallbackList | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
         self.cfg, self.domain, self.folder, self.parallel = cfg, domain, folder, parallel
         self.state = RunState(cfg, domain, parallel)
-        self.opt = self.state.opt
+        self.settings, self.opt = self.state.settings, self.state.opt
         self.lead = self.state.rank == 0  # prints and writes
         # this rank's share of every meta-batch
-        self.meta_batch = cfg.meta_batch if parallel is None else parallel.split(cfg.meta_batch)[1]
+        meta_batch = self.settings.meta_batch
+        self.meta_batch = meta_batch if parallel is None else parallel.split(meta_batch)[1]
         val = domain.make_tasks(cfg.options, "val", self.state.device)
         # every rank draws every held-out task; evaluate_tasks shares them out
-        self.val = (task_chunks(val, cfg.eval_tasks, self.state.defaults.eval_chunk,
-                                task_generator(cfg.test_seed, "val")) if cfg.eval_tasks else [])
+        eval_tasks = self.settings.eval_tasks
+        self.val = (
+            task_chunks(val, eval_tasks, self.state.defaults.eval_chunk, task_generator(cfg.test_seed, "val"))
+            if eval_tasks
+            else []
+        )
         self.callbacks = callbacks if callbacks is not None else CallbackList()
         self.on_step = on_step
         self.pending: list[_PendingStep] = []
@@ -182,21 +194,23 @@ class _Training:
         if not self.pending:
             return
         first, count = self.pending[0].iteration, len(self.pending)
-        parts = [self.state.losses[first - 1:first - 1 + count].double(),
-                 *(p.stage_losses.double() for p in self.pending if p.stage_losses is not None)]
+        parts = [
+            self.state.losses[first - 1 : first - 1 + count].double(),
+            *(p.stage_losses.double() for p in self.pending if p.stage_losses is not None),
+        ]
         values = torch.cat(parts).tolist()
         losses, stage_values = values[:count], iter(values[count:])
         pending, self.pending = self.pending, []
-        for p, loss in zip(pending, losses):
+        for p, loss in zip(pending, losses, strict=True):
             stage_losses = {j: next(stage_values) for j in p.stages}
             self.callbacks.on_step(StepEvent(p.iteration, loss, stage_losses, p.time_s))
 
     def between_steps(self, stop: StopRequests, checkpoint_every: int) -> None:
         """After a step: a held-out evaluation and a checkpoint when due; a stop signal saves the run and
         raises :class:`RunInterrupted`."""
-        cfg, done = self.cfg, self.state.done
+        settings, done = self.settings, self.state.done
         stop_signal = agreed_stop(self.parallel, stop, self.folder is not None)
-        evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iterations
+        evaluate = (settings.eval_every and done % settings.eval_every == 0) or done == settings.iterations
         checkpoint = done % checkpoint_every == 0 or stop_signal is not None
         if not (evaluate or checkpoint):
             return
@@ -204,7 +218,7 @@ class _Training:
         self.read_steps()
         if evaluate:
             self.evaluate_val()
-        if checkpoint and done < cfg.iterations:
+        if checkpoint and done < settings.iterations:
             status = "interrupted" if stop_signal is not None else "running"
             result = self.save(status)
             if stop_signal is not None and self.folder is not None:
@@ -217,7 +231,8 @@ class _Training:
         state, cfg = self.state, self.cfg
         if state.test is None:
             test = self.domain.make_tasks(cfg.options, "test", state.device)
-            chunks = task_chunks(test, cfg.test_tasks, state.defaults.eval_chunk, task_generator(cfg.test_seed, "test"))
+            generator = task_generator(cfg.test_seed, "test")
+            chunks = task_chunks(test, self.settings.test_tasks, state.defaults.eval_chunk, generator)
             state.test = evaluate_tasks(self.opt, chunks, state.defaults.test_steps, cfg.test_step)
 
     def run(self, checkpoint_every: int) -> RunResult:
@@ -227,14 +242,22 @@ class _Training:
         saving = self.folder is not None
         stop = StopRequests(active=saving) if self.parallel is None else RankStopRequests(self.lead, active=saving)
         with stop, self.callbacks:
-            self.callbacks.on_start(RunStart(state.done, cfg.iterations, cfg, self.domain, state.tableau,
-                                             self.folder.path if self.folder else None,
-                                             state.losses[:state.done].tolist() if self.callbacks else []))
+            self.callbacks.on_start(
+                RunStart(
+                    state.done,
+                    self.settings.iterations,
+                    cfg,
+                    self.domain,
+                    state.tableau,
+                    self.folder.path if self.folder else None,
+                    state.losses[: state.done].tolist() if self.callbacks else [],
+                )
+            )
             if state.done == 0:
                 self.evaluate_val()
                 self.save("running")
             self.step_start = time.perf_counter()
-            for it in range(state.done, cfg.iterations):
+            for it in range(state.done, self.settings.iterations):
                 self.meta_step(it)
                 self.between_steps(stop, checkpoint_every)
             state.train_time += time.perf_counter() - self.step_start
@@ -281,8 +304,9 @@ def train(
             (rank 0 only), after the progress display and the ``metrics.jsonl`` logger.
         parallel: task parallelism (:class:`~rkfast.optim.MetaOptimizer`'s): ``"auto"`` uses
             torch.distributed's default group when it has more than one rank (``torchrun``), ``None`` trains
-            in this process alone, or a :class:`~rkfast.distributed.TaskParallel` or ``ProcessGroup``. Every rank calls ``train`` with the same arguments (checked) and shares the
-            meta-batch and the evaluations; rank 0 alone shows progress, logs and writes ``out``.
+            in this process alone, or a :class:`~rkfast.distributed.TaskParallel` or ``ProcessGroup``. Every
+            rank calls ``train`` with the same arguments (checked) and shares the meta-batch and the
+            evaluations; rank 0 alone shows progress, logs and writes ``out``.
 
     Raises:
         RunError: a folder that cannot be written, holds another run, or a checkpoint that cannot be resumed.
@@ -295,7 +319,7 @@ def train(
     """
     domain = get_domain(config.domain)
     cfg = config.resolved()
-    every = checkpoint_every if checkpoint_every is not None else (cfg.eval_every or 1000)
+    every = checkpoint_every if checkpoint_every is not None else (cfg.settings().eval_every or 1000)
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if resume and out is None:
@@ -312,22 +336,27 @@ def train(
     return training.run(int(every))
 
 
-def _task_parallel(choice: Any, cfg: TrainConfig, every: int, saving: bool, resume: bool,
-                   overwrite: bool) -> TaskParallel | None:
+def _task_parallel(
+    choice: Any, cfg: TrainConfig, every: int, saving: bool, resume: bool, overwrite: bool
+) -> TaskParallel | None:
     """The run's task parallelism (``None`` for one process), with every rank's settings checked alike."""
     parallel = resolve_process_group(choice)
     if parallel is None or parallel.world_size == 1:
         return None  # a group of one: nothing to share
     check_same_settings(parallel, cfg, every, saving, resume, overwrite)
-    if cfg.meta_batch < parallel.world_size:
-        raise ValueError(f"meta_batch {cfg.meta_batch} is smaller than the {parallel.world_size} processes of "
-                         f"the run: every process needs at least one task per meta-step; use a meta-batch of "
-                         f"at least {parallel.world_size} or fewer processes")
+    meta_batch = cfg.settings().meta_batch
+    if meta_batch < parallel.world_size:
+        raise ValueError(
+            f"meta_batch {meta_batch} is smaller than the {parallel.world_size} processes of "
+            f"the run: every process needs at least one task per meta-step; use a meta-batch of "
+            f"at least {parallel.world_size} or fewer processes"
+        )
     return parallel
 
 
-def _run_callbacks(folder: RunFolder | None, progress: bool, log: Callable[[str], None] | None,
-                   callbacks: Sequence[Callback]) -> list[Callback]:
+def _run_callbacks(
+    folder: RunFolder | None, progress: bool, log: Callable[[str], None] | None, callbacks: Sequence[Callback]
+) -> list[Callback]:
     """Rank 0's callbacks: the progress display (when shown), ``metrics.jsonl`` (with a folder), the user's."""
     hooks: list[Callback] = []
     if progress or log is not None:

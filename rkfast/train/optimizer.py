@@ -11,24 +11,36 @@ objects :class:`~rkfast.optim.MetaOptimizer` takes, and every check is theirs, r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..learned import LearnedTableau, Rates, rate_summary, tableau_summary
+from ..learned import Granularity, LearnedTableau, Rates, rate_summary, tableau_summary
 from ..optim import MetaOptimizer
 from ..tableau import Tableau
 
-__all__ = ["CoefficientSettings", "meta_optimizer", "rates_info", "learned_tableau_info", "rate_summary",
-           "tableau_summary"]
+__all__ = [
+    "CoefficientSettings",
+    "meta_optimizer",
+    "rates_info",
+    "learned_tableau_info",
+    "rate_summary",
+    "tableau_summary",
+]
 
 # the capability objects' argument names in their errors -> the settings (and flags) a configuration names
-_SETTING_NAMES = (("Rates granularity", "learn_rates"), ("Rates per_stage", "per_stage_rates"),
-                  ("Rates lr", "rate_lr"), ("Rates frozen", "frozen_rates"),
-                  ("LearnedTableau pattern", "learn_tableau"), ("LearnedTableau weights", "tableau_weights"),
-                  ("LearnedTableau lr", "tableau_lr"))
+_SETTING_NAMES = (
+    ("Rates granularity", "learn_rates"),
+    ("Rates per_stage", "per_stage_rates"),
+    ("Rates lr", "rate_lr"),
+    ("Rates frozen", "frozen_rates"),
+    ("LearnedTableau pattern", "learn_tableau"),
+    ("LearnedTableau weights", "tableau_weights"),
+    ("LearnedTableau lr", "tableau_lr"),
+)
 
 
 def _in_setting_names(err: Exception) -> ValueError:
@@ -45,7 +57,7 @@ class CoefficientSettings:
     """The learned inner coefficients of a run as plain settings (:class:`~rkfast.train.TrainConfig` documents
     each field; they are its fields of the same names)."""
 
-    learn_rates: str | None = None
+    learn_rates: Granularity | None = None
     per_stage_rates: bool = False
     rate_lr: float | None = None
     frozen_rates: Mapping[str, float] | None = None
@@ -82,12 +94,20 @@ class CoefficientSettings:
         try:
             rates = None
             if self.learn_rates is not None or self.frozen_rates is not None:
-                rates = Rates(self.learn_rates, per_stage=self.per_stage_rates,  # type: ignore[arg-type]
-                              frozen=self.frozen_rates, lr=self.rate_lr)
+                rates = Rates(
+                    self.learn_rates,
+                    per_stage=self.per_stage_rates,
+                    frozen=self.frozen_rates,
+                    lr=self.rate_lr,
+                )
             if self.learn_tableau is None:
                 return tableau, rates
-            learned = LearnedTableau(tableau, self.learn_tableau, self.tableau_weights,  # type: ignore[arg-type]
-                                     lr=self.tableau_lr)
+            learned = LearnedTableau(
+                tableau,
+                self.learn_tableau,
+                self.tableau_weights,
+                lr=self.tableau_lr,
+            )
             return learned, rates
         except (TypeError, ValueError) as err:
             raise _in_setting_names(err) from None
@@ -109,23 +129,44 @@ class CoefficientSettings:
             except (TypeError, ValueError) as err:
                 raise _in_setting_names(err) from None
         frozen = None if self.frozen_rates is None else {str(k): float(v) for k, v in self.frozen_rates.items()}
-        return replace(self, frozen_rates=frozen, rate_lr=None if self.rate_lr is None else float(self.rate_lr),
-                       tableau_lr=None if self.tableau_lr is None else float(self.tableau_lr))
+        return replace(
+            self,
+            frozen_rates=frozen,
+            rate_lr=None if self.rate_lr is None else float(self.rate_lr),
+            tableau_lr=None if self.tableau_lr is None else float(self.tableau_lr),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain JSON data."""
         return asdict(self)
 
 
-def meta_optimizer(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] | None, *, tableau: Tableau,
-                   inner_lr: float, lr: float, first_order: bool = False, backend: str = "auto",
-                   parallel: Any = "auto", coefficients: CoefficientSettings = CoefficientSettings()
-                   ) -> MetaOptimizer:
+def meta_optimizer(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    *,
+    tableau: Tableau,
+    inner_lr: float,
+    lr: float,
+    first_order: bool = False,
+    backend: str = "auto",
+    parallel: Any = "auto",
+    coefficients: CoefficientSettings = CoefficientSettings(),
+) -> MetaOptimizer:
     """A :class:`~rkfast.optim.MetaOptimizer` (Adam outside) over ``model`` with these ``coefficients``."""
     tableau_arg, rates = coefficients.specs(tableau)
-    return MetaOptimizer(model, loss_fn, tableau=tableau_arg, inner_lr=inner_lr, outer="adam", lr=lr,
-                         first_order=first_order, backend=backend, rates=rates,  # type: ignore[arg-type]
-                         parallel=parallel)
+    return MetaOptimizer(
+        model,
+        loss_fn,
+        tableau=tableau_arg,
+        inner_lr=inner_lr,
+        outer="adam",
+        lr=lr,
+        first_order=first_order,
+        backend=backend,
+        rates=rates,
+        parallel=parallel,
+    )
 
 
 def rates_info(opt: MetaOptimizer) -> dict[str, Any] | None:

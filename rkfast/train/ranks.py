@@ -8,13 +8,13 @@ import pickle
 import signal as signal_module
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from ..distributed import RankFailedError, TaskParallel
 from ..interrupt import StopRequests
-from ..tableau import get_tableau
 from .config import TrainConfig
 
 __all__ = ["lead_decides", "RankStopRequests", "agreed_stop", "check_same_settings", "REPEAT_SIGNAL_S"]
@@ -48,7 +48,7 @@ def lead_decides(parallel: TaskParallel | None, decide: Callable[[], _T], what: 
     if parallel.rank == 0:
         try:
             outcome = ("ok", decide())
-        except Exception as err:  # broadcast, then re-raised on every rank
+        except Exception as err:  # noqa: BLE001 - broadcast, then re-raised on every rank
             own = err
             outcome = ("error", _portable(err, what))
     status, value = parallel.broadcast_object(outcome)
@@ -96,20 +96,28 @@ class RankStopRequests(StopRequests):
             raise KeyboardInterrupt
 
 
-def check_same_settings(parallel: TaskParallel, cfg: TrainConfig, every: int, saving: bool, resume: bool,
-                         overwrite: bool) -> None:
+def check_same_settings(
+    parallel: TaskParallel, cfg: TrainConfig, every: int, saving: bool, resume: bool, overwrite: bool
+) -> None:
     """``ValueError`` on every rank unless every rank was given the same run (the device may differ)."""
     config = cfg.to_json()
-    config["tableau"] = get_tableau(cfg.tableau).to_dict()  # type: ignore[arg-type]
+    config["tableau"] = cfg.settings().tableau.to_dict()
     config.pop("device")
-    mine = {**{f"config.{k}": v for k, v in config.items()}, "checkpoint_every": every, "out": saving,
-            "resume": resume, "overwrite": overwrite}
+    mine = {
+        **{f"config.{k}": v for k, v in config.items()},
+        "checkpoint_every": every,
+        "out": saving,
+        "resume": resume,
+        "overwrite": overwrite,
+    }
     every_rank = parallel.all_gather_object(mine)
     for r, theirs in enumerate(every_rank):
         differ = [k for k in mine if theirs.get(k) != every_rank[0].get(k)]
         if differ:
-            raise ValueError(f"the processes of the run were given different settings: rank {r} differs from rank 0 "
-                             f"in {', '.join(differ)}; every rank of a distributed run must run the same configuration")
+            raise ValueError(
+                f"the processes of the run were given different settings: rank {r} differs from rank 0 "
+                f"in {', '.join(differ)}; every rank of a distributed run must run the same configuration"
+            )
 
 
 def agreed_stop(parallel: TaskParallel | None, stop: StopRequests, saving: bool) -> int | None:
@@ -128,5 +136,8 @@ def agreed_stop(parallel: TaskParallel | None, stop: StopRequests, saving: bool)
         raise RankFailedError(
             f"rank {parallel.rank} lost contact with the other {parallel.world_size - 1} rank(s) of the run "
             f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}): another "
-            "rank has probably failed (see its error) or was stopped", (), parallel.rank) from err
+            "rank has probably failed (see its error) or was stopped",
+            (),
+            parallel.rank,
+        ) from err
     return int(flag.item()) or None

@@ -4,9 +4,10 @@ and the one-line descriptions of the learned coefficients' JSON summaries."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -31,12 +32,19 @@ def describe_rates(info: Mapping[str, Any] | None) -> str | None:
     highs = [e["max"] if isinstance(e, dict) else e for _, entries in learned for e in entries]
     sets = f", per stage ({info['sets']} sets)" if info["per_stage"] else ""
     fixed = info["frozen"]
-    frozen_text = ("" if not fixed else f"; fixed: {', '.join(f'{n}={v:g}' for n, v in fixed.items())}"
-                   if len(fixed) <= 4 else f"; {len(fixed)} tensors fixed at {', '.join(sorted({f'{v:g}' for v in fixed.values()}))}")
+    frozen_text = (
+        ""
+        if not fixed
+        else f"; fixed: {', '.join(f'{n}={v:g}' for n, v in fixed.items())}"
+        if len(fixed) <= 4
+        else f"; {len(fixed)} tensors fixed at {', '.join(sorted({f'{v:g}' for v in fixed.values()}))}"
+    )
     spread = f"range {min(lows):.4g} to {max(highs):.4g}; " if min(lows) != max(highs) else ""
     what = "final mean" if spread else "final value"
-    return (f"learned rates: {info['granularity']}{sets}; {what} {sum(means) / len(means):.4g} "
-            f"({spread}started at inner_lr {info['inner_lr']:g}){frozen_text}")
+    return (
+        f"learned rates: {info['granularity']}{sets}; {what} {sum(means) / len(means):.4g} "
+        f"({spread}started at inner_lr {info['inner_lr']:g}){frozen_text}"
+    )
 
 
 def describe_learned_tableau(info: Mapping[str, Any] | None) -> str | None:
@@ -46,12 +54,15 @@ def describe_learned_tableau(info: Mapping[str, Any] | None) -> str | None:
     if info is None:
         return None
     A, b = info["A"], info["b"]
-    entries = info.get("entries") or [[j, l] for j in range(len(A)) for l in range(j) if A[j][l] != 0.0]
-    shown = ", ".join(f"A{j + 1}{l + 1}={A[j][l]:.4g}" if len(A) < 10 else f"A[{j + 1},{l + 1}]={A[j][l]:.4g}"
-                      for j, l in entries)
+    entries = info.get("entries") or [[j, k] for j in range(len(A)) for k in range(j) if A[j][k] != 0.0]
+    shown = ", ".join(
+        f"A{j + 1}{k + 1}={A[j][k]:.4g}" if len(A) < 10 else f"A[{j + 1},{k + 1}]={A[j][k]:.4g}" for j, k in entries
+    )
     weights = "b by order" if info["weights"] == "order" else "b fixed"
-    return (f"learned tableau ({info['pattern']}, {weights}): {shown}, b=({', '.join(f'{x:.4g}' for x in b)}); "
-            f"from {info['base']}, order {info['order']}, test step {info['test_step']:.4g}")
+    return (
+        f"learned tableau ({info['pattern']}, {weights}): {shown}, b=({', '.join(f'{x:.4g}' for x in b)}); "
+        f"from {info['base']}, order {info['order']}, test step {info['test_step']:.4g}"
+    )
 
 
 @dataclass
@@ -113,19 +124,30 @@ class RunResult:
         """A fresh generator of the run's ``split`` stream: sampling from it again gives the run's tasks."""
         return task_generator(self.config.seed if split == "train" else self.config.test_seed, split)
 
-    def test_summary(self) -> dict[str, dict[int, tuple[float, float]]]:
-        """``{metric name: {steps: (mean, ci95)}}`` of the meta-test, for every metric of the domain."""
+    def meta_test(self) -> AdaptationOutput:
+        """The meta-test result (``test``) of a complete run; ``ValueError`` for a run without one."""
         if self.test is None:
             raise ValueError(f"the run is {self.status}: it has no meta-test result")
-        summary = self.test.summary()
+        return self.test
+
+    def test_summary(self) -> dict[str, dict[int, tuple[float, float]]]:
+        """``{metric name: {steps: (mean, ci95)}}`` of the meta-test, for every metric of the domain."""
+        summary = self.meta_test().summary()
         return {m.name: summary[m.source] for m in self.domain.metrics}
 
     def to_json(self) -> dict[str, Any]:
         """The run as plain JSON data (what ``results.json`` holds)."""
         tab, cfg = self.tableau, self.config
-        test = None if self.test is None else {
-            "tasks": int(self.test.losses.shape[1]), "seed": cfg.test_seed,
-            **self.domain.test_protocol(cfg.options), **self.test.summary()}
+        test = (
+            None
+            if self.test is None
+            else {
+                "tasks": int(self.test.losses.shape[1]),
+                "seed": cfg.test_seed,
+                **self.domain.test_protocol(cfg.options),
+                **self.test.summary(),
+            }
+        )
         return {
             "status": self.status,
             "iteration": self.iteration,
@@ -137,9 +159,13 @@ class RunResult:
             "distributed": self.distributed,
             "tableau": {**tab.to_dict(), "order": tab.order, "stages": tab.stages, "describe": tab.describe()},
             "metrics": [asdict(m) for m in self.domain.metrics],
-            "training": {"meta_loss": [float(f"{x:.5g}") for x in self.losses], "eval": self.evals,
-                         "best": self.best, **({"rates": self.rate_history} if self.rate_history else {}),
-                         **({"tableau": self.tableau_history} if self.tableau_history else {})},
+            "training": {
+                "meta_loss": [float(f"{x:.5g}") for x in self.losses],
+                "eval": self.evals,
+                "best": self.best,
+                **({"rates": self.rate_history} if self.rate_history else {}),
+                **({"tableau": self.tableau_history} if self.tableau_history else {}),
+            },
             "rates": self.rates,
             "learned_tableau": self.learned_tableau,
             "test": test,
@@ -159,8 +185,9 @@ class RunInterrupted(Exception):
     """
 
     def __init__(self, result: RunResult, run_dir: Path, signum: int) -> None:
-        super().__init__(f"interrupted after meta-step {result.iteration} of {result.config.iterations}; "
-                         f"saved {run_dir}")
+        super().__init__(
+            f"interrupted after meta-step {result.iteration} of {result.config.iterations}; saved {run_dir}"
+        )
         self.result, self.run_dir, self.signal = result, run_dir, signum
 
 
