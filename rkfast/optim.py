@@ -111,7 +111,6 @@ class MetaOptimizer(torch.optim.Optimizer):
         self.inner_lr = RF.check_step("inner_lr", inner_lr)
         self.first_order, self.check_finite = bool(first_order), bool(check_finite)
         self.model, self.loss_fn, self.batch_statistics = model, loss_fn, bool(batch_statistics)
-        self._vectorize_choice, self._backend_choice = vectorize, backend
         self._capture = make_step_capture(capture)
         self.capture: CaptureMode = self._capture.mode
         self.distributed = _task_parallel(parallel, self.capture)
@@ -125,8 +124,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups, self.state = optimizer.param_groups, optimizer.state
         self.layout, self._flat = _flat_meta_parameters(model, self.param_groups)
-        self._resolve_device_choices()
+        self._placement = _Placement(model, self._flat, self._capture, backend, vectorize)
         self._bind_coefficients(rates, learned, optimizer, lr)
+        self._placement.coefficients = self.coefficients
         self._capture.place(self.device)
         self._outer = OuterUpdate(
             optimizer, self._flat, self._coefficient_tensors(), [c.check_update for c in self.coefficients]
@@ -273,72 +273,37 @@ class MetaOptimizer(torch.optim.Optimizer):
 
     def _meta_direction(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         """The RK meta-direction of checked ``tasks`` at the current parameters (finiteness: the caller's)."""
-        support_loss, query_loss, support_data, query_data, num_tasks = self._functions.stage_losses(tasks)
         tableau = self.learned_tableau if self.learned_tableau is not None else self.tableau
-        return RF.rk_meta_step(
-            self._flat.data.detach(),
-            support_loss,
-            query_loss,
-            support_data,
-            query_data,
-            tableau,
-            self.inner_lr,
-            first_order=self.first_order,
-            vectorize=self.vectorize,
-            num_tasks=num_tasks,
-            backend=self.backend,
-            workspace=self._workspace,
-            rates=self.rates,
+        options = dict(first_order=self.first_order, backend=self.backend, workspace=self._workspace, rates=self.rates)
+        return self._functions.meta_step(
+            self._flat.data.detach(), tasks, tableau, self.inner_lr, self.vectorize, options
         )
 
     def _check_tasks(self, tasks: Tasks, call: str, captured: bool = False) -> TaskBatch | TaskSet:
         """``tasks`` checked against the parameters as they are now (raises before anything changes), then
         the flat buffer re-bound if something replaced a parameter's storage since the last call."""
         _refuse_inference_mode(call)
-        rebind = self._check_rebind()
+        rebind = self._placement.replaced()
         checked = _checked_tasks(tasks, self.loss_fn is not None, self.dtype, self.device, captured)
         if rebind:
             self._rebind()
         return checked
 
-    # -- the flat buffer and what depends on its device -------------------------------------------------
+    # -- the flat buffer and what depends on its device (_Placement) -------------------------------------
 
-    # the parameters' own (after model.to(...) that is their new kind, before the flat buffer is re-bound)
-    dtype = property(lambda self: self._flat.params[0].dtype, doc="The meta-parameters' dtype.")
-    device = property(lambda self: self._flat.params[0].device, doc="The meta-parameters' device.")
-
-    def _resolve_device_choices(self) -> None:
-        self.backend = kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
-        self.vectorize = resolve_vectorize(self._vectorize_choice, self.model, self.device)
+    dtype = property(lambda self: self._placement.dtype, doc="The meta-parameters' dtype.")
+    device = property(lambda self: self._placement.device, doc="The meta-parameters' device.")
+    backend = property(lambda self: self._placement.backend, doc="The kernel backend in use (``auto`` resolved).")
+    vectorize = property(lambda self: self._placement.vectorize, doc="Whether the tasks run together under vmap.")
 
     def _rebind_if_replaced(self) -> None:
         """Re-bind if something replaced a parameter's storage (``model.to(...)``, ``p.data = ...``)."""
-        if self._check_rebind():
+        if self._placement.replaced():
             self._rebind()
 
-    def _check_rebind(self) -> bool:
-        """Whether a parameter's storage was replaced; raises (before anything changes) if the parameters
-        cannot be re-bound as they are now."""
-        if not self._flat.replaced():
-            return False
-        self._flat.check_rebind()
-        kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
-        self._capture.check_device(self.device)
-        return True
-
     def _rebind(self) -> None:
-        """The parameters into new flat buffers, with everything that depends on their dtype and device: the
-        learned coefficients (the same tensors: their param groups hold them), the outer state (cast first:
-        that can fail, the rest cannot), the kernel choices, a captured graph (it reads the old buffers)."""
-        with torch.inference_mode(False):  # the new buffers and state must stay trainable
-            if (self.dtype, self.device) != (self._flat.dtype, self._flat.device):
-                for c in self.coefficients:
-                    c.to_(self.dtype, self.device)
-                cast_state_to_params(self.outer_optimizer)
-                self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
-            self._flat.rebind()
-        self._resolve_device_choices()
-        self._capture.place(self.device)
+        self._placement.rebind(self.outer_optimizer)
+        self.param_groups, self.state = self.outer_optimizer.param_groups, self.outer_optimizer.state
 
     @property
     def flat_parameters(self) -> Tensor:
@@ -399,22 +364,9 @@ class MetaOptimizer(torch.optim.Optimizer):
         alpha, rates = (own_step if step_size is None else step_size), None
         if self.rates is not None:
             alpha, rates = self.rates.adaptation_rates(own_step, step_size)
-        support_loss, query_loss, support_data, query_data, num_tasks = self._functions.stage_losses(tasks)
         stages = RF.StageMap(tableau, rates) if by_stages else None
-        return RF.adapt(
-            self.flat_parameters.detach(),
-            support_loss,
-            query_loss,
-            support_data,
-            query_data,
-            alpha,
-            steps,
-            vectorize=self.vectorize,
-            num_tasks=num_tasks,
-            keep_params=keep_params,
-            rates=None if by_stages else rates,
-            stages=stages,
-        )
+        options = dict(keep_params=keep_params, rates=None if by_stages else rates, stages=stages)
+        return self._functions.adapt(self.flat_parameters.detach(), tasks, alpha, steps, self.vectorize, options)
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -538,6 +490,52 @@ def _check_arguments(model: Any, loss_fn: Any, vectorize: Any, rates: Any, table
         raise TypeError(f"tableau must be a name, a Tableau or a LearnedTableau, got {type(tableau).__name__}")
 
 
+class _Placement:
+    """The flat buffer and what depends on the meta-parameters' dtype and device: the kernel backend, the
+    ``vmap`` choice, the learned coefficients' and the outer state's placement, a captured graph. When
+    something replaces a parameter's storage (``model.to(...)``, ``p.data = ...``), the next call re-binds,
+    checked first (:meth:`replaced`), so that nothing changes when it cannot."""
+
+    def __init__(
+        self, model: nn.Module, flat: FlatParameters, capture: Any, backend: kernels.Backend, vectorize: Any
+    ) -> None:
+        self.model, self.flat, self.capture = model, flat, capture
+        self._backend_choice, self._vectorize_choice = backend, vectorize
+        self.coefficients: tuple[Coefficients, ...] = ()
+        self._resolve()
+
+    # the parameters' own (after model.to(...) that is their new kind, before the flat buffer is re-bound)
+    dtype = property(lambda self: self.flat.params[0].dtype)
+    device = property(lambda self: self.flat.params[0].device)
+
+    def _resolve(self) -> None:
+        self.backend = kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
+        self.vectorize = resolve_vectorize(self._vectorize_choice, self.model, self.device)
+
+    def replaced(self) -> bool:
+        """Whether a parameter's storage was replaced; raises (before anything changes) if the parameters
+        cannot be re-bound as they are now."""
+        if not self.flat.replaced():
+            return False
+        self.flat.check_rebind()
+        kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
+        self.capture.check_device(self.device)
+        return True
+
+    def rebind(self, optimizer: torch.optim.Optimizer) -> None:
+        """The parameters into new flat buffers, with everything that depends on their dtype and device: the
+        learned coefficients (the same tensors: their param groups hold them), the outer state (cast first:
+        that can fail, the rest cannot), the kernel choices, a captured graph (it reads the old buffers)."""
+        with torch.inference_mode(False):  # the new buffers and state must stay trainable
+            if (self.dtype, self.device) != (self.flat.dtype, self.flat.device):
+                for c in self.coefficients:
+                    c.to_(self.dtype, self.device)
+                cast_state_to_params(optimizer)
+            self.flat.rebind()
+        self._resolve()
+        self.capture.place(self.device)
+
+
 class _ModelFunctions:
     """The model in the functional core's terms (:mod:`rkfast.functional`): the per-task losses of a step's
     tasks and the model of every task at once, its norm layers as ``batch_statistics`` says."""
@@ -562,6 +560,42 @@ class _ModelFunctions:
             for loss in (tasks.support_loss, tasks.query_loss)
         )
         return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
+
+    def meta_step(
+        self, theta: Tensor, tasks: TaskBatch | TaskSet, tableau: Any, h: float, vectorize: bool, options: Any
+    ) -> MetaStepOutput:
+        """:func:`~rkfast.functional.rk_meta_step` of checked ``tasks`` at ``theta`` (``options``: its keywords)."""
+        support, query, support_data, query_data, num_tasks = self.stage_losses(tasks)
+        return RF.rk_meta_step(
+            theta,
+            support,
+            query,
+            support_data,
+            query_data,
+            tableau,
+            h,
+            vectorize=vectorize,
+            num_tasks=num_tasks,
+            **options,
+        )
+
+    def adapt(
+        self, theta: Tensor, tasks: TaskBatch | TaskSet, step: Any, steps: Sequence[int], vectorize: bool, options: Any
+    ) -> AdaptationOutput:
+        """:func:`~rkfast.functional.adapt` of checked ``tasks`` from ``theta`` (``options``: its keywords)."""
+        support, query, support_data, query_data, num_tasks = self.stage_losses(tasks)
+        return RF.adapt(
+            theta,
+            support,
+            query,
+            support_data,
+            query_data,
+            step,
+            steps,
+            vectorize=vectorize,
+            num_tasks=num_tasks,
+            **options,
+        )
 
     def task_models(self, params: Tensor) -> Callable[..., Any]:
         """``f(*inputs)``: task ``t``'s parameters ``params[t]`` (flat rows ``[T, N]``) on ``inputs[t]``, under
