@@ -18,29 +18,26 @@ validation tasks and the meta-test tasks come from ``--test-seed`` (independent 
 different tableaus or training seeds are tested on the very same tasks.
 
 Under a launcher that sets ``WORLD_SIZE`` > 1 (``torchrun``), ``train`` and ``compare`` initialize
-torch.distributed's default process group themselves (unless it already is): gloo, plus NCCL for CUDA
-tensors where CUDA is available, with a timeout of ``RKFAST_DIST_TIMEOUT`` seconds (default 300) for every
-collective, so a rank that stops answering ends the job instead of hanging it. Rank 0 alone prints and
-writes; the other ranks print only their own errors. ``eval`` runs in one process and refuses a launcher.
+torch.distributed's default process group themselves unless it already is
+(:func:`rkfast.train.launched_process_group`): gloo, plus NCCL for CUDA tensors where CUDA is available, with
+a timeout of ``RKFAST_DIST_TIMEOUT`` seconds (default 300) for every collective, so a rank that stops
+answering ends the job instead of hanging it. Rank 0 alone prints and writes; the other ranks print only their
+own errors. ``eval`` runs in one process and refuses a launcher.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
 import os
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
-
-import torch
 
 from . import kernels
 from .compare import (
@@ -54,7 +51,7 @@ from .compare import (
     selection_steps,
 )
 from .data.images import DataError
-from .distributed import RankFailedError, TaskParallel, resolve_process_group
+from .distributed import RankFailedError, TaskParallel
 from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
 from .optim import NonFiniteLossError
 from .plots import write_run_plots
@@ -63,8 +60,11 @@ from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Defaults, Domain, domains, get_domain
 from .train import (
+    DEFAULT_DIST_TIMEOUT_S,
+    DIST_TIMEOUT_ENV,
     METRICS_FILE,
     Callback,
+    LaunchError,
     RunDiverged,
     RunInterrupted,
     RunResult,
@@ -72,24 +72,25 @@ from .train import (
     TrainConfig,
     check_device,
     describe_learned_tableau,
-    evaluate_tasks,
+    evaluate_run,
+    launched_process_group,
+    launched_world,
     lead_decides,
     learned_tableau_info,
-    load_run,
+    lost_contact,
     rates_info,
+    reported_by_rank,
     resume_config,
+    silenced,
     slug,
-    task_chunks,
-    task_generator,
     train,
+    use_local_gpu,
 )
 
 __all__ = ["build_parser", "main"]
 
 _OPTION_DEST = "domain_option_"  # argparse dest prefix of a domain's own options
 _GIVEN = "_given_options"  # where the parser records which options were typed (resuming keeps the others)
-DIST_TIMEOUT_ENV = "RKFAST_DIST_TIMEOUT"  # seconds a collective may wait for the other processes
-DEFAULT_DIST_TIMEOUT_S = 300.0
 # how the checks of a grid comparison name its settings here (rkfast.compare.check_grid)
 COMPARE_FLAGS = {"inner_lrs": "--inner-lr H,H,...", "eval_tasks": "--eval-tasks", "select_steps": "--select-steps "}
 
@@ -216,84 +217,6 @@ def _tensorboard(args: argparse.Namespace, run: str) -> list[Callback]:
 # -- many processes (torchrun) ------------------------------------------------------------------------
 
 
-def launched_world() -> tuple[int, int]:
-    """``(world size, rank)`` as a launcher such as torchrun sets them in the environment (``WORLD_SIZE``,
-    ``RANK``); ``(1, 0)`` without one."""
-    try:
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 1, 0
-    return (world, rank) if world > 1 else (1, 0)
-
-
-def dist_timeout() -> timedelta:
-    """How long a collective may wait for the other processes: ``RKFAST_DIST_TIMEOUT`` seconds (default 300)."""
-    text = os.environ.get(DIST_TIMEOUT_ENV)
-    if text is None or not text.strip():
-        return timedelta(seconds=DEFAULT_DIST_TIMEOUT_S)
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise CommandError(f"{DIST_TIMEOUT_ENV}={text!r}: must be a number of seconds > 0")
-    return timedelta(seconds=seconds)
-
-
-def _local_gpu(device: str | None) -> None:
-    """A CUDA run under a launcher: this process computes on GPU ``LOCAL_RANK`` (``--device cuda`` names the
-    current device), before anything touches CUDA. A device with an index is left as given."""
-    if device is None or not device.startswith("cuda") or ":" in device or not torch.cuda.is_available():
-        return
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    torch.cuda.set_device(local % torch.cuda.device_count())
-
-
-def _peek_device(argv: Sequence[str]) -> str | None:
-    """The value of ``--device`` on the command line, before parsing (which already touches the device)."""
-    for i, arg in enumerate(argv):
-        if arg == "--device" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--device="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-@contextlib.contextmanager
-def _process_group(args: argparse.Namespace) -> Iterator[None]:
-    """Under a launcher (``WORLD_SIZE`` > 1): torch.distributed's default group, initialized here unless it
-    already is (gloo, plus NCCL for CUDA tensors where CUDA is available; :func:`dist_timeout`) and destroyed
-    at the end if it was initialized here. ``args.parallel`` is the run's task parallelism meanwhile
-    (``None`` for one process)."""
-    world, _ = launched_world()
-    args.parallel = None
-    if world == 1:
-        yield
-        return
-    if not torch.distributed.is_available():
-        raise CommandError(
-            f"WORLD_SIZE={world} asks for {world} processes (a launcher such as torchrun), but "
-            "this torch build has no torch.distributed"
-        )
-    dist = torch.distributed
-    created = False
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and dist.is_nccl_available()
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=dist_timeout())
-        created = True
-    try:
-        args.parallel = resolve_process_group("auto")
-        yield
-    finally:
-        args.parallel = None
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-            # the last references to the group (the run's optimizers, in reference cycles too) go now, while
-            # the interpreter is whole: a gloo group destroyed during interpreter shutdown can abort the process
-            # ("terminate called without an active exception", seen with Triton imported)
-            gc.collect()
-
-
 def _parallel(args: argparse.Namespace) -> TaskParallel | None:
     return getattr(args, "parallel", None)
 
@@ -322,7 +245,7 @@ def _check_parallel(cfg: TrainConfig, parallel: TaskParallel | None) -> None:
             f"--device {device} would put all {local_world} processes of this machine on one GPU: "
             "give --device cuda (process LOCAL_RANK computes on GPU LOCAL_RANK)"
         )
-    _local_gpu(device)
+    use_local_gpu(device)
 
 
 def _resume_hint(args: argparse.Namespace, out: Path) -> str:
@@ -500,50 +423,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``rkfast eval RUN_DIR``: meta-test the run's trained model again (other tasks, steps or step size)."""
+    """``rkfast eval RUN_DIR``: meta-test the run's trained model again (other tasks, steps or step size) with
+    :func:`rkfast.train.evaluate_run`; its table, and ``eval.json``."""
     run_dir = Path(args.run_dir)
-    cfg, opt, iterations = load_run(run_dir, device=args.device, checkpoint=f"{args.checkpoint}.pt")
-    domain = get_domain(cfg.domain)
-    test_tasks = args.test_tasks or cfg.settings().test_tasks
-    test_seed = cfg.test_seed if args.test_seed is None else args.test_seed
-    test_step = cfg.test_step if args.test_step is None else args.test_step
-    defaults = domain.defaults_for(cfg.options)
-    steps = args.steps or defaults.test_steps
-    cfg = replace(cfg, test_tasks=test_tasks, test_seed=test_seed, test_step=test_step)
     out = Path(args.out) if args.out else run_dir / "eval.json"
     if out.is_dir():
         raise CommandError(f"cannot write {out}: it is a folder")
-    sampler = domain.make_tasks(cfg.options, "test", opt.device)
-    chunks = task_chunks(sampler, test_tasks, defaults.eval_chunk, task_generator(test_seed, "test"))
-    result = evaluate_tasks(opt, chunks, steps, test_step, args.adaptation)
-    summary = result.summary()
-    tableau = opt.current_tableau()  # a learned tableau at its saved values
-    print(f"{run_dir}: {domain.name}, {iterations} meta-steps ({args.checkpoint}.pt); {tableau.describe()}")
-    source = step_source(cfg, tableau, test_step, args.adaptation)
-    print(test_report(domain, cfg, summary, result.losses.shape[1], source, args.adaptation))
-    rates, learned = rates_info(opt), learned_tableau_info(opt)
-    for line in (rates_line(rates), describe_learned_tableau(learned)):
+    run = evaluate_run(
+        run_dir,
+        checkpoint=f"{args.checkpoint}.pt",
+        test_tasks=args.test_tasks,
+        test_seed=args.test_seed,
+        steps=args.steps,
+        test_step=args.test_step,
+        adaptation=args.adaptation,
+        device=args.device,
+    )
+    cfg, tableau = run.config, run.tableau
+    print(f"{run_dir}: {run.domain.name}, {run.iterations} meta-steps ({run.checkpoint}); {tableau.describe()}")
+    source = step_source(cfg, tableau, cfg.test_step, args.adaptation)
+    print(test_report(run.domain, cfg, run.summary(), run.tasks, source, args.adaptation))
+    for line in (rates_line(rates_info(run.opt)), describe_learned_tableau(learned_tableau_info(run.opt))):
         if line:
             print(line)
-    write_json(
-        out,
-        {
-            "run": str(run_dir),
-            "checkpoint": f"{args.checkpoint}.pt",
-            "domain": domain.name,
-            "iterations": iterations,
-            "config": cfg.to_json(),
-            "adaptation": args.adaptation,
-            "test": {
-                "tasks": int(result.losses.shape[1]),
-                "seed": test_seed,
-                **domain.test_protocol(cfg.options),
-                **summary,
-            },
-            **({"rates": rates} if rates is not None else {}),
-            **({"learned_tableau": learned} if learned is not None else {}),
-        },
-    )
+    write_json(out, run.to_json())
     print(f"wrote {out}")
     return 0
 
@@ -954,29 +857,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _silenced(streams: Sequence[str], active: bool) -> Iterator[None]:
-    """Redirect ``sys.stdout``/``sys.stderr`` (the named ``streams``) to ``os.devnull`` while ``active``."""
-    if not active:
-        yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.ExitStack() as stack:
-        for name in streams:
-            stack.enter_context((contextlib.redirect_stdout if name == "stdout" else contextlib.redirect_stderr)(sink))
-        yield
-
-
-def _shown_by_this_rank(err: BaseException, rank: int) -> bool:
-    """Whether this rank reports ``err``: rank 0 reports everything; another rank only what may be its alone (a
-    data error, a lost connection, its own failure), not the errors every rank raises alike (configuration,
-    folder checks and writes that rank 0 decides, divergence, another rank's failure that rank 0 names)."""
-    if rank == 0:
-        return True
-    if isinstance(err, RankFailedError):
-        return not err.ranks  # the collective itself failed: this rank may be the one left to say so
-    return not isinstance(err, (CommandError, RunError, NonFiniteLossError, KeyboardInterrupt))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``rkfast`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
@@ -997,25 +877,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
 
 
+def _peek_device(argv: Sequence[str]) -> str | None:
+    """The value of ``--device`` on the command line, before parsing (which already touches the device)."""
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def _main(argv: Sequence[str] | None, world: int, rank: int) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if world > 1:
-        _local_gpu(_peek_device(argv))  # before parsing, which checks the device on the current GPU
+        use_local_gpu(_peek_device(argv))  # before parsing, which checks the device on the current GPU
     try:
-        with _silenced(("stdout", "stderr"), rank != 0):  # usage errors and --help: rank 0's alone
+        with silenced(("stdout", "stderr"), rank != 0):  # usage errors and --help: rank 0's alone
             args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse errors (code 2) and --help (code 0)
         return int(exit_.code or 0)
     where = f" [rank {rank} of {world}]" if rank != 0 else ""  # rank 0 speaks for the run
     try:
-        with _silenced(("stdout",), rank != 0):
+        with silenced(("stdout",), rank != 0):
             if world > 1 and args.command == "eval":
                 raise CommandError(
                     "rkfast eval meta-tests in one process: run it without torchrun (rkfast eval RUN_DIR)"
                 )
             if args.command not in ("train", "compare"):
                 return args.func(args)
-            with _process_group(args):
+            with launched_process_group() as args.parallel:  # None for one process
                 try:
                     return args.func(args)
                 except (Exception, KeyboardInterrupt) as err:
@@ -1040,9 +930,9 @@ def _main(argv: Sequence[str] | None, world: int, rank: int) -> int:
 
 def _reported(err: BaseException, command: str, rank: int, where: str) -> int | None:
     """Report ``err`` as the command line does (one line on stderr, when this rank shows it: see
-    :func:`_shown_by_this_rank`) and return the exit code; ``None`` for an exception it does not handle."""
-    dist_error = getattr(torch.distributed, "DistError", None) if torch.distributed.is_available() else None
-    if isinstance(err, (CommandError, RunError, DataError)):
+    :func:`~rkfast.train.reported_by_rank`) and return the exit code; ``None`` for an exception it does not
+    handle."""
+    if isinstance(err, (CommandError, RunError, DataError, LaunchError)):
         message, code = f"rkfast {command}{where}: error: {err}", 2
     elif isinstance(err, NonFiniteLossError):
         message, code = f"rkfast{where}: training diverged: {err}", 1
@@ -1050,18 +940,10 @@ def _reported(err: BaseException, command: str, rank: int, where: str) -> int | 
         message, code = f"rkfast {command}{where}: error: {err}", 1
     elif isinstance(err, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, the last checkpoint is what was saved
         message, code = "interrupted", 130
-    elif dist_error is not None and isinstance(err, dist_error):
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        message, code = (
-            (
-                f"rkfast {command}{where}: error: lost contact with the other processes of the run "
-                f"({type(err).__name__}: {first}); another process has probably failed (see its error) "
-                "or the launcher stopped the job"
-            ),
-            1,
-        )
+    elif (lost := lost_contact(err)) is not None:
+        message, code = f"rkfast {command}{where}: error: {lost}", 1
     else:
         return None
-    if _shown_by_this_rank(err, rank):
+    if reported_by_rank(err, rank, alike=(CommandError,)):
         print(message, file=sys.stderr, flush=True)
     return code

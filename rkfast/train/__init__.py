@@ -9,11 +9,12 @@ SIGINT/SIGTERM, resuming bit for bit on the CPU), and under ``torchrun`` every r
 
 The package, layer by layer: :mod:`~rkfast.train.optimizer` (the optimizer's learned coefficients and their
 summaries), :mod:`~rkfast.train.config` (:class:`TrainConfig`), :mod:`~rkfast.train.results`
-(:class:`RunResult` and the exceptions that stop a run), :mod:`~rkfast.train.evaluation`,
-:mod:`~rkfast.train.ranks` (what the ranks of a distributed run decide together),
-:mod:`~rkfast.train.checkpoint` (saving, restoring and reading back a run), :mod:`~rkfast.train.callbacks`
-and :mod:`~rkfast.train.loggers` (the hooks, the progress display, ``metrics.jsonl`` and TensorBoard), and
-:mod:`~rkfast.train.loop` (:func:`train`).
+(:class:`RunResult` and the exceptions that stop a run), :mod:`~rkfast.train.ranks` (what the ranks of a
+distributed run decide together), :mod:`~rkfast.train.launch` (a process started by a launcher such as
+``torchrun``: its process group and which rank says what), :mod:`~rkfast.train.checkpoint` (saving,
+restoring and reading back a run), :mod:`~rkfast.train.evaluation` (meta-testing, and a saved run again:
+:func:`evaluate_run`), :mod:`~rkfast.train.callbacks` and :mod:`~rkfast.train.loggers` (the hooks, the
+progress display, ``metrics.jsonl`` and TensorBoard), and :mod:`~rkfast.train.loop` (:func:`train`).
 """
 
 from ..runs import CHECKPOINT_FORMAT, load_checkpoint, write_json
@@ -41,7 +42,19 @@ from .checkpoint import (
     slug,
 )
 from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device
-from .evaluation import evaluate_tasks
+from .evaluation import RunEvaluation, evaluate_run, evaluate_tasks
+from .launch import (
+    DEFAULT_DIST_TIMEOUT_S,
+    DIST_TIMEOUT_ENV,
+    LaunchError,
+    dist_timeout,
+    launched_process_group,
+    launched_world,
+    lost_contact,
+    reported_by_rank,
+    silenced,
+    use_local_gpu,
+)
 from .loggers import JsonLinesLogger, TensorBoardLogger, read_metrics
 from .loop import train
 from .optimizer import learned_tableau_info, rate_summary, rates_info, tableau_summary
@@ -62,6 +75,8 @@ __all__ = [
     "RunDiverged",
     "train",
     "evaluate_tasks",
+    "evaluate_run",
+    "RunEvaluation",
     "task_generator",
     "load_checkpoint",
     "load_run",
@@ -74,6 +89,16 @@ __all__ = [
     "build_optimizer",
     "check_device",
     "lead_decides",
+    "launched_process_group",
+    "launched_world",
+    "dist_timeout",
+    "use_local_gpu",
+    "silenced",
+    "reported_by_rank",
+    "lost_contact",
+    "LaunchError",
+    "DIST_TIMEOUT_ENV",
+    "DEFAULT_DIST_TIMEOUT_S",
     "RESUMABLE_CHANGES",
     "CHECKPOINT_FORMAT",
     "rate_summary",
