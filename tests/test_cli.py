@@ -89,3 +89,21 @@ def test_short_training_run_learns_to_adapt() -> None:
     assert ten < 0.5 * pre
     per_task = run.test.losses  # [steps, tasks]: most tasks must gain from a single step
     assert (per_task[1] < per_task[0]).float().mean() > 0.9
+
+
+def test_eval_writes_what_evaluate_run_gives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rkfast.train import evaluate_run
+
+    out = tmp_path / "run"
+    assert main(["train", "sinusoid", "--tableau", "heun", *TINY, "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--test-tasks", "12", "--steps", "1,2", "--test-seed", "3"]) == 0
+    written = json.loads((out / "eval.json").read_text())
+    run = evaluate_run(out, test_tasks=12, steps=(1, 2), test_seed=3)
+    assert run.iterations == 30 and run.tasks == 12 and run.checkpoint == "checkpoint.pt"
+    assert run.config.test_seed == 3 and run.tableau.name == "heun"
+    assert json.loads(json.dumps(run.to_json())) == written
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--out", str(folder)]) == 2
+    assert f"rkfast eval: error: cannot write {folder}: it is a folder" in capsys.readouterr().err

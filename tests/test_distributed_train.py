@@ -300,3 +300,22 @@ def test_a_bad_collective_timeout_is_refused(capsys, monkeypatch) -> None:
     assert main(["train", "sinusoid", "--iterations", "2", "--quiet"]) == 2
     assert "RKFAST_DIST_TIMEOUT='soon': must be a number of seconds > 0" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_launch_reads_the_launchers_environment(monkeypatch) -> None:
+    from datetime import timedelta
+
+    from rkfast.train import LaunchError, dist_timeout, launched_process_group, launched_world
+
+    for name in ("WORLD_SIZE", "RANK", "RKFAST_DIST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_world() == (1, 0) and dist_timeout() == timedelta(seconds=300)
+    with launched_process_group("cpu") as parallel:
+        assert parallel is None and not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("RKFAST_DIST_TIMEOUT", "7.5")
+    assert launched_world() == (3, 2) and dist_timeout() == timedelta(seconds=7.5)
+    monkeypatch.setenv("RKFAST_DIST_TIMEOUT", "-1")
+    with pytest.raises(LaunchError, match="must be a number of seconds > 0"):
+        dist_timeout()
