@@ -97,7 +97,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        from rkfast.plots import new_figure, save_figure
+        from rkfast.figures import new_figure, save_figure
 
         fig = new_figure(figsize=(8, 4))
         ax = fig.add_subplot(1, 1, 1)

@@ -308,7 +308,7 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], settings: dict[s
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """MSE after 1 step per variant and shots with 95% CI bars, the published numbers as open markers."""
-    from rkfast.plots import new_figure, save_figure
+    from rkfast.figures import new_figure, save_figure
 
     fig = new_figure(figsize=(9, 4.5))
     ax = fig.add_subplot()

@@ -274,10 +274,10 @@ class MetaOptimizer(torch.optim.Optimizer):
     def _meta_direction(self, tasks: TaskBatch | TaskSet) -> MetaStepOutput:
         """The RK meta-direction of checked ``tasks`` at the current parameters (finiteness: the caller's)."""
         tableau = self.learned_tableau if self.learned_tableau is not None else self.tableau
-        options = dict(first_order=self.first_order, backend=self.backend, workspace=self._workspace, rates=self.rates)
-        return self._functions.meta_step(
-            self._flat.data.detach(), tasks, tableau, self.inner_lr, self.vectorize, options
-        )
+        options = dict(first_order=self.first_order, vectorize=self.vectorize, backend=self.backend, rates=self.rates)
+        options["workspace"] = self._workspace
+        theta = self._flat.data.detach()
+        return self._functions.run(RF.rk_meta_step, theta, tasks, tableau, self.inner_lr, **options)
 
     def _check_tasks(self, tasks: Tasks, call: str, captured: bool = False) -> TaskBatch | TaskSet:
         """``tasks`` checked against the parameters as they are now (raises before anything changes), then
@@ -366,7 +366,8 @@ class MetaOptimizer(torch.optim.Optimizer):
             alpha, rates = self.rates.adaptation_rates(own_step, step_size)
         stages = RF.StageMap(tableau, rates) if by_stages else None
         options = dict(keep_params=keep_params, rates=None if by_stages else rates, stages=stages)
-        return self._functions.adapt(self.flat_parameters.detach(), tasks, alpha, steps, self.vectorize, options)
+        theta = self.flat_parameters.detach()
+        return self._functions.run(RF.adapt, theta, tasks, alpha, steps, vectorize=self.vectorize, **options)
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -561,41 +562,14 @@ class _ModelFunctions:
         )
         return support, query, tasks.support_data, tasks.query_data, tasks.num_tasks
 
-    def meta_step(
-        self, theta: Tensor, tasks: TaskBatch | TaskSet, tableau: Any, h: float, vectorize: bool, options: Any
-    ) -> MetaStepOutput:
-        """:func:`~rkfast.functional.rk_meta_step` of checked ``tasks`` at ``theta`` (``options``: its keywords)."""
+    def run(
+        self, core: Callable[..., Any], theta: Tensor, tasks: TaskBatch | TaskSet, *args: Any, **options: Any
+    ) -> Any:
+        """``core(theta, support_loss, query_loss, support_data, query_data, *args, num_tasks=..., **options)``:
+        a functional-core call (:func:`~rkfast.functional.rk_meta_step`, :func:`~rkfast.functional.adapt`) on
+        checked ``tasks``."""
         support, query, support_data, query_data, num_tasks = self.stage_losses(tasks)
-        return RF.rk_meta_step(
-            theta,
-            support,
-            query,
-            support_data,
-            query_data,
-            tableau,
-            h,
-            vectorize=vectorize,
-            num_tasks=num_tasks,
-            **options,
-        )
-
-    def adapt(
-        self, theta: Tensor, tasks: TaskBatch | TaskSet, step: Any, steps: Sequence[int], vectorize: bool, options: Any
-    ) -> AdaptationOutput:
-        """:func:`~rkfast.functional.adapt` of checked ``tasks`` from ``theta`` (``options``: its keywords)."""
-        support, query, support_data, query_data, num_tasks = self.stage_losses(tasks)
-        return RF.adapt(
-            theta,
-            support,
-            query,
-            support_data,
-            query_data,
-            step,
-            steps,
-            vectorize=vectorize,
-            num_tasks=num_tasks,
-            **options,
-        )
+        return core(theta, support, query, support_data, query_data, *args, num_tasks=num_tasks, **options)
 
     def task_models(self, params: Tensor) -> Callable[..., Any]:
         """``f(*inputs)``: task ``t``'s parameters ``params[t]`` (flat rows ``[T, N]``) on ``inputs[t]``, under

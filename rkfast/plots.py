@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from .figures import new_figure, save_figure
 from .report import GridGroup, pooled_summary
 from .train import RATES_PLOT, TABLEAU_PLOT, RunResult
 
@@ -31,18 +30,6 @@ __all__ = [
     "plot_learned_tableau",
     "write_run_plots",
 ]
-
-
-def new_figure(**kwargs: Any) -> Figure:
-    """A matplotlib figure on its own Agg canvas (``kwargs`` go to ``Figure``)."""
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Figure, path: Path | str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def _smooth(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
