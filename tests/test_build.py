@@ -32,9 +32,10 @@ REASON = "no working C++ compiler: command '/bin/false' failed with exit code 1"
 
 
 def _simulate(monkeypatch, package_dir: Path, *, found: bool, load_error: BaseException | None = None,
-              source: tuple[str, bool] | None = None) -> None:
+              source: tuple[str, bool] | None = None, installed: str | None = None) -> None:
     """Re-run the C++ backend's loader as if ``rkfast._C`` were absent (``found=False``) or present but raising
-    ``load_error`` on import, with ``package_dir`` as rkfast's folder; install its results for this test."""
+    ``load_error`` on import, with ``package_dir`` as rkfast's folder and ``installed`` as the only other copy
+    of rkfast with a compiled ``_C`` (``None``: there is none); install its results for this test."""
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
@@ -53,6 +54,7 @@ def _simulate(monkeypatch, package_dir: Path, *, found: bool, load_error: BaseEx
     monkeypatch.setattr(cpp.importlib, "import_module", import_module)
     monkeypatch.setattr(cpp, "_PACKAGE_DIR", str(package_dir))
     monkeypatch.setattr(cpp, "_install_source", lambda: source)
+    monkeypatch.setattr(cpp, "compiled_copy_elsewhere", lambda _package_dir: installed)
     loaded, error, hint = cpp._load()
     monkeypatch.undo()  # the patched finder only for the loader; the results stay for the test
     assert loaded is None
@@ -149,10 +151,71 @@ def test_a_missing_extension_is_not_mistaken_for_a_circular_import(monkeypatch, 
     monkeypatch.setitem(sys.modules, cpp.EXTENSION, None)  # what the import system sees when there is no file
     monkeypatch.setattr(rkfast.__spec__, "_initializing", True, raising=False)
     monkeypatch.setattr(cpp, "_PACKAGE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "compiled_copy_elsewhere", lambda _package_dir: None)  # no compiled copy elsewhere
     _record(tmp_path)
     loaded, error, _ = cpp._load()
     assert loaded is None
     assert str(error) == f"rkfast._C was not built when rkfast was installed: {REASON}"
+
+
+# -- run time: a source tree that shadows the installed, compiled copy ----------------------------------
+
+
+def _package(folder: Path, *files: str) -> Path:
+    """A fake ``rkfast`` package folder under ``folder`` holding empty ``files``."""
+    package = folder / "rkfast"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in files:
+        (package / name).write_bytes(b"")
+    return package
+
+
+EXTENSION_FILE = f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+
+
+def test_a_compiled_copy_elsewhere_on_the_path_is_found(tmp_path):
+    source = _package(tmp_path / "clone")
+    (tmp_path / "clone" / "setup.py").write_text("")
+    installed = _package(tmp_path / "site-packages", EXTENSION_FILE)
+    entries = [str(tmp_path / "clone"), str(tmp_path / "nowhere"), str(tmp_path / "site-packages")]
+    assert cpp.compiled_copy_elsewhere(str(source), entries) == str(installed)
+
+
+def test_only_a_compiled_copy_for_this_python_counts(tmp_path):
+    source = _package(tmp_path / "clone")
+    _package(tmp_path / "other", "_C.cpython-39-x86_64-linux-gnu.so", "_C.cpp")
+    _package(tmp_path / "uncompiled")
+    entries = [str(tmp_path / name) for name in ("clone", "other", "uncompiled")]
+    assert cpp.compiled_copy_elsewhere(str(source), entries) is None
+
+
+def test_the_imported_folder_itself_is_not_another_copy(tmp_path):
+    source = _package(tmp_path / "clone", EXTENSION_FILE)
+    assert cpp.compiled_copy_elsewhere(str(source), [str(tmp_path / "clone"), str(tmp_path / "clone" / ".")]) is None
+
+
+def test_a_source_tree_shadowing_the_installed_copy_says_so(monkeypatch, tmp_path):
+    source = _package(tmp_path / "clone")
+    installed = str(tmp_path / "site-packages" / "rkfast")
+    _simulate(monkeypatch, source, found=False, installed=installed)
+    cause = (f"rkfast was imported from the source tree at {tmp_path / 'clone'}, which has no compiled `_C`; "
+             f"the installed copy is at {installed}")
+    fix = "run from another folder, or `pip install -e .`"
+    warning = _auto_warning()
+    assert warning == (f"rkfast's C++ kernels are not available ({cause}); CPU tensors use the pure-PyTorch "
+                       f"kernels. To use them, {fix}. (The pure-PyTorch kernels compute the same results, more "
+                       "slowly.)")
+    assert "compiler" not in warning
+    assert _cpp_error() == f"backend 'cpp' is not available ({cause}); {fix}, or use backend='torch'"
+
+
+def test_without_a_compiled_copy_anywhere_the_compiler_advice_stays(monkeypatch, tmp_path):
+    source = _package(tmp_path / "clone")
+    _simulate(monkeypatch, source, found=False, installed=None)
+    warning = _auto_warning()
+    assert "install a C++ compiler (g++ or clang) and reinstall rkfast" in warning
+    assert "source tree" not in warning
 
 
 # -- build time: a failed build is recorded in the wheel -----------------------------------------------

@@ -6,7 +6,9 @@ contiguity before anything reaches it. Threads follow ``torch.get_num_threads()`
 Without the extension this backend is unusable, and :func:`status` says why, telling apart "not built"
 (setup.py could not compile it when rkfast was installed: no working compiler, no pybind11, a compile error;
 it recorded the reason in ``rkfast/_build_info.json``) from "built but fails to load here" (another Python's
-build, a missing symbol or library); :data:`HINT` says how to build it.
+build, a missing symbol or library), and from "imported from a source tree" (a script run from a clone's root
+imports the clone, which has no compiled extension, instead of the installed copy, which has one);
+:data:`HINT` says how to build it, or how to reach the compiled copy.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def _load() -> tuple[ModuleType | None, ImportError | None, str]:
         others = sorted(
             name for name in _listdir(_PACKAGE_DIR) if name.startswith("_C.") and name.endswith((".so", ".pyd"))
         )
+        installed = None if others else compiled_copy_elsewhere(_PACKAGE_DIR)
+        if installed is not None:
+            return None, ImportError(source_tree_message(_PACKAGE_DIR, installed)), SOURCE_TREE_HINT
         if others:
             suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
             return (
@@ -126,6 +131,59 @@ def _load() -> tuple[ModuleType | None, ImportError | None, str]:
             ImportError(f"rkfast._C was built but fails to load{origin}: {type(exc).__name__}: {exc}"),
             (f"reinstall rkfast so that rkfast._C is rebuilt here: {reinstall_command()}"),
         )
+
+
+SOURCE_TREE_HINT = "run from another folder, or `pip install -e .`"
+"""How to use the compiled copy when rkfast was imported from a source tree without one."""
+
+
+def source_tree_message(package_dir: str, installed: str) -> str:
+    """Why the extension is missing when rkfast was imported from the source tree holding ``package_dir``
+    (a folder without a compiled ``_C``) while the copy ``installed`` has one."""
+    return (
+        f"rkfast was imported from the source tree at {os.path.dirname(os.path.abspath(package_dir))}, which has "
+        f"no compiled `_C`; the installed copy is at {installed}"
+    )
+
+
+def compiled_copy_elsewhere(package_dir: str, path_entries: Sequence[str] | None = None) -> str | None:
+    """The folder of another copy of the ``rkfast`` package, not ``package_dir``, holding an extension module
+    that this Python loads (``_C`` with one of its extension suffixes); ``None`` when there is none.
+
+    Looked for in pip's install records of rkfast, then under each entry of ``path_entries`` (default:
+    ``sys.path``): a script run from a clone's root imports the clone, which shadows the installed copy.
+    """
+    here = os.path.realpath(package_dir)
+    candidates = [
+        *_installed_package_dirs(),
+        *(
+            os.path.join(entry or os.getcwd(), "rkfast")
+            for entry in (sys.path if path_entries is None else path_entries)
+        ),
+    ]
+    for folder in candidates:
+        if os.path.realpath(folder) != here and any(_loadable_here(name) for name in _listdir(folder)):
+            return os.path.abspath(folder)
+    return None
+
+
+def _loadable_here(file_name: str) -> bool:
+    return any(file_name == f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _installed_package_dirs() -> list[str]:
+    """The folders where pip's install records of rkfast put a ``_C`` extension module."""
+    try:
+        from importlib.metadata import distributions
+
+        return [
+            os.path.dirname(str(dist.locate_file(file)))
+            for dist in distributions(name="rkfast")
+            for file in dist.files or ()
+            if file.parts[:1] == ("rkfast",) and _loadable_here(file.name)
+        ]
+    except Exception:  # noqa: BLE001 - unreadable metadata: the sys.path entries are still searched
+        return []
 
 
 def _listdir(path: str) -> list[str]:
