@@ -312,6 +312,42 @@ def test_a_build_without_a_working_compiler_installs_and_records_why(tmp_path, m
     assert f"rkfast._C was not built when rkfast was installed: {REASON}" in _auto_warning()
 
 
+@pytest.mark.skipif(not (_has("setuptools") and _has("pybind11")), reason="building the extension without build "
+                    "isolation needs setuptools and pybind11 installed here (pip install pybind11)")
+def test_a_script_in_the_clone_root_is_told_of_the_installed_copy(tmp_path):
+    """``pip install .`` (not editable) into a fresh venv, then a script run from the clone's root: it imports
+    the clone, which has no ``_C``, and the warning names the clone and the installed copy."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True, timeout=60).stdout.strip())
+    # torch, pip, setuptools and pybind11 from this environment, without running its .pth files (which
+    # would add an editable install of rkfast)
+    modules = [importlib.util.find_spec(name) for name in ("torch", "numpy", "pip", "setuptools", "pybind11")]
+    here = dict.fromkeys(str(Path(spec.origin).parent.parent) for spec in modules if spec and spec.origin)
+    (site / "dependencies.pth").write_text("\n".join(here) + "\n")
+    (tmp_path / "clone").mkdir()
+    clone = _source_copy(tmp_path / "clone")
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "RKFAST_"))}
+    environ.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    done = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(clone)],
+                          env=environ, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    installed = site / "rkfast"
+    assert any(name.name.startswith("_C.") for name in installed.iterdir()), "the installed copy has no _C"
+    script = ("import warnings, torch, rkfast.kernels.cpp\n"
+              "from rkfast import kernels\n"
+              "warnings.simplefilter('always')\n"
+              "kernels.resolve_backend('auto', torch.device('cpu'), torch.float32)\n")
+    ran = subprocess.run([str(python), "-c", script], cwd=clone, env=environ, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert (f"rkfast was imported from the source tree at {clone}, which has no compiled `_C`; the installed "
+            f"copy is at {installed}); CPU tensors use the pure-PyTorch kernels. To use them, run from another "
+            "folder, or `pip install -e .`.") in ran.stderr, ran.stderr
+
+
 # -- the package's type hints (PEP 561) --------------------------------------------------------------------
 
 
