@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rkfast.cli import main as rkfast_main
+from rkfast.runs import write_json
 from rkfast.tasks import get_domain
 
 DOMAIN = "sinusoid"
@@ -153,6 +154,21 @@ def _finished(folder: Path) -> bool:
         return False
 
 
+def _number(value: Any) -> float:
+    """A number read back from ``compare.json``: ``null`` (strict JSON's non-finite value) as NaN."""
+    return math.nan if value is None else float(value)
+
+
+def _numbers(stats: dict[str, Any]) -> dict[str, Any]:
+    """A pooled summary read back from ``compare.json``, its ``null`` means and intervals as NaN (``seed_ci95``
+    stays ``None`` with one seed)."""
+    out = dict(stats)
+    for key in ("mean", "ci95", "seed_min", "seed_max"):
+        out[key] = _number(stats[key])
+    out["seed_means"] = [_number(v) for v in stats["seed_means"]]
+    return out
+
+
 def summarize(data: dict[str, Any]) -> dict[str, Any]:
     """One comparison's ``compare.json`` (one tableau) as the study's entry: status, selected h, the primary
     metric after :data:`REPORTED_STEPS` (mean, ci95, seed spread), training seconds and budget."""
@@ -171,18 +187,20 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
         entry["validation"] = row["validation"]
         entry["seeds"] = row["seeds"]
         stats = row.get(metric.name, {})
-        entry[metric.name] = {str(n): {k: stats[str(n)][k] for k in ("mean", "ci95", "n", "seed_ci95", "seed_min",
-                                                                      "seed_max", "seed_means")}
+        keys = ("mean", "ci95", "n", "seed_ci95", "seed_min", "seed_max", "seed_means", "nonfinite")
+        entry[metric.name] = {str(n): {k: v for k, v in _numbers(stats[str(n)]).items() if k in keys}
                               for n in REPORTED_STEPS if str(n) in stats}
         entry["train_time_s_per_run"] = row["train_time_s_per_run"]
         entry["train_time_s_total"] = row["train_time_s_total"]
     else:  # one h, one seed: the plain comparison's row
         entry["selected_inner_lr"] = cfg.get("inner_lr") or defaults.inner_lr
         entry["seeds"] = [cfg.get("seed", 0)]
-        stats = row.get(metric.source, {})
+        stats = {n: (_number(mean), _number(ci)) for n, (mean, ci) in row.get(metric.source, {}).items()}
+        nonfinite = row.get("nonfinite", {}).get(metric.source, {})
         entry[metric.name] = {str(n): {"mean": stats[str(n)][0], "ci95": stats[str(n)][1], "seed_ci95": None,
                                        "seed_min": stats[str(n)][0], "seed_max": stats[str(n)][0],
-                                       "seed_means": [stats[str(n)][0]]}
+                                       "seed_means": [stats[str(n)][0]],
+                                       **({"nonfinite": nonfinite[str(n)]} if nonfinite.get(str(n)) else {})}
                               for n in REPORTED_STEPS if str(n) in stats}
         entry["train_time_s_per_run"] = entry["train_time_s_total"] = row.get("train_time_s")
     return entry
@@ -226,7 +244,7 @@ def pooled(losses: list[Any], steps: Sequence[int]) -> dict[str, dict[str, Any]]
         finite = torch.isfinite(values)
         mean, ci = (stats[n]["mean"], stats[n]["ci95"]) if bool(finite.all()) else (math.nan, math.nan)
         out[str(n)] = {"mean": float(mean), "ci95": float(ci), "tasks": stats[n]["n"],
-                       "finite_tasks": int(finite.sum()),
+                       "finite_tasks": int(finite.sum()), "nonfinite": int((~finite).sum()),
                        "median": float(values[finite].median()) if bool(finite.any()) else float("nan")}
     return out
 
@@ -402,15 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.md").write_text(md)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     budget = {"iterations": args.iterations, "meta_batch": settings["meta_batch"],
               "training_tasks_per_run": args.iterations * settings["meta_batch"]}
-    args.json.write_text(json.dumps({
+    write_json(args.json, {  # strict JSON: a non-finite mean is null, its count of non-finite tasks beside it
         "study": "learned meta-learners, sinusoid, by shots", "settings": settings, "budget": budget,
         "reported_steps": list(REPORTED_STEPS),
         "spread": "seed_ci95: the Student-t 95% CI half-width (n-1 dof) of the mean of the per-seed means",
         "published": PUBLISHED, "skipped": skipped, "results": results,
-        "driver_wall_time_s": time.perf_counter() - started}, indent=1) + "\n")
+        "driver_wall_time_s": time.perf_counter() - started})
     png = args.json.with_suffix(".png")
     plot(results, png)
     print(f"wrote {args.out / 'study.md'}, {args.json}, {png}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .results import mean_ci95
+from .results import count_nonfinite, mean_ci95
 from .tableau import Tableau
 from .tasks import Domain
 from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates
@@ -199,7 +199,8 @@ def compare_report(runs: Sequence[RunResult]) -> str:
 def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """The comparison as JSON rows: tableau, order, status, test step, every metric's summary, the paired
     difference to the first tableau (``paired_difference``: :func:`paired_summary`, ``None`` when either has no
-    meta-test), timings."""
+    meta-test), timings; where some test tasks are NaN or infinite, ``nonfinite``: ``{name: {step: count}}``
+    (:meth:`~rkfast.results.AdaptationOutput.nonfinite`)."""
     rows = []
     for r, (_, pairs) in zip(runs, _single_pairs(runs), strict=True):
         row: dict[str, Any] = {
@@ -213,6 +214,8 @@ def compare_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             row["test_step"] = r.test.step_size
             row.update({m.source: s[m.source] for m in r.domain.metrics})
             row["loss"] = s["loss"]
+            if "nonfinite" in s:  # tasks whose value is NaN or infinite: {name: {step: count}}
+                row["nonfinite"] = s["nonfinite"]
         else:
             row["error"] = r.error
         row["paired_difference"] = _paired_json(pairs, runs[0].tableau.name)
@@ -318,7 +321,8 @@ def pooled_summary(runs: Sequence[RunResult]) -> dict[int, dict[str, Any]]:
     """Per adaptation step count, the primary metric over the meta-test of every run (seed) given:
     ``mean`` and ``ci95`` over all seeds x test tasks (the normal 95% CI of :func:`~rkfast.results.mean_ci95`),
     ``n`` (seeds x tasks), and the seed-to-seed spread: ``seed_means``, ``seed_ci95`` (the Student-t 95% CI
-    half-width of the mean of the seed means, n-1 dof; ``None`` with one seed), ``seed_min``, ``seed_max``."""
+    half-width of the mean of the seed means, n-1 dof; ``None`` with one seed), ``seed_min``, ``seed_max``;
+    where some tasks are NaN or infinite (the mean is then non-finite), ``nonfinite``: their number."""
     if not runs:
         return {}
     return pooled_tables([_metric_table(r) for r in runs], runs[0].meta_test().steps)
@@ -342,6 +346,9 @@ def pooled_tables(tables: Sequence[torch.Tensor], steps: Sequence[int]) -> dict[
             "seed_min": min(means),
             "seed_max": max(means),
         }
+        nonfinite = count_nonfinite(pooled)
+        if nonfinite:  # the tasks that make the mean non-finite
+            out[int(n)]["nonfinite"] = nonfinite
     return out
 
 

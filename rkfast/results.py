@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MetaStepOutput", "AdaptationOutput", "mean_ci95", "NonFiniteLossError"]
+__all__ = ["MetaStepOutput", "AdaptationOutput", "mean_ci95", "count_nonfinite", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,6 +53,12 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
     return v.mean().item(), half
 
 
+def count_nonfinite(values: Tensor) -> int:
+    """The number of NaN or infinite entries of ``values`` (tasks whose adaptation diverged make a mean
+    non-finite; reports give this count beside it)."""
+    return int((~torch.isfinite(values.detach())).sum())
+
+
 @dataclass
 class AdaptationOutput:
     """Query loss (and metrics) per task after each number of plain support-gradient steps.
@@ -72,10 +78,25 @@ class AdaptationOutput:
     params: Tensor | None = None
 
     def summary(self) -> dict[str, Any]:
-        """``{"step_size", "steps", "loss": {step: (mean, ci95)}, <metric>: {...}}``, JSON-friendly."""
+        """``{"step_size", "steps", "loss": {step: (mean, ci95)}, <metric>: {...}}``, JSON-friendly; where
+        some tasks are NaN or infinite (their means are then non-finite) also ``"nonfinite": {name: {step:
+        count}}`` for each such loss or metric (:meth:`nonfinite`)."""
         out: dict[str, Any] = {"step_size": self.step_size, "steps": list(self.steps)}
         for name, table in {"loss": self.losses, **self.metrics}.items():
             out[name] = {n: mean_ci95(row) for n, row in zip(self.steps, table, strict=True)}
+        nonfinite = self.nonfinite()
+        if nonfinite:
+            out["nonfinite"] = nonfinite
+        return out
+
+    def nonfinite(self) -> dict[str, dict[int, int]]:
+        """``{name: {step: number of tasks whose value is NaN or infinite}}`` for the loss and each metric
+        with any such task (empty when every value is finite)."""
+        out: dict[str, dict[int, int]] = {}
+        for name, table in {"loss": self.losses, **self.metrics}.items():
+            counts = {n: count_nonfinite(row) for n, row in zip(self.steps, table, strict=True)}
+            if any(counts.values()):
+                out[name] = counts
         return out
 
     @staticmethod

@@ -11,6 +11,7 @@ path before training starts, so a run never trains for an hour and then fails to
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ __all__ = [
     "RunFolder",
     "atomic_write",
     "write_json",
+    "finite_or_none",
     "save_payload",
     "load_checkpoint",
     "CHECKPOINT_FORMAT",
@@ -92,9 +94,24 @@ def _reason(err: OSError, path: Path) -> str:
     return reason
 
 
+def finite_or_none(data: Any) -> Any:
+    """``data`` (JSON-like: dicts, lists, tuples, numbers, strings) with every NaN or infinity as ``None``
+    (strict JSON has no such numbers) and tuples as lists."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k if isinstance(k, str) else str(k): finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
 def write_json(path: Path | str, data: Any) -> None:
-    """``data`` as indented JSON at ``path``, written atomically."""
-    atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=1) + "\n"), "w")
+    """``data`` as indented strict JSON at ``path`` (NaN and infinities as ``null``, :func:`finite_or_none`;
+    any other JSON parser reads it), written atomically. Readers of such files take ``null`` where a number
+    was as NaN; files written before held bare ``NaN``, which Python's :mod:`json` still reads."""
+    text = json.dumps(finite_or_none(data), indent=1, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text), "w")
 
 
 def save_payload(path: Path | str, payload: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ callbacks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..runs import finite_or_none  # strict JSON lives in the core layer; named here as before
 from ..tableau import Tableau
 from ..tasks import Domain
 from .config import TrainConfig
@@ -39,18 +39,6 @@ __all__ = [
 ]
 
 LOG_EVERY = 50  # steps between the loop's reads of the meta-loss (one host sync each) and progress-bar updates
-
-
-def finite_or_none(data: Any) -> Any:
-    """``data`` (JSON-like: dicts, lists, tuples, numbers, strings) with every NaN or infinity as ``None``
-    (strict JSON has no such numbers) and tuples as lists."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k if isinstance(k, str) else str(k): finite_or_none(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_or_none(v) for v in data]
-    return data
 
 
 @dataclass(frozen=True)

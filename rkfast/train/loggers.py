@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from ..runs import atomic_write
+from ..runs import atomic_write, finite_or_none
 from .callbacks import (
     LOG_EVERY,
     Callback,
@@ -21,7 +21,6 @@ from .callbacks import (
     EvaluationEvent,
     RunStart,
     StepEvent,
-    finite_or_none,
 )
 
 __all__ = ["JsonLinesLogger", "TensorBoardLogger", "read_metrics"]

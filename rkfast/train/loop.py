@@ -109,7 +109,11 @@ class _Training:
         state, metric, steps = self.state, self.domain.metric, self.state.defaults.eval_steps
         summary = evaluate_tasks(self.opt, self.val, steps, self.cfg.test_step).summary()
         scores = {m.name: {str(n): mean for n, (mean, _) in summary[m.source].items()} for m in self.domain.metrics}
-        state.evals.append({"iteration": state.done, **scores})
+        bad = summary.get("nonfinite", {})  # tasks whose value is NaN or infinite, beside the means they spoil
+        nonfinite = {
+            m.name: {str(n): c for n, c in bad[m.source].items()} for m in self.domain.metrics if m.source in bad
+        }
+        state.evals.append({"iteration": state.done, **scores, **({"nonfinite": nonfinite} if nonfinite else {})})
         value = scores[metric.name][str(steps[-1])]
         best = state.best
         better = best is None or (value > best["value"] if metric.higher_is_better else value < best["value"])
