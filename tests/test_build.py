@@ -85,6 +85,16 @@ def _cpp_error() -> str:
     return str(raised.value)
 
 
+def _assert_messages(cause: str, fix: str) -> str:
+    """The "auto" warning and the ``backend="cpp"`` error say ``cause`` and ``fix``, word for word; the warning."""
+    warning = _auto_warning()
+    assert warning == (f"rkfast's C++ kernels are not available ({cause}); CPU tensors use the pure-PyTorch "
+                       f"kernels. To use them, {fix}. (The pure-PyTorch kernels compute the same results, more "
+                       "slowly.)")
+    assert _cpp_error() == f"backend 'cpp' is not available ({cause}); {fix}, or use backend='torch'"
+    return warning
+
+
 # -- run time: what the warning and the error say ------------------------------------------------------
 
 
@@ -96,12 +106,8 @@ def test_not_built_says_why_and_how_to_build(monkeypatch, tmp_path):
     fix = ("install a C++ compiler (g++ or clang) and reinstall rkfast: "
            "`RKFAST_REQUIRE_CPP=1 pip install --force-reinstall --no-deps /src/rkfast` "
            "(RKFAST_REQUIRE_CPP=1 makes a failed build an error)")
-    warning = _auto_warning()
-    assert warning == (f"rkfast's C++ kernels are not available ({cause}); CPU tensors use the pure-PyTorch "
-                       f"kernels. To use them, {fix}. (The pure-PyTorch kernels compute the same results, more "
-                       "slowly.)")
+    warning = _assert_messages(cause, fix)
     assert "circular import" not in warning
-    assert _cpp_error() == f"backend 'cpp' is not available ({cause}); {fix}, or use backend='torch'"
 
 
 def test_not_built_without_a_record_still_says_so(monkeypatch, tmp_path):
@@ -202,12 +208,8 @@ def test_a_source_tree_shadowing_the_installed_copy_says_so(monkeypatch, tmp_pat
     cause = (f"rkfast was imported from the source tree at {tmp_path / 'clone'}, which has no compiled `_C`; "
              f"the installed copy is at {installed}")
     fix = "run from another folder, or `pip install -e .`"
-    warning = _auto_warning()
-    assert warning == (f"rkfast's C++ kernels are not available ({cause}); CPU tensors use the pure-PyTorch "
-                       f"kernels. To use them, {fix}. (The pure-PyTorch kernels compute the same results, more "
-                       "slowly.)")
+    warning = _assert_messages(cause, fix)
     assert "compiler" not in warning
-    assert _cpp_error() == f"backend 'cpp' is not available ({cause}); {fix}, or use backend='torch'"
 
 
 def test_without_a_compiled_copy_anywhere_the_compiler_advice_stays(monkeypatch, tmp_path):
