@@ -505,7 +505,7 @@ def compare(
     comparison = _Comparison(result, group_of_ranks, resume, options, log or (lambda _: None), callbacks)
     comparison.write("running")
     for tableau in result.tableaus:
-        group = GridGroup(tableau, tuple(result.inner_lrs), tuple(result.seeds))
+        group = GridGroup(tableau, tuple(result.inner_lrs), tuple(result.seeds), select_steps=result.select_steps)
         result.groups.append(group)
         try:
             comparison.group(group)

@@ -8,6 +8,7 @@ never loads matplotlib.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .figures import new_figure, save_figure
+from .figures import mark_nonfinite, new_figure, readable_log_axis, save_figure
 from .report import GridGroup, pooled_summary
 from .train import RATES_PLOT, TABLEAU_PLOT, RunResult
 
@@ -40,29 +41,29 @@ def _smooth(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(w, len(v) + 1), (c[w:] - c[:-w]) / w
 
 
-def _log_y(ax: Axes) -> None:
-    """Log-scale y axis labelled with plain numbers (0.5, 2, 3) rather than powers of ten."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-
-    def mantissa(v: float) -> float:
-        return round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
-
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if mantissa(v) in (2, 3, 5) else ""))
-    ax.grid(True, which="both", alpha=0.3)
-
-
 def _scale(ax: Axes, higher_is_better: bool) -> None:
-    """Losses on a log scale; accuracies (bounded, higher is better) on a linear one."""
+    """Losses on a log scale with labelled ticks (linear when they span less than a decade); accuracies
+    (bounded, higher is better) on a linear one."""
     if higher_is_better:
         ax.grid(True, alpha=0.3)
     else:
-        _log_y(ax)
+        readable_log_axis(ax)
 
 
 def _eval_curve(run: RunResult, step: str) -> tuple[list[int], list[float]]:
+    """The held-out metric after ``step`` adaptation steps at every evaluation (NaN where it was not finite)."""
     name = run.domain.metric.name
-    return [e["iteration"] for e in run.evals], [e[name][step] for e in run.evals]
+    values = [e[name].get(step) for e in run.evals]
+    return [e["iteration"] for e in run.evals], [math.nan if v is None else float(v) for v in values]
+
+
+def _mark_nonfinite(ax: Axes, marked: list[tuple[Sequence[float], Sequence[float | None], str]]) -> None:
+    """Every non-finite point of ``marked`` (``(x, y, color)`` per series) marked at the top of ``ax``, one
+    legend entry for them all; call it after the axis scale is set."""
+    label: str | None = "non-finite (x at the top)"
+    for x, y, color in marked:
+        if mark_nonfinite(ax, x, y, color, label):
+            label = None
 
 
 def _steps_label(step: int) -> str:
@@ -79,9 +80,13 @@ def plot_training(run: RunResult, path: Path | str) -> None:
     loss_ax.plot(*_smooth(run.losses), color="C0", label="meta-loss (smoothed)")
     steps = (0, *run.defaults.eval_steps)
     markers = ("x", "o", "s", "^", "v", "D")
+    marked = []
     for k, step in enumerate(steps):
+        iterations, values = _eval_curve(run, str(step))
+        marked.append((iterations, values, f"C{k + 1}"))
         ax.plot(
-            *_eval_curve(run, str(step)),
+            iterations,
+            values,
             marker=markers[k % len(markers)],
             ms=4,
             ls="--",
@@ -90,9 +95,10 @@ def plot_training(run: RunResult, path: Path | str) -> None:
         )
     ax.set(xlabel="meta-step", ylabel=metric.short, title=f"{run.domain.name}, tableau {run.tableau.name}")
     _scale(ax, metric.higher_is_better)
+    _mark_nonfinite(ax, marked)
     if loss_ax is not ax:
         loss_ax.set_ylabel("meta-loss")
-        _log_y(loss_ax)
+        readable_log_axis(loss_ax)
         loss_ax.legend(fontsize=8, loc="upper right")
     ax.legend(fontsize=8, loc="best")
     save_figure(fig, path)
@@ -107,6 +113,7 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     steps = [0, *runs[0].defaults.test_steps]
+    marked: dict[Axes, list[tuple[Sequence[float], Sequence[float | None], str]]] = {left: [], right: []}
     for i, run in enumerate(runs):
         if run.test is not None:
             summary = run.test.summary()
@@ -122,8 +129,12 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
                 color=f"C{i}",
                 label=label,
             )
+            marked[left].append((steps, mean, f"C{i}"))
+        iterations, values = _eval_curve(run, first)
+        marked[right].append((iterations, values, f"C{i}"))
         right.plot(
-            *_eval_curve(run, first),
+            iterations,
+            values,
             marker="o",
             ms=3,
             color=f"C{i}",
@@ -143,16 +154,47 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     )
     for ax in (left, right):
         _scale(ax, metric.higher_is_better)
+        _mark_nonfinite(ax, marked[ax])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
+def _grid_scores(
+    ax: Axes, groups: Sequence[GridGroup], metric_short: str, step: int
+) -> list[tuple[Sequence[float], Sequence[float | None], str]]:
+    """The right panel of a grid comparison over several h: each tableau's final held-out score per h (first
+    seed), the selected h circled, an h without a finite score (diverged, or non-finite after ``step``
+    adaptation steps) marked at the top (what it returns, for :func:`_mark_nonfinite`)."""
+    grid = groups[0].grid
+    marked = []
+    for i, g in enumerate(groups):
+        color = f"C{i % 10}"
+        scores = [g.scores.get(h) for h in grid]
+        values = [math.nan if v is None else v for v in scores]
+        ax.plot(list(grid), values, marker="o", ms=4, color=color, label=g.tableau.name)
+        if g.selected is not None and g.scores.get(g.selected) is not None:
+            ax.plot([g.selected], [g.scores[g.selected]], marker="o", ms=11, mfc="none", color=color)
+        marked.append(([h for h in grid if h in g.scores], [g.scores[h] for h in grid if h in g.scores], color))
+    ax.set_xscale("log")
+    ax.set_xticks(list(grid))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set(
+        xlabel="inner step h",
+        ylabel=metric_short,
+        title=f"final held-out {metric_short} {_steps_label(step)}, seed {groups[0].seeds[0]} (circled: selected)",
+    )
+    return marked
+
+
 def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
     """A comparison over a grid of inner steps and seeds. Left: per tableau, the test metric vs adaptation
     steps with the selected h, the mean over seeds x test tasks with its 95% CI. Right: the final held-out
-    score of each h (first seed) that selected it, the selected h circled; with one h, each seed's test
-    metric after the first test step count instead. A tableau without a meta-test has only its right curve."""
+    score of each h (first seed) that selected it, after the selecting step count (the groups'
+    ``select_steps``), the selected h circled and an h without a finite score marked; with one h, each seed's
+    test metric after the first test step count instead. A tableau without a meta-test has only its right
+    curve."""
     first = next((r for g in groups for r in [*g.search.values(), *g.runs.values()]), None)
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -162,6 +204,7 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
     metric, grid = first.domain.metric, groups[0].grid
     steps = [0, *first.defaults.test_steps]
     shown_step = steps[1] if len(steps) > 1 else 0
+    marked: dict[Axes, list[tuple[Sequence[float], Sequence[float | None], str]]] = {left: [], right: []}
     for i, g in enumerate(groups):
         color = f"C{i % 10}"
         tested = g.tested
@@ -170,46 +213,23 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
             steps = sorted(pooled)
             mean, ci = [pooled[n]["mean"] for n in steps], [pooled[n]["ci95"] for n in steps]
             label = f"{g.tableau.name} (h={g.selected:g}, {len(tested)} seed{'s' * (len(tested) != 1)})"
-            left.errorbar(
-                np.array(steps) + 0.06 * (i - (len(groups) - 1) / 2),
-                mean,
-                yerr=ci,
-                marker="o",
-                capsize=3,
-                color=color,
-                label=label,
-            )
-        if len(grid) > 1:
-            scored = {h: score for h in grid if (score := g.scores.get(h)) is not None}
-            right.plot(list(scored), list(scored.values()), marker="o", ms=4, color=color, label=g.tableau.name)
-            if g.selected in scored:
-                right.plot([g.selected], [scored[g.selected]], marker="o", ms=11, mfc="none", color=color)
-        elif tested:
+            x = np.array(steps) + 0.06 * (i - (len(groups) - 1) / 2)
+            left.errorbar(x, mean, yerr=ci, marker="o", capsize=3, color=color, label=label)
+            marked[left].append((list(x), mean, color))
+        if len(grid) == 1 and tested:
             seeds = [r.config.seed for r in tested]
-            right.plot(
-                seeds,
-                [pooled_summary([r])[shown_step]["mean"] for r in tested],
-                marker="o",
-                ls="",
-                color=color,
-                label=g.tableau.name,
-            )
+            means = [pooled_summary([r])[shown_step]["mean"] for r in tested]
+            right.plot(seeds, means, marker="o", ls="", color=color, label=g.tableau.name)
+            marked[right].append((seeds, means, color))
     tasks = first.config.test_tasks
     left.set(
         xlabel="adaptation steps", ylabel=metric.label, title=f"meta-test, selected h, seeds x {tasks} tasks (95% CI)"
     )
     left.set_xticks(steps)
     if len(grid) > 1:
-        eval_step = first.defaults.eval_steps[-1]
-        right.set_xscale("log")
-        right.set_xticks(list(grid))
-        right.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        right.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        right.set(
-            xlabel="inner step h",
-            ylabel=metric.short,
-            title=f"final held-out {metric.short} {_steps_label(eval_step)}, seed {groups[0].seeds[0]} "
-            "(circled: selected)",
+        step = groups[0].select_steps
+        marked[right] = _grid_scores(
+            right, groups, metric.short, first.defaults.eval_steps[-1] if step is None else step
         )
     else:
         right.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -220,6 +240,7 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
         )
     for ax in (left, right):
         _scale(ax, metric.higher_is_better)
+        _mark_nonfinite(ax, marked[ax])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -286,6 +286,8 @@ class GridGroup:
         selected: the selected h (``None`` when every h diverged: the tableau is reported as diverged).
         runs: ``{seed: run}`` with the selected h, every seed (the first seed's is its search run).
         folders: ``{(h, seed): folder relative to the comparison folder}``.
+        select_steps: the held-out adaptation step count the scores are taken after (``None``: the domain's
+            last evaluation step count).
     """
 
     tableau: Tableau
@@ -296,6 +298,7 @@ class GridGroup:
     selected: float | None = None
     runs: dict[int, RunResult] = field(default_factory=dict)
     folders: dict[tuple[float, int], str] = field(default_factory=dict)
+    select_steps: int | None = None
 
     def all_runs(self) -> Iterator[tuple[str, RunResult]]:
         """``(folder, run)`` of every run so far: the search runs in grid order, then the other seeds."""
@@ -506,20 +509,70 @@ def _paired_section(named: Sequence[tuple[str, _Pairs]], reference: str) -> str:
     return "\n".join([title, table(headers, rows)])
 
 
+def score_verdict(run: RunResult | None, steps: int) -> str:
+    """Why a run has no validation score after ``steps`` adaptation steps, judged on that step count: ``"not
+    run"``, the run's status (``"diverged"``: training itself diverged), ``"no held-out result"``, or
+    ``"non-finite on k/N tasks"`` (training completed; the held-out metric after ``steps`` steps is not
+    finite)."""
+    if run is None:
+        return "not run"
+    if run.status != "complete":
+        return run.status
+    if not run.evals or run.evals[-1]["iteration"] != run.iteration:
+        return "no held-out result"
+    last = run.evals[-1]
+    bad = last.get("nonfinite", {}).get(run.domain.metric.name, {}).get(str(steps))
+    return f"non-finite on {bad}/{run.config.settings().eval_tasks} tasks" if bad else "non-finite"
+
+
+def _no_selection(group: GridGroup, steps: int) -> str:
+    """Why no h was selected: every run diverged, or (judged on the selecting step count) no held-out score
+    after ``steps`` steps is finite, naming the step counts where one is."""
+    if all(run.status == "diverged" for run in group.search.values()):
+        return "every h diverged"
+    name = next(iter(group.search.values())).domain.metric.name
+    finite = sorted(
+        {
+            int(n)
+            for run in group.search.values()
+            if run.evals
+            for n, v in run.evals[-1][name].items()
+            if v is not None and math.isfinite(v) and int(n) in run.defaults.eval_steps
+        }
+    )
+    hint = f" (finite after {', '.join(map(str, finite))}: select on that step count)" if finite else ""
+    return f"no h has a finite held-out score after {steps} step{'s' * (steps != 1)}: none selected{hint}"
+
+
 def selection_line(group: GridGroup, steps: int | None) -> str:
     """One line on how a tableau's h was selected: the validation score of each h after ``steps`` adaptation
-    steps (``None``: the domain's last evaluation step count), and the choice."""
+    steps (``None``: the domain's last evaluation step count), and the choice; an h without a score says why
+    (:func:`score_verdict`, judged on that step count)."""
     if not group.search:
         return f"{group.tableau.name}: no runs"
     first = next(iter(group.search.values()))
     metric = first.domain.metric
     steps = first.defaults.eval_steps[-1] if steps is None else steps
-    scores = ", ".join(f"h={h:g} {'diverged' if v is None else f'{v:.4g}'}" for h, v in group.scores.items())
-    choice = "every h diverged" if group.selected is None else f"selected h={group.selected:g}"
+    scores = ", ".join(
+        f"h={h:g} {score_verdict(group.search.get(h), steps) if v is None else f'{v:.4g}'}"
+        for h, v in group.scores.items()
+    )
+    choice = _no_selection(group, steps) if group.selected is None else f"selected h={group.selected:g}"
     return (
         f"{group.tableau.name}: final held-out {metric.short} after {steps} step{'s' * (steps != 1)} "
         f"(seed {group.seeds[0]}): {scores}; {choice}"
     )
+
+
+def _unselected(group: GridGroup) -> str:
+    """A table's short word for a tableau without a selected h: ``"every h diverged"``, or ``"no finite
+    score @n"`` (judged on the selecting step count n)."""
+    steps = group.select_steps
+    if steps is None and group.search:
+        steps = next(iter(group.search.values())).defaults.eval_steps[-1]
+    if not group.search or all(run.status == "diverged" for run in group.search.values()):
+        return "every h diverged"
+    return f"no finite score @{steps}"
 
 
 def _cell(stats: Mapping[str, Any]) -> str:
@@ -556,7 +609,7 @@ def grid_report(groups: Sequence[GridGroup]) -> str:
         total = f"{sum(r.train_time_s for r in every):.1f}"
         tested = g.tested
         if not tested:
-            why = "every h diverged" if g.selected is None else "diverged"
+            why = "diverged" if g.selected is not None else _unselected(g)
             cells = [why, *([""] * (len(steps) - 1))]
             rows.append(
                 [
@@ -622,7 +675,7 @@ def grid_rows(groups: Sequence[GridGroup]) -> list[dict[str, Any]]:
         if len(g.search) < len(g.grid) or (g.selected is not None and len(g.runs) < len(g.seeds)):
             status = "running"  # or interrupted: the comparison's own status says which
         else:
-            status = "complete" if tested else "diverged"
+            status = "complete" if tested else ("diverged" if _unselected(g) == "every h diverged" else "not selected")
         row: dict[str, Any] = {
             "tableau": g.tableau.name,
             "order": g.tableau.order,
