@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:  # for the annotations only: the import itself waits for the first figure (see above)
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -48,12 +50,13 @@ def _plotted_values(ax: Axes, axis: str) -> list[float]:
     for line in ax.get_lines():
         if line.get_gid() == NONFINITE_GID:
             continue
-        data = line.get_xdata() if axis == "x" else line.get_ydata()
-        values += [float(v) for v in data if math.isfinite(float(v))]
+        data = np.asarray(line.get_xdata() if axis == "x" else line.get_ydata(), dtype=np.float64)
+        values += [float(v) for v in data.ravel() if math.isfinite(v)]
     for collection in ax.collections:  # error bars and bands: their path vertices
         for path in collection.get_paths():
             column = 0 if axis == "x" else 1
-            values += [float(v[column]) for v in path.vertices if math.isfinite(float(v[column]))]
+            column_values = np.asarray(path.vertices, dtype=np.float64)[:, column]
+            values += [float(v) for v in column_values if math.isfinite(v)]
     return values
 
 

@@ -57,7 +57,10 @@ def _eval_curve(run: RunResult, step: str) -> tuple[list[int], list[float]]:
     return [e["iteration"] for e in run.evals], [math.nan if v is None else float(v) for v in values]
 
 
-def _mark_nonfinite(ax: Axes, marked: list[tuple[Sequence[float], Sequence[float | None], str]]) -> None:
+_Series = tuple[Sequence[float], Sequence[float | None], str]  # (x, y, color) of a plotted series
+
+
+def _mark_nonfinite(ax: Axes, marked: Sequence[_Series]) -> None:
     """Every non-finite point of ``marked`` (``(x, y, color)`` per series) marked at the top of ``ax``, one
     legend entry for them all; call it after the axis scale is set."""
     label: str | None = "non-finite (x at the top)"
@@ -80,7 +83,7 @@ def plot_training(run: RunResult, path: Path | str) -> None:
     loss_ax.plot(*_smooth(run.losses), color="C0", label="meta-loss (smoothed)")
     steps = (0, *run.defaults.eval_steps)
     markers = ("x", "o", "s", "^", "v", "D")
-    marked = []
+    marked: list[_Series] = []
     for k, step in enumerate(steps):
         iterations, values = _eval_curve(run, str(step))
         marked.append((iterations, values, f"C{k + 1}"))
@@ -113,7 +116,7 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     steps = [0, *runs[0].defaults.test_steps]
-    marked: dict[Axes, list[tuple[Sequence[float], Sequence[float | None], str]]] = {left: [], right: []}
+    marked: dict[Axes, list[_Series]] = {left: [], right: []}
     for i, run in enumerate(runs):
         if run.test is not None:
             summary = run.test.summary()
@@ -160,21 +163,18 @@ def plot_compare(runs: Sequence[RunResult], path: Path | str) -> None:
     save_figure(fig, path)
 
 
-def _grid_scores(
-    ax: Axes, groups: Sequence[GridGroup], metric_short: str, step: int
-) -> list[tuple[Sequence[float], Sequence[float | None], str]]:
+def _grid_scores(ax: Axes, groups: Sequence[GridGroup], metric_short: str, step: int) -> list[_Series]:
     """The right panel of a grid comparison over several h: each tableau's final held-out score per h (first
     seed), the selected h circled, an h without a finite score (diverged, or non-finite after ``step``
     adaptation steps) marked at the top (what it returns, for :func:`_mark_nonfinite`)."""
     grid = groups[0].grid
-    marked = []
+    marked: list[_Series] = []
     for i, g in enumerate(groups):
         color = f"C{i % 10}"
-        scores = [g.scores.get(h) for h in grid]
-        values = [math.nan if v is None else v for v in scores]
+        values = [math.nan if (v := g.scores.get(h)) is None else v for h in grid]
         ax.plot(list(grid), values, marker="o", ms=4, color=color, label=g.tableau.name)
-        if g.selected is not None and g.scores.get(g.selected) is not None:
-            ax.plot([g.selected], [g.scores[g.selected]], marker="o", ms=11, mfc="none", color=color)
+        if g.selected is not None and (best := g.scores.get(g.selected)) is not None:
+            ax.plot([g.selected], [best], marker="o", ms=11, mfc="none", color=color)
         marked.append(([h for h in grid if h in g.scores], [g.scores[h] for h in grid if h in g.scores], color))
     ax.set_xscale("log")
     ax.set_xticks(list(grid))
@@ -204,7 +204,7 @@ def plot_compare_grid(groups: Sequence[GridGroup], path: Path | str) -> None:
     metric, grid = first.domain.metric, groups[0].grid
     steps = [0, *first.defaults.test_steps]
     shown_step = steps[1] if len(steps) > 1 else 0
-    marked: dict[Axes, list[tuple[Sequence[float], Sequence[float | None], str]]] = {left: [], right: []}
+    marked: dict[Axes, list[_Series]] = {left: [], right: []}
     for i, g in enumerate(groups):
         color = f"C{i % 10}"
         tested = g.tested
