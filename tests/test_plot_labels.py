@@ -41,7 +41,6 @@ def assert_labelled(ax: Axes) -> None:
     ax.figure.canvas.draw()
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), ax
     for axis in (ax.xaxis, ax.yaxis):
-        shown = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
         view = axis.get_view_interval()
         shown = [t.get_text() for t in axis.get_ticklabels(which="both")
                  if t.get_visible() and t.get_text() and min(view) <= t.get_position()[axis is ax.yaxis] <= max(view)]
