@@ -123,3 +123,11 @@ def test_a_custom_tableau_is_written_whole(tmp_path: Path) -> None:
     assert isinstance(again.tableau, Tableau) and again.tableau.to_dict() == custom.to_dict()
     with pytest.raises(ConfigFileError, match="'omniglot'"):
         read_config(tmp_path / CONFIG_FILE, domain="omniglot")
+
+
+def test_every_run_of_a_comparison_writes_its_configuration(tmp_path: Path) -> None:
+    assert main(["compare", "sinusoid", "--tableaus", "maml,heun", *TINY, "--quiet", "--out", str(tmp_path)]) == 0
+    for tableau in ("maml", "heun"):
+        run = tmp_path / tableau
+        saved = json.loads((run / CONFIG_FILE).read_text())
+        assert saved == _results(run)["config"] and saved["tableau"] == tableau
