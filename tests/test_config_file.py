@@ -4,14 +4,15 @@ typed flags overriding the file, and the one-line errors of a bad file."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from rkfast.cli import main
 from rkfast.tableau import Tableau
-from rkfast.train import CONFIG_FILE, ConfigFileError, TrainConfig, read_config, run_files, train
 from rkfast.tasks import get_domain
+from rkfast.train import CONFIG_FILE, ConfigFileError, TrainConfig, read_config, run_files, train
 
 TINY = ["--iterations", "4", "--eval-every", "2", "--eval-tasks", "3", "--test-tasks", "5", "--meta-batch", "2"]
 
@@ -111,7 +112,7 @@ def test_a_resumed_run_keeps_the_file_its_start_wrote(tmp_path: Path) -> None:
     cfg = TrainConfig(iterations=2, eval_every=0, eval_tasks=2, test_tasks=3, meta_batch=2)
     train(cfg, out=tmp_path, progress=False)
     written = (tmp_path / CONFIG_FILE).read_text()
-    train(TrainConfig(**{**cfg.__dict__, "iterations": 3}), out=tmp_path, resume=True, progress=False)
+    train(replace(cfg, iterations=3), out=tmp_path, resume=True, progress=False)
     assert (tmp_path / CONFIG_FILE).read_text() == written
 
 
