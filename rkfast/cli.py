@@ -73,6 +73,7 @@ from .train import (
     TensorBoardLogger,
     TrainConfig,
     check_device,
+    check_resolves,
     describe_learned_tableau,
     evaluate_run,
     launched_process_group,
@@ -178,12 +179,19 @@ def _typed_over(args: argparse.Namespace, base: TrainConfig, tableau: Tableau | 
 
 def _file_config(args: argparse.Namespace) -> TrainConfig:
     """``--config FILE``: the configuration in FILE (a run folder's ``config.json``) for this command's domain,
-    with the options typed on this command line laid over it."""
+    with the options typed on this command line laid over it (they may mend the file: ``--device cpu``).
+    A setting that does not resolve is named in the file's terms when the file's own settings fail."""
     try:
-        saved = read_config(args.config, domain=args.domain)
+        saved = read_config(args.config, domain=args.domain, resolve=False)
+        cfg = _typed_over(args, saved)
+        try:
+            cfg.resolved()
+        except ValueError as err:
+            check_resolves(args.config, saved)  # the file's own fault: named with the file
+            raise CommandError(str(err)) from None  # a typed flag's
     except ConfigFileError as err:
         raise CommandError(str(err)) from None
-    return _typed_over(args, saved)
+    return cfg
 
 
 def _checked(cfg: TrainConfig) -> TrainConfig:

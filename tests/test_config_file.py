@@ -132,3 +132,17 @@ def test_every_run_of_a_comparison_writes_its_configuration(tmp_path: Path) -> N
         run = tmp_path / tableau
         saved = json.loads((run / CONFIG_FILE).read_text())
         assert saved == _results(run)["config"] and saved["tableau"] == tableau
+
+
+def test_a_typed_flag_overrides_a_setting_the_file_gets_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"device": "cuda:99", "iterations": 2, "eval_tasks": 0, "test_tasks": 2}))
+    assert main(["train", "sinusoid", "--config", str(path), "--quiet", "--out", str(tmp_path / "a")]) == 2
+    _one_error_line(capsys, str(path), "cuda:99")
+    assert (
+        main(["train", "sinusoid", "--config", str(path), "--device", "cpu", "--quiet", "--out", str(tmp_path / "b")])
+        == 0
+    )
+    assert _results(tmp_path / "b")["config"]["device"] == "cpu"

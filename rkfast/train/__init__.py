@@ -43,7 +43,7 @@ from .checkpoint import (
     slug,
 )
 from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device
-from .config_file import CONFIG_FILE, ConfigFileError, read_config, write_config
+from .config_file import CONFIG_FILE, ConfigFileError, check_resolves, read_config, write_config
 from .evaluation import RunEvaluation, evaluate_run, evaluate_tasks
 from .launch import (
     DEFAULT_DIST_TIMEOUT_S,
@@ -119,6 +119,7 @@ __all__ = [
     "ConfigFileError",
     "read_config",
     "write_config",
+    "check_resolves",
     "Callback",
     "CallbackList",
     "ProgressCallback",

@@ -19,7 +19,7 @@ from ..runs import write_json
 from ..tableau import Tableau, get_tableau
 from .config import TrainConfig
 
-__all__ = ["CONFIG_FILE", "ConfigFileError", "config_data", "write_config", "read_config"]
+__all__ = ["CONFIG_FILE", "ConfigFileError", "config_data", "write_config", "read_config", "check_resolves"]
 
 CONFIG_FILE = "config.json"  # the run's configuration, in every run folder
 
@@ -103,11 +103,12 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_config(path: Path | str, domain: str | None = None) -> TrainConfig:
+def read_config(path: Path | str, domain: str | None = None, resolve: bool = True) -> TrainConfig:
     """The configuration in ``path``, checked: every key a :class:`TrainConfig` field, every value of its
-    type and the whole resolving (:meth:`TrainConfig.resolved`). Missing keys take :class:`TrainConfig`'s
-    defaults; given ``domain``, the file's must be it (a file without one is for ``domain``). Raises
-    :class:`ConfigFileError` naming the file and the first bad key or value."""
+    type and (``resolve``) the whole resolving (:meth:`TrainConfig.resolved`; without it, for a caller that
+    overrides settings first). Missing keys take :class:`TrainConfig`'s defaults; given ``domain``, the
+    file's must be it (a file without one is for ``domain``). Raises :class:`ConfigFileError` naming the file
+    and the first bad key or value."""
     path = Path(path)
     data = _load(path)
     if domain is not None:
@@ -122,8 +123,15 @@ def read_config(path: Path | str, domain: str | None = None) -> TrainConfig:
             f"{path}: unknown key {unknown[0]!r}; the settings are {', '.join(_FIELDS)} (docs/training.md)"
         )
     cfg = TrainConfig(**{key: _check_value(path, key, value) for key, value in data.items()})
+    if resolve:
+        check_resolves(path, cfg)
+    return cfg
+
+
+def check_resolves(path: Path | str, cfg: TrainConfig) -> None:
+    """:meth:`TrainConfig.resolved` of ``cfg``, read from ``path``; its error as a :class:`ConfigFileError`
+    naming the file."""
     try:
         cfg.resolved()
     except (ValueError, TypeError) as err:
         raise ConfigFileError(f"{path}: {err}") from None
-    return cfg
