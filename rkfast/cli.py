@@ -61,6 +61,7 @@ from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Defaults, Domain, domains, get_domain
 from .train import (
+    CONFIG_FILE,
     DEFAULT_DIST_TIMEOUT_S,
     DIST_TIMEOUT_ENV,
     METRICS_FILE,
@@ -322,9 +323,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
             f"{', '.join(map(str, d['meta_batch_per_rank']))}"
         )
-    written = [out / "results.json", out / "checkpoint.pt", out / METRICS_FILE, *write_run_plots(run, out)]
+    written = [out / "results.json", out / CONFIG_FILE, out / "checkpoint.pt", out / METRICS_FILE]
+    written += write_run_plots(run, out)
     if run.best is not None:
-        written.insert(2, out / "best.pt")
+        written.insert(3, out / "best.pt")
     print(f"wrote {', '.join(map(str, written))}")
     return 0
 

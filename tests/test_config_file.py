@@ -29,8 +29,9 @@ def _one_error_line(capsys: pytest.CaptureFixture[str], *names: str) -> str:
     return err
 
 
-def test_a_run_writes_its_resolved_configuration(tmp_path: Path) -> None:
+def test_a_run_writes_its_resolved_configuration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "sinusoid", "--tableau", "heun", *TINY, "--quiet", "--out", str(tmp_path)]) == 0
+    assert str(tmp_path / CONFIG_FILE) in capsys.readouterr().out  # the "wrote ..." line names it
     saved = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert saved == _results(tmp_path)["config"]  # every setting, the domain's defaults filled in
     assert saved["tableau"] == "heun" and saved["inner_lr"] is not None and saved["options"]
