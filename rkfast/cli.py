@@ -10,6 +10,7 @@
                                                         # h per tableau chosen on held-out tasks, 3 seeds each
     rkfast eval runs/sinusoid-rk4 --test-tasks 1000     # meta-test a finished run again
     rkfast train sinusoid --learn-rates element         # Meta-SGD: learned per-element inner rates (rates.png)
+    rkfast train sinusoid --config runs/sinusoid-rk4/config.json --seed 1   # a run again, another seed
     rkfast train DOMAIN --help                          # a domain's options and published defaults
     torchrun --nproc-per-node 2 -m rkfast train sinusoid   # the same run, task-parallel over 2 processes
 
@@ -60,10 +61,12 @@ from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Defaults, Domain, domains, get_domain
 from .train import (
+    CONFIG_FILE,
     DEFAULT_DIST_TIMEOUT_S,
     DIST_TIMEOUT_ENV,
     METRICS_FILE,
     Callback,
+    ConfigFileError,
     LaunchError,
     RunDiverged,
     RunInterrupted,
@@ -71,6 +74,7 @@ from .train import (
     TensorBoardLogger,
     TrainConfig,
     check_device,
+    check_resolves,
     describe_learned_tableau,
     evaluate_run,
     launched_process_group,
@@ -79,6 +83,7 @@ from .train import (
     learned_tableau_info,
     lost_contact,
     rates_info,
+    read_config,
     reported_by_rank,
     resume_config,
     silenced,
@@ -157,14 +162,36 @@ def _resumed_config(args: argparse.Namespace, saved: TrainConfig, tableau: Table
             f"the run to resume is a {saved.domain!r} run, not {args.domain!r}: "
             f"rkfast train {saved.domain} --resume ..."
         )
+    return _typed_over(args, saved, tableau)
+
+
+def _typed_over(args: argparse.Namespace, base: TrainConfig, tableau: Tableau | None = None) -> TrainConfig:
+    """``base`` with the options typed on this command line laid over it (``tableau``, if given, wins)."""
     given = _given(args)
     typed = {k: getattr(args, k) for k in given if k in TrainConfig.__dataclass_fields__ and k != "tableau"}
-    options = {**saved.options, **_options(args, get_domain(args.domain), only_given=True)}
-    cfg = replace(saved, **typed, options=options)
+    options = {**base.options, **_options(args, get_domain(args.domain), only_given=True)}
+    cfg = replace(base, **typed, options=options)
     if tableau is not None:
         cfg = replace(cfg, tableau=tableau)
     elif "tableau" in given:
         cfg = replace(cfg, tableau=args.tableau)
+    return cfg
+
+
+def _file_config(args: argparse.Namespace) -> TrainConfig:
+    """``--config FILE``: the configuration in FILE (a run folder's ``config.json``) for this command's domain,
+    with the options typed on this command line laid over it (they may mend the file: ``--device cpu``).
+    A setting that does not resolve is named in the file's terms when the file's own settings fail."""
+    try:
+        saved = read_config(args.config, domain=args.domain, resolve=False)
+        cfg = _typed_over(args, saved)
+        try:
+            cfg.resolved()
+        except ValueError as err:
+            check_resolves(args.config, saved)  # the file's own fault: named with the file
+            raise CommandError(str(err)) from None  # a typed flag's
+    except ConfigFileError as err:
+        raise CommandError(str(err)) from None
     return cfg
 
 
@@ -263,8 +290,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     0 reads the command's files and decides, every rank trains, rank 0 prints and writes)."""
 
     def decide() -> tuple[TrainConfig, Path, bool]:
+        if args.config is not None and args.resume is not None:
+            raise CommandError("--config FILE starts a new run and --resume continues a saved one: give one of them")
         if args.resume is None:
-            cfg = _checked(_config(args, args.tableau))
+            cfg = _checked(_file_config(args) if args.config is not None else _config(args, args.tableau))
             tableau = cfg.resolved().settings().tableau
             out, resume = _run_folder(args, f"runs/{args.domain}-{slug(tableau.name)}")
         else:
@@ -294,9 +323,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"task-parallel over {d['world_size']} processes ({d['backend']}): tasks per meta-step and process "
             f"{', '.join(map(str, d['meta_batch_per_rank']))}"
         )
-    written = [out / "results.json", out / "checkpoint.pt", out / METRICS_FILE, *write_run_plots(run, out)]
+    written = [out / "results.json", out / CONFIG_FILE, out / "checkpoint.pt", out / METRICS_FILE]
+    written += write_run_plots(run, out)
     if run.best is not None:
-        written.insert(2, out / "best.pt")
+        written.insert(3, out / "best.pt")
     print(f"wrote {', '.join(map(str, written))}")
     return 0
 
@@ -806,6 +836,13 @@ def _add_domain_commands(command: argparse.ArgumentParser, compare: bool) -> Non
                 f"{domain.defaults.tableau}{' with the default options' if domain.defaults_by_options else ''}",
             )
             p.add_argument("--out", help=f"output folder (default: runs/{domain.name}-<tableau>)")
+            p.add_argument(
+                "--config",
+                metavar="FILE",
+                default=None,
+                help="run the configuration in FILE again (a run folder's config.json); the flags typed "
+                "here override its settings (e.g. another --seed)",
+            )
         _add_training_options(p, domain, compare=compare)
 
 

@@ -68,7 +68,7 @@ def test_train_eval_and_resume_write_strict_json(tmp_path: Path) -> None:
                  "--out", str(tmp_path / "evals" / "eval.json")]) == 0
     assert main(["train", "sinusoid", "--resume", str(run), "--iterations", "6", "--quiet"]) == 0
     files = {**strict_all(run), **strict_all(tmp_path / "evals")}
-    assert set(files) == {"results.json", "eval.json"}
+    assert set(files) == {"results.json", "config.json", "eval.json"}
     res, ev = files["results.json"], files["eval.json"]
     assert res["status"] == "complete" and res["iteration"] == 6
     test = res["test"]
@@ -105,7 +105,8 @@ def test_compare_writes_strict_json_with_the_nonfinite_counts(tmp_path: Path) ->
     assert main(["compare", "sinusoid", "--tableaus", "maml", "--seeds", "0,1", *TINY, *DIVERGING,
                  "--out", str(grid)]) == 0
     files = strict_all(grid)
-    assert len(files) == 3  # compare.json and one results.json per seed
+    assert len(files) == 5  # compare.json, and one results.json and one config.json per seed
+    assert sorted(Path(name).name for name in files) == ["compare.json", *["config.json"] * 2, *["results.json"] * 2]
     stats = files["compare.json"]["table"][0]["mse"]
     assert stats["10"]["mean"] is None and 0 < stats["10"]["nonfinite"] <= 40 and "nonfinite" not in stats["0"]
     # the study driver reads null back as NaN, the count beside it

@@ -8,7 +8,8 @@ SIGINT/SIGTERM, resuming bit for bit on the CPU), and under ``torchrun`` every r
 (``docs/training.md``).
 
 The package, layer by layer: :mod:`~rkfast.train.optimizer` (the optimizer's learned coefficients and their
-summaries), :mod:`~rkfast.train.config` (:class:`TrainConfig`), :mod:`~rkfast.train.results`
+summaries), :mod:`~rkfast.train.config` (:class:`TrainConfig`), :mod:`~rkfast.train.config_file` (a run's
+``config.json``: :func:`read_config`), :mod:`~rkfast.train.results`
 (:class:`RunResult` and the exceptions that stop a run), :mod:`~rkfast.train.ranks` (what the ranks of a
 distributed run decide together), :mod:`~rkfast.train.launch` (a process started by a launcher such as
 ``torchrun``: its process group and which rank says what), :mod:`~rkfast.train.checkpoint` (saving,
@@ -42,6 +43,7 @@ from .checkpoint import (
     slug,
 )
 from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device
+from .config_file import CONFIG_FILE, ConfigFileError, check_resolves, read_config, write_config
 from .evaluation import RunEvaluation, evaluate_run, evaluate_tasks
 from .launch import (
     DEFAULT_DIST_TIMEOUT_S,
@@ -113,6 +115,11 @@ __all__ = [
     "LOG_EVERY",
     "METRICS_FILE",
     "run_files",
+    "CONFIG_FILE",
+    "ConfigFileError",
+    "read_config",
+    "write_config",
+    "check_resolves",
     "Callback",
     "CallbackList",
     "ProgressCallback",

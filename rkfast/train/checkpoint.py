@@ -18,6 +18,7 @@ from ..runs import CHECKPOINT_FORMAT, RunError, RunFolder, load_checkpoint
 from ..tableau import Tableau
 from ..tasks import Domain, StatefulSampler, get_domain, task_generator
 from .config import TrainConfig, build_optimizer
+from .config_file import CONFIG_FILE, write_config
 from .results import RunResult
 
 __all__ = [
@@ -185,23 +186,26 @@ class RunState:
 
 
 def run_files(domain: Domain) -> tuple[str, ...]:
-    """The files a run of ``domain`` may write besides results and checkpoints: :data:`METRICS_FILE`, the
-    training curve and the domain's plots (``rates.png`` only with learned inner rates, ``tableau.png`` only
-    with a learned tableau; named always, so that their paths are checked and an earlier run's copies are
-    cleared)."""
-    return (METRICS_FILE, "training.png", *domain.plots, RATES_PLOT, TABLEAU_PLOT)
+    """The files a run of ``domain`` may write besides results and checkpoints: :data:`METRICS_FILE`,
+    :data:`~rkfast.train.config_file.CONFIG_FILE`, the training curve and the domain's plots (``rates.png``
+        only with learned inner rates, ``tableau.png`` only with a learned tableau; named always, so that their
+    paths are checked and an earlier run's copies are cleared)."""
+    return (METRICS_FILE, CONFIG_FILE, "training.png", *domain.plots, RATES_PLOT, TABLEAU_PLOT)
 
 
 def prepare_folder(
     folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool, world_size: int
 ) -> dict[str, Any] | None:
     """Check the run folder before training: writable, and either the checkpoint to resume (returned) or
-    free for a new run (an earlier run's files deleted with ``overwrite``). Raises :class:`RunError`."""
+    free for a new run (an earlier run's files deleted with ``overwrite``); then the run's configuration file
+    (:func:`write_run_config`). Raises :class:`RunError`."""
     if folder is None:
         return None
     folder.check_writable()
     if resume:
-        return resumable_checkpoint(folder, cfg, world_size)
+        payload = resumable_checkpoint(folder, cfg, world_size)
+        write_run_config(folder, cfg, resume=True)
+        return payload
     if folder.holds_run():
         if not overwrite:
             raise RunError(
@@ -209,7 +213,21 @@ def prepare_folder(
                 "overwrite it, or choose another output folder"
             )
         folder.clear()
+    write_run_config(folder, cfg, resume=False)
     return None
+
+
+def write_run_config(folder: RunFolder, cfg: TrainConfig, resume: bool) -> None:
+    """Write the run's resolved configuration ``cfg`` to :data:`~rkfast.train.config_file.CONFIG_FILE` in
+    ``folder``, so that ``rkfast train DOMAIN --config FILE`` runs it again. A resumed run keeps the file its
+    start wrote (one is written only for a folder without it, saved by an older rkfast)."""
+    path = folder.path / CONFIG_FILE
+    if resume and path.is_file():
+        return
+    try:
+        write_config(path, cfg)
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def resumable_checkpoint(folder: RunFolder, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
