@@ -41,7 +41,7 @@ from .checkpoint import (
     run_files,
     slug,
 )
-from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device
+from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device, default_select_steps
 from .evaluation import RunEvaluation, evaluate_run, evaluate_tasks
 from .launch import (
     DEFAULT_DIST_TIMEOUT_S,
@@ -65,6 +65,7 @@ from .results import (
     RunResult,
     describe_learned_tableau,
     describe_rates,
+    selection_warning,
 )
 
 __all__ = [
@@ -88,6 +89,8 @@ __all__ = [
     "eval_pieces",
     "build_optimizer",
     "check_device",
+    "default_select_steps",
+    "selection_warning",
     "lead_decides",
     "launched_process_group",
     "launched_world",
