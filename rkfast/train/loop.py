@@ -294,7 +294,8 @@ def train(
     Args:
         config: the run's configuration (domain defaults fill its ``None`` fields).
         out: the run folder: ``results.json``, ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the
-            end), ``best.pt`` (each new best held-out evaluation), ``metrics.jsonl``
+            end), ``best.pt`` (each new best held-out evaluation after
+            ``select_steps`` steps; none when no evaluation is finite), ``metrics.jsonl``
             (:class:`~rkfast.train.JsonLinesLogger`) and the plots' paths, checked before training.
             SIGINT/SIGTERM then finish the step, save and raise :class:`RunInterrupted`. Without it nothing
             is saved and the signals keep their usual effect.
