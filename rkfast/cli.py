@@ -56,7 +56,7 @@ from .distributed import RankFailedError, TaskParallel
 from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
 from .optim import NonFiniteLossError
 from .plots import write_run_plots
-from .report import rates_line, step_source, test_report, train_report
+from .report import checkpoint_line, rates_line, step_source, test_report, train_report
 from .runs import RunError, RunFolder, write_json
 from .tableau import Tableau, get_tableau, named_tableaus
 from .tasks import Defaults, Domain, domains, get_domain
@@ -470,9 +470,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
     )
     cfg, tableau = run.config, run.tableau
-    print(f"{run_dir}: {run.domain.name}, {run.iterations} meta-steps ({run.checkpoint}); {tableau.describe()}")
+    which = checkpoint_line(run.checkpoint, run.selected_by)
+    print(f"{run_dir}: {run.domain.name}, {run.iterations} meta-steps ({which}); {tableau.describe()}")
     source = step_source(cfg, tableau, cfg.test_step, args.adaptation)
-    print(test_report(run.domain, cfg, run.summary(), run.tasks, source, args.adaptation))
+    print(test_report(run.domain, cfg, run.summary(), run.tasks, source, args.adaptation, run.test))
     for line in (rates_line(rates_info(run.opt)), describe_learned_tableau(learned_tableau_info(run.opt))):
         if line:
             print(line)
@@ -606,6 +607,13 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
     _add_run_settings(p, domain, compare)
     if compare:
         _add_grid_options(p)
+    else:
+        _add_select_steps(
+            p,
+            "pick best.pt by the held-out result after N adaptation steps, one of the domain's held-out step "
+            "counts (default: the step count the run trains, 1 for maml or learned rates, k for maml(k), where "
+            "the domain evaluates it; else the last held-out count)",
+        )
     _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
     _add_rate_options(p)
     _add_tableau_options(p)
@@ -685,15 +693,16 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
         "(selected) h; the table gives the mean over seeds x test tasks and "
         "the seed-to-seed spread (default: --seed)",
     )
-    p.add_argument(
-        "--select-steps",
-        type=_POSITIVE_INT,
-        default=None,
-        action=_Typed,
-        metavar="N",
-        help="select h on the held-out result after N adaptation steps, one of the domain's "
+    _add_select_steps(
+        p,
+        "select h on the held-out result after N adaptation steps, one of the domain's "
         "held-out step counts (default: the last of them)",
     )
+
+
+def _add_select_steps(p: argparse.ArgumentParser, text: str) -> None:
+    """``--select-steps N``: the held-out step count that picks h (``compare``) or ``best.pt`` (``train``)."""
+    p.add_argument("--select-steps", type=_POSITIVE_INT, default=None, action=_Typed, metavar="N", help=text)
 
 
 def _add_rate_options(p: argparse.ArgumentParser) -> None:

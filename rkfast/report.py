@@ -9,16 +9,17 @@ from typing import Any
 
 import torch
 
-from .results import count_nonfinite, mean_ci95
+from .results import AdaptationOutput, count_nonfinite, mean_ci95
 from .tableau import Tableau
 from .tasks import Domain
-from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates
+from .train import RunResult, TrainConfig, describe_learned_tableau, describe_rates, selection_warning
 
 __all__ = [
     "table",
     "train_report",
     "compare_report",
     "test_report",
+    "checkpoint_line",
     "compare_rows",
     "run_line",
     "step_source",
@@ -79,27 +80,78 @@ def test_report(
     tasks: int,
     step_source: str,
     adaptation: str = "gradient",
+    output: AdaptationOutput | None = None,
 ) -> str:
     """The protocol, the step size and a table of every metric after each number of adaptation steps.
 
     With learned inner rates (and no ``test_step``) the step line says that the adaptation used them, times
-    the tableau's test-step factor (``summary["step_size"]``)."""
+    the tableau's test-step factor (``summary["step_size"]``). Where some tasks are NaN or infinite
+    (``summary["nonfinite"]``), that metric gets two more columns, its finite tasks and (with the per-task
+    ``output``) their median, and a warning line below the table names the cause and the flag."""
+    nonfinite = summary.get("nonfinite", {})
     headers = ["test steps"]
     for m in domain.metrics:
-        headers += [m.label, "95% CI"]
+        headers += [m.label, "95% CI", *(["finite", "median"] if m.source in nonfinite else [])]
     rows = []
     for n in summary["steps"]:
         row = [str(n)]
         for m in domain.metrics:
             mean, ci = summary[m.source][n]
             row += [f"{mean:.4f}", f"± {ci:.4f}"]
+            if m.source in nonfinite:
+                row += [f"{tasks - nonfinite[m.source][n]}/{tasks}", _finite_median(output, m.source, n)]
         rows.append(row)
     step = (
         f"test step: the learned inner rates ({_rates_name(cfg)}) x {summary['step_size']:.4g} ({step_source})"
         if _learned_rates_used(cfg)
         else f"test step size {summary['step_size']:.4g} ({step_source})"
     )
-    return "\n".join([_protocol(domain, cfg, tasks, adaptation), step, table(headers, rows)])
+    warning = _divergence_warning(domain, cfg, nonfinite)
+    return "\n".join([_protocol(domain, cfg, tasks, adaptation), step, table(headers, rows), *warning])
+
+
+def _finite_median(output: AdaptationOutput | None, source: str, steps: int) -> str:
+    """The median over the tasks whose ``source`` value after ``steps`` steps is finite ("-" without any)."""
+    if output is None:
+        return "-"
+    values = (output.losses if source == "loss" else output.metrics[source])[output.steps.index(steps)]
+    finite = values[torch.isfinite(values)]
+    return f"{finite.double().median().item():.4f}" if finite.numel() else "-"
+
+
+def _divergence_warning(domain: Domain, cfg: TrainConfig, nonfinite: Mapping[str, Mapping[int, int]]) -> list[str]:
+    """One line when the test adaptation diverged on some tasks: after which step counts, the likely cause
+    (learned rates are trained for the steps the run takes; else the step size) and the flag to change."""
+    counts = nonfinite.get(domain.metric.source, {})
+    diverged = [n for n, c in counts.items() if c]
+    if not diverged:
+        return []
+    trained = cfg.settings().tableau.adaptation_steps
+    cause = (
+        f"the learned rates are trained for {trained} step{'s' if trained != 1 else ''}, and repeating them diverges"
+        if _learned_rates_used(cfg)
+        else "the step is too large for that many steps"
+    )
+    return [
+        f"warning: the test adaptation diverged (NaN or infinite {domain.metric.short}) on some tasks after "
+        f"{', '.join(map(str, diverged))} step(s), so the mean there is not finite: {cause}; finite is the "
+        "count of finite tasks, median their median; a smaller --test-step keeps the adaptation finite"
+    ]
+
+
+def checkpoint_line(checkpoint: str, selected_by: Mapping[str, Any] | None) -> str:
+    """Which checkpoint a re-evaluation read: ``best.pt`` with the held-out evaluation that picked it (its
+    iteration, metric, step count and value)."""
+    if selected_by is None:
+        return checkpoint
+    steps = selected_by.get("steps")
+    after = f" after {steps} step{'s' if steps != 1 else ''}" if steps is not None else ""
+    value = selected_by.get("value")
+    shown = f" = {value:.4g}" if isinstance(value, float) else ""
+    return (
+        f"{checkpoint}: chosen at iteration {selected_by['iteration']} by the held-out "
+        f"{selected_by.get('metric', 'primary metric')}{after}{shown}"
+    )
 
 
 def step_source(run_cfg: TrainConfig, tableau: Tableau, test_step: float | None, adaptation: str = "gradient") -> str:
@@ -135,11 +187,13 @@ def train_report(run: RunResult) -> str:
                 test.summary(),
                 test.losses.shape[1],
                 step_source(cfg, tableau, cfg.test_step),
+                output=test,
             ),
             *([rates] if rates else []),
             *([learned] if learned else []),
             f"training: {len(run.losses)} meta-steps in {run.train_time_s:.1f} s "
             f"({run.ms_per_step:.2f} ms per meta-step), wall time {run.wall_time_s:.1f} s",
+            *([selection] if (selection := selection_warning(run)) else []),
         ]
     )
 

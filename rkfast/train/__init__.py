@@ -42,7 +42,7 @@ from .checkpoint import (
     run_files,
     slug,
 )
-from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device
+from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device, default_select_steps
 from .config_file import CONFIG_FILE, ConfigFileError, check_resolves, read_config, write_config
 from .evaluation import RunEvaluation, evaluate_run, evaluate_tasks
 from .launch import (
@@ -67,6 +67,7 @@ from .results import (
     RunResult,
     describe_learned_tableau,
     describe_rates,
+    selection_warning,
 )
 
 __all__ = [
@@ -90,6 +91,8 @@ __all__ = [
     "eval_pieces",
     "build_optimizer",
     "check_device",
+    "default_select_steps",
+    "selection_warning",
     "lead_decides",
     "launched_process_group",
     "launched_world",

@@ -34,6 +34,7 @@ __all__ = [
     "config_from_payload",
     "resume_config",
     "load_run",
+    "load_run_payload",
     "load_result",
 ]
 
@@ -284,6 +285,9 @@ def config_from_payload(payload: dict[str, Any], device: str | None = None) -> T
     fields = dict(payload["config"])
     # the config names the tableau; the optimizer state holds it whole (a custom tableau has no parsable name)
     fields["tableau"] = Tableau.from_dict(payload["optimizer"]["rkfast"]["tableau"])
+    if "select_steps" not in fields:  # saved before select_steps: best.pt was picked on the last held-out count
+        options = get_domain(fields["domain"]).resolve_options(fields.get("options", {}))
+        fields["select_steps"] = get_domain(fields["domain"]).defaults_for(options).eval_steps[-1]
     if device is not None:
         fields["device"] = device
     return TrainConfig(**fields)
@@ -303,12 +307,21 @@ def load_run(
     are rebuilt from the configuration and loaded at their saved values, so that
     :meth:`~rkfast.optim.MetaOptimizer.evaluate` adapts with them (the learned tableau's step:
     ``opt.current_tableau().test_step(inner_lr)``)."""
+    cfg, opt, payload = load_run_payload(run_dir, device, checkpoint)
+    return cfg, opt, int(payload["iteration"])
+
+
+def load_run_payload(
+    run_dir: Path | str, device: str | None = None, checkpoint: str = "checkpoint.pt"
+) -> tuple[TrainConfig, MetaOptimizer, dict[str, Any]]:
+    """:func:`load_run`, with the whole checkpoint payload (its ``history``: ``best`` says which held-out
+    evaluation picked ``best.pt``) in place of the iteration count."""
     payload = load_checkpoint(Path(run_dir) / checkpoint)
     cfg = config_from_payload(payload, device).resolved()
     opt = build_optimizer(cfg, get_domain(cfg.domain), parallel=None)
     opt.model.load_state_dict(payload["model"])  # copies into the flat buffer's views
     opt.load_state_dict(payload["optimizer"])
-    return cfg, opt, int(payload["iteration"])
+    return cfg, opt, payload
 
 
 def load_result(run_dir: Path | str, device: str | None = None) -> RunResult:

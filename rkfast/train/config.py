@@ -18,7 +18,7 @@ from ..tableau import Tableau, get_tableau
 from ..tasks import Domain, get_domain
 from .optimizer import CoefficientSettings, meta_optimizer
 
-__all__ = ["TrainConfig", "ResolvedSettings", "check_device", "build_optimizer"]
+__all__ = ["TrainConfig", "ResolvedSettings", "check_device", "build_optimizer", "default_select_steps"]
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -56,6 +56,18 @@ class ResolvedSettings:
 
 
 _DEFAULTED = tuple(f.name for f in fields(ResolvedSettings))  # the fields that None leaves to the domain
+
+
+def default_select_steps(tableau: Tableau, learned_rates: bool, eval_steps: tuple[int, ...]) -> int:
+    """The held-out step count that picks ``best.pt`` when ``select_steps`` is unset: the step count the run
+    trains (:attr:`~rkfast.tableau.Tableau.adaptation_steps`: 1 for ``maml`` and the RK tableaus, ``k`` for
+    ``maml(k)``) for learned rates or several inner steps, when it is one of the domain's held-out step
+    counts ``eval_steps``; otherwise the last of them, the domain's own choice. Learned rates are trained for
+    the steps the run takes, and repeating them further may diverge (``docs/training.md``)."""
+    trained = tableau.adaptation_steps
+    if (learned_rates or trained > 1) and trained in eval_steps:
+        return trained
+    return int(eval_steps[-1])
 
 
 @dataclass
@@ -118,6 +130,7 @@ class TrainConfig:
     learn_tableau: str | None = None
     tableau_weights: str = "fixed"
     tableau_lr: float | None = None
+    select_steps: int | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the domain's defaults filled in and everything checked (errors name the setting)."""
@@ -148,7 +161,7 @@ class TrainConfig:
         check_device(cfg.device)
         # the coefficient patterns are matched against the names of the domain's model
         coefficients = cfg.coefficients.checked(tableau, lambda: domain.make_model(cfg.options))
-        return replace(cfg, **asdict(coefficients))
+        return replace(cfg, **asdict(coefficients), select_steps=_select_steps(cfg, tableau, defaults.eval_steps))
 
     def settings(self) -> ResolvedSettings:
         """The settings :meth:`resolved` fills in (:class:`ResolvedSettings`), for code that runs on a resolved
@@ -170,6 +183,19 @@ class TrainConfig:
         """Plain JSON data (the tableau by name)."""
         name = self.tableau.name if isinstance(self.tableau, Tableau) else self.tableau
         return asdict(replace(self, tableau=name))
+
+
+def _select_steps(cfg: TrainConfig, tableau: Tableau, eval_steps: tuple[int, ...]) -> int:
+    """``cfg.select_steps`` checked against the domain's held-out step counts, or its default."""
+    if cfg.select_steps is None:
+        return default_select_steps(tableau, cfg.learn_rates is not None, eval_steps)
+    steps = _check_count("select_steps", cfg.select_steps, 1)
+    if steps not in eval_steps:
+        raise ValueError(
+            f"select_steps {steps}: the held-out evaluations of this domain adapt "
+            f"{', '.join(map(str, eval_steps))} step(s); select best.pt on one of them"
+        )
+    return steps
 
 
 def build_optimizer(cfg: TrainConfig, domain: Domain, parallel: Any = "auto") -> MetaOptimizer:

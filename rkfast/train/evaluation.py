@@ -15,7 +15,7 @@ from ..optim import MetaOptimizer
 from ..results import AdaptationOutput
 from ..tableau import Tableau
 from ..tasks import Domain, eval_pieces, get_domain, task_chunks, task_generator
-from .checkpoint import load_run
+from .checkpoint import load_run_payload
 from .config import TrainConfig
 from .optimizer import learned_tableau_info, rates_info
 
@@ -95,6 +95,8 @@ class RunEvaluation:
     iterations: int  # meta-steps the run had taken at that checkpoint
     adaptation: Literal["gradient", "stages"]
     test: AdaptationOutput  # every test task's losses and metrics after each number of adaptation steps
+    # best.pt: the held-out evaluation that picked it, {"iteration", "value", "steps", "metric"}; else None
+    selected_by: dict[str, Any] | None = None
 
     @property
     def tasks(self) -> int:
@@ -119,6 +121,7 @@ class RunEvaluation:
             "checkpoint": self.checkpoint,
             "domain": self.domain.name,
             "iterations": self.iterations,
+            **({"selected_by": self.selected_by} if self.selected_by is not None else {}),
             "config": self.config.to_json(),
             "adaptation": self.adaptation,
             "test": {
@@ -161,7 +164,10 @@ def evaluate_run(
         rkfast.runs.RunError: the folder holds no readable run.
     """
     run_dir = Path(run_dir)
-    cfg, opt, iterations = load_run(run_dir, device=device, checkpoint=checkpoint)
+    cfg, opt, payload = load_run_payload(run_dir, device=device, checkpoint=checkpoint)
+    iterations = int(payload["iteration"])
+    # best.pt is saved as its evaluation makes it the best: the history's best is that evaluation
+    best = payload.get("history", {}).get("best") if checkpoint == "best.pt" else None
     domain = get_domain(cfg.domain)
     tasks = test_tasks or cfg.settings().test_tasks
     seed = cfg.test_seed if test_seed is None else test_seed
@@ -171,4 +177,4 @@ def evaluate_run(
     sampler = domain.make_tasks(cfg.options, "test", opt.device)
     chunks = task_chunks(sampler, tasks, defaults.eval_chunk, task_generator(seed, "test"))
     output = evaluate_tasks(opt, chunks, steps or defaults.test_steps, step, adaptation)
-    return RunEvaluation(run_dir, checkpoint, domain, cfg, opt, iterations, adaptation, output)
+    return RunEvaluation(run_dir, checkpoint, domain, cfg, opt, iterations, adaptation, output, best)

@@ -100,7 +100,8 @@ class _Training:
             state.tableau_history.append({"iteration": state.done, **tableau_summary(learned.current())})
 
     def evaluate_val(self) -> None:
-        """The held-out metrics after ``defaults.eval_steps`` adaptation steps; a new best saves ``best.pt``.
+        """The held-out metrics after ``defaults.eval_steps`` adaptation steps; a new best primary metric after
+        ``select_steps`` steps saves ``best.pt`` (a NaN or infinite one never does).
 
         Distributed: every rank gets the same gathered result, so every rank takes the same decision."""
         self.record_coefficients()
@@ -114,13 +115,14 @@ class _Training:
             m.name: {str(n): c for n, c in bad[m.source].items()} for m in self.domain.metrics if m.source in bad
         }
         state.evals.append({"iteration": state.done, **scores, **({"nonfinite": nonfinite} if nonfinite else {})})
-        value = scores[metric.name][str(steps[-1])]
+        select = self.cfg.select_steps if self.cfg.select_steps is not None else steps[-1]
+        value = scores[metric.name][str(select)]
         best = state.best
         better = best is None or (value > best["value"] if metric.higher_is_better else value < best["value"])
         better = better and math.isfinite(value)
         self.callbacks.on_evaluation(EvaluationEvent(state.done, scores, better))
         if better:
-            state.best = {"iteration": state.done, "value": value, "steps": steps[-1], "metric": metric.name}
+            state.best = {"iteration": state.done, "value": value, "steps": select, "metric": metric.name}
             if self.folder is not None:
                 payload, path = state.payload("running"), self.folder.best
                 lead_decides(self.parallel, lambda: save_payload(path, payload), f"write {path}")
@@ -292,7 +294,8 @@ def train(
     Args:
         config: the run's configuration (domain defaults fill its ``None`` fields).
         out: the run folder: ``results.json``, ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the
-            end), ``best.pt`` (each new best held-out evaluation), ``metrics.jsonl``
+            end), ``best.pt`` (each new best held-out evaluation after
+            ``select_steps`` steps; none when no evaluation is finite), ``metrics.jsonl``
             (:class:`~rkfast.train.JsonLinesLogger`) and the plots' paths, checked before training.
             SIGINT/SIGTERM then finish the step, save and raise :class:`RunInterrupted`. Without it nothing
             is saved and the signals keep their usual effect.

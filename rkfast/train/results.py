@@ -4,6 +4,7 @@ and the one-line descriptions of the learned coefficients' JSON summaries."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,14 @@ from ..tasks import Defaults, Domain, task_generator
 from .config import TrainConfig
 from .optimizer import learned_tableau_info, rates_info
 
-__all__ = ["RunResult", "RunInterrupted", "RunDiverged", "describe_rates", "describe_learned_tableau"]
+__all__ = [
+    "RunResult",
+    "RunInterrupted",
+    "RunDiverged",
+    "describe_rates",
+    "describe_learned_tableau",
+    "selection_warning",
+]
 
 
 def describe_rates(info: Mapping[str, Any] | None) -> str | None:
@@ -85,7 +93,7 @@ class RunResult:
     opt: MetaOptimizer = field(repr=False)
     status: str = "complete"
     error: str | None = None
-    best: dict[str, Any] | None = None  # {"iteration", "value"} of the best held-out evaluation
+    best: dict[str, Any] | None = None  # the best held-out evaluation: {"iteration", "value", "steps", "metric"}
     distributed: dict[str, Any] | None = None  # {"world_size", "backend", "meta_batch_per_rank"}; None: one process
     rate_history: list[dict[str, Any]] = field(default_factory=list)  # learned rates: {"iteration", "values"}
     tableau_history: list[dict[str, Any]] = field(default_factory=list)  # learned tableau: {"iteration", "A", "b"}
@@ -203,3 +211,27 @@ class RunDiverged(NonFiniteLossError):
         where = f"; the last finite state is saved in {run_dir}" if run_dir is not None else ""
         super().__init__(f"meta-step {result.iteration + 1} diverged: {result.error}{where}")
         self.result, self.run_dir = result, run_dir
+
+
+def selection_warning(run: RunResult) -> str | None:
+    """One line when the held-out score that picks ``best.pt`` (the primary metric after ``select_steps``
+    adaptation steps) was NaN or infinite at some evaluation: how often, which checkpoint ``best.pt`` holds
+    (the untrained model's, or none), and the flag that selects on another step count. ``None`` otherwise."""
+    metric, steps, evals = run.domain.metric, run.config.select_steps, run.evals
+    if steps is None or not evals:
+        return None
+    values = [e.get(metric.name, {}).get(str(steps)) for e in evals]
+    bad = sum(1 for v in values if v is None or not math.isfinite(v))
+    if not bad:
+        return None
+    if run.best is None:
+        outcome = "no evaluation was finite, so best.pt was not written"
+    else:
+        untrained = " (the untrained model)" if run.best["iteration"] == 0 else ""
+        outcome = f"best.pt holds iteration {run.best['iteration']}{untrained}"
+    counts = ", ".join(map(str, run.defaults.eval_steps))
+    return (
+        f"warning: the held-out {metric.short} after {steps} adaptation step{'s' if steps != 1 else ''}, which "
+        f"picks best.pt, was NaN or infinite at {bad} of {len(values)} evaluations (the adaptation diverges "
+        f"there); {outcome}; select on a step count where it stays finite with --select-steps N (one of {counts})"
+    )
