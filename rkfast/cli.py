@@ -390,12 +390,22 @@ def _compare_settings(out: Path, resume: bool, args: argparse.Namespace) -> Comp
     cfg = _config(args, args.tableaus[0])
     if typed_lrs is not None and len(typed_lrs) == 1:
         cfg = replace(cfg, inner_lr=typed_lrs[0])
+    if cfg.select_steps is not None:  # it also picks each run's best.pt: a bad count is refused in the flag's terms
+        _check_select_steps(_checked(replace(cfg, select_steps=None)), cfg.select_steps)
     cfg = _checked(replace(cfg, seed=seeds[0]))
     if (typed_lrs is None or len(typed_lrs) == 1) and len(seeds) == 1:
         return CompareSettings(cfg, list(args.tableaus))
     lrs = typed_lrs if typed_lrs is not None else [float(cfg.resolved().settings().inner_lr)]
     select = _check_grid(cfg, lrs, args.select_steps)
     return CompareSettings(replace(cfg, inner_lr=None), list(args.tableaus), lrs, list(seeds), select)
+
+
+def _check_select_steps(cfg: TrainConfig, select_steps: int) -> None:
+    """``--select-steps`` of a comparison is one of the domain's held-out step counts (else a one-line error)."""
+    try:
+        selection_steps(cfg, select_steps, COMPARE_FLAGS)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
 
 
 def _check_grid(cfg: TrainConfig, lrs: Sequence[float], select_steps: int | None) -> int:
