@@ -40,7 +40,18 @@ from .report import GridGroup, compare_report, compare_rows, grid_report, grid_r
 from .runs import RunError, RunFolder, load_checkpoint, write_json
 from .tableau import Tableau, get_tableau
 from .tasks import get_domain
-from .train import Callback, RunDiverged, RunInterrupted, RunResult, TrainConfig, lead_decides, load_result, slug, train
+from .train import (
+    Callback,
+    RunDiverged,
+    RunInterrupted,
+    RunResult,
+    TrainConfig,
+    default_select_steps,
+    lead_decides,
+    load_result,
+    slug,
+    train,
+)
 
 __all__ = [
     "compare",
@@ -153,12 +164,14 @@ def selection_steps(
     config: TrainConfig, select_steps: int | None = None, names: Mapping[str, str] = ARGUMENT_NAMES
 ) -> int:
     """The adaptation step count whose held-out result selects h: ``select_steps``, which must be one of the
-    domain's held-out evaluation step counts, or by default the last of them. ``ValueError`` otherwise, naming
-    the setting as ``names`` does (the command line: its flags)."""
+    domain's held-out evaluation step counts, or by default the one a run's best.pt is chosen on
+    (:func:`~rkfast.train.default_select_steps`: the step count the run trains with learned rates or several
+    inner steps, else the domain's last). ``ValueError`` otherwise, naming the setting as ``names`` does (the
+    command line: its flags)."""
     resolved = config.resolved()
     counts = get_domain(resolved.domain).defaults_for(resolved.options).eval_steps
     if select_steps is None:
-        return int(counts[-1])
+        return default_select_steps(resolved.settings().tableau, resolved.learn_rates is not None, counts)
     if select_steps not in counts:
         raise ValueError(
             f"{names['select_steps']}{select_steps}: the held-out evaluations of this domain adapt "

@@ -110,7 +110,7 @@ def test_non_finite_at_the_selecting_step_is_reported_and_plotted(tmp_path: Path
     monkeypatch.setattr(comparing, "train", nan_after_10)
     out = tmp_path / "g"
     assert main(["compare", "sinusoid", "--tableaus", "maml", "--inner-lr", "0.01,0.02", *TINY, *learned,
-                 "--out", str(out)]) == 0
+                 "--select-steps", "10", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "h=0.01 non-finite on 3/4 tasks" in printed and "every h diverged" not in printed
     assert "no h has a finite held-out score after 10 steps" in printed and "finite after 1" in printed
@@ -122,12 +122,15 @@ def test_non_finite_at_the_selecting_step_is_reported_and_plotted(tmp_path: Path
     for ax in captured[-1].axes:
         assert_labelled(ax)
 
-    # selecting on 1 step: selected, and the title says so
+    # selecting on 1 step: selected, and the title says so. Learned rates select on the step count they train
+    # (1) by default, as best.pt does; a learned tableau on the domain's last unless told
     out1 = tmp_path / "g1"
     monkeypatch.setattr(comparing, "train", real_train)
+    select_1 = [] if learned[0] == "--learn-rates" else ["--select-steps", "1"]
     assert main(["compare", "sinusoid", "--tableaus", "maml", "--inner-lr", "0.01,0.02", *TINY, *learned,
-                 "--select-steps", "1", "--out", str(out1)]) == 0
-    assert json.loads((out1 / "compare.json").read_text())["table"][0]["status"] == "complete"
+                 *select_1, "--out", str(out1)]) == 0
+    saved = json.loads((out1 / "compare.json").read_text())
+    assert saved["table"][0]["status"] == "complete" and saved["grid"]["select_steps"] == 1
     right = captured[-1].axes[1]
     assert "after 1 step," in right.get_title()
     for ax in captured[-1].axes:
