@@ -198,15 +198,12 @@ def prepare_folder(
     folder: RunFolder | None, cfg: TrainConfig, resume: bool, overwrite: bool, world_size: int
 ) -> dict[str, Any] | None:
     """Check the run folder before training: writable, and either the checkpoint to resume (returned) or
-    free for a new run (an earlier run's files deleted with ``overwrite``); then the run's configuration file
-    (:func:`write_run_config`). Raises :class:`RunError`."""
+    free for a new run (an earlier run's files deleted with ``overwrite``). Raises :class:`RunError`."""
     if folder is None:
         return None
     folder.check_writable()
     if resume:
-        payload = resumable_checkpoint(folder, cfg, world_size)
-        write_run_config(folder, cfg, resume=True)
-        return payload
+        return resumable_checkpoint(folder, cfg, world_size)
     if folder.holds_run():
         if not overwrite:
             raise RunError(
@@ -214,14 +211,14 @@ def prepare_folder(
                 "overwrite it, or choose another output folder"
             )
         folder.clear()
-    write_run_config(folder, cfg, resume=False)
     return None
 
 
 def write_run_config(folder: RunFolder, cfg: TrainConfig, resume: bool) -> None:
     """Write the run's resolved configuration ``cfg`` to :data:`~rkfast.train.config_file.CONFIG_FILE` in
-    ``folder``, so that ``rkfast train DOMAIN --config FILE`` runs it again. A resumed run keeps the file its
-    start wrote (one is written only for a folder without it, saved by an older rkfast)."""
+    ``folder``, so that ``rkfast train DOMAIN --config FILE`` runs it again: with the run's first save, so that a
+    run that fails before it (a missing data set) leaves nothing behind. A resumed run keeps the file its start
+    wrote (``resume``: one is written only for a folder without it, saved by an older rkfast)."""
     path = folder.path / CONFIG_FILE
     if resume and path.is_file():
         return

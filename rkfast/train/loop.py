@@ -30,7 +30,7 @@ from .callbacks import (
     RunStart,
     StepEvent,
 )
-from .checkpoint import METRICS_FILE, RunState, prepare_folder, run_files
+from .checkpoint import METRICS_FILE, RunState, prepare_folder, run_files, write_run_config
 from .config import TrainConfig
 from .evaluation import evaluate_tasks
 from .loggers import JsonLinesLogger
@@ -142,6 +142,7 @@ class _Training:
             payload["history"]["wall_time_s"] = result.wall_time_s
 
             def write() -> None:
+                write_run_config(folder, self.cfg, resume=True)  # the first save writes it; later ones keep it
                 save_payload(folder.checkpoint, payload)
                 write_json(folder.results, result.to_json())
 
