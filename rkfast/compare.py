@@ -46,9 +46,9 @@ from .train import (
     RunInterrupted,
     RunResult,
     TrainConfig,
-    default_select_steps,
     lead_decides,
     load_result,
+    select_steps_among,
     slug,
     train,
 )
@@ -170,14 +170,10 @@ def selection_steps(
     command line: its flags)."""
     resolved = config.resolved()
     counts = get_domain(resolved.domain).defaults_for(resolved.options).eval_steps
-    if select_steps is None:
-        return default_select_steps(resolved.settings().tableau, resolved.learn_rates is not None, counts)
-    if select_steps not in counts:
-        raise ValueError(
-            f"{names['select_steps']}{select_steps}: the held-out evaluations of this domain adapt "
-            f"{', '.join(map(str, counts))} step(s); select on one of them"
-        )
-    return int(select_steps)
+    learned_rates = resolved.learn_rates is not None
+    return select_steps_among(
+        select_steps, resolved.settings().tableau, learned_rates, counts, names["select_steps"], ""
+    )
 
 
 def check_grid(

@@ -42,7 +42,14 @@ from .checkpoint import (
     run_files,
     slug,
 )
-from .config import ResolvedSettings, TrainConfig, build_optimizer, check_device, default_select_steps
+from .config import (
+    ResolvedSettings,
+    TrainConfig,
+    build_optimizer,
+    check_device,
+    default_select_steps,
+    select_steps_among,
+)
 from .config_file import CONFIG_FILE, ConfigFileError, check_resolves, read_config, write_config
 from .evaluation import RunEvaluation, evaluate_run, evaluate_tasks
 from .launch import (
@@ -92,6 +99,7 @@ __all__ = [
     "build_optimizer",
     "check_device",
     "default_select_steps",
+    "select_steps_among",
     "selection_warning",
     "lead_decides",
     "launched_process_group",

@@ -187,15 +187,29 @@ class TrainConfig:
 
 def _select_steps(cfg: TrainConfig, tableau: Tableau, eval_steps: tuple[int, ...]) -> int:
     """``cfg.select_steps`` checked against the domain's held-out step counts, or its default."""
-    if cfg.select_steps is None:
-        return default_select_steps(tableau, cfg.learn_rates is not None, eval_steps)
-    steps = _check_count("select_steps", cfg.select_steps, 1)
-    if steps not in eval_steps:
+    steps = None if cfg.select_steps is None else _check_count("select_steps", cfg.select_steps, 1)
+    return select_steps_among(steps, tableau, cfg.learn_rates is not None, eval_steps)
+
+
+def select_steps_among(
+    select_steps: int | None,
+    tableau: Tableau,
+    learned_rates: bool,
+    eval_steps: tuple[int, ...],
+    name: str = "select_steps ",
+    chooses: str = "best.pt ",
+) -> int:
+    """The held-out step count that selects (``best.pt``, or a compare grid's h): ``select_steps``, which must
+    be one of the domain's ``eval_steps`` (``ValueError`` naming it as ``name`` does), or by default
+    :func:`default_select_steps`."""
+    if select_steps is None:
+        return default_select_steps(tableau, learned_rates, eval_steps)
+    if select_steps not in eval_steps:
         raise ValueError(
-            f"select_steps {steps}: the held-out evaluations of this domain adapt "
-            f"{', '.join(map(str, eval_steps))} step(s); select best.pt on one of them"
+            f"{name}{select_steps}: the held-out evaluations of this domain adapt "
+            f"{', '.join(map(str, eval_steps))} step(s); select {chooses}on one of them"
         )
-    return steps
+    return int(select_steps)
 
 
 def build_optimizer(cfg: TrainConfig, domain: Domain, parallel: Any = "auto") -> MetaOptimizer:
