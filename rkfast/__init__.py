@@ -9,6 +9,7 @@ from .batch import TaskBatch, TaskSet
 from .capture import StepCapture
 from .distributed import InconsistentParametersError, RankFailedError, TaskParallel
 from .learned import Coefficients, LearnedRates, LearnedTableau, Rates, TableauCoefficients
+from .memory import Memory
 from .optim import MetaOptimizer, NonFiniteLossError
 from .tableau import (
     InconsistentTableauWarning,
@@ -29,6 +30,7 @@ __all__ = [
     "Rates",
     "LearnedTableau",
     "StepCapture",
+    "Memory",
     "Coefficients",
     "LearnedRates",
     "TableauCoefficients",

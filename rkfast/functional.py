@@ -33,10 +33,13 @@ from torch.func import functional_call
 
 from . import norms
 from .batch import TaskBatch
+from .chunks import ChunkSum, RecordedStages, slice_tasks
 from .kernels import Backend, axpy_, combine, resolve_backend, stage_point, stage_point_elementwise
 from .layout import ParamLayout
 from .learned import LearnedRates, RatesStepOutput, TableauCoefficients
+from .memory import AutocastLoss, Memory, task_ranges
 from .norms import PerStepBatchNorm, at_step, statistics_layers
+from .recompute import RecomputingTaskMap
 from .results import AdaptationOutput, MetaStepOutput, mean_ci95
 from .tableau import Tableau, get_tableau
 from .taskmap import (
@@ -235,7 +238,11 @@ def stage_points(
             terms = tuple((m, a if matrix is None else matrix[j, m], rates(m), slopes[m]) for m, a in coefs)
             point = elementwise_stage_point(theta, [k for *_, k in terms], [a * r for _, a, r, _ in terms], backend)
         else:
-            out = workspace.get(("point", j), (tasks.num_tasks, theta.shape[0]), theta) if workspace else None
+            out = (
+                workspace.get(("point", j, tasks.num_tasks), (tasks.num_tasks, theta.shape[0]), theta)
+                if workspace
+                else None
+            )
             point = stage_point(
                 theta, [slopes[m] for m, _ in coefs], [h * a for _, a in coefs], out=out, backend=backend
             )
@@ -415,14 +422,13 @@ def rk_meta_step(
     backend: Backend = "auto",
     workspace: Workspace | None = None,
     rates: LearnedRates | None = None,
+    memory: Memory | None = None,
 ) -> MetaStepOutput:
     """One Runge-Kutta meta-step over a batch of tasks (``docs/method.md``).
 
-    The stage points are ``theta_i^(j) = theta - h sum_{m<j} A[j][m] k_i^(m)``, with ``k_i^(m)`` task ``i``'s
-    support gradient at ``theta_i^(m)``; the meta-direction is the gradient of the meta-loss
-    ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))`` (:class:`SecondOrderDirection`), or with the slopes held
-    constant (:class:`FirstOrderDirection`). Only the support gradients a later stage reads and the query
-    losses with ``b_j != 0`` are computed.
+    Stage points ``theta_i^(j) = theta - h sum_{m<j} A[j][m] k_i^(m)`` with the support slopes ``k_i^(m)``;
+    the meta-direction is the gradient of ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))``
+    (:class:`SecondOrderDirection`), or with the slopes held constant (:class:`FirstOrderDirection`).
 
     Args:
         theta: flat meta-parameters ``[N]`` (not modified).
@@ -434,34 +440,78 @@ def rk_meta_step(
         inner_lr: the RK step ``h`` of the stages, a finite number ``> 0`` (:func:`check_step`).
         first_order: treat the support gradients as constants (no Hessian-vector products).
         vectorize: all tasks at once under ``vmap``; ``False`` runs them one by one with plain autograd.
-        num_tasks: ``T``; needed only when both data are callables.
-        randomness: ``vmap`` randomness for stochastic layers (dropout): ``"different"`` per task.
+        num_tasks: ``T``; needed only when both data are callables. randomness: ``vmap``'s, for dropout.
         backend: kernels for the stage points and the first-order reduction (:mod:`rkfast.kernels`).
         workspace: reuse its buffers for the first-order stage points and meta-direction (:class:`Workspace`).
-        rates: learned (or fixed per-tensor) inner rates, :class:`~rkfast.learned.LearnedRates`: the stage
-            points become ``theta - sum_m A[j][m] (r_m ⊙ k^(m))`` with ``r_m = rates.vector(m)`` in place of
-            ``h``, and the result is a :class:`~rkfast.learned.RatesStepOutput` whose ``rate_directions`` are
-            the meta-loss's gradients for ``rates.tensors``. For first order the coefficients' gradients hold
-            the slopes constant (``docs/method.md``, "Learned inner rates" and "Learned tableaus").
+        rates: learned (or fixed per-tensor) inner rates, :class:`~rkfast.learned.LearnedRates`: ``h`` becomes
+            ``r_m = rates.vector(m)`` in the stage points, and the result is a
+            :class:`~rkfast.learned.RatesStepOutput` with the gradients for ``rates.tensors`` (first order: slopes
+            held constant; ``docs/method.md``, "Learned inner rates" and "Learned tableaus").
+        memory: the memory levers (:class:`~rkfast.memory.Memory`; default: none, but the task-by-task path
+            back-propagates one task at a time). Chunks change only the rounding (and random draws under vmap).
 
     Returns:
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
 
     Raises:
         ValueError: a per-task loss that is not a 0-d tensor or does not depend on the parameters (detached);
-            ``inner_lr`` not a finite number ``> 0``.
+            ``inner_lr`` not a finite number ``> 0``; ``memory.recompute`` with ``first_order``.
         VmapUnsupportedError: (``vectorize=True``) the model or loss cannot run under ``vmap`` (:mod:`rkfast.taskmap`).
     """
     check_theta(theta)
-    learned = tableau if isinstance(tableau, TableauCoefficients) else None
-    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
+    plan = Memory() if memory is None else memory
     h = check_step("inner_lr", inner_lr)
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
-    tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
-    rule = FirstOrderDirection if first_order else SecondOrderDirection
+    if plan.recompute and first_order:
+        raise ValueError("Memory(recompute=True) needs a second-order step: first order keeps no stage graphs")
+    if plan.amp_dtype is not None:
+        support_loss, query_loss = AutocastLoss(support_loss, plan.amp_dtype), AutocastLoss(query_loss, plan.amp_dtype)
+    count = resolve_num_tasks(num_tasks, support_data, query_data)
+    map_type = RecomputingTaskMap if plan.recompute else TaskMap
+    step = functools.partial(
+        _meta_step, theta, support_loss, query_loss, tableau=tableau, h=h, first_order=first_order,
+        backend=backend, workspace=workspace, rates=rates,
+    )  # fmt: skip
+    chunk = plan.chunk_size(count, vectorize, callable(support_data) or callable(query_data))
+    if chunk >= count:
+        return step(support_data, query_data, map_type(count, vectorize, randomness))
+    support_data, query_data = _recorded_stage_data(
+        step, support_data, query_data, TaskMap(count, vectorize, randomness)
+    )
+    total = ChunkSum(count)
+    for start, stop in task_ranges(count, chunk):
+        support, query = (
+            d.chunk(start, stop) if isinstance(d, RecordedStages) else slice_tasks(d, start, stop)
+            for d in (support_data, query_data)
+        )
+        total.add(step(support, query, map_type(stop - start, vectorize, randomness)), stop - start)
+    return total.result()
+
+
+def _meta_step(
+    theta: Tensor,
+    support_loss: TaskLoss,
+    query_loss: TaskLoss,
+    support_data: TaskData,
+    query_data: TaskData,
+    tasks: TaskMap,
+    *,
+    tableau: Tableau | TableauCoefficients | str,
+    h: float,
+    first_order: bool,
+    backend: str,
+    workspace: Workspace | None,
+    rates: LearnedRates | None,
+    record_only: bool = False,
+) -> MetaStepOutput:
+    """:func:`rk_meta_step` over the tasks of ``tasks`` (checked arguments). ``record_only``: only run the
+    stages graph-free and produce each stage's data (what :func:`_recorded_stage_data` needs)."""
+    learned = tableau if isinstance(tableau, TableauCoefficients) else None
+    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
+    rule = FirstOrderDirection if first_order or record_only else SecondOrderDirection
     direction = rule(theta, tasks, backend, workspace, rates, learned)
     with direction.grad_mode():
-        rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, first_order)
+        rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, rule is FirstOrderDirection)
         for stage in stage_points(
             direction.theta,
             tab,
@@ -477,8 +527,23 @@ def rk_meta_step(
         ):
             with at_step(stage.index):
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
-                direction.add(stage, weights[stage.index], query_loss, data)
-        return direction.result()
+                if not record_only:
+                    direction.add(stage, weights[stage.index], query_loss, data)
+        return direction.output(direction.theta) if record_only else direction.result()
+
+
+def _recorded_stage_data(
+    step: Callable[..., Any], support_data: TaskData, query_data: TaskData, tasks: TaskMap
+) -> tuple[Any, Any]:
+    """The task data for chunks: stage callables are called once for the whole meta-batch, in a graph-free
+    pass over the stages in the unchunked step's order (:class:`~rkfast.chunks.RecordedStages`); pytrees as
+    they are."""
+    if not (callable(support_data) or callable(query_data)):
+        return support_data, query_data
+    support, query = (RecordedStages(d) if callable(d) else d for d in (support_data, query_data))
+    with torch.no_grad():
+        step(support, query, tasks, record_only=True)
+    return support, query
 
 
 def _stage_coefficients(

@@ -24,6 +24,7 @@ from .distributed import LocalTasks, Parallel, TaskParallel, is_ddp_wrapped, res
 from .flat import FlatParameters
 from .layout import ParamLayout
 from .learned import Coefficients, LearnedRates, LearnedTableau, Rates, TableauCoefficients, describe_state_key
+from .memory import Memory
 from .outer import (
     NON_FINITE_GRAD,
     OuterUpdate,
@@ -98,6 +99,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         rates: Rates | None = None,
         parallel: TaskParallel | ProcessGroup | Literal["auto"] | None = "auto",
         capture: CaptureMode | StepCapture = False,
+        memory: Memory | None = None,
         vectorize: bool | Literal["auto"] = "auto",
         check_finite: bool = True,
         batch_statistics: bool = True,
@@ -105,6 +107,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         **outer_kwargs: Any,
     ) -> None:
         _check_arguments(model, loss_fn, vectorize, rates, tableau)
+        self.memory = _checked_memory(memory, first_order, capture)
         learned = tableau if isinstance(tableau, LearnedTableau) else None
         self.tableau = get_tableau(tableau.tableau if isinstance(tableau, LearnedTableau) else tableau)
         self.rates: LearnedRates | None = None
@@ -124,7 +127,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups, self.state = optimizer.param_groups, optimizer.state
         self.layout, self._flat = _flat_meta_parameters(model, self.param_groups)
-        self._placement = _Placement(model, self._flat, self._capture, backend, vectorize)
+        self._placement = _Placement(model, self._flat, self._capture, self.memory, backend, vectorize)
         self._bind_coefficients(rates, learned, optimizer, lr)
         self._placement.coefficients = self.coefficients
         self._capture.place(self.device)
@@ -275,7 +278,7 @@ class MetaOptimizer(torch.optim.Optimizer):
         """The RK meta-direction of checked ``tasks`` at the current parameters (finiteness: the caller's)."""
         tableau = self.learned_tableau if self.learned_tableau is not None else self.tableau
         options = dict(first_order=self.first_order, vectorize=self.vectorize, backend=self.backend, rates=self.rates)
-        options["workspace"] = self._workspace
+        options.update(workspace=self._workspace, memory=self.memory)
         theta = self._flat.data.detach()
         return self._functions.run(RF.rk_meta_step, theta, tasks, tableau, self.inner_lr, **options)
 
@@ -491,6 +494,24 @@ def _check_arguments(model: Any, loss_fn: Any, vectorize: Any, rates: Any, table
         raise TypeError(f"tableau must be a name, a Tableau or a LearnedTableau, got {type(tableau).__name__}")
 
 
+def _checked_memory(memory: Any, first_order: bool, capture: Any) -> Memory:
+    """The step's :class:`~rkfast.memory.Memory` (``None``: the defaults), checked against its settings."""
+    if memory is None:
+        return Memory()
+    if not isinstance(memory, Memory):
+        raise TypeError(f"memory must be a rkfast.Memory or None, got {type(memory).__name__}")
+    if memory.recompute and first_order:
+        raise ValueError(
+            "Memory(recompute=True) needs second order (first_order=False): first order keeps no stage graphs"
+        )
+    if memory.recompute and make_step_capture(capture).mode is not False:
+        raise ValueError(
+            "Memory(recompute=True) with capture is not supported: the recomputed stages restore the random "
+            "state on the host, which a CUDA graph cannot replay; use capture=False"
+        )
+    return memory
+
+
 class _Placement:
     """The flat buffer and what depends on the meta-parameters' dtype and device: the kernel backend, the
     ``vmap`` choice, the learned coefficients' and the outer state's placement, a captured graph. When
@@ -498,12 +519,19 @@ class _Placement:
     checked first (:meth:`replaced`), so that nothing changes when it cannot."""
 
     def __init__(
-        self, model: nn.Module, flat: FlatParameters, capture: Any, backend: kernels.Backend, vectorize: Any
+        self,
+        model: nn.Module,
+        flat: FlatParameters,
+        capture: Any,
+        memory: Memory,
+        backend: kernels.Backend,
+        vectorize: Any,
     ) -> None:
-        self.model, self.flat, self.capture = model, flat, capture
+        self.model, self.flat, self.capture, self.memory = model, flat, capture, memory
         self._backend_choice, self._vectorize_choice = backend, vectorize
         self.coefficients: tuple[Coefficients, ...] = ()
         self._resolve()
+        memory.check_device(self.device)
 
     # the parameters' own (after model.to(...) that is their new kind, before the flat buffer is re-bound)
     dtype = property(lambda self: self.flat.params[0].dtype)
@@ -521,6 +549,7 @@ class _Placement:
         self.flat.check_rebind()
         kernels.resolve_backend(self._backend_choice, self.device, self.dtype)
         self.capture.check_device(self.device)
+        self.memory.check_device(self.device)
         return True
 
     def rebind(self, optimizer: torch.optim.Optimizer) -> None:
