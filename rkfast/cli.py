@@ -54,6 +54,7 @@ from .compare import (
 from .data.images import DataError
 from .distributed import RankFailedError, TaskParallel
 from .learned import GRANULARITIES, TABLEAU_PATTERNS, TABLEAU_WEIGHTS
+from .memory import AMP_DTYPES
 from .optim import NonFiniteLossError
 from .plots import write_run_plots
 from .report import checkpoint_line, rates_line, step_source, test_report, train_report
@@ -625,6 +626,7 @@ def _add_training_options(p: argparse.ArgumentParser, domain: Domain, compare: b
             "the domain evaluates it; else the last held-out count)",
         )
     _flag(p, "--first-order", help="ignore second derivatives (first-order MAML and kin)")
+    _add_memory_options(p)
     _add_rate_options(p)
     _add_tableau_options(p)
     _add_run_control(p)
@@ -777,6 +779,34 @@ def _add_tableau_options(p: argparse.ArgumentParser) -> None:
         action=_Typed,
         metavar="X",
         help="Adam's learning rate of the learned tableau, >= 0 (default: --lr); needs --learn-tableau",
+    )
+
+
+def _add_memory_options(p: argparse.ArgumentParser) -> None:
+    """The memory levers of every meta-step (:class:`~rkfast.memory.Memory`, ``docs/memory.md``)."""
+    g = p.add_argument_group("memory (docs/memory.md)")
+    g.add_argument(
+        "--task-chunk",
+        type=_POSITIVE_INT,
+        default=None,
+        action=_Typed,
+        metavar="K",
+        help="run each meta-batch K tasks at a time, each chunk back-propagated before the next: the same step, "
+        "peak memory of K tasks (default: all at once under vmap, one at a time on the task-by-task path)",
+    )
+    _flag(
+        g,
+        "--recompute",
+        help="second order: keep each stage's point only and rebuild its graph in the backward "
+        "(peak memory about one stage's graph; one more forward and backward per stage)",
+    )
+    g.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        action=_Typed,
+        help="run the task losses under torch.autocast in this dtype (bf16: CPU and CUDA; fp16: CUDA); the "
+        "meta-parameters and the outer update stay float32",
     )
 
 

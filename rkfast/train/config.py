@@ -12,6 +12,7 @@ import torch
 
 from ..functional import check_step
 from ..learned import Granularity
+from ..memory import Memory
 from ..optim import MetaOptimizer
 from ..outer import check_lr
 from ..tableau import Tableau, get_tableau
@@ -105,6 +106,9 @@ class TrainConfig:
             (``test_step`` unset); ``results.json`` reports it under ``"learned_tableau"``
             (:func:`learned_tableau_info`) and its values at every held-out evaluation under
             ``training.tableau``.
+        task_chunk, recompute, amp: the memory levers of every meta-step, as :class:`~rkfast.memory.Memory`
+            takes them (``docs/memory.md``): tasks per chunk, stage recomputation (second order), autocast
+            dtype ``"bf16"`` or ``"fp16"``.
     """
 
     domain: str = "sinusoid"
@@ -131,6 +135,9 @@ class TrainConfig:
     tableau_weights: str = "fixed"
     tableau_lr: float | None = None
     select_steps: int | None = None
+    task_chunk: int | None = None
+    recompute: bool = False
+    amp: str | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the domain's defaults filled in and everything checked (errors name the setting)."""
@@ -159,6 +166,9 @@ class TrainConfig:
                     raise ValueError(str(err)) from None
         check_lr(cfg.lr)  # as MetaOptimizer's (and torch's) lr: finite and >= 0
         check_device(cfg.device)
+        cfg.memory  # noqa: B018 - a bad memory setting fails here, naming it
+        if cfg.recompute and cfg.first_order:
+            raise ValueError("recompute needs second order (first_order off): first order keeps no stage graphs")
         # the coefficient patterns are matched against the names of the domain's model
         coefficients = cfg.coefficients.checked(tableau, lambda: domain.make_model(cfg.options))
         return replace(cfg, **asdict(coefficients), select_steps=_select_steps(cfg, tableau, defaults.eval_steps))
@@ -173,6 +183,15 @@ class TrainConfig:
                 f"{', '.join(unset)} unset: a configuration's defaults are filled in by TrainConfig.resolved()"
             )
         return ResolvedSettings(**{**values, "tableau": get_tableau(values["tableau"])})
+
+    @property
+    def memory(self) -> Memory:
+        """The memory levers (``task_chunk``, ``recompute``, ``amp``) as :class:`~rkfast.memory.Memory` takes
+        them; ``ValueError`` naming a bad one."""
+        try:
+            return Memory(task_chunk=self.task_chunk, recompute=self.recompute, amp=self.amp)  # type: ignore[arg-type]
+        except TypeError as err:  # a string or a bool: still a bad setting (ValueError, as documented)
+            raise ValueError(str(err)) from None
 
     @property
     def coefficients(self) -> CoefficientSettings:
@@ -234,4 +253,5 @@ def build_optimizer(cfg: TrainConfig, domain: Domain, parallel: Any = "auto") ->
         backend=cfg.backend,
         parallel=parallel,
         coefficients=cfg.coefficients,
+        memory=cfg.memory,
     )

@@ -24,9 +24,9 @@ __all__ = ["CONFIG_FILE", "ConfigFileError", "config_data", "write_config", "rea
 CONFIG_FILE = "config.json"  # the run's configuration, in every run folder
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
-_BOOLS = ("first_order", "per_stage_rates")
+_BOOLS = ("first_order", "per_stage_rates", "recompute")
 _STRINGS = ("domain", "device", "backend", "tableau_weights")
-_OPTIONAL_STRINGS = ("learn_rates", "learn_tableau")
+_OPTIONAL_STRINGS = ("learn_rates", "learn_tableau", "amp")
 
 
 class ConfigFileError(ValueError):

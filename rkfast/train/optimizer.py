@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..learned import Granularity, LearnedTableau, Rates, rate_summary, tableau_summary
+from ..memory import Memory
 from ..optim import MetaOptimizer
 from ..tableau import Tableau
 
@@ -152,6 +153,7 @@ def meta_optimizer(
     backend: str = "auto",
     parallel: Any = "auto",
     coefficients: CoefficientSettings = CoefficientSettings(),
+    memory: Memory | None = None,
 ) -> MetaOptimizer:
     """A :class:`~rkfast.optim.MetaOptimizer` (Adam outside) over ``model`` with these ``coefficients``."""
     tableau_arg, rates = coefficients.specs(tableau)
@@ -166,6 +168,7 @@ def meta_optimizer(
         backend=backend,
         rates=rates,
         parallel=parallel,
+        memory=memory,
     )
 
 
