@@ -228,6 +228,10 @@ CONFIGS = [
          rates=Rates("tensor", per_stage=True)),
     dict(tableau=LearnedTableau("heun", "full"), first_order=False, vectorize=False, tasks=4, two_phase=True,
          rates=Rates("scalar")),
+    # memory levers: chunked, recomputed steps on each rank equal the plain step of one process
+    dict(tableau="rk4", first_order=False, vectorize=True, tasks=5, memory=rkfast.Memory(task_chunk=2, recompute=True),
+         rates=Rates("tensor")),
+    dict(tableau="heun", first_order=True, vectorize=True, tasks=4, task_set=True, memory=rkfast.Memory(task_chunk=1)),
 ]
 
 
@@ -237,6 +241,7 @@ def config_id(config: dict[str, Any]) -> str:
              "fo" if config["first_order"] else "so", "vmap" if config["vectorize"] else "loop", f"T{config['tasks']}"]
     parts += [name for name in ("task_set", "two_phase") if config.get(name)]
     parts += [f"rates={config['rates'].granularity}"] if config.get("rates") else []
+    parts += [f"chunk={config['memory'].task_chunk}"] if config.get("memory") else []
     return "-".join(parts)
 
 
@@ -245,7 +250,7 @@ def train(config: dict[str, Any], state: dict[str, torch.Tensor], parallel: Any)
     model = model_from(state)
     opt = MetaOptimizer(model, F.mse_loss, tableau=config["tableau"], inner_lr=0.1, outer=config.get("outer", "adam"),
                         lr=0.05, first_order=config["first_order"], vectorize=config["vectorize"],
-                        parallel=parallel, rates=config.get("rates"))
+                        parallel=parallel, rates=config.get("rates"), memory=config.get("memory"))
     losses, stage_losses = [], []
     for batch in make_batches(config["tasks"]):
         tasks = share(as_task_set(batch) if config.get("task_set") else batch, opt.distributed)
@@ -279,7 +284,8 @@ def test_two_ranks_equal_one_process(equality_job, index):
     config = CONFIGS[index]
     ranks = [equality_job[r][index] for r in range(WORLD)]
     assert all("world_size=2" in r["distributed"] for r in ranks)
-    reference = train(config, initial_state(), parallel=None)  # this (undistributed) process, all T tasks
+    # this (undistributed) process, all T tasks, without the memory levers
+    reference = train({**config, "memory": None}, initial_state(), parallel=None)
     for name in ("params", "losses", "stage_losses", "grad", "coefficients", "coefficient_grads"):
         assert same_bits(ranks[0][name], ranks[1][name]), f"{name} differ between the ranks"
         torch.testing.assert_close(ranks[0][name], reference[name], rtol=0, atol=1e-12)
