@@ -853,8 +853,9 @@ def _add_domain_options(p: argparse.ArgumentParser, domain: Domain) -> None:
             group.add_argument(
                 o.flag,
                 dest=_OPTION_DEST + o.name,
-                metavar=o.name.upper(),
+                metavar="|".join(map(str, o.choices)) if o.choices else o.name.upper(),
                 type=parse,
+                choices=o.choices or None,
                 default=o.default,
                 action=_Typed,
                 help=o.help if o.default == "" else f"{o.help} (default: %(default)s)",

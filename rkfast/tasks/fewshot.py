@@ -31,12 +31,14 @@ from ..data.images import ClassImages, DataError
 from ..data.miniimagenet import load_miniimagenet
 from ..data.omniglot import load_omniglot
 from ..figures import new_figure, save_figure
+from ..models import RESNET12_MIN_IMAGE_SIZE, SpatialMean, resnet12
 from .registry import Defaults, Domain, Metric, Option, TrainedRun, kept_params, meta_test_tasks, register
 from .sampling import task_chunks
 
 __all__ = ["EpisodeSampler", "OMNIGLOT", "MINIIMAGENET", "GLYPHS", "plot_episodes"]
 
 SPLITS = ("train", "val", "test")
+BACKBONES = ("conv4", "resnet12")  # the --backbone choices; conv4 is the default
 
 
 @dataclass
@@ -118,18 +120,9 @@ def conv4(in_channels: int, ways: int, filters: int, image_size: int, strided: b
     if size < 1:
         raise ValueError(f"image size {image_size} is too small for four halvings")
     head = (
-        [_SpatialMean(), nn.Linear(filters, ways)]
-        if strided
-        else [nn.Flatten(), nn.Linear(filters * size * size, ways)]
+        [SpatialMean(), nn.Linear(filters, ways)] if strided else [nn.Flatten(), nn.Linear(filters * size * size, ways)]
     )
     return nn.Sequential(*layers, *head)
-
-
-class _SpatialMean(nn.Module):
-    """``[B, C, H, W] -> [B, C]``: the mean over the image (Finn et al.'s Omniglot head)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean(dim=(-2, -1))
 
 
 # -- plots ------------------------------------------------------------------------------------------------
@@ -210,8 +203,6 @@ def _root(options: Mapping[str, Any], dataset: str, layout: str) -> Path:
 
 def _load_omniglot(options: Mapping[str, Any], split: str) -> ClassImages:
     root = _root(options, "omniglot", "images_background/ and images_evaluation/")
-    if options["split_rule"] not in ("finn", "alphabets"):
-        raise DataError(f"omniglot --split-rule must be 'finn' or 'alphabets', got {options['split_rule']!r}")
     return load_omniglot(
         root,
         split,
@@ -247,7 +238,15 @@ def _common_options(
             "for Omniglot, 15 for MiniImageNet)",
         ),
         Option("test_query", test_query, "query images per class of a held-out and meta-test task"),
-        Option("filters", filters, "convolution filters per layer of conv4"),
+        Option(
+            "backbone",
+            "conv4",
+            "the model: 'conv4' (Finn et al. 2017) or 'resnet12' (MetaOptNet's ResNet-12, widths "
+            f"64-160-320-640, rkfast.models.resnet12; needs --image-size >= {RESNET12_MIN_IMAGE_SIZE})",
+            positive=False,
+            choices=BACKBONES,
+        ),
+        Option("filters", filters, "convolution filters per layer of conv4 (resnet12 has its own widths)"),
         Option("image_size", image_size, "images are resized to this many pixels square"),
         Option(
             "cache_dir",
@@ -259,7 +258,23 @@ def _common_options(
 
 
 def _model(channels: int, strided: bool) -> Callable[[Mapping[str, Any]], nn.Module]:
-    return lambda o: conv4(channels, o["ways"], o["filters"], o["image_size"], strided)
+    """The domain's ``make_model``: the ``backbone`` option's model for ``channels``-channel images."""
+
+    def make(o: Mapping[str, Any]) -> nn.Module:
+        if o["backbone"] == "resnet12":
+            return resnet12(channels, o["ways"], image_size=o["image_size"])
+        return conv4(channels, o["ways"], o["filters"], o["image_size"], strided)
+
+    return make
+
+
+def _check_backbone(o: Mapping[str, Any]) -> None:
+    """The ``backbone`` option against the image size (ResNet-12 halves the images four times)."""
+    if o["backbone"] == "resnet12" and o["image_size"] < RESNET12_MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"--backbone resnet12 needs --image-size >= {RESNET12_MIN_IMAGE_SIZE} (four 2x2 max-pools), "
+            f"got {o['image_size']}"
+        )
 
 
 def _describe(o: Mapping[str, Any]) -> str:
@@ -301,6 +316,7 @@ def _image_domain(
             test_protocol=_protocol,
             plots={"episodes.png": plot_episodes},
             defaults_by_options=defaults_by_options,
+            check_options=_check_backbone,
         )
     )
 
@@ -314,7 +330,7 @@ def _omniglot_defaults(o: Mapping[str, Any]) -> dict[str, Any]:
 OMNIGLOT = _image_domain(
     "omniglot",
     "Omniglot few-shot classification (Lake et al. 2015) from the original release's files; "
-    "characters in 4 rotations are the classes; conv4 with strided convolutions",
+    "characters in 4 rotations are the classes; conv4 with strided convolutions (or --backbone resnet12)",
     _load_omniglot,
     channels=1,
     strided=True,
@@ -342,6 +358,7 @@ OMNIGLOT = _image_domain(
             "test; 'alphabets': background alphabets train (5 held out for val), "
             "evaluation alphabets test",
             positive=False,
+            choices=("finn", "alphabets"),
         ),
         Option("train_characters", 1100, "characters (each in 4 rotations) of the 'finn' training split"),
         Option("val_characters", 100, "characters of the 'finn' validation split (the rest, 423, test)"),
@@ -357,7 +374,7 @@ def _miniimagenet_defaults(o: Mapping[str, Any]) -> dict[str, Any]:
 MINIIMAGENET = _image_domain(
     "miniimagenet",
     "MiniImageNet few-shot classification (Vinyals et al. 2016, the Ravi & Larochelle split) from "
-    "its CSV + images or pickled-cache files; conv4 with max-pooling",
+    "its CSV + images or pickled-cache files; conv4 with max-pooling (or --backbone resnet12)",
     _load_miniimagenet,
     channels=3,
     strided=False,

@@ -72,12 +72,18 @@ class Option:
         default: the default value; its type (int, float, str) is the option's type.
         help: one line for ``--help``.
         positive: numbers must be > 0.
+        choices: the allowed values (``("conv4", "resnet12")``); empty: any value of the type.
     """
 
     name: str
     default: Any
     help: str
     positive: bool = True
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.choices and self.default not in self.choices:
+            raise ValueError(f"option {self.name}: default {self.default!r} is not among its choices {self.choices}")
 
     @property
     def flag(self) -> str:
@@ -92,6 +98,9 @@ class Option:
             raise ValueError(f"option {self.name} must be {kind.__name__}, got {value!r}") from None
         if isinstance(value, (int, float)) and self.positive and not (math.isfinite(value) and value > 0):
             raise ValueError(f"option {self.name} must be > 0, got {value!r}")
+        if self.choices and value not in self.choices:
+            allowed = ", ".join(map(str, self.choices))
+            raise ValueError(f"option {self.name} must be one of {allowed}, got {value!r}")
         return value
 
 
@@ -236,6 +245,8 @@ class Domain:
         plots: ``{file name: plot(run, path)}``, made after training besides the training curve.
         defaults_by_options: ``options -> {field: value}``, the published defaults that depend on the
             options (Omniglot 20-way trains with 5 inner steps of 0.1, 5-way with one of 0.4).
+        check_options: ``options -> None``, raises ``ValueError`` for resolved options that cannot work
+            together (a backbone that needs larger images); ``None``: every combination can.
     """
 
     name: str
@@ -250,6 +261,7 @@ class Domain:
     test_protocol: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda options: {}
     plots: Mapping[str, PlotFn] = field(default_factory=dict)
     defaults_by_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    check_options: Callable[[Mapping[str, Any]], None] | None = None
 
     def defaults_for(self, options: Mapping[str, Any]) -> Defaults:
         """The published defaults for these (resolved) options."""
@@ -270,14 +282,18 @@ class Domain:
         return self.metrics[0]
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Every option's value: ``given`` checked and converted, the others at their defaults."""
+        """Every option's value: ``given`` checked and converted, the others at their defaults (and the whole
+        checked by ``check_options``)."""
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ValueError(
                 f"domain {self.name!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}"
             )
-        return {name: o.check(given[name]) if name in given else o.default for name, o in known.items()}
+        options = {name: o.check(given[name]) if name in given else o.default for name, o in known.items()}
+        if self.check_options is not None:
+            self.check_options(options)
+        return options
 
 
 _DOMAINS: dict[str, Domain] = {}
