@@ -467,7 +467,7 @@ def rk_meta_step(
     if plan.amp_dtype is not None:
         support_loss, query_loss = AutocastLoss(support_loss, plan.amp_dtype), AutocastLoss(query_loss, plan.amp_dtype)
     count = resolve_num_tasks(num_tasks, support_data, query_data)
-    map_type = RecomputingTaskMap if plan.recompute else TaskMap
+    map_type = _task_map_type(plan, tableau)
     step = functools.partial(
         _meta_step, theta, support_loss, query_loss, tableau=tableau, h=h, first_order=first_order,
         backend=backend, workspace=workspace, rates=rates,
@@ -486,6 +486,16 @@ def rk_meta_step(
         )
         total.add(step(support, query, map_type(stop - start, vectorize, randomness)), stop - start)
     return total.result()
+
+
+def _task_map_type(plan: Memory, tableau: Tableau | TableauCoefficients | str) -> Callable[..., TaskMap]:
+    """How the step maps its tasks: :class:`~rkfast.recompute.RecomputingTaskMap` with ``plan.recompute`` (the
+    last stage's query graph kept, see there), else the plain :class:`~rkfast.taskmap.TaskMap`."""
+    if not plan.recompute:
+        return TaskMap
+    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
+    last_query = max((j for j, q in enumerate(tab.needs_query_loss) if q), default=None)
+    return functools.partial(RecomputingTaskMap, keep_step=last_query)
 
 
 def _meta_step(

@@ -108,7 +108,16 @@ class _RecomputedValues(torch.autograd.Function):
 class RecomputingTaskMap(TaskMap):
     """A :class:`~rkfast.taskmap.TaskMap` whose differentiable results (second-order slopes, query losses
     at tracked points) keep no graph: each is rebuilt in the backward (module docstring). Graph-free calls
-    (first-order slopes, losses of untracked points) are the plain map's."""
+    (first-order slopes, losses of untracked points) are the plain map's.
+
+    ``keep_step``: the query losses computed at this step (:func:`~rkfast.norms.current_step`; the step's last
+    stage with a query loss) keep their graph. It is the last graph the forward builds and the first the
+    backward frees, while no other stage holds one, so keeping it saves its recomputation and raises no peak.
+    """
+
+    def __init__(self, num_tasks: int, vectorize: bool, randomness: Any, keep_step: int | None = None) -> None:
+        super().__init__(num_tasks, vectorize, randomness)
+        self.keep_step = keep_step
 
     def grads(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool, create_graph: bool) -> Tensor:
         if not (create_graph and torch.is_grad_enabled() and params.requires_grad):
@@ -117,7 +126,7 @@ class RecomputingTaskMap(TaskMap):
         return _RecomputedSlopes.apply(params, lambda p, graph: plain(loss, p, data, shared, graph))
 
     def values(self, loss: TaskLoss, params: Tensor, data: Any, shared: bool) -> tuple[Tensor, Metrics]:
-        if not (torch.is_grad_enabled() and params.requires_grad):
+        if not (torch.is_grad_enabled() and params.requires_grad) or current_step() == self.keep_step:
             return super().values(loss, params, data, shared)
         plain = super().values
         found: list[Metrics] = []
