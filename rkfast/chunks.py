@@ -20,15 +20,34 @@ from typing import Any
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from .batch import TaskBatch, TaskSet
 from .learned import RatesStepOutput
+from .memory import task_ranges
 from .results import MetaStepOutput
 
-__all__ = ["slice_tasks", "RecordedStages", "ChunkSum"]
+__all__ = ["slice_tasks", "RecordedStages", "ChunkSum", "split_tasks"]
 
 
 def slice_tasks(data: Any, start: int, stop: int) -> Any:
     """Tasks ``start..stop-1`` of a pytree of task data (every tensor carries the task dimension first)."""
     return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) else x, data)
+
+
+def split_tasks(tasks: TaskBatch | TaskSet, num_tasks: int, chunk: int | None) -> list[TaskBatch | TaskSet]:
+    """Checked ``tasks`` as consecutive chunks of ``chunk`` tasks (meta-test adaptation, whose tasks are
+    independent); one piece without ``chunk`` or for a TaskSet with stage callables, which see every task
+    at once."""
+    if chunk is None or chunk >= num_tasks:
+        return [tasks]
+    if isinstance(tasks, TaskBatch):
+        return [TaskBatch(*slice_tasks(tuple(tasks), a, b)) for a, b in task_ranges(num_tasks, chunk)]
+    if callable(tasks.support_data) or callable(tasks.query_data):
+        return [tasks]
+    return [
+        TaskSet(tasks.support_loss, tasks.query_loss, slice_tasks(tasks.support_data, a, b),
+                slice_tasks(tasks.query_data, a, b), num_tasks=b - a)
+        for a, b in task_ranges(num_tasks, chunk)
+    ]  # fmt: skip
 
 
 class RecordedStages:

@@ -20,6 +20,7 @@ from . import functional as RF
 from . import kernels
 from .batch import TaskBatch, TaskSet, check_task_batch, check_task_set
 from .capture import CaptureMode, StepCapture, make_step_capture
+from .chunks import split_tasks
 from .distributed import LocalTasks, Parallel, TaskParallel, is_ddp_wrapped, resolve_process_group
 from .flat import FlatParameters
 from .layout import ParamLayout
@@ -357,7 +358,8 @@ class MetaOptimizer(torch.optim.Optimizer):
         query losses (and accuracies) before adaptation and after each count in ``steps`` (``docs/api.md``,
         "Meta-test"). ``adaptation="gradient"``: gradient steps of ``step_size`` (default: the tableau's
         test step, or the learned rates); ``"stages"``: each step is one RK meta-step's stage points.
-        ``keep_params`` also returns the adapted flat parameters ``[len(steps), T, N]``. Does not communicate."""
+        ``keep_params`` also returns the adapted flat parameters ``[len(steps), T, N]``. Does not communicate.
+        With ``memory.task_chunk``, ``task_chunk`` tasks adapt at a time."""
         if adaptation not in ("gradient", "stages"):
             raise ValueError(f"adaptation must be 'gradient' or 'stages', got {adaptation!r}")
         tasks = self._check_tasks(tasks, "evaluate")
@@ -368,9 +370,11 @@ class MetaOptimizer(torch.optim.Optimizer):
         if self.rates is not None:
             alpha, rates = self.rates.adaptation_rates(own_step, step_size)
         stages = RF.StageMap(tableau, rates) if by_stages else None
-        options = dict(keep_params=keep_params, rates=None if by_stages else rates, stages=stages)
-        theta = self.flat_parameters.detach()
-        return self._functions.run(RF.adapt, theta, tasks, alpha, steps, vectorize=self.vectorize, **options)
+        options: dict[str, Any] = dict(keep_params=keep_params, rates=None if by_stages else rates, stages=stages)
+        theta, pieces = self.flat_parameters.detach(), split_tasks(tasks, _task_count(tasks), self.memory.task_chunk)
+        run = self._functions.run
+        parts = [run(RF.adapt, theta, piece, alpha, steps, vectorize=self.vectorize, **options) for piece in pieces]
+        return AdaptationOutput.cat(parts)
 
     # -- state ----------------------------------------------------------------------------------------
 

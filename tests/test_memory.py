@@ -342,3 +342,22 @@ def test_cli_flags_reach_the_run_and_its_config(tmp_path, capsys):
         capsys,
         "task_chunk",
     )
+
+
+@pytest.mark.parametrize("task_set", [False, True])
+def test_evaluate_in_chunks_equals_all_at_once(task_set):
+    """Meta-test adaptation of independent tasks: chunks give every task's result as before."""
+    model = smooth_mlp()
+    batch = regression_batch(tasks=5)
+    if task_set:
+        loss = lambda model, data: F.mse_loss(model(data[0]), data[1])  # noqa: E731
+        batch = rkfast.TaskSet(loss, loss, batch.support, batch.query)
+
+    def evaluate(memory: Memory):
+        opt = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.1, memory=memory)
+        return opt.evaluate(batch, steps=(1, 3), keep_params=True)
+
+    ref, out = evaluate(Memory()), evaluate(Memory(task_chunk=2))
+    assert out.losses.shape == ref.losses.shape == (3, 5)
+    torch.testing.assert_close(out.losses, ref.losses, **EXACT)
+    torch.testing.assert_close(out.params, ref.params, **EXACT)
