@@ -361,3 +361,9 @@ def test_evaluate_in_chunks_equals_all_at_once(task_set):
     assert out.losses.shape == ref.losses.shape == (3, 5)
     torch.testing.assert_close(out.losses, ref.losses, **EXACT)
     torch.testing.assert_close(out.params, ref.params, **EXACT)
+
+
+def test_memory_round_trips_through_json():
+    memory = Memory(task_chunk=3, recompute=True, amp="bf16")
+    assert Memory.from_json(memory.to_json()) == memory
+    assert Memory().to_json() == {"task_chunk": None, "recompute": False, "amp": None}
