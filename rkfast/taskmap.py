@@ -79,6 +79,18 @@ def _with_metrics(loss: TaskLoss) -> Callable[[Tensor, Any], tuple[Tensor, Metri
     return lambda row, data: _split(loss(row, data))
 
 
+def _value_or_pair(loss: TaskLoss) -> Callable[[Tensor, Any], Tensor | tuple[Tensor, Metrics]]:
+    """The loss for ``vmap``: its value alone when it reports no metrics, else ``(value, metrics)``. Every
+    output of a vmapped function is unwrapped through pytree handling, which costs as much as a small model's
+    forward: an empty metrics dict is not worth returning."""
+
+    def run(row: Tensor, data: Any) -> Tensor | tuple[Tensor, Metrics]:
+        value, metrics = _split(loss(row, data))
+        return (value, metrics) if metrics else value
+
+    return run
+
+
 def _tracked(value: Tensor) -> Tensor:
     """``value``, which must require grad (be a function of the tracked parameters): a free check, no
     synchronization with the device."""
@@ -253,7 +265,8 @@ class TaskMap:
         task_loss = _with_metrics(loss)
         if self.vectorize:
             with self.vmap_errors(probe=lambda: task_loss(*next(self._rows(params, data, shared)))):
-                q, metrics = self._vmap(loss, task_loss, shared, False)(params, data)
+                out = self._vmap(loss, _value_or_pair(loss), shared, False)(params, data)
+            q, metrics = out if isinstance(out, tuple) else (out, {})
         else:
             q, metrics = _stack([task_loss(row, task_data) for row, task_data in self._rows(params, data, shared)])
         _check_depends(q, params)
