@@ -178,6 +178,10 @@ def _stack(outs: list[Any]) -> Any:
 def _num_tasks(data: Any) -> int | None:
     if callable(data):
         return None
+    # the common (x, y) pair answers without flattening the pytree (its first leaf is data[0])
+    first = data[0] if type(data) in (tuple, list) and data else data
+    if isinstance(first, Tensor) and first.dim() > 0:
+        return int(first.shape[0])
     for leaf in tree_flatten(data)[0]:
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
