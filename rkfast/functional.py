@@ -263,8 +263,9 @@ class _MetaLoss:
         self.stage_metrics: dict[str, dict[int, Tensor]] = {}
 
     def record(self, stage: Stage, weight: float, q: Tensor, metrics: Metrics) -> None:
-        self.loss = self.loss + weight * q.mean()
-        self.stage_losses[stage.index + 1] = q.detach().mean()  # stages numbered from 1, as in the method
+        mean = q.mean()
+        self.loss = self.loss + weight * mean
+        self.stage_losses[stage.index + 1] = mean.detach()  # stages numbered from 1, as in the method
         for name, value in metrics.items():
             self.stage_metrics.setdefault(name, {})[stage.index + 1] = value.detach().float().mean()
 
