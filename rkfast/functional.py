@@ -49,7 +49,9 @@ from .taskmap import (
     VmapUnsupportedError,
     _tracked,
     loss_gradient,
+    one_pass_applies,
     resolve_num_tasks,
+    stage_query_losses,
 )
 
 __all__ = [
@@ -422,8 +424,7 @@ def rk_meta_step(
     The stage points are ``theta_i^(j) = theta - h sum_{m<j} A[j][m] k_i^(m)``, with ``k_i^(m)`` task ``i``'s
     support gradient at ``theta_i^(m)``; the meta-direction is the gradient of the meta-loss
     ``(1/T) sum_i sum_j b_j L_Q,i(theta_i^(j))`` (:class:`SecondOrderDirection`), or with the slopes held
-    constant (:class:`FirstOrderDirection`). Only the support gradients a later stage reads and the query
-    losses with ``b_j != 0`` are computed.
+    constant (:class:`FirstOrderDirection`); slopes no later stage reads and query losses with ``b_j = 0`` are skipped.
 
     Args:
         theta: flat meta-parameters ``[N]`` (not modified).
@@ -449,8 +450,7 @@ def rk_meta_step(
         :class:`MetaStepOutput` with the flat meta-direction, meta-loss and per-stage query losses.
 
     Raises:
-        ValueError: a per-task loss that is not a 0-d tensor or does not depend on the parameters (detached);
-            ``inner_lr`` not a finite number ``> 0``.
+        ValueError: a per-task loss that is not a 0-d tensor or does not depend on the parameters; a bad ``inner_lr``.
         VmapUnsupportedError: (``vectorize=True``) the model or loss cannot run under ``vmap`` (:mod:`rkfast.taskmap`).
     """
     check_theta(theta)
@@ -461,6 +461,8 @@ def rk_meta_step(
     tasks = TaskMap(resolve_num_tasks(num_tasks, support_data, query_data), vectorize, randomness)
     rule = FirstOrderDirection if first_order else SecondOrderDirection
     direction = rule(theta, tasks, backend, workspace, rates, learned)
+    if (out := _one_pass_direction(direction, tab, h, support_loss, support_data, query_loss, query_data)) is not None:
+        return out
     with direction.grad_mode():
         rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, first_order)
         for stage in stage_points(
@@ -479,6 +481,33 @@ def rk_meta_step(
             with at_step(stage.index):
                 data = tasks.data(query_data, stage.index, stage.point, stage.shared)
                 direction.add(stage, weights[stage.index], query_loss, data)
+        return direction.result()
+
+
+def _one_pass_direction(
+    direction: SecondOrderDirection | FirstOrderDirection,
+    tab: Tableau,
+    h: float,
+    support_loss: TaskLoss,
+    support_data: TaskData,
+    query_loss: TaskLoss,
+    query_data: TaskData,
+) -> MetaStepOutput | None:
+    """The second-order meta-direction from every stage's query losses computed in one ``vmap`` over the tasks
+    (:func:`~rkfast.taskmap.stage_query_losses`), where that applies (no learned coefficients, and
+    :func:`~rkfast.taskmap.one_pass_applies`); ``None``, with nothing recorded, where not: the stage-by-stage
+    loop of :func:`rk_meta_step` runs then."""
+    if not isinstance(direction, SecondOrderDirection) or direction.rates is not None or direction.learned is not None:
+        return None
+    tasks, theta = direction.tasks, direction.theta
+    if not any(tab.needs_query_loss) or not one_pass_applies(tasks, theta, support_loss, support_data, query_data):
+        return None
+    with direction.grad_mode():
+        stages = stage_query_losses(tasks, theta, tab, h, support_loss, support_data, query_loss, query_data)
+        if stages is None:
+            return None
+        for j, q, metrics in stages:  # the meta-loss reads each stage's index, not its point
+            direction.record(Stage(j, theta, not tab.coefficients(j)), tab.b[j], q, metrics)
         return direction.result()
 
 
