@@ -107,7 +107,8 @@ class FlatParameters:
     def expose_grads(self) -> None:
         """Make every parameter's ``.grad`` its view into :attr:`grad` (``zero_grad`` may have unset them)."""
         for p, g in zip(self.params, self._grad_views, strict=True):
-            p.grad = g
+            if p.grad is not g:  # the setter checks shape, dtype and device: skipped when nothing changes
+                p.grad = g
 
     def write_grad(self, direction: Tensor) -> None:
         """``.grad`` of every parameter = its slice of the flat ``direction [N]`` (one copy)."""

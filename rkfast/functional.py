@@ -52,7 +52,9 @@ from .taskmap import (
     VmapUnsupportedError,
     _tracked,
     loss_gradient,
+    one_pass_applies,
     resolve_num_tasks,
+    stage_query_losses,
 )
 
 __all__ = [
@@ -270,8 +272,9 @@ class _MetaLoss:
         self.stage_metrics: dict[str, dict[int, Tensor]] = {}
 
     def record(self, stage: Stage, weight: float, q: Tensor, metrics: Metrics) -> None:
-        self.loss = self.loss + weight * q.mean()
-        self.stage_losses[stage.index + 1] = q.detach().mean()  # stages numbered from 1, as in the method
+        mean = q.mean()
+        self.loss = self.loss + weight * mean
+        self.stage_losses[stage.index + 1] = mean.detach()  # stages numbered from 1, as in the method
         for name, value in metrics.items():
             self.stage_metrics.setdefault(name, {})[stage.index + 1] = value.detach().float().mean()
 
@@ -520,6 +523,8 @@ def _meta_step(
     tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
     rule = FirstOrderDirection if first_order or record_only else SecondOrderDirection
     direction = rule(theta, tasks, backend, workspace, rates, learned)
+    if (out := _one_pass_direction(direction, tab, h, support_loss, support_data, query_loss, query_data)) is not None:
+        return out
     with direction.grad_mode():
         rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, rule is FirstOrderDirection)
         for stage in stage_points(
@@ -554,6 +559,35 @@ def _recorded_stage_data(
     with torch.no_grad():
         step(support, query, tasks, record_only=True)
     return support, query
+
+
+def _one_pass_direction(
+    direction: SecondOrderDirection | FirstOrderDirection,
+    tab: Tableau,
+    h: float,
+    support_loss: TaskLoss,
+    support_data: TaskData,
+    query_loss: TaskLoss,
+    query_data: TaskData,
+) -> MetaStepOutput | None:
+    """The second-order meta-direction from every stage's query losses computed in one ``vmap`` over the tasks
+    (:func:`~rkfast.taskmap.stage_query_losses`), where that applies (no learned coefficients, no stage
+    recomputation, and :func:`~rkfast.taskmap.one_pass_applies`); ``None``, with nothing recorded, where
+    not: the stage-by-stage loop of :func:`rk_meta_step` runs then."""
+    if not isinstance(direction, SecondOrderDirection) or direction.rates is not None or direction.learned is not None:
+        return None
+    if isinstance(direction.tasks, RecomputingTaskMap):  # one pass keeps every stage's graph
+        return None
+    tasks, theta = direction.tasks, direction.theta
+    if not any(tab.needs_query_loss) or not one_pass_applies(tasks, theta, support_loss, support_data, query_data):
+        return None
+    with direction.grad_mode():
+        stages = stage_query_losses(tasks, theta, tab, h, support_loss, support_data, query_loss, query_data)
+        if stages is None:
+            return None
+        for j, q, metrics in stages:  # the meta-loss reads each stage's index, not its point
+            direction.record(Stage(j, theta, not tab.coefficients(j)), tab.b[j], q, metrics)
+        return direction.result()
 
 
 def _stage_coefficients(

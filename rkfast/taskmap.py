@@ -10,6 +10,10 @@ writes into unbatched tensors) is re-raised as :class:`VmapUnsupportedError`, wh
 error and points to ``vectorize=False``. Task data is either a pytree whose leaves carry the task dimension
 first, or a callable ``data(stage, params[T, N]) -> pytree`` that produces each stage's data from that
 stage's (detached) parameters, as reinforcement learning does with rollouts of each stage's own policy.
+
+:func:`stage_query_losses` maps a task's whole sequence of second-order stages at once: the CPU path of
+:func:`rkfast.functional.rk_meta_step` where :func:`one_pass_applies` (``docs/method.md``, "Flat parameters
+and kernels").
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._norms import exact_norms
+from .norms import at_step
+from .tableau import Tableau
 
 __all__ = [
     "Metrics",
@@ -35,6 +41,8 @@ __all__ = [
     "VmapUnsupportedError",
     "loss_gradient",
     "resolve_num_tasks",
+    "one_pass_applies",
+    "stage_query_losses",
 ]
 
 Metrics = dict[str, Tensor]
@@ -77,6 +85,18 @@ def _split(out: Tensor | tuple[Tensor, Metrics]) -> tuple[Tensor, Metrics]:
 
 def _with_metrics(loss: TaskLoss) -> Callable[[Tensor, Any], tuple[Tensor, Metrics]]:
     return lambda row, data: _split(loss(row, data))
+
+
+def _value_or_pair(loss: TaskLoss) -> Callable[[Tensor, Any], Tensor | tuple[Tensor, Metrics]]:
+    """The loss for ``vmap``: its value alone when it reports no metrics, else ``(value, metrics)``. Every
+    output of a vmapped function is unwrapped through pytree handling, which costs as much as a small model's
+    forward: an empty metrics dict is not worth returning."""
+
+    def run(row: Tensor, data: Any) -> Tensor | tuple[Tensor, Metrics]:
+        value, metrics = _split(loss(row, data))
+        return (value, metrics) if metrics else value
+
+    return run
 
 
 def _tracked(value: Tensor) -> Tensor:
@@ -166,6 +186,10 @@ def _stack(outs: list[Any]) -> Any:
 def _num_tasks(data: Any) -> int | None:
     if callable(data):
         return None
+    # the common (x, y) pair answers without flattening the pytree (its first leaf is data[0])
+    first = data[0] if type(data) in (tuple, list) and data else data
+    if isinstance(first, Tensor) and first.dim() > 0:
+        return int(first.shape[0])
     for leaf in tree_flatten(data)[0]:
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
@@ -253,7 +277,8 @@ class TaskMap:
         task_loss = _with_metrics(loss)
         if self.vectorize:
             with self.vmap_errors(probe=lambda: task_loss(*next(self._rows(params, data, shared)))):
-                q, metrics = self._vmap(loss, task_loss, shared, False)(params, data)
+                out = self._vmap(loss, _value_or_pair(loss), shared, False)(params, data)
+            q, metrics = out if isinstance(out, tuple) else (out, {})
         else:
             q, metrics = _stack([task_loss(row, task_data) for row, task_data in self._rows(params, data, shared)])
         _check_depends(q, params)
@@ -272,3 +297,73 @@ def resolve_num_tasks(num_tasks: int | None, *datas: TaskData) -> int:
     if n < 1:
         raise ValueError(f"need at least one task, got {n}")
     return n
+
+
+# -- every stage of a second-order step in one vmap (the CPU path) -----------------------------------------
+
+
+def one_pass_applies(tasks: TaskMap, theta: Tensor, support_loss: TaskLoss, support_data: Any, query_data: Any) -> bool:
+    """Whether :func:`stage_query_losses` can stand in for the stage-by-stage second-order computation:
+    ``vmap``, CPU parameters, task data given as pytrees (stage callables need each stage's point on the
+    host first) and a support loss that declares no norm layers (whose second derivatives need
+    :func:`~rkfast._norms.exact_norms` around the support gradients alone)."""
+    return (
+        tasks.vectorize
+        and theta.device.type == "cpu"
+        and not callable(support_data)
+        and not callable(query_data)
+        and not getattr(support_loss, "has_norm_layers", True)
+    )
+
+
+def stage_query_losses(
+    tasks: TaskMap,
+    theta: Tensor,
+    tableau: Tableau,
+    h: float,
+    support_loss: TaskLoss,
+    support_data: Any,
+    query_loss: TaskLoss,
+    query_data: Any,
+) -> list[tuple[int, Tensor, Metrics]] | None:
+    """Every task's query losses ``[T]`` and metrics at each stage the meta-loss weighs (``b_j != 0``), as
+    ``(j, losses, metrics)`` in stage order, from one ``vmap`` of each task's whole stage sequence.
+
+    The same stages as :func:`rkfast.functional.stage_points` with second-order slopes (``grad`` of the
+    support loss, differentiable in ``theta``), each point ``theta - h A_jm k^(m)`` computed row by row inside
+    the map, in the order of operations of the ``"torch"`` kernels. One ``vmap`` call instead of one per slope
+    and per query loss: on the CPU each call's own Python work (wrapping and unwrapping the inputs) costs about
+    as much as a small model's forward. ``None`` when that ``vmap`` raises a ``RuntimeError`` (the
+    stage-by-stage path then runs and reports a ``vmap`` limitation with its own probes).
+    """
+    needs_slope, needs_query = tableau.needs_support_grad, tableau.needs_query_loss
+    coefficients = [[(m, h * a) for m, a in tableau.coefficients(j)] for j in range(tableau.stages)]
+    support_grad = grad(_differentiable(support_loss))
+    query_value = _value_or_pair(query_loss)
+
+    def task(row: Tensor, support: Any, query: Any) -> tuple[Any, ...]:
+        slopes: dict[int, Tensor] = {}
+        outs = []
+        for j, coefs in enumerate(coefficients):
+            if not (needs_slope[j] or needs_query[j]):
+                continue
+            point = row
+            for m, c in coefs:
+                point = torch.sub(point, slopes[m], alpha=c)
+            with at_step(j):  # per-step layers (rkfast.norms) normalize for stage j
+                if needs_slope[j]:
+                    slopes[j] = support_grad(point, support)
+                if needs_query[j]:
+                    outs.append(query_value(point, query))
+        return tuple(outs)
+
+    try:
+        outs = vmap(task, in_dims=(None, 0, 0), randomness=tasks.randomness)(theta, support_data, query_data)
+    except RuntimeError:
+        return None
+    stages = []
+    for j, out in zip([j for j in range(tableau.stages) if needs_query[j]], outs, strict=True):
+        q, metrics = out if isinstance(out, tuple) else (out, {})
+        _check_depends(q, theta)
+        stages.append((j, q, metrics))
+    return stages

@@ -367,3 +367,16 @@ def test_memory_round_trips_through_json():
     memory = Memory(task_chunk=3, recompute=True, amp="bf16")
     assert Memory.from_json(memory.to_json()) == memory
     assert Memory().to_json() == {"task_chunk": None, "recompute": False, "amp": None}
+
+
+def test_recomputation_is_not_bypassed_by_the_one_pass_step(monkeypatch):
+    """The one-vmap step of the CPU (rkfast.taskmap.stage_query_losses) keeps every stage's graph: with
+    recompute=True it must not run."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the one-pass step ran with recompute=True")
+
+    monkeypatch.setattr(RF, "stage_query_losses", refuse)
+    model = smooth_mlp()
+    opt = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.1, vectorize=True, memory=Memory(recompute=True))
+    assert opt.compute(regression_batch(tasks=3)).direction.abs().max() > 0
