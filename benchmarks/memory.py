@@ -2,7 +2,8 @@
 
     python benchmarks/memory.py [--backbones conv4-28,conv4-84,resnet12-84] [--tableaus maml,heun,rk4,maml(5)]
                                 [--tasks 1,2,4,8] [--levers plain,default,...] [--paths loop,vmap]
-                                [--steps 2] [--threads 2] [--limit-gib 20] [--min-free-gib 1] [--device cpu]
+                                [--steps 2] [--threads 2] [--limit-gib 20] [--min-free-gib 1] [--timeout-s S]
+                                [--device cpu]
                                 [--resume] [--dry-run] [--quick]
                                 [--json benchmarks/results/memory-cpu.json] [--plot benchmarks/results/memory-cpu.png]
 
@@ -30,20 +31,32 @@ under ``vmap`` (``vmap``: ``vectorize=True``, conv4-28 only):
 * ``chunk+recompute``: ``Memory(task_chunk=1, recompute=True)`` (vmap);
 * ``amp``: ``Memory(amp="bf16")`` (with the path's default chunks).
 
+The default grid (``--dry-run`` lists it, with an estimate of its time): conv4-28 on both paths with each
+path's levers, every tableau (maml, heun, rk4, maml(5)) and ``T`` in 1, 2, 4, 8; conv4-84 on the loop,
+every lever for rk4 and ``plain``/``default`` for the other tableaus (which the fit needs); resnet12-84,
+whose step takes minutes here, only maml ``T=1`` plain, rk4 ``T=1`` plain and recompute, rk4 ``T=4``
+default, recompute and plain (the last expected to run out of memory). ``--backbones``, ``--paths``,
+``--levers``, ``--tableaus`` and ``--tasks`` select from it.
+
 Memory is protected: the child limits its address space (``RLIMIT_AS``, ``--limit-gib``, default 20 GiB on
 the CPU; on CUDA ``set_per_process_memory_fraction`` when the flag is given), so that a cell that does not
 fit fails with an allocation error, recorded as ``"status": "out of memory"``; and the parent kills a
 child when the machine's available memory falls below ``--min-free-gib`` (recorded the same way, with the
-reason). Any other failure is ``"failed"`` (the error's last lines kept) and the exit code is 1.
+reason). Any other failure is ``"failed"`` (the error's last lines kept) and the exit code is 1. The limit
+is on virtual memory, which torch's libraries and threads keep about 0.6 GiB above the resident memory, so
+a cell fits when its resident peak stays about that much under the limit. ``--threads`` (default 2; 1 with
+``--quick``) sets each cell's torch and OpenMP threads: on a machine that other processes share, one thread
+times far more steadily (two OpenMP threads wait on each other whenever a core is taken).
 
 After the cells, per (backbone, path, lever), peak bytes are fitted by least squares as
 ``fixed + per_unit * units``, ``units = chunk_tasks * graphs``: ``chunk_tasks`` the tasks one chunk holds,
 ``graphs`` the stage graphs a task keeps (support-gradient evaluations + query-loss evaluations of the
 tableau, ``Tableau.needs_support_grad`` and ``needs_query_loss``), or 1 with recomputation (one stage's
 graph at a time). From the fit, per (backbone, path, lever, tableau), the largest meta-batch ``T`` that
-fits 24 GiB on this CPU, and 80 GB on a GPU as an extrapolation from the CPU bytes (not measured on a
-GPU); ``"any"`` where a chunk's size does not grow with ``T``. The JSON says which numbers were measured
-and which predicted.
+fits 24 GiB on this CPU (the whole process: the baseline, fitted over ``T``, plus the peak over it), and
+80 GB on a GPU as an extrapolation from the CPU bytes (the peak over the baseline plus the float32
+parameters and the meta-batch; not measured on a GPU); ``"any"`` where a chunk's size does not grow with
+``T``. The JSON says which numbers were measured and which predicted.
 
 The JSON (``--json``) is written after every cell (atomically), so that ``--resume`` skips the cells it
 already holds with the same settings (and reruns failed ones). Times are noisy on a shared machine: each
@@ -58,6 +71,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -276,6 +290,9 @@ def launch(cell: dict[str, Any], min_free_gib: float, timeout_s: float) -> dict[
     elif killed:
         record["status"] = "out of memory" if "memory" in killed else "timed out"
         record["error"] = killed
+    elif proc.returncode == -signal.SIGKILL:  # not by this process: the kernel's out-of-memory killer
+        record["status"] = "out of memory"
+        record["error"] = "killed by SIGKILL (the kernel's out-of-memory killer, most likely)"
     else:
         record["status"] = "out of memory" if is_out_of_memory(stderr) else "failed"
         record["error"] = f"exit code {proc.returncode}: {stderr[-2000:]}"
@@ -380,15 +397,16 @@ def group_key(cell: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def fits(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per (backbone, path, lever) with at least two finished cells: peak bytes over units."""
+    """Per (backbone, path, lever): peak bytes over units, from two finished cells or more (or one, where a
+    chunk is one task whatever ``T``)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r["status"] == "ok":
             groups[group_key(r["settings"])].append(r)
     out = {}
     for key, rs in sorted(groups.items()):
-        if len(rs) < 2:
-            continue
+        if len(rs) < 2 and grows_with_tasks(key[1], key[2]):
+            continue  # a chunk that grows with T needs two sizes at least; a per-task chunk is one number
         fit = linear_fit([units(r["settings"]) for r in rs], [r["peak_bytes"] for r in rs])
         fit["baseline"] = linear_fit([r["settings"]["tasks"] for r in rs], [r["baseline_bytes"] for r in rs])
         fit["parameters"] = rs[0]["parameters"]
@@ -424,10 +442,10 @@ def largest_tasks(fit: dict[str, Any], graphs: int, path: str, lever: str, budge
     per_unit = fit["per_unit_bytes"]
     if not per_unit or per_unit <= 0:
         return None  # the fit cannot tell
-    t = 1
-    while predicted_total(fit, per_task_units * (t + 1), t + 1, gpu) <= budget and t < 1_000_000:
-        t += 1
-    return t
+    # the prediction is linear in T: at T = 0 it is the intercept, and each task adds the same bytes
+    at_zero = predicted_total(fit, 0, 0, gpu)
+    per_task = predicted_total(fit, per_task_units, 1, gpu) - at_zero
+    return int((budget - at_zero) // per_task)
 
 
 def capacity(records: list[dict[str, Any]], fitted: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -53,8 +53,9 @@ def test_plain_keeps_every_task_the_default_one_at_a_time(bench: Any, tmp_path: 
     plain, default = (c["peak_bytes"] for c in data["cells"])
     assert plain > 1.7 * default and plain - default > 50e6, (plain, default)
     assert [c["units"] for c in data["cells"]] == [28, 7] and data["cells"][1]["chunk_tasks"] == 1
-    assert "conv4-28/32f loop plain" not in data["fits"]  # one cell per lever: no fit yet
-    assert {r["lever"]: r["cpu_24gib_tasks"] for r in data["capacity"]} == {"plain": None, "default": None}
+    # one plain cell cannot tell how memory grows with T; one task at a time is the same at any T
+    assert "conv4-28/32f loop plain" not in data["fits"] and "conv4-28/32f loop default" in data["fits"]
+    assert {r["lever"]: r["cpu_24gib_tasks"] for r in data["capacity"]} == {"plain": None, "default": "any"}
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(bench: Any, tmp_path: Path, capsys: Any) -> None:
