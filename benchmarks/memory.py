@@ -4,7 +4,7 @@
                                 [--tasks 1,2,4,8] [--levers plain,default,...] [--paths loop,vmap]
                                 [--steps 2] [--threads 2] [--limit-gib 20] [--min-free-gib 1] [--timeout-s S]
                                 [--device cpu]
-                                [--resume] [--dry-run] [--quick]
+                                [--resume] [--dry-run] [--report] [--quick]
                                 [--json benchmarks/results/memory-cpu.json] [--plot benchmarks/results/memory-cpu.png]
 
 Each cell of the grid runs in a fresh Python process (this script with ``--cell JSON``): it builds the
@@ -382,7 +382,8 @@ def linear_fit(x: list[float], y: list[float]) -> dict[str, Any]:
         fixed, slope = float(fixed), float(slope)
         pred = fixed + slope * xs
     rel = float(np.max(np.abs(pred - ys) / np.maximum(np.abs(ys), 1.0)))
-    return {"fixed_bytes": fixed, "per_unit_bytes": slope, "cells": len(x), "max_relative_error": rel}
+    return {"fixed_bytes": fixed, "per_unit_bytes": slope, "cells": len(x), "max_relative_error": rel,
+            "max_error_bytes": float(np.max(np.abs(pred - ys)))}
 
 
 def variant(cell: dict[str, Any]) -> str:
@@ -497,10 +498,12 @@ def print_cells(records: list[dict[str, Any]]) -> None:
 def print_fits(fitted: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     print("\nfit: peak bytes over the baseline ~ fixed + per_unit * units (units = tasks per chunk x stage graphs "
           "per task, 1 with recompute)")
-    print(f"{'backbone path lever':<36}{'cells':>6}{'fixed GB':>10}{'per unit MB':>13}{'max rel err':>13}")
+    print(f"{'backbone path lever':<36}{'cells':>6}{'fixed GB':>10}{'per unit MB':>13}{'max err MB':>12}"
+          f"{'max rel err':>13}")
     for key, f in fitted.items():
         per = "-" if f["per_unit_bytes"] is None else f"{f['per_unit_bytes'] / 1e6:.1f}"
-        print(f"{key:<36}{f['cells']:>6}{f['fixed_bytes'] / GB:>10.3f}{per:>13}{f['max_relative_error']:>13.3f}")
+        print(f"{key:<36}{f['cells']:>6}{f['fixed_bytes'] / GB:>10.3f}{per:>13}{f['max_error_bytes'] / 1e6:>12.1f}"
+              f"{f['max_relative_error']:>13.3f}")
     print("\nlargest meta-batch T: measured (ran / out of memory) and predicted by the fit for 24 GiB (this CPU) "
           "and 80 GB (GPU, EXTRAPOLATED from CPU bytes)")
     print(f"{'backbone':<12}{'path':<5}{'lever':<16}{'tableau':<8}{'ran':>5}{'oom':>5}{'24 GiB':>8}{'80 GB*':>8}")
@@ -516,30 +519,33 @@ LEVER_COLORS = {"plain": "tab:red", "default": "tab:blue", "chunk": "tab:blue", 
 
 
 def plot(records: list[dict[str, Any]], path: str) -> None:
-    """Peak memory over the baseline against T, one panel per backbone: rk4 bold, other tableaus light;
-    vmap dashed; out-of-memory cells marked at the top edge."""
+    """Peak memory over the baseline against T, one panel per backbone (and path, where it has two): rk4
+    bold, other tableaus light; out-of-memory cells marked at the top edge."""
     from rkfast.figures import mark_nonfinite, new_figure, readable_log_axis, save_figure
 
     order = list(BACKBONES)
-    panels = sorted({variant(r["settings"]) for r in records}, key=lambda v: (order.index(v.split("/")[0]), v))
-    fig = new_figure(figsize=(5.2 * len(panels), 4.6))
-    for i, panel in enumerate(panels):
+    panels = sorted({(variant(r["settings"]), r["settings"]["path"]) for r in records},
+                    key=lambda p: (order.index(p[0].split("/")[0]), p))
+    paths_of = defaultdict(set)
+    for name, pathname in panels:
+        paths_of[name].add(pathname)
+    fig = new_figure(figsize=(4.8 * len(panels), 4.6))
+    for i, (name, pathname) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        lines: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+        lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in records:
             s = r["settings"]
-            if variant(s) == panel and r["status"] in ("ok", "out of memory"):
-                lines[(s["path"], s["lever"], s["tableau"])].append(r)
+            if (variant(s), s["path"]) == (name, pathname) and r["status"] in ("ok", "out of memory"):
+                lines[(s["lever"], s["tableau"])].append(r)
         oom_labelled = False
-        for (pathname, lever, tableau), rs in sorted(lines.items(), key=lambda kv: kv[0][2] == "rk4"):
+        for (lever, tableau), rs in sorted(lines.items(), key=lambda kv: kv[0][1] == "rk4"):
             rs.sort(key=lambda r: r["settings"]["tasks"])
             x = [r["settings"]["tasks"] for r in rs]
             y = [r["peak_bytes"] / GB if r["status"] == "ok" else None for r in rs]
             bold = tableau == "rk4"
             ax.plot([xi for xi, yi in zip(x, y, strict=True) if yi is not None], [yi for yi in y if yi is not None],
-                    color=LEVER_COLORS[lever], ls="--" if pathname == "vmap" else "-", marker="o" if bold else ".",
-                    lw=2 if bold else 0.8, alpha=1.0 if bold else 0.35,
-                    label=f"{lever} ({pathname})" if bold else None)
+                    color=LEVER_COLORS[lever], marker="o" if bold else ".", lw=2 if bold else 0.8,
+                    alpha=1.0 if bold else 0.3, label=lever if bold else None)
             if mark_nonfinite(ax, x, y, LEVER_COLORS[lever], label=None if oom_labelled else "out of memory"):
                 oom_labelled = True
         tasks = sorted({r["settings"]["tasks"] for rs in lines.values() for r in rs})
@@ -547,9 +553,10 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
         ax.set_xticks(tasks, [str(t) for t in tasks])
         ax.minorticks_off()
         readable_log_axis(ax, "y")
-        others = sorted({k[2] for k in lines} - {"rk4"})
+        others = sorted({tableau for _, tableau in lines} - {"rk4"})
+        where = f" ({pathname})" if len(paths_of[name]) > 1 else (" (vmap)" if pathname == "vmap" else "")
         ax.set(xlabel="meta-batch T (tasks)", ylabel="peak memory over the baseline (GB)",
-               title=f"{panel}: rk4" + (f" (bold); {', '.join(others)} light" if others else ""))
+               title=f"{name}{where}: rk4" + (f"; light: {', '.join(others)}" if others else ""))
         ax.legend(fontsize=7)
     save_figure(fig, path)
 
@@ -574,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resume", action="store_true", help="keep the JSON's cells, skip those of equal settings")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and the estimate, run nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: fit, print and plot the cells already in the JSON")
     parser.add_argument("--quick", action="store_true", help="a tiny grid for CI, into a temporary folder")
     parser.add_argument("--json", help="default benchmarks/results/memory-<device>.json")
     parser.add_argument("--plot", help="default: the JSON's path with .png")
@@ -581,14 +590,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_records(path: Path, resume: bool) -> list[dict[str, Any]]:
-    if not resume or not path.exists():
+def load_records(path: Path, resume: bool, report: bool) -> list[dict[str, Any]]:
+    """The JSON's cells: all of them for a report, the finished ones to resume (failed ones run again)."""
+    if not (resume or report) or not path.exists():
         return []
-    return [r for r in json.loads(path.read_text())["cells"] if r["status"] in ("ok", "out of memory")]
+    cells = json.loads(path.read_text())["cells"]
+    return cells if report else [r for r in cells if r["status"] in ("ok", "out of memory")]
 
 
-def save(path: Path, records: list[dict[str, Any]], args: argparse.Namespace, final: bool) -> dict[str, Any]:
+def cell_name(cell: dict[str, Any]) -> str:
+    return f"{variant(cell)} {cell['path']} {cell['lever']} {cell['tableau']} T={cell['tasks']}"
+
+
+def settings_key(cell: dict[str, Any]) -> str:
+    return json.dumps(cell, sort_keys=True)
+
+
+def save(path: Path, records: list[dict[str, Any]], args: argparse.Namespace, grid: list[dict[str, Any]]
+         ) -> dict[str, Any]:
     fitted = fits(records)
+    finished = {settings_key(r["settings"]) for r in records if r["status"] in ("ok", "out of memory")}
     data = {
         "benchmark": "memory", "machine": platform.node(), "torch": torch.__version__, "device": args.device,
         "device_name": device_name(torch.device(args.device)), "cpu_count": os.cpu_count(),
@@ -602,8 +623,9 @@ def save(path: Path, records: list[dict[str, Any]], args: argparse.Namespace, fi
             "fits": "least squares over the ok cells of each (backbone, path, lever) of default sizes",
             "capacity": "measured_* from the cells; cpu_24gib_tasks and gpu_80gb_tasks PREDICTED from the fits "
                         "(gpu: an extrapolation from CPU bytes, not measured on a GPU)",
+            "missing": "the cells of the grid (at these settings) not in this file yet: --resume runs them",
         },
-        "complete": final, "cells": records, "fits": fitted, "capacity": capacity(records, fitted),
+        "missing": [cell_name(c) for c in grid if settings_key(c) not in finished], "cells": records, "fits": fitted, "capacity": capacity(records, fitted),
     }
     write_json(path, data)
     return data
@@ -622,10 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json = args.json or str(folder / "memory-quick.json")
     json_path = Path(args.json or RESULTS_DIR / f"memory-{device_slug(torch.device(args.device))}.json")
     plot_path = args.plot or str(json_path.with_suffix(".png"))
-    cells = select(quick_grid(args) if args.quick else default_grid(args), args)
-    records = load_records(json_path, args.resume)
-    done = [json.dumps(r["settings"], sort_keys=True) for r in records]
-    todo = [c for c in cells if json.dumps(c, sort_keys=True) not in done]
+    grid = quick_grid(args) if args.quick else default_grid(args)
+    cells = select(grid, args)
+    records = load_records(json_path, args.resume, args.report)
+    done = {settings_key(r["settings"]) for r in records}
+    todo = [] if args.report else [c for c in cells if settings_key(c) not in done]
     total = sum(estimate_s(c) for c in todo)
     print(f"{len(todo)} cells to run ({len(cells) - len(todo)} already in {json_path}); estimate "
           f"{total / 60:.0f} min at {args.threads} threads on an idle machine; limit {args.limit_gib:g} GiB per cell")
@@ -638,15 +661,16 @@ def main(argv: list[str] | None = None) -> int:
         record = launch(cell, args.min_free_gib, args.timeout_s)
         failures += record["status"] not in ("ok", "out of memory")
         records.append(record)
-        save(json_path, records, args, final=i == len(todo) - 1)
+        save(json_path, records, args, grid)
         peak = record.get("peak_bytes")
-        print(f"[{i + 1}/{len(todo)}] {cell['backbone']} {cell['path']} {cell['lever']} {cell['tableau']} "
-              f"T={cell['tasks']}: {record['status']}" + (f", {peak / GB:.2f} GB" if peak is not None else "")
-              + f", {record['wall_s']:.0f} s", flush=True)
-    data = save(json_path, records, args, final=True)
+        print(f"[{i + 1}/{len(todo)}] {cell_name(cell)}: {record['status']}"
+              + (f", {peak / GB:.2f} GB" if peak is not None else "") + f", {record['wall_s']:.0f} s", flush=True)
+    data = save(json_path, records, args, grid)
     print()
     print_cells(records)
     print_fits(data["fits"], data["capacity"])
+    if data["missing"]:
+        print(f"\nmissing from the grid ({len(data['missing'])}): {', '.join(data['missing'])}")
     print(f"wrote {json_path}")
     if records:
         plot(records, plot_path)

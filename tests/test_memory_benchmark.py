@@ -42,8 +42,9 @@ def test_plain_keeps_every_task_the_default_one_at_a_time(bench: Any, tmp_path: 
              for lever in ("plain", "default")]
     records = [bench.launch(c, min_free_gib=0.5, timeout_s=600) for c in cells]
     path = tmp_path / "memory.json"
-    bench.save(path, records, args, final=True)
+    bench.save(path, records, args, [*cells, bench.make_cell(args, "conv4-28", "loop", "plain", "rk4", 8)])
     data = strict(path)
+    assert data["missing"] == ["conv4-28 loop plain rk4 T=8"]
     assert [c["settings"]["lever"] for c in data["cells"]] == ["plain", "default"]
     for cell in data["cells"]:
         assert cell["status"] == "ok", cell.get("error")
@@ -72,6 +73,8 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(bench: Any, tmp_path: Pat
     assert bench.main([*argv, "--resume"]) == 0  # the cell is kept, not run again
     assert capsys.readouterr().out.startswith("0 cells to run (1 already in")
     assert len(strict(path)["cells"]) == 1
+    assert bench.main([*argv, "--report"]) == 0  # fits, tables and the plot again, from the file alone
+    assert "largest meta-batch T" in capsys.readouterr().out
 
     args = bench.build_parser().parse_args(["--threads", "1", "--limit-gib", "20"])
     broken = bench.launch(bench.make_cell(args, "conv4-28", "loop", "plain", "no-such-tableau", 1, filters=8),
