@@ -412,8 +412,31 @@ def fits(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         fit["baseline"] = linear_fit([r["settings"]["tasks"] for r in rs], [r["baseline_bytes"] for r in rs])
         fit["parameters"] = rs[0]["parameters"]
         fit["batch_bytes_per_task"] = rs[0]["batch_bytes"] / rs[0]["settings"]["tasks"]
+        if not LEVERS[key[2]].get("recompute"):
+            fit["split"] = split_fit(rs)
         out[" ".join(key)] = fit
     return out
+
+
+def split_fit(rs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """A finer fit, beside the one the predictions use: ``fixed + a * support_grads + b * query_losses``
+    (per chunk), where the tableaus mix the two kinds of graph in enough ratios to tell them apart (a
+    support gradient's graph holds the support set's forward and backward, a query loss's the query set's
+    forward); None where they do not."""
+    rows, ys = [], []
+    for r in rs:
+        tab = rkfast.get_tableau(r["settings"]["tableau"])
+        chunk = chunk_tasks(r["settings"])
+        rows.append([1.0, chunk * sum(tab.needs_support_grad), chunk * sum(tab.needs_query_loss)])
+        ys.append(r["peak_bytes"])
+    x, y = np.asarray(rows), np.asarray(ys, float)
+    if np.linalg.matrix_rank(x) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    err = np.abs(x @ coef - y)
+    return {"fixed_bytes": float(coef[0]), "per_support_grad_bytes": float(coef[1]),
+            "per_query_loss_bytes": float(coef[2]), "max_error_bytes": float(err.max()),
+            "max_relative_error": float((err / np.maximum(y, 1.0)).max())}
 
 
 def grows_with_tasks(path: str, lever: str) -> bool:
@@ -504,6 +527,14 @@ def print_fits(fitted: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) ->
         per = "-" if f["per_unit_bytes"] is None else f"{f['per_unit_bytes'] / 1e6:.1f}"
         print(f"{key:<36}{f['cells']:>6}{f['fixed_bytes'] / GB:>10.3f}{per:>13}{f['max_error_bytes'] / 1e6:>12.1f}"
               f"{f['max_relative_error']:>13.3f}")
+    print("\nfiner fit (not used for the predictions): fixed + a * support gradients + b * query losses per chunk")
+    print(f"{'backbone path lever':<36}{'fixed GB':>10}{'a MB':>9}{'b MB':>9}{'max err MB':>12}{'max rel err':>13}")
+    for key, f in fitted.items():
+        sp = f.get("split")
+        if sp:
+            print(f"{key:<36}{sp['fixed_bytes'] / GB:>10.3f}{sp['per_support_grad_bytes'] / 1e6:>9.1f}"
+                  f"{sp['per_query_loss_bytes'] / 1e6:>9.1f}{sp['max_error_bytes'] / 1e6:>12.1f}"
+                  f"{sp['max_relative_error']:>13.3f}")
     print("\nlargest meta-batch T: measured (ran / out of memory) and predicted by the fit for 24 GiB (this CPU) "
           "and 80 GB (GPU, EXTRAPOLATED from CPU bytes)")
     print(f"{'backbone':<12}{'path':<5}{'lever':<16}{'tableau':<8}{'ran':>5}{'oom':>5}{'24 GiB':>8}{'80 GB*':>8}")
@@ -529,9 +560,11 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
     paths_of = defaultdict(set)
     for name, pathname in panels:
         paths_of[name].add(pathname)
-    fig = new_figure(figsize=(4.8 * len(panels), 4.6))
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = new_figure(figsize=(6.0 * cols, 4.6 * rows))
     for i, (name, pathname) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in records:
             s = r["settings"]
@@ -546,7 +579,16 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
             ax.plot([xi for xi, yi in zip(x, y, strict=True) if yi is not None], [yi for yi in y if yi is not None],
                     color=LEVER_COLORS[lever], marker="o" if bold else ".", lw=2 if bold else 0.8,
                     alpha=1.0 if bold else 0.3, label=lever if bold else None)
-            if mark_nonfinite(ax, x, y, LEVER_COLORS[lever], label=None if oom_labelled else "out of memory"):
+            # an out-of-memory cell at the peak it had reached when refused, else at the top edge
+            refused = [(xi, r["peak_before_failure_bytes"] / GB) for xi, r in zip(x, rs, strict=True)
+                       if r["status"] != "ok" and r.get("peak_before_failure_bytes")]
+            if refused:
+                ax.plot(*zip(*refused, strict=True), ls="", marker="x", ms=9, mew=2, color=LEVER_COLORS[lever],
+                        label=None if oom_labelled else "out of memory (its peak when refused)")
+                oom_labelled = True
+            rest = [(xi, yi) for xi, yi in zip(x, y, strict=True) if xi not in dict(refused)]
+            if rest and mark_nonfinite(ax, *zip(*rest, strict=True), LEVER_COLORS[lever],
+                                       label=None if oom_labelled else "out of memory"):
                 oom_labelled = True
         tasks = sorted({r["settings"]["tasks"] for rs in lines.values() for r in rs})
         ax.set_xscale("log", base=2)
@@ -614,7 +656,7 @@ def save(path: Path, records: list[dict[str, Any]], args: argparse.Namespace, gr
         "benchmark": "memory", "machine": platform.node(), "torch": torch.__version__, "device": args.device,
         "device_name": device_name(torch.device(args.device)), "cpu_count": os.cpu_count(),
         "memory_total_bytes": read_proc_kb("/proc/meminfo", ("MemTotal",)).get("MemTotal", 0) * 1024,
-        "inner_lr": INNER_LR, "outer": "adam",
+        "inner_lr": INNER_LR, "outer": "adam", "threads": sorted({r["settings"]["threads"] for r in records}),
         "how": {
             "peak_bytes": "measured: ru_maxrss after the steps minus ru_maxrss after building and a warm-up forward "
                           "(fresh process per cell; CUDA: max_memory_allocated over a step minus allocated before)",
