@@ -10,10 +10,14 @@
 Each cell of the grid runs in a fresh Python process (this script with ``--cell JSON``): it builds the
 model, a ``MetaOptimizer`` and one random meta-batch (5-way 5-shot, 15 query images per class; the values
 do not matter to memory or time), runs the model forward on one image (a warm-up that does not touch the
-step), records the baseline (``ru_maxrss``), then runs ``--steps`` meta-steps (default 2; 1 for
-resnet12-84), each timed. Its peak memory is ``ru_maxrss`` after the steps minus the baseline (on CUDA:
+step), then runs ``--steps`` meta-steps (default 2; 1 for resnet12-84), each timed. A step's peak
+memory is the process's peak resident memory over the step minus its resident memory before it: the peak
+(``VmHWM``) is reset to the current resident memory through ``/proc/self/clear_refs`` before each step,
+so a transient peak while importing or building cannot hide the step's, and file-backed pages the kernel
+reclaimed during the step are added back (where the kernel refuses the
+reset, ``ru_maxrss`` after the steps minus ``ru_maxrss`` before them, as ``peak_method`` says). On CUDA:
 ``torch.cuda.max_memory_allocated`` over each step, after ``reset_peak_memory_stats``, minus the bytes
-allocated before it).
+allocated before it.
 
 The backbones: ``conv4-28`` (Omniglot-shaped: 1 channel, 28x28, strided conv4 of 64 filters), ``conv4-84``
 (MiniImageNet-shaped: RGB 84x84, conv4 of 32 filters with max-pooling) and ``resnet12-84``
@@ -90,7 +94,8 @@ from rkfast.models import resnet12
 from rkfast.runs import write_json
 from rkfast.tasks.fewshot import conv4
 
-from _common import RESULTS_DIR, available_memory_bytes, device_name, device_slug, read_proc_kb  # benchmarks/ on path
+from _common import (RESULTS_DIR, available_memory_bytes, device_name, device_slug,  # benchmarks/ on path
+                     proc_status_kb, read_proc_kb, reset_peak_rss)
 
 GIB = 2**30
 GB = 1e9
@@ -183,8 +188,47 @@ def limit_memory(cell: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit * GIB / total), device)
 
 
-def peak_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+class CpuPeak:
+    """The peak resident memory of this process over a stretch of work, in bytes.
+
+    Where ``/proc/self/clear_refs`` accepts it, the peak (``VmHWM``) is reset to the current resident memory
+    at :meth:`start`, and the stretch's peak is ``VmHWM`` minus the resident memory then: an earlier transient
+    peak (importing, building, a warm-up) cannot hide a smaller step's. File-backed pages (torch's libraries,
+    about a third of the baseline) that the kernel reclaimed during the stretch, under memory pressure, are
+    added back, so that they do not hide the step's own growth either. Elsewhere it falls back to the growth
+    of ``ru_maxrss``, which such an earlier peak can hide (it then reads 0)."""
+
+    def __init__(self) -> None:
+        self.resets = reset_peak_rss()
+        self.method = (
+            "VmHWM reset before each step, minus VmRSS then, plus file pages reclaimed during it"
+            if self.resets
+            else "ru_maxrss growth"
+        )
+        self.before = 0
+        self.file_before = 0
+
+    @staticmethod
+    def resident_bytes() -> int:
+        return proc_status_kb().get("VmRSS", 0) * 1024
+
+    def start(self) -> int:
+        """Starts a stretch; the bytes it is measured from (the resident memory, or ``ru_maxrss``)."""
+        if self.resets and reset_peak_rss():
+            status = proc_status_kb()
+            self.before, self.file_before = status.get("VmRSS", 0) * 1024, status.get("RssFile", 0) * 1024
+        else:
+            self.resets = False
+            self.before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self.before
+
+    def peak(self) -> int:
+        """The stretch's peak over :meth:`start`'s bytes."""
+        if self.resets:
+            status = proc_status_kb()
+            reclaimed = max(0, self.file_before - status.get("RssFile", 0) * 1024)
+            return status.get("VmHWM", 0) * 1024 - self.before + reclaimed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.before
 
 
 def is_out_of_memory(text: str) -> bool:
@@ -198,6 +242,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(cell["threads"])
     torch.manual_seed(0)
     out: dict[str, Any] = {"status": "failed"}
+    cpu_peak = CpuPeak()
     try:
         model = build_model(cell).to(device)
         opt = rkfast.MetaOptimizer(model, F.cross_entropy, tableau=cell["tableau"], inner_lr=INNER_LR, lr=1e-4,
@@ -209,37 +254,41 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         out["vectorize"] = bool(opt.vectorize)
         with torch.no_grad():
             model(batch.support_x[0, :1])  # warm-up that does not touch the step
-        measure_steps(opt, batch, cell["steps"], device, out)
+        measure_steps(opt, batch, cell["steps"], device, out, cpu_peak)
         out["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - every failure is recorded; its text tells memory from the rest
         text = f"{type(err).__name__}: {err}"
         out["status"] = "out of memory" if isinstance(err, MemoryError) or is_out_of_memory(text) else "failed"
         out["error"] = text[-2000:]
     if out["status"] != "ok" and device.type == "cpu" and "baseline_bytes" in out:
-        out["peak_before_failure_bytes"] = peak_kb() * 1024 - out["baseline_bytes"]
+        out["peak_before_failure_bytes"] = cpu_peak.peak()
     return out
 
 
 def measure_steps(opt: rkfast.MetaOptimizer, batch: rkfast.TaskBatch, steps: int, device: torch.device,
-                  out: dict[str, Any]) -> None:
+                  out: dict[str, Any], cpu_peak: CpuPeak) -> None:
     """Runs and times ``steps`` meta-steps, filling ``out`` with the baseline, peaks and times."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         out["baseline_bytes"] = torch.cuda.memory_allocated(device)
+        out["peak_method"] = "max_memory_allocated over the step minus memory_allocated before it"
     else:
-        out["baseline_bytes"] = peak_kb() * 1024
+        out["baseline_bytes"] = CpuPeak.resident_bytes() if cpu_peak.resets else cpu_peak.start()
+        out["peak_method"] = cpu_peak.method
     out["step_peak_bytes"], out["step_seconds"] = [], []
     for _ in range(steps):
         if cuda:
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        elif cpu_peak.resets:  # ru_maxrss cannot be reset: without the reset, every step counts from the baseline
+            cpu_peak.start()
         start = time.perf_counter()
         opt.step(batch)
         if cuda:
             torch.cuda.synchronize(device)
         out["step_seconds"].append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(device) - before if cuda else peak_kb() * 1024 - out["baseline_bytes"]
+        peak = torch.cuda.max_memory_allocated(device) - before if cuda else cpu_peak.peak()
         out["step_peak_bytes"].append(peak)
     out["peak_bytes"] = max(out["step_peak_bytes"])
     out["median_step_s"] = statistics.median(out["step_seconds"])
@@ -658,8 +707,11 @@ def save(path: Path, records: list[dict[str, Any]], args: argparse.Namespace, gr
         "memory_total_bytes": read_proc_kb("/proc/meminfo", ("MemTotal",)).get("MemTotal", 0) * 1024,
         "inner_lr": INNER_LR, "outer": "adam", "threads": sorted({r["settings"]["threads"] for r in records}),
         "how": {
-            "peak_bytes": "measured: ru_maxrss after the steps minus ru_maxrss after building and a warm-up forward "
-                          "(fresh process per cell; CUDA: max_memory_allocated over a step minus allocated before)",
+            "peak_bytes": "measured in a fresh process per cell, each cell's peak_method: the peak resident memory "
+                          "over a step (VmHWM, reset before it) minus the resident memory before it, plus the file "
+                          "pages reclaimed during it; cells "
+                          "without peak_method: ru_maxrss after the steps minus ru_maxrss after building and a "
+                          "warm-up forward; CUDA: max_memory_allocated over a step minus allocated before",
             "median_step_s": "measured: the median of the cell's steps (load average at the cell's start and end "
                              "recorded: other processes share the CPU, so times are noisy)",
             "fits": "least squares over the ok cells of each (backbone, path, lever) of default sizes",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,20 @@ def test_plain_keeps_every_task_the_default_one_at_a_time(bench: Any, tmp_path: 
     # one plain cell cannot tell how memory grows with T; one task at a time is the same at any T
     assert "conv4-28/32f loop plain" not in data["fits"] and "conv4-28/32f loop default" in data["fits"]
     assert {r["lever"]: r["cpu_24gib_tasks"] for r in data["capacity"]} == {"plain": None, "default": "any"}
+    assert all(c["peak_method"].startswith("VmHWM reset") for c in data["cells"])
+
+
+def test_an_earlier_transient_peak_does_not_hide_a_step(bench: Any) -> None:
+    # a peak while importing or building (here 400 MB, freed) once hid a ~70 MB step: ru_maxrss did not grow
+    peak = bench.CpuPeak()
+    assert peak.resets, "this Linux refuses /proc/self/clear_refs: the benchmark falls back to ru_maxrss"
+    transient = torch.ones(100_000_000)  # 400 MB, written so that it is resident
+    del transient
+    before = peak.start()
+    assert before == bench.CpuPeak.resident_bytes() or abs(before - bench.CpuPeak.resident_bytes()) < 20e6
+    kept = torch.ones(20_000_000)  # 80 MB
+    assert 70e6 < peak.peak() < 200e6, peak.peak()
+    del kept
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(bench: Any, tmp_path: Path, capsys: Any) -> None:
