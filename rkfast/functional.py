@@ -465,100 +465,94 @@ def rk_meta_step(
     plan = Memory() if memory is None else memory
     h = check_step("inner_lr", inner_lr)
     backend = resolve_backend(backend, theta.device, theta.dtype)  # a bad choice fails before any work
-    if plan.recompute and first_order:
-        raise ValueError("Memory(recompute=True) needs a second-order step: first order keeps no stage graphs")
+    plan.check_compatible(first_order=first_order)
     if plan.amp_dtype is not None:
         support_loss, query_loss = AutocastLoss(support_loss, plan.amp_dtype), AutocastLoss(query_loss, plan.amp_dtype)
     count = resolve_num_tasks(num_tasks, support_data, query_data)
-    map_type = _task_map_type(plan, tableau)
-    step = functools.partial(
-        _meta_step, theta, support_loss, query_loss, tableau=tableau, h=h, first_order=first_order,
-        backend=backend, workspace=workspace, rates=rates,
-    )  # fmt: skip
+    learned = tableau if isinstance(tableau, TableauCoefficients) else None
+    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
+    step = _StepPlan(theta, support_loss, query_loss, tab, learned, h, first_order, backend, workspace, rates)
+    map_type = _task_map_type(plan, tab)
     chunk = plan.chunk_size(count, vectorize, callable(support_data) or callable(query_data))
     if chunk >= count:
-        return step(support_data, query_data, map_type(count, vectorize, randomness))
-    support_data, query_data = _recorded_stage_data(
-        step, support_data, query_data, TaskMap(count, vectorize, randomness)
-    )
+        return step.run(support_data, query_data, map_type(count, vectorize, randomness))
+    support_data, query_data = step.recorded_stage_data(support_data, query_data, TaskMap(count, vectorize, randomness))
     total = ChunkSum(count)
     for start, stop in task_ranges(count, chunk):
         support, query = (
             d.chunk(start, stop) if isinstance(d, RecordedStages) else slice_tasks(d, start, stop)
             for d in (support_data, query_data)
         )
-        total.add(step(support, query, map_type(stop - start, vectorize, randomness)), stop - start)
+        total.add(step.run(support, query, map_type(stop - start, vectorize, randomness)), stop - start)
     return total.result()
 
 
-def _task_map_type(plan: Memory, tableau: Tableau | TableauCoefficients | str) -> Callable[..., TaskMap]:
+def _task_map_type(plan: Memory, tab: Tableau) -> Callable[..., TaskMap]:
     """How the step maps its tasks: :class:`~rkfast.recompute.RecomputingTaskMap` with ``plan.recompute`` (the
     last stage's query graph kept, see there), else the plain :class:`~rkfast.taskmap.TaskMap`."""
     if not plan.recompute:
         return TaskMap
-    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
     last_query = max((j for j, q in enumerate(tab.needs_query_loss) if q), default=None)
     return functools.partial(RecomputingTaskMap, keep_step=last_query)
 
 
-def _meta_step(
-    theta: Tensor,
-    support_loss: TaskLoss,
-    query_loss: TaskLoss,
-    support_data: TaskData,
-    query_data: TaskData,
-    tasks: TaskMap,
-    *,
-    tableau: Tableau | TableauCoefficients | str,
-    h: float,
-    first_order: bool,
-    backend: str,
-    workspace: Workspace | None,
-    rates: LearnedRates | None,
-    record_only: bool = False,
-) -> MetaStepOutput:
-    """:func:`rk_meta_step` over the tasks of ``tasks`` (checked arguments). ``record_only``: only run the
-    stages graph-free and produce each stage's data (what :func:`_recorded_stage_data` needs)."""
-    learned = tableau if isinstance(tableau, TableauCoefficients) else None
-    tab = tableau.structure if isinstance(tableau, TableauCoefficients) else get_tableau(tableau)
-    rule = FirstOrderDirection if first_order or record_only else SecondOrderDirection
-    direction = rule(theta, tasks, backend, workspace, rates, learned)
-    if (out := _one_pass_direction(direction, tab, h, support_loss, support_data, query_loss, query_data)) is not None:
-        return out
-    with direction.grad_mode():
-        rate_of, matrix, weights = _stage_coefficients(theta, tab, h, rates, learned, rule is FirstOrderDirection)
-        for stage in stage_points(
-            direction.theta,
-            tab,
-            h,
-            tasks,
-            support_loss,
-            support_data,
-            second_order=rule.second_order,
-            backend=backend,
-            workspace=workspace if first_order else None,
-            rates=rate_of,
-            matrix=matrix,
-        ):
-            with at_step(stage.index):
-                data = tasks.data(query_data, stage.index, stage.point, stage.shared)
-                if not record_only:
-                    direction.add(stage, weights[stage.index], query_loss, data)
-        return direction.output(direction.theta) if record_only else direction.result()
+@dataclass(frozen=True)
+class _StepPlan:
+    """One meta-step's checked settings (:func:`rk_meta_step`), what each of its task chunks runs with:
+    ``tab`` the tableau's structure, ``learned`` its bound learned coefficients (``None``: fixed)."""
 
+    theta: Tensor
+    support_loss: TaskLoss
+    query_loss: TaskLoss
+    tab: Tableau
+    learned: TableauCoefficients | None
+    h: float
+    first_order: bool
+    backend: str
+    workspace: Workspace | None
+    rates: LearnedRates | None
 
-def _recorded_stage_data(
-    step: Callable[..., Any], support_data: TaskData, query_data: TaskData, tasks: TaskMap
-) -> tuple[Any, Any]:
-    """The task data for chunks: stage callables are called once for the whole meta-batch, in a graph-free
-    pass over the stages in the unchunked step's order (:class:`~rkfast.chunks.RecordedStages`); pytrees as
-    they are."""
-    if not (callable(support_data) or callable(query_data)):
-        return support_data, query_data
-    support, query = (RecordedStages(d) if callable(d) else d for d in (support_data, query_data))
-    with torch.no_grad():
-        step(support, query, tasks, record_only=True)
-    return support, query
+    def run(self, support_data: TaskData, query_data: TaskData, tasks: TaskMap) -> MetaStepOutput:
+        """The meta-step over the tasks of ``tasks``."""
+        rule = FirstOrderDirection if self.first_order else SecondOrderDirection
+        direction = rule(self.theta, tasks, self.backend, self.workspace, self.rates, self.learned)
+        one_pass = _one_pass_direction(
+            direction, self.tab, self.h, self.support_loss, support_data, self.query_loss, query_data
+        )
+        if one_pass is not None:
+            return one_pass
+        with direction.grad_mode():
+            rate_of, matrix, weights = _stage_coefficients(
+                self.theta, self.tab, self.h, self.rates, self.learned, self.first_order
+            )
+            points = stage_points(
+                direction.theta, self.tab, self.h, tasks, self.support_loss, support_data,
+                second_order=rule.second_order, backend=self.backend,
+                workspace=self.workspace if self.first_order else None, rates=rate_of, matrix=matrix,
+            )  # fmt: skip
+            for stage in points:
+                with at_step(stage.index):
+                    data = tasks.data(query_data, stage.index, stage.point, stage.shared)
+                    direction.add(stage, weights[stage.index], self.query_loss, data)
+            return direction.result()
+
+    def recorded_stage_data(self, support_data: TaskData, query_data: TaskData, tasks: TaskMap) -> tuple[Any, Any]:
+        """The task data for chunks: stage callables are called once for the whole meta-batch ``tasks``, in a
+        graph-free pass over the stages in the unchunked step's order and at its points, each call's data
+        recorded for the chunks to slice (:class:`~rkfast.chunks.RecordedStages`); pytrees as they are."""
+        if not (callable(support_data) or callable(query_data)):
+            return support_data, query_data
+        support, query = (RecordedStages(d) if callable(d) else d for d in (support_data, query_data))
+        with torch.no_grad():
+            rate_of, matrix, _ = _stage_coefficients(self.theta, self.tab, self.h, self.rates, self.learned, True)
+            points = stage_points(
+                self.theta.detach(), self.tab, self.h, tasks, self.support_loss, support, second_order=False,
+                backend=self.backend, rates=rate_of, matrix=matrix,
+            )  # fmt: skip
+            for stage in points:
+                with at_step(stage.index):
+                    tasks.data(query, stage.index, stage.point, stage.shared)
+        return support, query
 
 
 def _one_pass_direction(
@@ -570,24 +564,31 @@ def _one_pass_direction(
     query_loss: TaskLoss,
     query_data: TaskData,
 ) -> MetaStepOutput | None:
-    """The second-order meta-direction from every stage's query losses computed in one ``vmap`` over the tasks
+    """The meta-direction from every stage's query losses computed in one ``vmap`` over the tasks
     (:func:`~rkfast.taskmap.stage_query_losses`), where that applies (no learned coefficients, no stage
     recomputation, and :func:`~rkfast.taskmap.one_pass_applies`); ``None``, with nothing recorded, where
-    not: the stage-by-stage loop of :func:`rk_meta_step` runs then."""
-    if not isinstance(direction, SecondOrderDirection) or direction.rates is not None or direction.learned is not None:
+    not: the stage-by-stage loop of :func:`rk_meta_step` runs then. Both orders are the gradient of the
+    recorded meta-loss (first order: with the slopes computed at detached points, constants), so the
+    second-order rule records and differentiates it."""
+    if direction.rates is not None or direction.learned is not None:
         return None
     if isinstance(direction.tasks, RecomputingTaskMap):  # one pass keeps every stage's graph
         return None
-    tasks, theta = direction.tasks, direction.theta
-    if not any(tab.needs_query_loss) or not one_pass_applies(tasks, theta, support_loss, support_data, query_data):
+    tasks, first_order = direction.tasks, isinstance(direction, FirstOrderDirection)
+    if not any(tab.needs_query_loss) or not one_pass_applies(
+        tasks, direction.theta, support_loss, support_data, query_data
+    ):
         return None
-    with direction.grad_mode():
-        stages = stage_query_losses(tasks, theta, tab, h, support_loss, support_data, query_loss, query_data)
+    meta_loss = SecondOrderDirection(direction.theta, tasks, "torch", None)  # a fresh leaf at theta
+    with meta_loss.grad_mode():
+        stages = stage_query_losses(
+            tasks, meta_loss.theta, tab, h, support_loss, support_data, query_loss, query_data, first_order=first_order
+        )
         if stages is None:
             return None
         for j, q, metrics in stages:  # the meta-loss reads each stage's index, not its point
-            direction.record(Stage(j, theta, not tab.coefficients(j)), tab.b[j], q, metrics)
-        return direction.result()
+            meta_loss.record(Stage(j, meta_loss.theta, not tab.coefficients(j)), tab.b[j], q, metrics)
+        return meta_loss.result()
 
 
 def _stage_coefficients(
@@ -940,9 +941,11 @@ def meta_step(
     workspace: Workspace | None = None,
     batch_statistics: bool = True,
     rates: LearnedRates | None = None,
+    memory: Memory | None = None,
 ) -> MetaStepOutput:
     """:func:`rk_meta_step` for a module, a loss function and a :class:`~rkfast.batch.TaskBatch`
-    (``batch_statistics``: see :func:`model_call`; ``rates``: learned inner rates, see :func:`rk_meta_step`)."""
+    (``batch_statistics``: see :func:`model_call`; ``rates``: learned inner rates and ``memory``: the memory
+    levers, see :func:`rk_meta_step`)."""
     loss = module_task_loss(module, loss_fn, layout, batch_statistics=batch_statistics)
     return rk_meta_step(
         theta,
@@ -957,6 +960,7 @@ def meta_step(
         backend=backend,
         workspace=workspace,
         rates=rates,
+        memory=memory,
     )
 
 

@@ -80,6 +80,24 @@ class Memory:
             return min(self.task_chunk, num_tasks)
         return num_tasks if vectorize or callable_data else 1
 
+    def check_compatible(self, *, first_order: bool, captured: bool = False) -> None:
+        """The levers must suit the step: recomputation rebuilds second-order stage graphs (first order keeps
+        none) and restores the random state on the host, which a captured CUDA graph cannot replay.
+
+        Raises:
+            ValueError: ``recompute`` with ``first_order`` or ``captured``, naming the setting and its CLI flag.
+        """
+        if self.recompute and first_order:
+            raise ValueError(
+                "Memory(recompute=True) (--recompute) needs second order (first_order=False, no --first-order): "
+                "first order keeps no stage graphs to rebuild"
+            )
+        if self.recompute and captured:
+            raise ValueError(
+                "Memory(recompute=True) (--recompute) with capture is not supported: the recomputed stages "
+                "restore the random state on the host, which a CUDA graph cannot replay; use capture=False"
+            )
+
     def check_device(self, device: torch.device) -> None:
         """``amp`` must be supported by ``torch.autocast`` on ``device`` (``ValueError`` naming both)."""
         dtype = self.amp_dtype

@@ -504,15 +504,7 @@ def _checked_memory(memory: Any, first_order: bool, capture: Any) -> Memory:
         return Memory()
     if not isinstance(memory, Memory):
         raise TypeError(f"memory must be a rkfast.Memory or None, got {type(memory).__name__}")
-    if memory.recompute and first_order:
-        raise ValueError(
-            "Memory(recompute=True) needs second order (first_order=False): first order keeps no stage graphs"
-        )
-    if memory.recompute and make_step_capture(capture).mode is not False:
-        raise ValueError(
-            "Memory(recompute=True) with capture is not supported: the recomputed stages restore the random "
-            "state on the host, which a CUDA graph cannot replay; use capture=False"
-        )
+    memory.check_compatible(first_order=first_order, captured=make_step_capture(capture).mode is not False)
     return memory
 
 

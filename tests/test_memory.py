@@ -89,10 +89,12 @@ def test_recompute_needs_second_order_and_no_capture():
     theta = torch.zeros(RF.ParamLayout.from_module(model).numel, dtype=torch.float64)
     loss = RF.module_task_loss(model, F.mse_loss)
     batch = regression_batch()
-    with pytest.raises(ValueError, match="second-order"):
+    with pytest.raises(ValueError, match="second order"):
         RF.rk_meta_step(
             theta, loss, loss, batch.support, batch.query, "maml", 0.1, first_order=True, memory=Memory(recompute=True)
         )
+    with pytest.raises(ValueError, match="--recompute.*second order"):  # the training settings say the same
+        rkfast.train.TrainConfig(recompute=True, first_order=True).resolved()
 
 
 # -- exactness: the functional core -----------------------------------------------------------------------
@@ -103,21 +105,13 @@ def test_recompute_needs_second_order_and_no_capture():
 )
 def test_chunks_and_recomputation_equal_the_plain_step(tableau, first_order, vectorize):
     model = smooth_mlp()
-    loss = RF.module_task_loss(model, F.mse_loss)
     theta = RF.ParamLayout.from_module(model).flatten(list(model.parameters())).detach()
     batch = regression_batch(tasks=5)
-    step = lambda memory: RF.rk_meta_step(
-        theta,
-        loss,
-        loss,
-        batch.support,
-        batch.query,
-        tableau,
-        0.1,  # noqa: E731
-        first_order=first_order,
-        vectorize=vectorize,
-        memory=memory,
-    )
+
+    def step(memory):
+        return RF.meta_step(model, F.mse_loss, theta, batch, tableau, 0.1, first_order=first_order,
+                            vectorize=vectorize, memory=memory)
+
     ref = step(plain())
     levers = [Memory(task_chunk=2), Memory(task_chunk=1), None]  # None: the default (per task on the loop path)
     if not first_order:
@@ -333,7 +327,7 @@ def test_cli_flags_reach_the_run_and_its_config(tmp_path, capsys):
     refused_in_one_line(
         ["train", "sinusoid", "--recompute", "--first-order", "--out", str(tmp_path / "y")],
         capsys,
-        "recompute needs second order",
+        "(--recompute) needs second order",
     )
     bad = dict(config, task_chunk="4")
     (tmp_path / "bad.json").write_text(json.dumps(bad))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import classification_batch, flat_theta, regression_batch, smooth_mlp
-from rkfast import MetaOptimizer, TaskBatch, taskmap
+from rkfast import MetaOptimizer, Rates, TaskBatch, taskmap
 from rkfast import functional as RF
 from rkfast.functional import meta_step, module_task_loss
 from rkfast.taskmap import DETACHED_LOSS, TaskMap, one_pass_applies
@@ -36,15 +36,16 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("tableau", ["maml", "heun", "rk4", "rk38", "maml(3)", "maml_msl(0.2, 0.3, 0.5)"])
-def test_one_pass_agrees_with_the_stage_by_stage_step(tableau, monkeypatch):
+def test_one_pass_agrees_with_the_stage_by_stage_step(tableau, first_order, monkeypatch):
     model, batch = smooth_mlp(), regression_batch(tasks=4)
     theta = flat_theta(model)[1]
     calls = counted(monkeypatch)
-    one = meta_step(model, F.mse_loss, theta, batch, tableau, H)
+    one = meta_step(model, F.mse_loss, theta, batch, tableau, H, first_order=first_order)
     assert calls == [1]
     staged(monkeypatch)
-    ref = meta_step(model, F.mse_loss, theta, batch, tableau, H)
+    ref = meta_step(model, F.mse_loss, theta, batch, tableau, H, first_order=first_order)
     assert calls == [1]
     # the stage points are computed by other kernels (the pure-PyTorch order of operations): equal to rounding
     torch.testing.assert_close(one.direction, ref.direction, rtol=1e-12, atol=1e-14)
@@ -78,11 +79,32 @@ def test_meta_optimizer_steps_in_one_pass_on_the_cpu(monkeypatch):
     assert calls == [1, 1]
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(first_order=True), dict(vectorize=False)],
-    ids=["first-order", "task-by-task"],
-)
+def test_first_order_in_one_pass_holds_the_slopes_constant(monkeypatch):
+    # the second-order direction differs from the first-order one by the slopes' Hessian terms: one pass
+    # must give the first-order one, not differentiate through the slopes
+    model, batch = smooth_mlp(), regression_batch(tasks=4)
+    theta = flat_theta(model)[1]
+    calls = counted(monkeypatch)
+    first = meta_step(model, F.mse_loss, theta, batch, "rk4", 0.3, first_order=True)
+    second = meta_step(model, F.mse_loss, theta, batch, "rk4", 0.3)
+    assert calls == [1, 1]
+    assert (first.direction - second.direction).norm() > 1e-3 * second.direction.norm()
+    staged(monkeypatch)
+    ref = meta_step(model, F.mse_loss, theta, batch, "rk4", 0.3, first_order=True)
+    torch.testing.assert_close(first.direction, ref.direction, rtol=1e-12, atol=1e-14)
+
+
+def test_meta_optimizer_first_order_and_learned_rates(monkeypatch):
+    # first order in one pass; learned rates (whose directions read the slopes) stage by stage
+    model, batch = smooth_mlp(), regression_batch()
+    calls = counted(monkeypatch)
+    MetaOptimizer(model, F.mse_loss, tableau="heun", inner_lr=H, first_order=True).step(batch)
+    assert calls == [1]
+    MetaOptimizer(model, F.mse_loss, tableau="heun", inner_lr=H, first_order=True, rates=Rates("tensor")).step(batch)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("options", [dict(vectorize=False)], ids=["task-by-task"])
 def test_the_stage_by_stage_step_runs_where_one_pass_does_not_apply(options, monkeypatch):
     model, batch = smooth_mlp(), regression_batch()
     calls = counted(monkeypatch)

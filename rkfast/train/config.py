@@ -166,9 +166,7 @@ class TrainConfig:
                     raise ValueError(str(err)) from None
         check_lr(cfg.lr)  # as MetaOptimizer's (and torch's) lr: finite and >= 0
         check_device(cfg.device)
-        cfg.memory  # noqa: B018 - a bad memory setting fails here, naming it
-        if cfg.recompute and cfg.first_order:
-            raise ValueError("recompute needs second order (first_order off): first order keeps no stage graphs")
+        cfg.memory.check_compatible(first_order=cfg.first_order)  # a bad memory setting fails here, named
         # the coefficient patterns are matched against the names of the domain's model
         coefficients = cfg.coefficients.checked(tableau, lambda: domain.make_model(cfg.options))
         return replace(cfg, **asdict(coefficients), select_steps=_select_steps(cfg, tableau, defaults.eval_steps))
