@@ -2,7 +2,7 @@
 # One script for a lent GPU machine (see the developers' guide): build rkfast there, run the CUDA tests and
 # the benchmarks, and leave everything under $OUT (the device tool brings $OUT back).
 #
-#   bash benchmarks/gpu_check.sh [all|check|bench]     # OUT defaults to benchmarks/results/gpu-run
+#   bash benchmarks/gpu_check.sh [all|check|bench|learned|memory]     # OUT defaults to benchmarks/results/gpu-run
 #
 #   check: build, the CUDA tests (kernels, capture), a short end-to-end smoke run (about 2 minutes on an H100)
 #   bench: build, the capture tests, the full end-to-end benchmark (every contender, workload, tableau and
@@ -11,6 +11,9 @@
 #   all:   the CUDA tests and bench, without the smoke run (about 5 minutes)
 #   learned: build, the CUDA tests of learned rates and tableaus (capture, per-element kernels, steps against
 #          the CPU), the per-element kernel rows and the cost of learned coefficients (about 4 minutes)
+#   memory: build, the memory levers' grid on the GPU (benchmarks/memory.py --device cuda: conv4-84 and
+#          ResNet-12 84x84 5-way 5-shot, maml and rk4, T 1 and 4, every lever; max_memory_allocated and step
+#          times, the ResNet-12 MiniImageNet step included), written as memory-<card>.json/.png (not yet run)
 #
 # The peer libraries of the end-to-end benchmark (higher, torchopt + optree, learn2learn) are not on the GPU
 # image, which has no network: put their wheels in .peers/ (here: pip download --no-deps --only-binary=:all:
@@ -74,5 +77,9 @@ if [ "$phase" = learned ]; then
         --json "$OUT/kernels-elementwise-$card.json"
     step 120 "learned: cost per step" python3 benchmarks/learned_cost.py --repeats 200 \
         --json "$OUT/learned-cost-$card.json"
+fi
+if [ "$phase" = memory ]; then
+    step 480 "memory benchmark" python3 benchmarks/memory.py --device cuda --backbones conv4-84,resnet12-84 \
+        --tableaus maml,rk4 --tasks 1,4 --json "$OUT/memory-$card.json" --plot "$OUT/memory-$card.png"
 fi
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

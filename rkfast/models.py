@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,16 @@ from torch import Tensor, nn
 
 from .norms import PerStepBatchNorm2d
 
-__all__ = ["sinusoid_mlp", "conv4", "resnet12", "ResidualBlock", "DropBlock", "SpatialMean", "RESNET12_MIN_IMAGE_SIZE"]
+__all__ = [
+    "sinusoid_mlp",
+    "conv4",
+    "resnet12",
+    "ResidualBlock",
+    "DropBlock",
+    "SpatialMean",
+    "RESNET12_MIN_IMAGE_SIZE",
+    "eval_mode",
+]
 
 RESNET12_MIN_IMAGE_SIZE = 16  # four 2x2 max-pools leave 1 x 1 maps
 
@@ -55,7 +65,8 @@ def conv4(
 
 
 def _batch_norm(channels: int, per_step: int | None) -> nn.Module:
-    """conv4's norm layer: batch statistics, with ``per_step`` rows of affine parameters if given."""
+    """conv4's and ResNet-12's norm layer: batch statistics, with ``per_step`` rows of affine parameters if
+    given."""
     if per_step is None:
         return nn.BatchNorm2d(channels, track_running_stats=False)
     return PerStepBatchNorm2d(channels, per_step)
@@ -119,19 +130,22 @@ class DropBlock(nn.Module):
 class ResidualBlock(nn.Module):
     """A ResNet-12 block: three [conv 3x3 (no bias), BatchNorm] with leaky ReLU 0.1 after the first two, a
     [conv 1x1, BatchNorm] shortcut, leaky ReLU 0.1 after the sum, a 2x2 max-pool, then ``drop`` (DropBlock
-    or nothing). BatchNorm uses batch statistics (``track_running_stats=False``, as :func:`conv4`)."""
+    or nothing). BatchNorm uses batch statistics (``track_running_stats=False``, as :func:`conv4`), or with
+    ``per_step_norm=S`` MAML++'s per-step batch norm (as :func:`conv4`'s)."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop: DropBlock | None = None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, drop: DropBlock | None = None, per_step_norm: int | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels, track_running_stats=False)
+        self.bn1 = _batch_norm(out_channels, per_step_norm)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels, track_running_stats=False)
+        self.bn2 = _batch_norm(out_channels, per_step_norm)
         self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels, track_running_stats=False)
+        self.bn3 = _batch_norm(out_channels, per_step_norm)
         self.shortcut = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels, track_running_stats=False),
+            _batch_norm(out_channels, per_step_norm),
         )
         self.pool = nn.MaxPool2d(2)
         self.drop = nn.Identity() if drop is None else drop
@@ -150,6 +164,7 @@ def resnet12(
     channels: Sequence[int] = (64, 160, 320, 640),
     image_size: int = 84,
     drop_block: DropBlock | None = None,
+    per_step_norm: int | None = None,
 ) -> nn.Sequential:
     """The ResNet-12 few-shot backbone (MetaOptNet, Lee et al. 2019; the ProtoNet-style ResNet-12):
     4 :class:`ResidualBlock` s of widths ``channels``, global average pooling (:class:`SpatialMean`) and a
@@ -166,6 +181,8 @@ def resnet12(
             (>= :data:`RESNET12_MIN_IMAGE_SIZE`, 16). The model itself takes any size that large.
         drop_block: a :class:`DropBlock` applied (a copy each) after the last two blocks, as in MetaOptNet
             (``DropBlock(0.1, 5)``); ``None`` (default): none.
+        per_step_norm: ``S`` rows of BatchNorm weights and biases per layer, MAML++'s per-step batch norm
+            (:class:`~rkfast.norms.PerStepBatchNorm2d`, as :func:`conv4`'s); ``None`` (default): plain BatchNorm.
 
     Raises:
         ValueError: an image too small for four 2x2 max-pools, or not four positive widths.
@@ -181,9 +198,24 @@ def resnet12(
     blocks: list[nn.Module] = []
     for index, (fan_in, fan_out) in enumerate(itertools.pairwise((in_channels, *widths))):
         drop = copy.deepcopy(drop_block) if drop_block is not None and index >= 2 else None
-        blocks.append(ResidualBlock(fan_in, fan_out, drop))
+        blocks.append(ResidualBlock(fan_in, fan_out, drop, per_step_norm))
     model = nn.Sequential(*blocks, SpatialMean(), nn.Linear(widths[-1], num_classes))
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
     return model
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in ``eval()`` mode within the block (dropout and :class:`DropBlock` off: they regularize
+    meta-training, not meta-testing), every submodule's own mode restored after it, also on an exception.
+    Norm layers are unaffected where rkfast calls them with batch statistics
+    (:func:`rkfast.norms.batch_statistics`)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

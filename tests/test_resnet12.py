@@ -20,8 +20,9 @@ from rkfast import MetaOptimizer, models
 from rkfast.cli import main
 from rkfast.data.glyphs import render_glyphs
 from rkfast.models import DropBlock, ResidualBlock, resnet12
+from rkfast.norms import PerStepBatchNorm2d
 from rkfast.tasks import Option, fewshot, get_domain
-from rkfast.train import TrainConfig, read_config
+from rkfast.train import TrainConfig, evaluate_tasks, read_config
 
 TINY = (4, 6, 8, 10)  # block widths that keep the tests fast
 
@@ -152,6 +153,26 @@ def test_meta_step_under_vmap_equals_the_loop(first_order):
     assert outs[0].direction.abs().sum() > 0
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_per_step_norm_rows_follow_the_stages(first_order):
+    model = resnet12(1, 3, TINY, image_size=16, per_step_norm=3).double()
+    norms = [m for m in model.modules() if isinstance(m, PerStepBatchNorm2d)]
+    assert len(norms) == 16 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert norms[0].weight.shape == (3, TINY[0])
+    batch = classification_batch(tasks=2, ways=3, shots=2, query=2, size=16)
+    outs = []
+    for vectorize in (True, False):
+        opt = MetaOptimizer(copy.deepcopy(model), F.cross_entropy, tableau="maml(2)", inner_lr=0.1,
+                            first_order=first_order, vectorize=vectorize)
+        outs.append(opt.compute(batch).direction.clone())
+        layout = opt.layout
+    assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-12)
+    # maml(2) adapts with rows 0 and 1 and queries with row 2: second order differentiates through the
+    # adaptation (every row gets a direction), first order holds the slopes constant (only the query's row)
+    rows = layout.unflatten(outs[0])["0.bn1.weight"].abs().sum(dim=1)
+    assert rows[2] > 0 and ((rows[:2] == 0).all() if first_order else (rows[:2] > 0).all()), rows
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_meta_step_runs_with_drop_block(vectorize):
     model = tiny_resnet12(DropBlock(0.2, 5)).train()
@@ -222,18 +243,50 @@ def test_glyphs_trains_with_resnet12_and_records_it(tmp_path: Path, small_glyphs
         "2",
         "--meta-batch",
         "2",
+        "--drop-block",
+        "0.1",
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete" and results["config"]["options"]["backbone"] == "resnet12"
+    assert results["config"]["options"]["drop_block"] == 0.1
     assert json.loads((out / "config.json").read_text())["options"]["backbone"] == "resnet12"
     state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     assert "0.shortcut.0.weight" in state and state["5.weight"].shape == (5, TINY[-1])
-    # a configuration written before the option existed still loads, as conv4
+    # a configuration written before the options existed still loads, as conv4
     old = json.loads((out / "config.json").read_text())
-    del old["options"]["backbone"]
+    del old["options"]["backbone"], old["options"]["drop_block"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert read_config(tmp_path / "old.json").resolved().options["backbone"] == "conv4"
+
+
+def test_drop_block_option_builds_it_into_resnet12_only(capsys):
+    domain = get_domain("miniimagenet")
+    model = domain.make_model(domain.resolve_options({"backbone": "resnet12", "drop_block": 0.1}))
+    drops = [m for m in model.modules() if isinstance(m, DropBlock)]
+    assert [d.drop_rate for d in drops] == [0.1, 0.1]
+    plain = domain.make_model(domain.resolve_options({"backbone": "resnet12"}))
+    assert not any(isinstance(m, DropBlock) for m in plain.modules())
+    refused_in_one_line(["train", "glyphs", "--drop-block", "0.1"], capsys, "--drop-block", "resnet12")
+    refused_in_one_line(
+        ["train", "glyphs", "--backbone", "resnet12", "--drop-block", "1.0"], capsys, "--drop-block", "[0, 1)"
+    )
+
+
+def test_meta_test_adapts_without_drop_block():
+    # evaluate_tasks runs the model in eval() mode (DropBlock off): the same tasks give the same result, and
+    # the model's own mode is back afterwards; in train() mode MetaOptimizer.evaluate draws new blocks
+    torch.manual_seed(0)
+    model = tiny_resnet12(DropBlock(0.5, 3)).train()
+    opt = MetaOptimizer(model, F.cross_entropy, "maml", 0.1)
+    chunks = [classification_batch(tasks=2, ways=3, shots=2, query=2, size=16)]
+    first, second = (evaluate_tasks(opt, chunks, (1,), None).losses for _ in range(2))
+    assert_close(first, second, rtol=0, atol=0)
+    assert all(m.training for m in model.modules())
+    dropped = [opt.evaluate(chunks[0], steps=(1,)).losses for _ in range(2)]
+    assert not torch.equal(dropped[0], dropped[1])
+    model.eval()
+    assert_close(opt.evaluate(chunks[0], steps=(1,)).losses, first, rtol=0, atol=0)
 
 
 def test_bad_backbone_is_refused_in_one_line(capsys):

@@ -31,7 +31,7 @@ from ..data.images import ClassImages, DataError
 from ..data.miniimagenet import load_miniimagenet
 from ..data.omniglot import load_omniglot
 from ..figures import new_figure, save_figure
-from ..models import RESNET12_MIN_IMAGE_SIZE, SpatialMean, resnet12
+from ..models import RESNET12_MIN_IMAGE_SIZE, DropBlock, SpatialMean, eval_mode, resnet12
 from .registry import Defaults, Domain, Metric, Option, TrainedRun, kept_params, meta_test_tasks, register
 from .sampling import task_chunks
 
@@ -131,10 +131,11 @@ def conv4(in_channels: int, ways: int, filters: int, image_size: int, strided: b
 def _predictions(run: TrainedRun, batch: TaskBatch, steps: int) -> Tensor:
     """Query predictions ``[T, N*Q]`` of the run's model after ``steps`` adaptation steps on each support set."""
     opt = run.opt
-    adapted = opt.evaluate(batch, steps=(steps,), step_size=run.config.test_step, keep_params=True)
-    rows = kept_params(adapted)[-1]  # [T, N]
-    with torch.no_grad():
-        return opt.task_models(rows)(batch.query_x).argmax(-1)
+    with eval_mode(opt.model):  # as the meta-test (rkfast.train.evaluate_tasks)
+        adapted = opt.evaluate(batch, steps=(steps,), step_size=run.config.test_step, keep_params=True)
+        rows = kept_params(adapted)[-1]  # [T, N]
+        with torch.no_grad():
+            return opt.task_models(rows)(batch.query_x).argmax(-1)
 
 
 def plot_episodes(run: TrainedRun, path: Path | str, episodes: int = 3, queries: int = 10) -> None:
@@ -246,6 +247,13 @@ def _common_options(
             positive=False,
             choices=BACKBONES,
         ),
+        Option(
+            "drop_block",
+            0.0,
+            "resnet12's DropBlock rate after its last two blocks, in [0, 1) (MetaOptNet: 0.1; 0: none); meta-training "
+            "only: held-out and meta-test tasks adapt without it",
+            positive=False,
+        ),
         Option("filters", filters, "convolution filters per layer of conv4 (resnet12 has its own widths)"),
         Option("image_size", image_size, "images are resized to this many pixels square"),
         Option(
@@ -262,19 +270,25 @@ def _model(channels: int, strided: bool) -> Callable[[Mapping[str, Any]], nn.Mod
 
     def make(o: Mapping[str, Any]) -> nn.Module:
         if o["backbone"] == "resnet12":
-            return resnet12(channels, o["ways"], image_size=o["image_size"])
+            drop = DropBlock(o["drop_block"]) if o["drop_block"] > 0 else None
+            return resnet12(channels, o["ways"], image_size=o["image_size"], drop_block=drop)
         return conv4(channels, o["ways"], o["filters"], o["image_size"], strided)
 
     return make
 
 
 def _check_backbone(o: Mapping[str, Any]) -> None:
-    """The ``backbone`` option against the image size (ResNet-12 halves the images four times)."""
+    """The ``backbone`` option against the image size (ResNet-12 halves the images four times) and the
+    DropBlock rate (ResNet-12's only)."""
     if o["backbone"] == "resnet12" and o["image_size"] < RESNET12_MIN_IMAGE_SIZE:
         raise ValueError(
             f"--backbone resnet12 needs --image-size >= {RESNET12_MIN_IMAGE_SIZE} (four 2x2 max-pools), "
             f"got {o['image_size']}"
         )
+    if not 0.0 <= o["drop_block"] < 1.0:
+        raise ValueError(f"--drop-block must be in [0, 1), got {o['drop_block']!r}")
+    if o["drop_block"] > 0 and o["backbone"] != "resnet12":
+        raise ValueError(f"--drop-block is resnet12's (--backbone resnet12), not {o['backbone']}'s")
 
 
 def _describe(o: Mapping[str, Any]) -> str:

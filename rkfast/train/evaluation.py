@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from ..distributed import RankFailedError
+from ..models import eval_mode
 from ..optim import MetaOptimizer
 from ..results import AdaptationOutput
 from ..tableau import Tableau
@@ -40,7 +41,8 @@ def evaluate_tasks(
     adaptation: Literal["gradient", "stages"] = "gradient",
 ) -> AdaptationOutput:
     """Meta-test ``opt`` on every chunk of tasks and join the per-task results (``adaptation``: plain
-    gradient steps or the tableau's stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`).
+    gradient steps or the tableau's stages, :meth:`~rkfast.optim.MetaOptimizer.evaluate`), the model in
+    ``eval()`` mode (:func:`~rkfast.models.eval_mode`).
 
     With a distributed ``opt`` (:attr:`~rkfast.optim.MetaOptimizer.distributed`, more than one rank) this is a
     collective: every rank passes the same chunks, the pieces of :func:`eval_pieces` are adapted round robin
@@ -49,6 +51,18 @@ def evaluate_tasks(
     raises re-raises its exception after the gather; the others raise
     :class:`~rkfast.distributed.RankFailedError` naming it.
     """
+    with eval_mode(opt.model):  # dropout and DropBlock regularize meta-training only
+        return _evaluate_chunks(opt, chunks, steps, step_size, adaptation)
+
+
+def _evaluate_chunks(
+    opt: MetaOptimizer,
+    chunks: Sequence[Any],
+    steps: Sequence[int],
+    step_size: float | None,
+    adaptation: Literal["gradient", "stages"],
+) -> AdaptationOutput:
+    """:func:`evaluate_tasks` with the model in the mode the caller set."""
     parallel = opt.distributed
     if parallel is None or parallel.world_size == 1:
         return AdaptationOutput.cat(
