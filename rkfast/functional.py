@@ -588,7 +588,12 @@ def _one_pass_direction(
             return None
         for j, q, metrics in stages:  # the meta-loss reads each stage's index, not its point
             meta_loss.record(Stage(j, meta_loss.theta, not tab.coefficients(j)), tab.b[j], q, metrics)
-        return meta_loss.result()
+        out = meta_loss.result()
+    if isinstance(direction, FirstOrderDirection) and direction.workspace is not None:
+        # first order keeps one direction buffer per shape (what a captured step relies on elsewhere)
+        buffer = direction.workspace.get("direction", tuple(direction.theta.shape), direction.theta)
+        out.direction = buffer.copy_(out.direction)
+    return out
 
 
 def _stage_coefficients(

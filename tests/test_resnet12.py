@@ -98,7 +98,9 @@ def test_drop_block_sits_on_the_last_two_blocks_as_separate_copies():
     assert (blocks[3].drop.drop_rate, blocks[3].drop.block_size) == (0.1, 5)
 
 
-@pytest.mark.parametrize("size,block,rate,low,high", [(5, 5, 0.3, 0.27, 0.33), (24, 5, 0.1, 0.075, 0.11)])
+# bounds at 5 standard deviations or more of the dropped fraction (measured over 1000 and 300 draws: 0.300 with
+# sd 0.014, whole maps dropped; 0.094 with sd 0.002, blocks overlapping): fresh random masks every run
+@pytest.mark.parametrize("size,block,rate,low,high", [(5, 5, 0.3, 0.23, 0.37), (24, 5, 0.1, 0.075, 0.11)])
 def test_drop_block_drops_squares_at_about_the_rate_and_rescales(size, block, rate, low, high):
     drop = DropBlock(rate, block).train()
     x = torch.ones(64, 16, size, size, dtype=torch.float64)
