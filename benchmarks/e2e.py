@@ -22,8 +22,10 @@ query loss over the tasks, its gradient, and one outer ``Adam(lr=1e-3)`` step. C
   rejecting it);
 * ``rkfast`` (``MetaOptimizer(..., outer="adam").step(batch)``, defaults: ``vectorize="auto"``, which runs
   conv4 task by task on the CPU and everything else under vmap), ``rkfast-vmap`` (``vectorize=True``) and
-  ``rkfast-loop`` (``vectorize=False``) where they differ from that default, and, on CUDA,
-  ``rkfast-captured`` (``capture=True``).
+  ``rkfast-loop`` (``vectorize=False``) where they differ from that default, on CUDA
+  ``rkfast-captured`` (``capture=True``), and, not in the default list, ``rkfast-torch``
+  (``backend="torch"``: the pure-PyTorch kernels, with which a CPU step of a model without norm layers runs
+  each task's stages in one ``vmap`` call, docs/method.md).
 
 The peers run MAML only (second order; first order where the library offers it: ``loop`` and
 ``learn2learn``); ``loop`` also runs the other tableaus, untimed, as the sanity reference; ``vmap`` and the

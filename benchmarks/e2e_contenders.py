@@ -235,5 +235,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("rkfast", _rkfast_builder()),
     Contender("rkfast-vmap", _rkfast_builder(vectorize=True)),
     Contender("rkfast-loop", _rkfast_builder(vectorize=False)),
+    # the pure-PyTorch kernels: on the CPU, second order under vmap then runs each task's stages in one vmap call
+    # (docs/method.md, "Kernels"), bit for bit the staged step with these kernels
+    Contender("rkfast-torch", _rkfast_builder(backend="torch"), default=False),
     Contender("rkfast-captured", _rkfast_builder(capture=True), cuda_only=True, captured=True),
 ]}

@@ -517,7 +517,7 @@ class _StepPlan:
         rule = FirstOrderDirection if self.first_order else SecondOrderDirection
         direction = rule(self.theta, tasks, self.backend, self.workspace, self.rates, self.learned)
         one_pass = _one_pass_direction(
-            direction, self.tab, self.h, self.support_loss, support_data, self.query_loss, query_data
+            direction, self.tab, self.h, self.backend, self.support_loss, support_data, self.query_loss, query_data
         )
         if one_pass is not None:
             return one_pass
@@ -559,41 +559,37 @@ def _one_pass_direction(
     direction: SecondOrderDirection | FirstOrderDirection,
     tab: Tableau,
     h: float,
+    backend: str,
     support_loss: TaskLoss,
     support_data: TaskData,
     query_loss: TaskLoss,
     query_data: TaskData,
 ) -> MetaStepOutput | None:
-    """The meta-direction from every stage's query losses computed in one ``vmap`` over the tasks
-    (:func:`~rkfast.taskmap.stage_query_losses`), where that applies (no learned coefficients, no stage
-    recomputation, and :func:`~rkfast.taskmap.one_pass_applies`); ``None``, with nothing recorded, where
-    not: the stage-by-stage loop of :func:`rk_meta_step` runs then. Both orders are the gradient of the
-    recorded meta-loss (first order: with the slopes computed at detached points, constants), so the
-    second-order rule records and differentiates it."""
+    """The second-order meta-direction from every stage's query losses computed in one ``vmap`` over the tasks
+    (:func:`~rkfast.taskmap.stage_query_losses`), where that applies; ``None``, with nothing recorded, where
+    not: the stage-by-stage loop of :func:`rk_meta_step` runs then.
+
+    It applies where it gives the stage-by-stage step's very bits: the pure-PyTorch kernels (``backend``
+    ``"torch"``: one pass computes the stage points with their arithmetic; the fused kernels round the points
+    and sum their gradients over the tasks in another order), no learned coefficients, no stage
+    recomputation, and :func:`~rkfast.taskmap.one_pass_applies`. So a faster schedule never changes a result.
+    """
+    if backend != "torch" or not isinstance(direction, SecondOrderDirection):
+        return None
     if direction.rates is not None or direction.learned is not None:
         return None
     if isinstance(direction.tasks, RecomputingTaskMap):  # one pass keeps every stage's graph
         return None
-    tasks, first_order = direction.tasks, isinstance(direction, FirstOrderDirection)
-    if not any(tab.needs_query_loss) or not one_pass_applies(
-        tasks, direction.theta, support_loss, support_data, query_data
-    ):
+    tasks, theta = direction.tasks, direction.theta
+    if not any(tab.needs_query_loss) or not one_pass_applies(tasks, theta, support_loss, support_data, query_data):
         return None
-    meta_loss = SecondOrderDirection(direction.theta, tasks, "torch", None)  # a fresh leaf at theta
-    with meta_loss.grad_mode():
-        stages = stage_query_losses(
-            tasks, meta_loss.theta, tab, h, support_loss, support_data, query_loss, query_data, first_order=first_order
-        )
+    with direction.grad_mode():
+        stages = stage_query_losses(tasks, theta, tab, h, support_loss, support_data, query_loss, query_data)
         if stages is None:
             return None
         for j, q, metrics in stages:  # the meta-loss reads each stage's index, not its point
-            meta_loss.record(Stage(j, meta_loss.theta, not tab.coefficients(j)), tab.b[j], q, metrics)
-        out = meta_loss.result()
-    if isinstance(direction, FirstOrderDirection) and direction.workspace is not None:
-        # first order keeps one direction buffer per shape (what a captured step relies on elsewhere)
-        buffer = direction.workspace.get("direction", tuple(direction.theta.shape), direction.theta)
-        out.direction = buffer.copy_(out.direction)
-    return out
+            direction.record(Stage(j, theta, not tab.coefficients(j)), tab.b[j], q, metrics)
+        return direction.result()
 
 
 def _stage_coefficients(

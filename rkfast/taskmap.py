@@ -325,16 +325,12 @@ def stage_query_losses(
     support_data: Any,
     query_loss: TaskLoss,
     query_data: Any,
-    *,
-    first_order: bool = False,
 ) -> list[tuple[int, Tensor, Metrics]] | None:
     """Every task's query losses ``[T]`` and metrics at each stage the meta-loss weighs (``b_j != 0``), as
     ``(j, losses, metrics)`` in stage order, from one ``vmap`` of each task's whole stage sequence.
 
     The same stages as :func:`rkfast.functional.stage_points` with second-order slopes (``grad`` of the
-    support loss, differentiable in ``theta``), or with ``first_order`` constant ones (the slope at a detached
-    point: the losses then depend on ``theta`` only through the ``theta`` term of each point, so their
-    gradient is the first-order direction), each point ``theta - h A_jm k^(m)`` computed row by row inside
+    support loss, differentiable in ``theta``), each point ``theta - h A_jm k^(m)`` computed row by row inside
     the map, in the order of operations of the ``"torch"`` kernels. One ``vmap`` call instead of one per slope
     and per query loss: on the CPU each call's own Python work (wrapping and unwrapping the inputs) costs about
     as much as a small model's forward. ``None`` when that ``vmap`` raises a ``RuntimeError`` (the
@@ -356,7 +352,7 @@ def stage_query_losses(
                 point = torch.sub(point, slopes[m], alpha=c)
             with at_step(j):  # per-step layers (rkfast.norms) normalize for stage j
                 if needs_slope[j]:
-                    slopes[j] = support_grad(point.detach() if first_order else point, support)
+                    slopes[j] = support_grad(point, support)
                 if needs_query[j]:
                     outs.append(query_value(point, query))
         return tuple(outs)

@@ -372,5 +372,8 @@ def test_recomputation_is_not_bypassed_by_the_one_pass_step(monkeypatch):
 
     monkeypatch.setattr(RF, "stage_query_losses", refuse)
     model = smooth_mlp()
-    opt = MetaOptimizer(model, F.mse_loss, tableau="rk4", inner_lr=0.1, vectorize=True, memory=Memory(recompute=True))
+    # the pure-PyTorch kernels: where the one-pass step would otherwise run (tests/test_one_pass.py)
+    opt = MetaOptimizer(
+        model, F.mse_loss, tableau="rk4", inner_lr=0.1, vectorize=True, memory=Memory(recompute=True), backend="torch"
+    )
     assert opt.compute(regression_batch(tasks=3)).direction.abs().max() > 0
