@@ -35,12 +35,15 @@ numbers want an otherwise idle machine (the table reports how busy the other pro
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import socket
 import statistics
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -169,6 +172,7 @@ def _worker(rank: int, world: int, spec: Spec, queue: Any) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    code = 0
     try:
         if world > 1:
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec.port}", rank=rank, world_size=world,
@@ -183,10 +187,20 @@ def _worker(rank: int, world: int, spec: Spec, queue: Any) -> None:
             queue.put(("ok", results))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
         queue.put(("error", f"rank {rank}: {type(err).__name__}: {err}"))
-        raise
+        traceback.print_exc()
+        code = 1
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        # the optimizers' last references to the group (in reference cycles) go now, while the interpreter is
+        # whole: a gloo group destroyed during interpreter shutdown can abort the process ("terminate called
+        # without an active exception", exit -6; seen in CI after the measurements were sent)
+        gc.collect()
+    queue.close()
+    queue.join_thread()  # the message is written before the process ends
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as tests/test_distributed.py's ranks: no interpreter shutdown to abort in
 
 
 def run_world(world: int, spec: Spec) -> list[dict[str, Any]]:
