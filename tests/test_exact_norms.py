@@ -114,8 +114,10 @@ def test_exact_norms_equal_the_reference_and_the_fused_norms(case, affine, dtype
         exact = _value_and_derivatives(fn, x, w, b, probe)
     with reference_norms():
         reference = _value_and_derivatives(fn, x, w, b, probe)
-    # second derivatives of a norm amplify float32 rounding
-    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-3, 1e-4)
+    # second derivatives of a norm amplify float32 rounding, most over few elements (2 to 4 per group): over 150
+    # fresh seeds the worst float32 case needed 4.7e-3 relative (4.3e-3 failed a 2e-3 bound once); a wrong formula
+    # is off by O(1). float64 is the tight check
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-2, 1e-4)
     _assert_close(exact, reference, rtol, f"{case[0]} exact vs reference", atol)
     _assert_close(exact[:len(fused)], fused, rtol, f"{case[0]} exact vs fused", atol)
 
