@@ -226,12 +226,8 @@ def stage_points(
     replace ``tableau``'s at its non-zero positions (``tableau`` then gives the pattern only).
     """
     slopes: dict[int, Tensor] = {}  # the slopes a later stage still reads
-    last_reader, needs_slope, needs_query = tableau.last_reader, tableau.needs_support_grad, tableau.needs_query_loss
-    for j in range(tableau.stages):
-        need_slope, need_query = needs_slope[j], needs_query[j]
-        if not (need_slope or need_query):
-            continue
-        coefs = tableau.coefficients(j)
+    for step in tableau.schedule:
+        j, coefs = step.index, step.coefficients
         shared = not coefs
         terms: tuple[tuple[int, Any, Tensor, Tensor], ...] = ()
         if shared:
@@ -248,14 +244,13 @@ def stage_points(
             point = stage_point(
                 theta, [slopes[m] for m, _ in coefs], [h * a for _, a in coefs], out=out, backend=backend
             )
-        for m, _ in coefs:  # a slope no later stage reads is freed now (autograd keeps what it needs)
-            if last_reader[m] == j:
-                del slopes[m]
-        if need_slope:
+        for m in step.frees:  # a slope no later stage reads is freed now (autograd keeps what it needs)
+            del slopes[m]
+        if step.support_grad:
             with at_step(j):  # per-step layers (rkfast.norms) normalize for stage j
                 data = tasks.data(support_data, j, point, shared)
                 slopes[j] = tasks.grads(support_loss, point, data, shared, create_graph=second_order)
-        if need_query:
+        if step.query_loss:
             yield Stage(j, point, shared, terms)
 
 

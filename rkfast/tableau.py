@@ -10,6 +10,7 @@ meta-loss weighs the query loss at stage ``j`` by ``b[j]`` (see ``docs/method.md
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -111,6 +112,25 @@ def _caller_stacklevel() -> int:
 
 def _close(x: float, target: float) -> bool:
     return abs(x - target) <= _ORDER_TOL * max(1.0, abs(target))
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """One stage a meta-step computes (:attr:`Tableau.schedule`).
+
+    Attributes:
+        index: the stage ``j`` (0-based).
+        coefficients: the non-zero ``(m, A[j][m])``: the earlier slopes its point reads (none: theta itself).
+        support_grad: its slope ``k_j`` is read by a later stage, so it is computed.
+        query_loss: the meta-loss weighs its query loss (``b[j] != 0``).
+        frees: the slopes no stage after this one reads.
+    """
+
+    index: int
+    coefficients: tuple[tuple[int, float], ...]
+    support_grad: bool
+    query_loss: bool
+    frees: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -221,6 +241,18 @@ class Tableau:
     def needs_query_loss(self) -> tuple[bool, ...]:
         """Per stage: does the meta-loss weigh its query loss (``b[j] != 0``)?"""
         return tuple(w != 0.0 for w in self.b)
+
+    @functools.cached_property
+    def schedule(self) -> tuple[StageStep, ...]:
+        """The stages a meta-step computes, in order: those whose slope a later stage reads or whose query
+        loss the meta-loss weighs; every form of the step (:func:`rkfast.functional.stage_points`,
+        :func:`rkfast.taskmap.stage_query_losses`) runs this one sequence."""
+        last_reader, slope, query = self.last_reader, self.needs_support_grad, self.needs_query_loss
+        return tuple(
+            StageStep(j, tuple(coefs), slope[j], query[j], tuple(m for m, _ in coefs if last_reader[m] == j))
+            for j, coefs in ((j, self.coefficients(j)) for j in range(self.stages))
+            if slope[j] or query[j]
+        )
 
     @property
     def last_node(self) -> float:

@@ -336,24 +336,21 @@ def stage_query_losses(
     as much as a small model's forward. ``None`` when that ``vmap`` raises a ``RuntimeError`` (the
     stage-by-stage path then runs and reports a ``vmap`` limitation with its own probes).
     """
-    needs_slope, needs_query = tableau.needs_support_grad, tableau.needs_query_loss
-    coefficients = [[(m, h * a) for m, a in tableau.coefficients(j)] for j in range(tableau.stages)]
+    schedule = tableau.schedule  # the stage sequence of every form of the step
     support_grad = grad(_differentiable(support_loss))
     query_value = _value_or_pair(query_loss)
 
     def task(row: Tensor, support: Any, query: Any) -> tuple[Any, ...]:
         slopes: dict[int, Tensor] = {}
         outs = []
-        for j, coefs in enumerate(coefficients):
-            if not (needs_slope[j] or needs_query[j]):
-                continue
+        for step in schedule:
             point = row
-            for m, c in coefs:
-                point = torch.sub(point, slopes[m], alpha=c)
-            with at_step(j):  # per-step layers (rkfast.norms) normalize for stage j
-                if needs_slope[j]:
-                    slopes[j] = support_grad(point, support)
-                if needs_query[j]:
+            for m, a in step.coefficients:
+                point = torch.sub(point, slopes[m], alpha=h * a)
+            with at_step(step.index):  # per-step layers (rkfast.norms) normalize for stage j
+                if step.support_grad:
+                    slopes[step.index] = support_grad(point, support)
+                if step.query_loss:
                     outs.append(query_value(point, query))
         return tuple(outs)
 
@@ -362,7 +359,7 @@ def stage_query_losses(
     except RuntimeError:
         return None
     stages = []
-    for j, out in zip([j for j in range(tableau.stages) if needs_query[j]], outs, strict=True):
+    for j, out in zip([step.index for step in schedule if step.query_loss], outs, strict=True):
         q, metrics = out if isinstance(out, tuple) else (out, {})
         _check_depends(q, theta)
         stages.append((j, q, metrics))

@@ -807,3 +807,22 @@ def test_last_reader_of_each_slope(name, last):
     # rk38's A = [[], [1/3], [-1/3, 1], [1, -1, 1]]: every slope is read again by the last stage
     assert get_tableau(name).last_reader == last
     assert maml(3).last_reader == (3, 3, 3, -1)  # theta_j = theta - h (k_0 + ... + k_{j-1}): all read by the last
+
+
+def test_schedule_lists_the_stages_a_step_computes():
+    from rkfast.tableau import StageStep
+
+    rk4 = get_tableau("rk4")
+    assert rk4.schedule == (
+        StageStep(0, (), True, True, ()),
+        StageStep(1, ((0, 0.5),), True, True, (0,)),
+        StageStep(2, ((1, 0.5),), True, True, (1,)),
+        StageStep(3, ((2, 1.0),), False, True, (2,)),
+    )
+    # maml(2): stage 0's query loss has weight 0 but its slope is read; the last stage's slope is not
+    assert [(s.index, s.support_grad, s.query_loss) for s in get_tableau("maml(2)").schedule] == [
+        (0, True, False), (1, True, False), (2, False, True)]
+    # a stage nobody reads and nobody weighs is not computed at all
+    skipped = Tableau(A=((0, 0, 0), (1, 0, 0), (1, 0, 0)), b=(0, 1, 0), name="skip")
+    assert [s.index for s in skipped.schedule] == [0, 1]
+    assert skipped.schedule is skipped.schedule  # computed once per tableau
